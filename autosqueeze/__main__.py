@@ -1,0 +1,5 @@
+import sys
+
+from autosqueeze.cli import main
+
+sys.exit(main())

@@ -1,0 +1,70 @@
+"""Budgets the space cannot meet, caught before a search, and explained after one."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from autosqueeze.config import StudyConfig
+from autosqueeze.front import Front
+from autosqueeze.measure import Evaluator
+from autosqueeze.space import SearchSpace
+from autosqueeze.task import Task
+
+LATENCY_NOISE = 1.25  # a floor this much above the budget is not measurement noise
+
+
+def check_reachable(config: StudyConfig, task: Task, space: SearchSpace) -> int:
+    """Build the most compressed plan the space allows; fail when even it misses a budget.
+
+    Returns that plan's artifact size in bytes.
+    """
+    from autosqueeze.errors import UserError
+
+    evaluator = Evaluator(task)
+    try:
+        path = evaluator.workdir / "floor.safetensors"
+        size = evaluator.build(space.most_compressed_plan(), path)
+        budgets = config.budgets
+        if budgets.max_size_mb is not None and size > budgets.max_size_mb * 1e6:
+            raise UserError(
+                f"budgets.max_size_mb: no model in this space can be {budgets.max_size_mb} MB "
+                f"or smaller; the most compressed plan (every knob at its extreme) is "
+                f"{size / 1e6:.4f} MB. Raise the budget or widen the space ({config.space})."
+            )
+        if budgets.max_latency_ms is not None:
+            latency = evaluator.measure_artifact(path).latency_ms
+            if latency > budgets.max_latency_ms * LATENCY_NOISE:
+                raise UserError(
+                    f"budgets.max_latency_ms: no model in this space is likely to run in "
+                    f"{budgets.max_latency_ms} ms on {budgets.device} at batch size "
+                    f"{budgets.batch_size}; the most compressed plan measures {latency:.3f} ms."
+                )
+        return size
+    finally:
+        evaluator.close()
+
+
+def explain_empty_front(config: StudyConfig, front: Front) -> str:
+    """Why no trial is feasible: which budgets the completed trials missed, how often."""
+    completed = [t for t in front.trials if t.measurements is not None]
+    if not completed:
+        failed = [t for t in front.trials if t.state == "FAIL"]
+        reasons = Counter(t.fail_reason for t in failed).most_common(3)
+        listed = "; ".join(f"{n}x {r}" for r, n in reasons)
+        return (
+            f"no trial completed ({len(failed)} failed: {listed}). "
+            f"The study is kept in {config.storage}."
+        )
+    missed = Counter(k for t in completed for k, v in t.constraints.items() if v > 0)
+    names = {
+        "metric_drop": "budgets.max_metric_drop",
+        "size_mb": "budgets.max_size_mb",
+        "latency_ms": "budgets.max_latency_ms",
+    }
+    listed = ", ".join(
+        f"{names[k]} missed by {n} of {len(completed)}" for k, n in missed.most_common()
+    )
+    return (
+        f"no model met every budget after {len(completed)} completed trials ({listed}). "
+        f"Relax those budgets or run more trials; the study is kept in {config.storage}."
+    )

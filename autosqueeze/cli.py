@@ -1,0 +1,234 @@
+"""``autosqueeze``: search, inspect and export compressed models.
+
+Exit status: 0 on success, 2 on a user error (the message names the field or file),
+1 on an internal error (a bug: please report it with the traceback), 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import traceback
+from pathlib import Path
+
+from autosqueeze.config import StudyConfig, load_config
+from autosqueeze.errors import UserError
+
+EPILOG = """\
+examples:
+  autosqueeze validate studies/digits-cnn.yaml
+  autosqueeze search studies/digits-cnn.yaml --trials 40
+  autosqueeze front studies/digits-cnn.yaml --json
+  autosqueeze export studies/digits-cnn.yaml --trial 17 -o model.safetensors
+  autosqueeze evaluate studies/digits-cnn.yaml --artifact model.safetensors
+
+Every command finds the study from CONFIG (search.output_dir, search.storage);
+--study-dir and --storage override them. See docs/config.md for the config fields.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except UserError as exc:
+        print(f"autosqueeze: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autosqueeze: interrupted.", file=sys.stderr)
+        return 130
+    except Exception:
+        print(
+            "autosqueeze: internal error (a bug in autosqueeze, not in your config; "
+            "please report it with this traceback):",
+            file=sys.stderr,
+        )
+        traceback.print_exc()
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autosqueeze",
+        description="Search per-layer compression plans (bit-width, pruning, low-rank) for a "
+        "trained PyTorch model under latency, size and metric budgets; keep the Pareto front "
+        "of real compressed artifacts.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    def command(name: str, run: object, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("config", metavar="CONFIG", type=Path, help="the study's YAML config")
+        p.add_argument("--study-dir", type=Path, help="output folder (default: search.output_dir)")
+        p.add_argument("--storage", help="Optuna storage URL (default: SQLite in the study dir)")
+        p.set_defaults(run=run)
+        return p
+
+    p = command("search", _search, "Run the search, or resume it; print and write the front.")
+    p.add_argument(
+        "--trials", type=int, help="total trials the study should hold (default: search.trials)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = command("front", _front, "Print the Pareto front of a finished or running study.")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = command("export", _export, "Write any trial's compressed artifact to a file.")
+    p.add_argument("--trial", type=int, required=True, help="the trial number")
+    p.add_argument("-o", "--output", type=Path, required=True, help="where to write the artifact")
+    p = command("evaluate", _evaluate, "Measure an artifact: metric, size on disk, latency.")
+    p.add_argument("--artifact", type=Path, required=True, help="an exported artifact")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    command("validate", _validate, "Check a config, its model factory and data; no search.")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> StudyConfig:
+    config = load_config(args.config)
+    trials = getattr(args, "trials", None)
+    if trials is not None and trials < 1:
+        raise UserError(f"--trials must be at least 1, got {trials}.")
+    return config.with_overrides(trials=trials, study_dir=args.study_dir, storage=args.storage)
+
+
+def _metric_name(config: StudyConfig) -> str:
+    return config.task.metric.rpartition(":")[2]
+
+
+def _search(args: argparse.Namespace) -> int:
+    from autosqueeze.budgets import check_reachable, explain_empty_front
+    from autosqueeze.front import write_front
+    from autosqueeze.measure import Evaluator
+    from autosqueeze.report import front_table, summary
+    from autosqueeze.search import run_search
+    from autosqueeze.space import build_space
+    from autosqueeze.task import load_task
+
+    config = _config(args)
+    task = load_task(config)
+    check_reachable(config, task, build_space(task.model, config.space))
+    result = run_search(config, progress=not args.no_progress, task=task)
+    for note in result.notes:
+        print(f"note: {note}")
+    name = _metric_name(config)
+    print(front_table(result.front, name))
+    if result.interrupted:
+        print(
+            f"Interrupted after {result.ran} trial(s); the study is kept in {config.storage}. "
+            "Run the same command again to resume."
+        )
+        return 130
+    if not result.front.members:
+        raise UserError(explain_empty_front(config, result.front))
+    evaluator = Evaluator(result.task)
+    try:
+        csv_path = write_front(result.front, config.output_dir, evaluator.build)
+    finally:
+        evaluator.close()
+    print(
+        f"\nWrote {csv_path} and {len(result.front.members)} model folder(s) under "
+        f"{config.output_dir / 'front'}."
+    )
+    print(summary(result.front, name, config.budgets.max_metric_drop))
+    return 0
+
+
+def _front(args: argparse.Namespace) -> int:
+    from autosqueeze.front import compute_front
+    from autosqueeze.report import front_table
+    from autosqueeze.study import open_study
+
+    config = _config(args)
+    front = compute_front(open_study(config, create=False), config.objectives)
+    if args.json:
+        folder = config.output_dir / "front"
+        rows = []
+        for member in front.members:
+            artifact = folder / f"trial-{member.number:04d}" / "model.safetensors"
+            rows.append(front.row(member, str(artifact) if artifact.exists() else ""))
+        ref = front.reference.to_dict() if front.reference else None
+        print(json.dumps({"reference": ref, "front": rows}, indent=2))
+    else:
+        print(front_table(front, _metric_name(config)))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from autosqueeze.measure import Evaluator
+    from autosqueeze.study import open_study, records
+    from autosqueeze.task import load_task
+
+    config = _config(args)
+    study = open_study(config, create=False)
+    found = [r for r in records(study) if r.number == args.trial]
+    if not found or found[0].plan is None:
+        raise UserError(f"--trial: study {config.name!r} has no trial {args.trial} with a plan.")
+    record = found[0]
+    evaluator = Evaluator(load_task(config))
+    try:
+        size = evaluator.build(record.plan, args.output)
+    finally:
+        evaluator.close()
+    print(f"Wrote {args.output} ({size:,} bytes) from trial {record.number} ({record.state}).")
+    if record.measurements and record.measurements.size_bytes != size:
+        print(f"warning: the search measured {record.measurements.size_bytes:,} bytes for it.")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from autosqueeze.measure import Evaluator
+    from autosqueeze.task import load_task
+
+    config = _config(args)
+    if not args.artifact.is_file():
+        raise UserError(f"--artifact: file {args.artifact} does not exist.")
+    evaluator = Evaluator(load_task(config))
+    try:
+        got = evaluator.measure_artifact(args.artifact)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"--artifact: {args.artifact} cannot be loaded: {exc}") from None
+    finally:
+        evaluator.close()
+    if args.json:
+        print(json.dumps(got.to_dict()))
+    else:
+        print(
+            f"{_metric_name(config)}: {got.metric:.6f}\nsize_bytes: {got.size_bytes}\n"
+            f"latency_ms: {got.latency_ms:.4f}  (batch {config.budgets.batch_size} on "
+            f"{config.budgets.device}, median of {config.measure.repeats})"
+        )
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from autosqueeze.budgets import check_reachable
+    from autosqueeze.space import build_space
+    from autosqueeze.task import load_task
+
+    config = _config(args)
+    task = load_task(config)
+    metric = task.evaluate_metric(task.model)
+    if not isinstance(metric, (int, float)) or not math.isfinite(metric):
+        raise UserError(
+            f"task.metric: returned {metric!r} for the original model, not a finite number."
+        )
+    space = build_space(task.model, config.space)
+    floor = check_reachable(config, task, space)
+    n_params = sum(p.numel() for p in task.model.parameters())
+    print(f"config    {config.source}: ok")
+    print(f"model     {config.model.factory}: {n_params:,} parameters")
+    print(f"data      {config.task.data}: {len(task.data)} batches")
+    print(f"metric    {config.task.metric} of the original model: {metric:.6f}")
+    print(
+        f"space     {config.space.name}: {len(space.layers)} layers, "
+        f"{len(space.distributions)} searched knobs"
+    )
+    print(f"budgets   smallest model the space allows: {floor:,} bytes")
+    print(f"study     {config.name} in {config.storage}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

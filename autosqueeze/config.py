@@ -1,0 +1,150 @@
+"""The study config: one YAML file, validated by pydantic, paths resolved against its folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from autosqueeze.errors import UserError
+
+Objective = Literal["metric", "size_bytes", "latency_ms"]
+DIRECTIONS: dict[str, str] = {
+    "metric": "maximize",
+    "size_bytes": "minimize",
+    "latency_ms": "minimize",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    factory: str = Field(description="'module:callable' returning the trained torch.nn.Module")
+    checkpoint: Path | None = Field(None, description="optional state dict loaded into it")
+    example_input: str | None = Field(None, description="'module:callable' returning one batch")
+
+
+class TaskConfig(_Strict):
+    data: str = Field(description="'module:callable' returning validation (inputs, targets)")
+    metric: str = Field("accuracy", description="built-in name or 'module:callable'")
+
+
+class Budgets(_Strict):
+    max_metric_drop: float | None = Field(None, ge=0)
+    max_latency_ms: float | None = Field(None, gt=0)
+    max_size_mb: float | None = Field(None, gt=0, description="1 MB = 1,000,000 bytes")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    batch_size: int = Field(1, ge=1)
+
+
+class MeasureConfig(_Strict):
+    warmup: int = Field(20, ge=0)
+    repeats: int = Field(100, ge=1)
+
+
+class SearchConfig(_Strict):
+    trials: int = Field(150, ge=1)
+    seed: int | None = 0
+    timeout_s: float | None = Field(None, gt=0)
+    sampler: str = "tpe"
+    output_dir: Path | None = Field(None, description="default: runs/<name> beside the config")
+    storage: str | None = Field(
+        None, description="Optuna storage URL; default SQLite in output_dir"
+    )
+
+
+class StudyConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model: ModelConfig
+    task: TaskConfig
+    space: Path
+    objectives: list[Objective] = Field(
+        default=["metric", "size_bytes", "latency_ms"], min_length=1
+    )
+    budgets: Budgets = Budgets()
+    measure: MeasureConfig = MeasureConfig()
+    search: SearchConfig = SearchConfig()
+    source: Path = Field(Path("."), exclude=True, description="the config file itself")
+
+    @property
+    def folder(self) -> Path:
+        return self.source.parent
+
+    @property
+    def output_dir(self) -> Path:
+        return self.search.output_dir or self.folder / "runs" / self.name
+
+    @property
+    def storage(self) -> str:
+        return self.search.storage or f"sqlite:///{(self.output_dir / 'study.db').resolve()}"
+
+    def with_overrides(
+        self,
+        *,
+        trials: int | None = None,
+        study_dir: Path | None = None,
+        storage: str | None = None,
+    ) -> StudyConfig:
+        """The CLI's ``--trials``, ``--study-dir`` and ``--storage`` win over the file."""
+        search = self.search.model_copy(
+            update={
+                k: v
+                for k, v in {"trials": trials, "output_dir": study_dir, "storage": storage}.items()
+                if v is not None
+            }
+        )
+        return self.model_copy(update={"search": search})
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    """Read and validate a study config; relative paths in it are relative to its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"{path} is not valid YAML{where}: {problem}.") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a mapping of fields (name, model, task, space, ...).")
+    try:
+        config = StudyConfig.model_validate({**raw, "source": path.resolve()})
+    except ValidationError as exc:
+        raise UserError(f"{path} is not a valid study config: {_explain(exc)}") from None
+    folder = config.folder
+    search = config.search
+    return config.model_copy(
+        update={
+            "space": folder / config.space,
+            "model": config.model.model_copy(
+                update={"checkpoint": folder / config.model.checkpoint}
+            )
+            if config.model.checkpoint
+            else config.model,
+            "search": search.model_copy(update={"output_dir": folder / search.output_dir})
+            if search.output_dir
+            else search,
+        }
+    )
+
+
+def _explain(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown field (check its spelling; docs/config.md lists the fields)"
+        elif error["type"] == "missing":
+            message = "required field is missing"
+        elif "input" in error and not isinstance(error["input"], dict):
+            message += f" (got {error['input']!r})"
+        parts.append(f"field '{field}': {message}")
+    return "; ".join(parts) + "."

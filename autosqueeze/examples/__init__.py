@@ -1,0 +1,1 @@
+"""Built-in example models and data, made from packages only (no downloads)."""

@@ -1,0 +1,119 @@
+"""The Pareto front: feasible trials that no other feasible trial beats on every objective,
+and its outputs on disk (``front.csv`` and one folder per model with artifact, plan, metrics).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from autosqueeze.config import DIRECTIONS
+from autosqueeze.measure import Measurements
+from autosqueeze.plan import Plan
+from autosqueeze.study import TrialRecord, records, reference
+
+FRONT_COLUMNS = [
+    "trial",
+    "baseline",
+    "metric",
+    "metric_drop",
+    "size_bytes",
+    "compression",
+    "latency_ms",
+    "speedup",
+    "feasible",
+    "artifact",
+]
+
+
+@dataclass(frozen=True)
+class Front:
+    objectives: list[str]
+    reference: Measurements | None
+    members: list[TrialRecord]  # sorted by size, smallest first
+    trials: list[TrialRecord]
+
+    @property
+    def feasible(self) -> list[TrialRecord]:
+        return [t for t in self.trials if t.feasible]
+
+    def row(self, member: TrialRecord, artifact: str = "") -> dict[str, object]:
+        got = member.measurements
+        assert got is not None
+        ref = self.reference
+        return {
+            "trial": member.number,
+            "baseline": member.baseline or "",
+            "metric": round(got.metric, 6),
+            "metric_drop": round(ref.metric - got.metric, 6) if ref else "",
+            "size_bytes": got.size_bytes,
+            "compression": round(ref.size_bytes / got.size_bytes, 3) if ref else "",
+            "latency_ms": round(got.latency_ms, 4),
+            "speedup": round(ref.latency_ms / got.latency_ms, 3) if ref else "",
+            "feasible": member.feasible,
+            "artifact": artifact,
+        }
+
+
+def compute_front(study: optuna.Study, objectives: list[str]) -> Front:
+    trials = records(study)
+    members = pareto([t for t in trials if t.feasible and t.measurements], objectives)
+    members.sort(key=lambda t: (t.measurements.size_bytes, t.number))  # type: ignore[union-attr]
+    return Front(objectives, reference(study), members, trials)
+
+
+def pareto(candidates: list[TrialRecord], objectives: list[str]) -> list[TrialRecord]:
+    """The candidates no other candidate dominates (at least as good on all, better on one)."""
+    signs = [-1.0 if DIRECTIONS[o] == "maximize" else 1.0 for o in objectives]
+    costs = [
+        [s * float(getattr(t.measurements, o)) for s, o in zip(signs, objectives)]
+        for t in candidates
+    ]
+
+    def dominated(i: int) -> bool:
+        return any(
+            all(a <= b for a, b in zip(costs[j], costs[i])) and costs[j] != costs[i]
+            for j in range(len(costs))
+            if j != i
+        )
+
+    return [t for i, t in enumerate(candidates) if not dominated(i)]
+
+
+def write_front(front: Front, output_dir: Path, build: Callable[[Plan, Path], int]) -> Path:
+    """Write ``front.csv`` and ``front/trial-NNNN/{model.safetensors,plan.json,metrics.json}``.
+
+    ``build(plan, path)`` writes a plan's artifact and returns its size; a rebuilt artifact
+    must have exactly the size the search measured, or the front would not be reproducible.
+    """
+    folder = output_dir / "front"
+    if folder.exists():
+        shutil.rmtree(folder)
+    rows = []
+    for member in front.members:
+        assert member.plan is not None and member.measurements is not None
+        member_dir = folder / f"trial-{member.number:04d}"
+        artifact = member_dir / "model.safetensors"
+        size = build(member.plan, artifact)
+        if size != member.measurements.size_bytes:
+            raise RuntimeError(
+                f"trial {member.number}: the rebuilt artifact has {size} bytes, "
+                f"the search measured {member.measurements.size_bytes}"
+            )
+        (member_dir / "plan.json").write_text(json.dumps(member.plan.to_dict(), indent=2))
+        row = front.row(member, str(artifact.relative_to(output_dir)))
+        metrics = {**row, "reference": front.reference.to_dict() if front.reference else None}
+        (member_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        rows.append(row)
+    path = output_dir / "front.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FRONT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

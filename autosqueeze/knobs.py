@@ -1,0 +1,63 @@
+"""Knob values as written in a space file, and their Optuna distributions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from pydantic import BaseModel, ConfigDict
+
+
+class Range(BaseModel):
+    """``{low, high, step?, log?}``: a numeric range (an int range when all are integers)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    low: float
+    high: float
+    step: float | None = None
+    log: bool = False
+
+
+KnobValues = list[float] | Range | float
+"""A list (categorical), a range, or a single value (fixed, not searched)."""
+
+
+def to_distribution(values: KnobValues) -> BaseDistribution | float:
+    if isinstance(values, Range):
+        if all(float(v).is_integer() for v in (values.low, values.high, values.step or 1)):
+            return IntDistribution(int(values.low), int(values.high), step=int(values.step or 1))
+        return FloatDistribution(values.low, values.high, step=values.step, log=values.log)
+    if isinstance(values, list):
+        choices = tuple(dict.fromkeys(_number(v) for v in values))
+        return CategoricalDistribution(choices) if len(choices) > 1 else choices[0]
+    return _number(values)
+
+
+def flat_values(values: KnobValues) -> list[float]:
+    """The extreme values a knob spec can take, for validation."""
+    if isinstance(values, Range):
+        return [values.low, values.high]
+    return list(values) if isinstance(values, list) else [values]
+
+
+def values_of(dist: BaseDistribution) -> list[Any]:
+    if isinstance(dist, CategoricalDistribution):
+        return list(dist.choices)
+    assert isinstance(dist, (FloatDistribution, IntDistribution))
+    return [dist.low, dist.high]
+
+
+def contains(dist: BaseDistribution, value: Any) -> bool:
+    if isinstance(dist, CategoricalDistribution):
+        return value in dist.choices
+    assert isinstance(dist, (FloatDistribution, IntDistribution))
+    return dist.low <= value <= dist.high
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)

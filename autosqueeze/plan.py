@@ -1,0 +1,64 @@
+"""A compression plan: the per-layer choices of one trial, as a plain serializable value.
+
+Everything downstream of the search takes a Plan, never an Optuna trial, so a plan can be
+written by hand, stored in JSON, and replayed to rebuild exactly the same artifact.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+PLAN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What to do to one layer. The defaults leave it untouched."""
+
+    bits: int = 32  # weight precision: 2-8 (integer, symmetric), 16 (fp16) or 32 (fp32)
+    prune: float = 0.0  # fraction of weights zeroed by magnitude
+    rank: float = 1.0  # kept fraction of the full rank after SVD; 1.0 = no factorization
+    group_size: int | None = None  # weights per quantization scale; None = one per output row
+
+    def replace(self, **changes: Any) -> LayerPlan:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Layer name (as in ``model.named_modules()``) -> LayerPlan; unnamed layers stay fp32."""
+
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "layers": {name: asdict(lp) for name, lp in sorted(self.layers.items())},
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        if data.get("format") != PLAN_FORMAT:
+            raise ValueError(f"unsupported plan format {data.get('format')!r}")
+        known = {f.name for f in fields(LayerPlan)}
+        layers = {}
+        for name, values in data["layers"].items():
+            unknown = set(values) - known
+            if unknown:
+                raise ValueError(f"layer {name!r}: unknown plan fields {sorted(unknown)}")
+            layers[name] = LayerPlan(**values)
+        return cls(layers)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def uniform(cls, layer_names: list[str], **choices: Any) -> Plan:
+        """The same choice for every named layer, e.g. ``Plan.uniform(names, bits=8)``."""
+        return cls({name: LayerPlan(**choices) for name in layer_names})

@@ -1,0 +1,62 @@
+"""Text the CLI prints: the front as a table, and the one-line summary of a search."""
+
+from __future__ import annotations
+
+from autosqueeze.front import Front
+
+DEFAULT_DROP = 0.01
+
+
+def table(rows: list[dict[str, object]], columns: list[str], *, right: set[str]) -> str:
+    """A plain aligned table; the ``right`` columns are right-aligned."""
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(
+            v.rjust(w) if c in right else v.ljust(w) for v, w, c in zip(values, widths, columns)
+        ).rstrip()
+
+    return "\n".join([line(columns)] + [line(r) for r in cells])
+
+
+def front_table(front: Front, metric_name: str) -> str:
+    if not front.members:
+        return "The front is empty: no trial met every budget yet."
+    rows = []
+    for member in front.members:
+        row = front.row(member)
+        rows.append(
+            {
+                "trial": row["trial"],
+                "baseline": row["baseline"],
+                metric_name: f"{row['metric']:.4f}",
+                "drop": f"{row['metric_drop']:+.4f}" if row["metric_drop"] != "" else "",
+                "size_kB": f"{int(row['size_bytes']) / 1e3:,.1f}",
+                "smaller": f"{row['compression']:.1f}x" if row["compression"] != "" else "",
+                "latency_ms": f"{row['latency_ms']:.3f}",
+                "speedup": f"{row['speedup']:.2f}x" if row["speedup"] != "" else "",
+            }
+        )
+    return table(rows, list(rows[0]), right=set(rows[0]) - {"baseline"})
+
+
+def summary(front: Front, metric_name: str, max_drop: float | None) -> str:
+    """The smallest front model within the metric budget, against the uncompressed one."""
+    ref = front.reference
+    if ref is None:
+        return "No reference measurement yet."
+    drop = DEFAULT_DROP if max_drop is None else max_drop
+    within = [m for m in front.members if ref.metric - m.measurements.metric <= drop + 1e-12]  # type: ignore[union-attr]
+    if not within:
+        return f"No front model is within {drop:g} {metric_name} of the original."
+    best = min(within, key=lambda m: m.measurements.size_bytes)  # type: ignore[union-attr]
+    got = best.measurements
+    assert got is not None
+    return (
+        f"Smallest model within {drop:g} {metric_name} of the original: trial {best.number}, "
+        f"{metric_name} {got.metric:.4f} (original {ref.metric:.4f}), "
+        f"{got.size_bytes:,} bytes on disk = {ref.size_bytes / got.size_bytes:.1f}x smaller "
+        f"than the fp32 artifact ({ref.size_bytes:,} bytes), "
+        f"{got.latency_ms:.3f} ms vs {ref.latency_ms:.3f} ms at the budget's batch size."
+    )

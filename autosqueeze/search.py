@@ -1,0 +1,197 @@
+"""The search loop: ask the study for plans, evaluate them, tell the results back.
+
+The driver is the only writer of the study; executors only compute. The loop runs until the
+study holds ``search.trials`` finished trials (so re-running resumes rather than repeats),
+the timeout passes, or the user presses Ctrl-C (running trials are failed and re-queued).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import optuna
+from tqdm import tqdm
+
+from autosqueeze.config import StudyConfig
+from autosqueeze.executors import EXECUTORS, Executor, Outcome
+from autosqueeze.front import Front, compute_front
+from autosqueeze.measure import Evaluator, Measurements
+from autosqueeze.space import SearchSpace, build_space
+from autosqueeze.study import (
+    BASELINE,
+    PLAN,
+    REFERENCE,
+    constraints,
+    fail_trial,
+    finished_count,
+    objective_values,
+    open_study,
+    records,
+    recover_interrupted,
+    reference,
+)
+from autosqueeze.task import Task, load_task
+
+
+@dataclass
+class SearchResult:
+    study: optuna.Study
+    task: Task
+    space: SearchSpace
+    front: Front
+    ran: int  # trials finished by this call
+    interrupted: bool
+    notes: list[str]
+
+
+def run_search(
+    config: StudyConfig, *, progress: bool = True, task: Task | None = None
+) -> SearchResult:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    task = task or load_task(config)
+    space = build_space(task.model, config.space)
+    study = open_study(config, create=True)
+    notes: list[str] = []
+    stale = recover_interrupted(study)
+    if stale:
+        notes.append(f"re-queued {len(stale)} trial(s) left running by an earlier run: {stale}")
+    executor: Executor = EXECUTORS["inprocess"](task)
+    try:
+        ref = _reference(study, task, space)
+        notes += _enqueue_baselines(study, space)
+        ran, interrupted = _loop(study, config, space, executor, ref, progress)
+    finally:
+        executor.close()
+    front = compute_front(study, config.objectives)
+    return SearchResult(study, task, space, front, ran, interrupted, notes)
+
+
+def _reference(study: optuna.Study, task: Task, space: SearchSpace) -> Measurements:
+    """The uncompressed model's measurements (the "original" baseline's plan), taken once
+    per study and kept on it, so budgets mean the same thing when a study is resumed."""
+    ref = reference(study)
+    if ref is None:
+        evaluator = Evaluator(task)
+        try:
+            ref = evaluator.evaluate(space.uniform_plan())
+        finally:
+            evaluator.close()
+        study.set_user_attr(REFERENCE, ref.to_dict())
+    return ref
+
+
+def _enqueue_baselines(study: optuna.Study, space: SearchSpace) -> list[str]:
+    """The uncompressed model and uniform int8, queued first on a new study."""
+    if study.get_trials(deepcopy=False):
+        return []
+    notes = []
+    for name, plan in (("original", space.uniform_plan()), ("int8", space.uniform_plan(bits=8))):
+        params = space.params_for(plan)
+        if params is None:
+            notes.append(f"baseline {name!r} skipped: the space cannot express it")
+            continue
+        study.enqueue_trial(params, user_attrs={BASELINE: name})
+    return notes
+
+
+def _loop(
+    study: optuna.Study,
+    config: StudyConfig,
+    space: SearchSpace,
+    executor: Executor,
+    ref: Measurements,
+    progress: bool,
+) -> tuple[int, bool]:
+    target = config.search.trials
+    done = finished_count(study)
+    deadline = time.monotonic() + config.search.timeout_s if config.search.timeout_s else None
+    distributions = space.distributions
+    bar = tqdm(
+        total=target,
+        initial=min(done, target),
+        unit="trial",
+        disable=not progress or None,
+        dynamic_ncols=True,
+        desc=config.name,
+    )
+    stats = _Stats(study)
+    bar.set_postfix_str(stats.summary())
+    asked: dict[int, optuna.Trial] = {}
+    ran = 0
+    try:
+        while True:
+            out_of_time = deadline is not None and time.monotonic() > deadline
+            while (
+                not out_of_time
+                and len(executor.in_flight) < executor.slots
+                and done + len(executor.in_flight) < target
+            ):
+                trial = study.ask(distributions)
+                plan = space.plan(trial.params)
+                trial.set_user_attr(PLAN, plan.to_json())
+                asked[trial.number] = trial
+                executor.submit(trial.number, plan)
+            if not executor.in_flight:
+                break
+            for outcome in executor.wait():
+                _tell(study, config, ref, asked.pop(outcome.trial), outcome, stats)
+                done += 1
+                ran += 1
+                bar.update(1)
+                bar.set_postfix_str(stats.summary())
+    except KeyboardInterrupt:
+        for number in executor.in_flight:
+            fail_trial(study, number, "interrupted by the user (Ctrl-C)", requeue=True)
+        return ran, True
+    finally:
+        bar.close()
+    return ran, False
+
+
+def _tell(
+    study: optuna.Study,
+    config: StudyConfig,
+    ref: Measurements,
+    trial: optuna.Trial,
+    outcome: Outcome,
+    stats: _Stats,
+) -> None:
+    if outcome.measurements is None:
+        fail_trial(study, trial.number, outcome.error or "unknown failure")
+        return
+    got = outcome.measurements
+    for key, value in got.to_dict().items():
+        trial.set_user_attr(key, value)
+    limits = constraints(config, ref, got)
+    for key, value in limits.items():
+        trial.set_constraint(key, value)
+    study.tell(trial, objective_values(config, got))
+    stats.add(got, all(v <= 0 for v in limits.values()))
+
+
+class _Stats:
+    """Running figures for the progress bar: feasible count, best size and metric."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.feasible = 0
+        self.best_size: int | None = None
+        self.best_metric: float | None = None
+        for record in records(study):
+            if record.feasible and record.measurements:
+                self.add(record.measurements, True)
+
+    def add(self, got: Measurements, feasible: bool) -> None:
+        if not feasible:
+            return
+        self.feasible += 1
+        self.best_size = min(self.best_size or got.size_bytes, got.size_bytes)
+        self.best_metric = max(self.best_metric or got.metric, got.metric)
+
+    def summary(self) -> str:
+        if not self.feasible:
+            return "feasible=0"
+        return (
+            f"feasible={self.feasible} smallest={self.best_size / 1e3:.1f}kB "
+            f"best_metric={self.best_metric:.4f}"
+        )

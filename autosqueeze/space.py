@@ -1,0 +1,178 @@
+"""The search space: which layers get which knobs, read from a YAML file and the model.
+
+A space file holds ordered rules; each rule picks layers by type and name pattern and gives
+the values its knobs may take. The first rule that matches a layer wins. Inspecting the model
+turns the rules into named Optuna distributions, ``<layer>.<knob>``, and a trial's parameters
+back into a Plan.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from optuna.distributions import BaseDistribution
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from torch import nn
+
+from autosqueeze.errors import UserError
+from autosqueeze.knobs import KnobValues, contains, values_of
+from autosqueeze.plan import LayerPlan, Plan
+from autosqueeze.techniques import technique_for
+
+
+class Rule(BaseModel):
+    """Layers of these types whose names match these patterns get these knobs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    types: list[str] = Field(default=["Linear", "Conv1d", "Conv2d"], min_length=1)
+    names: list[str] = ["*"]
+    exclude: list[str] = []
+    knobs: dict[str, KnobValues] = {}
+    group_size: int | None = Field(None, ge=1)
+
+    @field_validator("types")
+    @classmethod
+    def _known_types(cls, types: list[str]) -> list[str]:
+        for name in types:
+            if not isinstance(getattr(nn, name, None), type):
+                raise ValueError(f"{name!r} is not a torch.nn layer type")
+        return types
+
+    @field_validator("knobs")
+    @classmethod
+    def _known_knobs(cls, knobs: dict[str, KnobValues]) -> dict[str, KnobValues]:
+        for name, values in knobs.items():
+            technique_for(name).validate(values)  # raises ValueError naming the problem
+        return knobs
+
+
+class SpaceFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    rules: list[Rule] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class LayerKnobs:
+    """The knobs one layer offers: searched distributions and fixed values."""
+
+    name: str
+    searched: dict[str, BaseDistribution]
+    fixed: dict[str, Any]
+    group_size: int | None
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    layers: dict[str, LayerKnobs]
+
+    @property
+    def distributions(self) -> dict[str, BaseDistribution]:
+        """Every searched knob, named ``<layer>.<knob>``, in model order."""
+        return {
+            f"{layer.name}.{knob}": dist
+            for layer in self.layers.values()
+            for knob, dist in layer.searched.items()
+        }
+
+    def plan(self, params: dict[str, Any]) -> Plan:
+        """The plan for a trial's parameters; knobs not in ``params`` take their fixed value."""
+        layers = {}
+        for layer in self.layers.values():
+            values = dict(layer.fixed)
+            for knob in layer.searched:
+                key = f"{layer.name}.{knob}"
+                if key in params:
+                    values[knob] = params[key]
+            layers[layer.name] = LayerPlan(group_size=layer.group_size, **values)
+        return Plan(layers)
+
+    def uniform_plan(self, **choices: Any) -> Plan:
+        """One choice for every layer in the space (e.g. ``bits=8``), others untouched."""
+        return Plan(
+            {name: LayerPlan(group_size=k.group_size, **choices) for name, k in self.layers.items()}
+        )
+
+    def params_for(self, plan: Plan) -> dict[str, Any] | None:
+        """The trial parameters that give ``plan``, or None when the space cannot express it."""
+        params: dict[str, Any] = {}
+        for layer in self.layers.values():
+            lp = plan.layers.get(layer.name, LayerPlan(group_size=layer.group_size))
+            for knob, dist in layer.searched.items():
+                value = getattr(lp, knob)
+                if not contains(dist, value):
+                    return None
+                params[f"{layer.name}.{knob}"] = value
+            if any(getattr(lp, knob) != value for knob, value in layer.fixed.items()):
+                return None
+        return params
+
+    def most_compressed_plan(self) -> Plan:
+        """Each knob at its most aggressive value: a floor on the size the space can reach."""
+        layers = {}
+        for layer in self.layers.values():
+            values = dict(layer.fixed)
+            for knob, dist in layer.searched.items():
+                values[knob] = technique_for(knob).most_compressed(values_of(dist))
+            layers[layer.name] = LayerPlan(group_size=layer.group_size, **values)
+        return Plan(layers)
+
+
+def load_space_file(path: Path) -> SpaceFile:
+    if not path.is_file():
+        raise UserError(f"space: file {path} does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return SpaceFile.model_validate(raw)
+    except yaml.YAMLError as exc:
+        raise UserError(f"space file {path} is not valid YAML: {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"'{'.'.join(str(p) for p in e['loc'])}': {e['msg']}" for e in exc.errors()
+        )
+        raise UserError(f"space file {path} is not valid: {problems}.") from None
+
+
+def build_space(model: nn.Module, spec: SpaceFile | Path) -> SearchSpace:
+    """Match the rules against the model's layers and offer each layer the knobs that apply."""
+    if isinstance(spec, Path):
+        spec = load_space_file(spec)
+    layers: dict[str, LayerKnobs] = {}
+    for name, module in model.named_modules():
+        rule = next((r for r in spec.rules if _matches(r, name, module)), None)
+        if rule is None:
+            continue
+        searched: dict[str, BaseDistribution] = {}
+        fixed: dict[str, Any] = {}
+        for knob, values in rule.knobs.items():
+            offered = technique_for(knob).offer(module, values)
+            if isinstance(offered, BaseDistribution):
+                searched[knob] = offered
+            elif offered is not None:
+                fixed[knob] = offered
+        if searched or fixed:
+            layers[name] = LayerKnobs(name, searched, fixed, rule.group_size)
+    if not layers:
+        raise UserError(
+            "space: no layer of the model matches any rule of the space file; "
+            f"the model's layer types are {_layer_types(model)}."
+        )
+    return SearchSpace(layers)
+
+
+def _matches(rule: Rule, name: str, module: nn.Module) -> bool:
+    if not name or not isinstance(module, tuple(getattr(nn, t) for t in rule.types)):
+        return False
+    return any(fnmatch.fnmatchcase(name, p) for p in rule.names) and not any(
+        fnmatch.fnmatchcase(name, p) for p in rule.exclude
+    )
+
+
+def _layer_types(model: nn.Module) -> list[str]:
+    return sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
+
+
+__all__ = ["LayerKnobs", "SearchSpace", "SpaceFile", "build_space", "load_space_file"]

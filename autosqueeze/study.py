@@ -1,0 +1,156 @@
+"""The Optuna study behind a config: storage, directions, sampler, baselines, resume.
+
+Measurements and plans live on each trial as user attributes, the budgets as Optuna
+constraints, and the uncompressed model's measurements (the reference for metric drop and
+compression ratios) on the study, so that every reader needs only the storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from autosqueeze.config import DIRECTIONS, StudyConfig
+from autosqueeze.errors import UserError
+from autosqueeze.measure import Measurements
+from autosqueeze.plan import Plan
+from autosqueeze.samplers import create_sampler
+
+REFERENCE = "reference"  # study attr: measurements of the uncompressed model
+BASELINE = "baseline"  # trial attr: "original" / "int8" for the enqueued baselines
+PLAN = "plan"  # trial attr: the plan as JSON
+FAIL_REASON = "fail_reason"
+REQUEUED = "requeued"  # trial attr: failed by an interruption, its params queued again
+
+
+def open_storage(config: StudyConfig) -> optuna.storages.BaseStorage:
+    url = config.storage
+    if url.startswith("sqlite:///"):
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return optuna.storages.get_storage(url)
+    except Exception as exc:
+        raise UserError(
+            f"search.storage: cannot open {url!r}: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def open_study(config: StudyConfig, *, create: bool) -> optuna.Study:
+    """The config's study; ``create=False`` for readers, which must not make an empty one."""
+    storage = open_storage(config)
+    directions = [DIRECTIONS[o] for o in config.objectives]
+    if not create:
+        try:
+            return optuna.load_study(study_name=config.name, storage=storage)
+        except KeyError:
+            raise UserError(
+                f"no study named {config.name!r} in {config.storage}; "
+                "run 'autosqueeze search' first (or check --study-dir / --storage)."
+            ) from None
+    study = optuna.create_study(
+        study_name=config.name,
+        storage=storage,
+        directions=directions,
+        sampler=create_sampler(config.search.sampler, seed=config.search.seed),
+        load_if_exists=True,
+    )
+    existing = [d.name.lower() for d in study.directions]
+    if existing != directions:
+        raise UserError(
+            f"objectives: the study {config.name!r} in {config.storage} was created with "
+            f"objectives of directions {existing}, the config asks for {config.objectives}; "
+            "use another name or --study-dir for a different set of objectives."
+        )
+    study.set_user_attr("objectives", list(config.objectives))
+    return study
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """A finished trial as autosqueeze reads it back from the storage."""
+
+    number: int
+    state: str
+    measurements: Measurements | None
+    feasible: bool
+    baseline: str | None
+    plan: Plan | None
+    fail_reason: str | None
+    constraints: dict[str, float]
+
+    @classmethod
+    def of(cls, trial: FrozenTrial) -> TrialRecord:
+        attrs = trial.user_attrs
+        measured = all(k in attrs for k in ("metric", "size_bytes", "latency_ms"))
+        constraints = dict(trial.constraints)
+        return cls(
+            number=trial.number,
+            state=trial.state.name,
+            measurements=Measurements(attrs["metric"], attrs["size_bytes"], attrs["latency_ms"])
+            if measured and trial.state == TrialState.COMPLETE
+            else None,
+            feasible=trial.state == TrialState.COMPLETE
+            and all(v <= 0 for v in constraints.values()),
+            baseline=attrs.get(BASELINE),
+            plan=Plan.from_json(attrs[PLAN]) if PLAN in attrs else None,
+            fail_reason=attrs.get(FAIL_REASON),
+            constraints=constraints,
+        )
+
+
+def records(study: optuna.Study) -> list[TrialRecord]:
+    return [TrialRecord.of(t) for t in study.get_trials(deepcopy=False)]
+
+
+def reference(study: optuna.Study) -> Measurements | None:
+    ref = study.user_attrs.get(REFERENCE)
+    return Measurements(**ref) if ref else None
+
+
+def constraints(config: StudyConfig, ref: Measurements, got: Measurements) -> dict[str, float]:
+    """Budget slack per budget; <= 0 is within budget (Optuna's convention)."""
+    budgets = config.budgets
+    out = {}
+    if budgets.max_metric_drop is not None:
+        out["metric_drop"] = (ref.metric - got.metric) - budgets.max_metric_drop
+    if budgets.max_size_mb is not None:
+        out["size_mb"] = got.size_bytes / 1e6 - budgets.max_size_mb
+    if budgets.max_latency_ms is not None:
+        out["latency_ms"] = got.latency_ms - budgets.max_latency_ms
+    return out
+
+
+def objective_values(config: StudyConfig, got: Measurements) -> list[float]:
+    return [float(getattr(got, o)) for o in config.objectives]
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Trials that count towards ``search.trials``: complete or failed, not requeued."""
+    return sum(
+        1
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+        if not t.user_attrs.get(REQUEUED)
+    )
+
+
+def fail_trial(study: optuna.Study, number: int, reason: str, *, requeue: bool = False) -> None:
+    """Mark a running trial FAILED with its reason; ``requeue`` asks for its params again."""
+    trial = study.get_trials(deepcopy=False)[number]
+    storage = study._storage  # noqa: SLF001 - Optuna exposes no public per-trial attr setter
+    storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, reason)  # noqa: SLF001
+    if requeue:
+        storage.set_trial_user_attr(trial._trial_id, REQUEUED, True)  # noqa: SLF001
+    study.tell(number, state=TrialState.FAIL)
+    if requeue and trial.params:
+        attrs = {k: v for k, v in trial.user_attrs.items() if k in (BASELINE,)}
+        study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": number})
+
+
+def recover_interrupted(study: optuna.Study) -> list[int]:
+    """Trials a crashed or killed run left RUNNING: failed, and queued to be run again."""
+    stale = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    for number in stale:
+        fail_trial(study, number, "interrupted: the run evaluating it stopped", requeue=True)
+    return stale

@@ -1,0 +1,130 @@
+"""The user's side of a study, loaded once: model, validation data, example input, metric.
+
+Every call into user code goes through ``user_code`` so a failure there is reported as a
+UserError naming the config field, never as a traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from autosqueeze.config import StudyConfig
+from autosqueeze.errors import UserError
+from autosqueeze.metrics import Metric, call_model, resolve_metric, to_device
+from autosqueeze.user_code import call_user, describe, load_callable
+
+
+@dataclass
+class Task:
+    config: StudyConfig
+    model: nn.Module  # the uncompressed model, on the CPU, in eval mode
+    data: list[tuple[Any, Any]]
+    example_input: Any  # one batch of ``budgets.batch_size``
+    metric: Metric
+    device: torch.device
+
+    def evaluate_metric(self, model: nn.Module) -> float:
+        with torch.inference_mode():
+            return call_user(
+                self.metric,
+                model,
+                self.data,
+                self.device,
+                field="task.metric",
+                ref=self.config.task.metric,
+            )
+
+
+def load_task(config: StudyConfig) -> Task:
+    device = _device(config.budgets.device)
+    folder = config.folder
+    model = _load_model(config)
+    data = _load_data(config)
+    if config.model.example_input:
+        ref = config.model.example_input
+        make = load_callable(ref, field="model.example_input", search_dir=folder)
+        example = call_user(make, field="model.example_input", ref=ref)
+    else:
+        example = data[0][0]
+    example = batch_of(example, config.budgets.batch_size)
+    try:
+        with torch.inference_mode():
+            call_model(model, example)
+    except Exception as exc:
+        source = "model.example_input" if config.model.example_input else "the first data batch"
+        raise UserError(
+            f"model.factory: the model fails on its example input ({source}): {describe(exc)}"
+        ) from None
+    metric = resolve_metric(config.task.metric, search_dir=folder)
+    return Task(config, model, data, example, metric, device)
+
+
+def batch_of(inputs: Any, size: int) -> Any:
+    """The first ``size`` samples of a batch along dim 0 (repeated when the batch is smaller)."""
+    if isinstance(inputs, torch.Tensor):
+        if inputs.dim() == 0:
+            return inputs
+        repeats = -(-size // inputs.shape[0])
+        return inputs.repeat(repeats, *([1] * (inputs.dim() - 1)))[:size].contiguous()
+    if isinstance(inputs, dict):
+        return {k: batch_of(v, size) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(batch_of(v, size) for v in inputs)
+    return inputs
+
+
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"budgets.device: {name!r} is not available on this machine (no CUDA).")
+    return device
+
+
+def _load_model(config: StudyConfig) -> nn.Module:
+    ref = config.model.factory
+    factory = load_callable(ref, field="model.factory", search_dir=config.folder)
+    model = call_user(factory, field="model.factory", ref=ref)
+    if not isinstance(model, nn.Module):
+        raise UserError(
+            f"model.factory: {ref!r} returned {type(model).__name__}, not a torch.nn.Module."
+        )
+    if config.model.checkpoint is not None:
+        _load_checkpoint(model, config.model.checkpoint)
+    return model.cpu().eval()
+
+
+def _load_checkpoint(model: nn.Module, path: Any) -> None:
+    if not path.is_file():
+        raise UserError(f"model.checkpoint: file {path} does not exist.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise UserError(
+            f"model.checkpoint: {path} cannot be loaded into the model: "
+            f"{str(exc).strip().splitlines()[0]}"
+        ) from None
+
+
+def _load_data(config: StudyConfig) -> list[tuple[Any, Any]]:
+    ref = config.task.data
+    fn = load_callable(ref, field="task.data", search_dir=config.folder)
+    batches = call_user(lambda: list(fn()), field="task.data", ref=ref)
+    if not batches:
+        raise UserError(f"task.data: {ref!r} returned no batches.")
+    for batch in batches[:1]:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise UserError(
+                f"task.data: {ref!r} must yield (inputs, targets) pairs; "
+                f"its first item is a {type(batch).__name__}."
+            )
+    return [(to_device(x, torch.device("cpu")), y) for x, y in batches]

@@ -1,0 +1,69 @@
+"""The interface every compression technique implements, and what applying a plan yields."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from optuna.distributions import BaseDistribution
+from torch import nn
+
+from autosqueeze.codecs import TensorCodec
+from autosqueeze.knobs import KnobValues, flat_values, to_distribution
+from autosqueeze.plan import LayerPlan, Plan
+
+WEIGHTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+
+@dataclass
+class CompressedModel:
+    """A plan applied: the changed module, and how each of its weights is to be stored."""
+
+    module: nn.Module
+    plan: Plan
+    codecs: dict[str, TensorCodec] = field(default_factory=dict)  # state-dict key -> storage
+
+
+class Technique(ABC):
+    """One knob of a LayerPlan and what it does to a layer.
+
+    ``offer`` decides what a layer may choose (a distribution, a fixed value, or nothing);
+    ``apply`` changes a compressed copy of the model; ``rebuild`` repeats only the structural
+    part of ``apply`` so an artifact's weights fit the module when it is loaded.
+    """
+
+    knob: ClassVar[str]
+    identity: ClassVar[Any]  # the value that leaves a layer untouched
+
+    def validate(self, values: KnobValues) -> None:
+        """Raise ValueError when the space file gives this knob values it cannot take."""
+        for value in flat_values(values):
+            self.check_value(value)
+
+    def check_value(self, value: float) -> None:  # noqa: B027 - optional hook
+        """Raise ValueError for one value this knob cannot take."""
+
+    def offer(self, layer: nn.Module, values: KnobValues) -> BaseDistribution | Any | None:
+        return to_distribution(values) if isinstance(layer, WEIGHTED_LAYERS) else None
+
+    @abstractmethod
+    def most_compressed(self, values: list[Any]) -> Any:
+        """The value among ``values`` that compresses most."""
+
+    @abstractmethod
+    def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
+        """Apply this knob's choice to layer ``name`` of ``compressed.module``."""
+
+    def rebuild(self, module: nn.Module, name: str, layer_plan: LayerPlan) -> None:  # noqa: B027
+        """Make the structural change of ``apply`` without computing weights (for loading)."""
+
+
+def weighted_parts(module: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
+    """The weighted layers that layer ``name`` consists of now (two after factorization)."""
+    layer = module.get_submodule(name)
+    return [
+        (f"{name}.{sub}" if sub else name, part)
+        for sub, part in layer.named_modules()
+        if isinstance(part, WEIGHTED_LAYERS)
+    ]

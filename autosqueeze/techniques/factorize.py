@@ -1,0 +1,109 @@
+"""Low-rank factorization by truncated SVD: one layer becomes two thinner ones.
+
+A Linear (out x in) becomes Linear(in -> r) then Linear(r -> out); a Conv becomes a conv
+with r output channels and the original kernel, then a 1x1 conv to the original outputs.
+Only ranks with r * (out + in_k) < out * in_k are offered: a larger rank adds parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from torch import nn
+
+from autosqueeze.knobs import KnobValues, Range
+from autosqueeze.plan import LayerPlan
+from autosqueeze.techniques.base import CompressedModel, Technique
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def full_rank(layer: nn.Module) -> tuple[int, int]:
+    """(outputs, inputs per output) of the layer's weight seen as a matrix."""
+    weight = layer.weight
+    return weight.shape[0], weight[0].numel()
+
+
+def rank_for(layer: nn.Module, fraction: float) -> int:
+    out, inp = full_rank(layer)
+    return max(1, round(fraction * min(out, inp)))
+
+
+def helps(layer: nn.Module, fraction: float) -> bool:
+    out, inp = full_rank(layer)
+    return rank_for(layer, fraction) * (out + inp) < out * inp
+
+
+class Factorize(Technique):
+    knob = "rank"
+    identity = 1.0
+
+    def validate(self, values: KnobValues) -> None:
+        if isinstance(values, Range):
+            raise ValueError("rank takes a list of fractions of the full rank, not a range")
+        super().validate(values)
+
+    def check_value(self, value: float) -> None:
+        if not 0 < value <= 1:
+            raise ValueError(f"rank is a fraction of the full rank in (0, 1], got {value}")
+
+    def offer(self, layer: nn.Module, values: KnobValues) -> BaseDistribution | Any | None:
+        if not _factorizable(layer):
+            return None
+        choices = values if isinstance(values, list) else [values]
+        useful = sorted({c for c in choices if c < 1 and helps(layer, c)})
+        if not useful:
+            return None
+        options = tuple(useful) + ((1.0,) if 1.0 in choices or 1 in choices else ())
+        return CategoricalDistribution(options) if len(options) > 1 else options[0]
+
+    def most_compressed(self, values: list[Any]) -> Any:
+        return min(values)
+
+    def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
+        layer = compressed.module.get_submodule(name)
+        first, second = _factors(layer, rank_for(layer, layer_plan.rank))
+        u, s, vh = torch.linalg.svd(
+            layer.weight.detach().reshape(layer.weight.shape[0], -1).double(), full_matrices=False
+        )
+        r = first.weight.shape[0]
+        root = s[:r].sqrt()
+        with torch.no_grad():
+            first.weight.copy_((root[:, None] * vh[:r]).reshape(first.weight.shape))
+            second.weight.copy_((u[:, :r] * root).reshape(second.weight.shape))
+            if layer.bias is not None:
+                second.bias.copy_(layer.bias)
+        compressed.module.set_submodule(name, nn.Sequential(first, second))
+
+    def rebuild(self, module: nn.Module, name: str, layer_plan: LayerPlan) -> None:
+        layer = module.get_submodule(name)
+        module.set_submodule(
+            name, nn.Sequential(*_factors(layer, rank_for(layer, layer_plan.rank)))
+        )
+
+
+def _factorizable(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear) or (isinstance(layer, _CONVS) and layer.groups == 1)
+
+
+def _factors(layer: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
+    bias = layer.bias is not None
+    if isinstance(layer, nn.Linear):
+        return (
+            nn.Linear(layer.in_features, rank, bias=False),
+            nn.Linear(rank, layer.out_features, bias=bias),
+        )
+    conv = type(layer)
+    first = conv(
+        layer.in_channels,
+        rank,
+        layer.kernel_size,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        bias=False,
+        padding_mode=layer.padding_mode,
+    )
+    return first, conv(rank, layer.out_channels, 1, bias=bias)

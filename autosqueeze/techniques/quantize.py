@@ -1,0 +1,30 @@
+"""Weight quantization: each weight of a layer is stored at the plan's bit-width.
+
+Applying it only records a TensorCodec per weight; the artifact writer quantizes and packs,
+and the model evaluated is the one loaded back from those packed bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autosqueeze.codecs import SUPPORTED_BITS, TensorCodec
+from autosqueeze.plan import LayerPlan
+from autosqueeze.techniques.base import CompressedModel, Technique, weighted_parts
+
+
+class Quantize(Technique):
+    knob = "bits"
+    identity = 32
+
+    def check_value(self, value: float) -> None:
+        if value not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be among {list(SUPPORTED_BITS)}, got {value}")
+
+    def most_compressed(self, values: list[Any]) -> Any:
+        return min(values)
+
+    def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
+        codec = TensorCodec(int(layer_plan.bits), layer_plan.group_size)
+        for part_name, _ in weighted_parts(compressed.module, name):
+            compressed.codecs[f"{part_name}.weight"] = codec

@@ -1,0 +1,62 @@
+"""Calling the user's code ("module:callable" references) with errors that name the field."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from autosqueeze.errors import UserError
+
+
+def load_callable(ref: str, *, field: str, search_dir: Path | None = None) -> Callable[..., Any]:
+    """Import ``"package.module:attr"``, looking in ``search_dir`` (the config's folder) first."""
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise UserError(f"{field}: expected 'module:callable', got {ref!r}.")
+    added = search_dir is not None and str(search_dir) not in sys.path
+    if added:
+        sys.path.insert(0, str(search_dir))
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            where = f"the config's folder {search_dir} or " if search_dir else ""
+            raise UserError(
+                f"{field}: cannot import module {module_name!r}; it is not in {where}PYTHONPATH."
+            ) from None
+        raise UserError(f"{field}: importing {module_name!r} failed: {describe(exc)}") from None
+    except Exception as exc:  # the user's module raised while importing
+        raise UserError(f"{field}: importing {module_name!r} failed: {describe(exc)}") from None
+    finally:
+        if added:
+            sys.path.remove(str(search_dir))
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise UserError(f"{field}: module {module_name!r} has no attribute {attr!r}.")
+        target = getattr(target, part)
+    if not callable(target):
+        raise UserError(f"{field}: {ref!r} is not callable.")
+    return target
+
+
+def call_user(fn: Callable[..., Any], *args: Any, field: str, ref: str) -> Any:
+    """Call user code; anything it raises becomes a UserError naming the field and the line."""
+    try:
+        return fn(*args)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{field}: {ref!r} raised {describe(exc)}") from None
+
+
+def describe(exc: BaseException) -> str:
+    """``ValueError: message (at file.py:12)``: the innermost frame, no traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {message}{where}" if message else f"{type(exc).__name__}{where}"
