@@ -64,11 +64,11 @@ def load_artifact(path: str | Path, model: nn.Module) -> nn.Module:
             key, _, part = name.partition(_SEP)
             parts[key][part] = f.get_tensor(name)
     plan = Plan.from_json(metadata["plan"])
-    rebuild(model, plan)
     state = {key: decode(parts[key], meta) for key, meta in encodings.items()}
     try:
+        rebuild(model, plan)
         model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         raise ValueError(f"{path} does not fit this model: {str(exc).splitlines()[0]}") from None
     return model.eval()
 

@@ -28,11 +28,8 @@ def technique_for(knob: str) -> Technique:
 
 def compress(model: nn.Module, plan: Plan) -> CompressedModel:
     """Apply ``plan`` to a copy of ``model`` (the original is left as it was)."""
+    _check_layers(model, plan)
     compressed = CompressedModel(copy.deepcopy(model).eval(), plan)
-    names = dict(compressed.module.named_modules())
-    missing = [name for name in plan.layers if name not in names]
-    if missing:
-        raise ValueError(f"the plan names layers the model does not have: {missing}")
     for technique in TECHNIQUES.values():
         for name, layer_plan in plan.layers.items():
             if getattr(layer_plan, technique.knob) != technique.identity:
@@ -42,11 +39,19 @@ def compress(model: nn.Module, plan: Plan) -> CompressedModel:
 
 def rebuild(model: nn.Module, plan: Plan) -> nn.Module:
     """Give ``model`` (in place) the structure ``plan`` produces, so its weights can be loaded."""
+    _check_layers(model, plan)
     for technique in TECHNIQUES.values():
         for name, layer_plan in plan.layers.items():
             if getattr(layer_plan, technique.knob) != technique.identity:
                 technique.rebuild(model, name, layer_plan)
     return model
+
+
+def _check_layers(model: nn.Module, plan: Plan) -> None:
+    names = dict(model.named_modules())
+    missing = [name for name in plan.layers if name not in names]
+    if missing:
+        raise ValueError(f"the plan names layers the model does not have: {missing}")
 
 
 __all__ = [

@@ -1,0 +1,46 @@
+"""Shared fixtures: study configs for the built-in digits model, written into tmp folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SPACE = REPO / "search_spaces" / "default.yaml"
+
+
+def study_config(folder: Path, **overrides: Any) -> dict[str, Any]:
+    """A digits-CNN study whose outputs go into ``folder``; fast latency settings."""
+    config: dict[str, Any] = {
+        "name": "digits-test",
+        "model": {"factory": "autosqueeze.examples.digits:pretrained_cnn"},
+        "task": {"data": "autosqueeze.examples.digits:loaders", "metric": "accuracy"},
+        "space": str(DEFAULT_SPACE),
+        "budgets": {"max_metric_drop": 0.02, "max_size_mb": 0.4, "device": "cpu"},
+        "measure": {"warmup": 2, "repeats": 5},
+        "search": {"trials": 8, "seed": 0, "output_dir": str(folder / "run")},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+def write_yaml(path: Path, data: Any) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def make_config(tmp_path: Path):
+    """``make_config(**overrides) -> Path`` of a config file in a tmp folder."""
+
+    def make(**overrides: Any) -> Path:
+        return write_yaml(tmp_path / "study.yaml", study_config(tmp_path, **overrides))
+
+    return make

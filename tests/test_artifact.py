@@ -1,0 +1,88 @@
+import json
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from autosqueeze.artifact import load_artifact, read_plan, save_artifact
+from autosqueeze.codecs import decode, encode
+from autosqueeze.examples.digits import DigitsCNN, example_input, pretrained_cnn
+from autosqueeze.plan import LayerPlan, Plan
+from autosqueeze.techniques import compress
+
+PLAN = Plan(
+    {
+        "features.0": LayerPlan(bits=8),
+        "features.2": LayerPlan(bits=4, prune=0.5, group_size=32),
+        "features.5": LayerPlan(bits=3, rank=0.5),
+        "classifier.1": LayerPlan(bits=5, prune=0.3, rank=0.25),
+        "classifier.3": LayerPlan(bits=16),
+    }
+)
+
+
+def test_size_is_the_file_and_the_file_is_only_packed_tensors(tmp_path):
+    compressed = compress(pretrained_cnn(), PLAN)
+    path = tmp_path / "model.safetensors"
+    size = save_artifact(compressed, path)
+    assert size == path.stat().st_size
+    header_len = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    header = json.loads(path.read_bytes()[8 : 8 + header_len])
+    data_bytes = sum(
+        v["data_offsets"][1] - v["data_offsets"][0]
+        for k, v in header.items()
+        if k != "__metadata__"
+    )
+    assert size == 8 + header_len + data_bytes
+    dtypes = {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    assert dtypes["classifier.1.0.weight::q"] == "U8"  # 5-bit values packed into bytes
+    # fp16 (many of this layer's weights underflow to 0 in fp16, so it is stored sparse)
+    assert dtypes["classifier.3.weight::values"] == "F16"
+    fp32 = save_artifact(compress(pretrained_cnn(), Plan()), tmp_path / "fp32.safetensors")
+    assert size * 5 < fp32
+
+
+def test_loaded_artifact_is_the_compressed_model(tmp_path):
+    compressed = compress(pretrained_cnn(), PLAN)
+    path = tmp_path / "model.safetensors"
+    save_artifact(compressed, path)
+    loaded = load_artifact(path, DigitsCNN())
+    assert read_plan(path) == PLAN
+    assert isinstance(loaded.classifier[1], torch.nn.Sequential)
+    # the loaded weights are the in-memory ones passed through their codecs, exactly
+    expected = compressed.module.state_dict()
+    for key, codec in compressed.codecs.items():
+        encoded = encode(expected[key], codec)
+        expected[key] = decode(encoded.parts, encoded.meta)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    x = example_input()
+    torch.testing.assert_close(load_artifact(path, DigitsCNN())(x), loaded(x), atol=0, rtol=0)
+    assert (loaded.features[2].weight == 0).float().mean() >= 0.5
+
+
+def test_lossless_plan_round_trips_bit_exactly(tmp_path):
+    original = pretrained_cnn()
+    plan = Plan({"classifier.1": LayerPlan(prune=0.5)})  # fp32, stored as bitmap + values
+    path = tmp_path / "pruned.safetensors"
+    save_artifact(compress(original, plan), path)
+    with safe_open(path, "pt") as f:
+        assert "classifier.1.weight::mask" in f.keys()
+    loaded = load_artifact(path, DigitsCNN())
+    expected = compress(original, plan).module
+    for key, value in expected.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+
+
+def test_artifact_that_does_not_fit_the_model_is_rejected(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_artifact(compress(pretrained_cnn(), PLAN), path)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_artifact(path, torch.nn.Sequential(torch.nn.Linear(3, 3)))
+    other = tmp_path / "plain.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match="not an autosqueeze artifact"):
+        load_artifact(other, DigitsCNN())

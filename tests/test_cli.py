@@ -1,0 +1,215 @@
+"""End-to-end runs of the CLI on the built-in digits model, real SQLite, real files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import optuna
+import pytest
+
+from autosqueeze.cli import main
+from autosqueeze.config import load_config
+from autosqueeze.study import open_study
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def load(config_path):
+    return open_study(load_config(config_path), create=False)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """One 10-trial search shared by the read-only tests below."""
+    from conftest import study_config, write_yaml
+
+    folder = tmp_path_factory.mktemp("searched")
+    path = write_yaml(
+        folder / "study.yaml",
+        study_config(folder, search={"trials": 10, "seed": 0, "output_dir": str(folder / "run")}),
+    )
+    assert main(["search", str(path), "--no-progress"]) == 0
+    return path
+
+
+def test_search_writes_the_front_and_prints_the_summary(tmp_path, make_config, capsys):
+    config = make_config()
+    code, out, _ = run(capsys, "search", config, "--no-progress")
+    assert code == 0
+    assert "Smallest model within 0.02 accuracy of the original: trial" in out
+    run_dir = tmp_path / "run"
+    rows = list(csv.DictReader((run_dir / "front.csv").open()))
+    assert rows and {"trial", "metric", "size_bytes", "latency_ms", "feasible", "artifact"} <= set(
+        rows[0]
+    )
+    for row in rows:
+        assert row["feasible"] == "True"
+        artifact = run_dir / row["artifact"]
+        assert artifact.stat().st_size == int(row["size_bytes"])
+        assert (artifact.parent / "plan.json").is_file()
+        assert json.loads((artifact.parent / "metrics.json").read_text())["trial"] == int(
+            row["trial"]
+        )
+    trials = load(config).trials
+    assert len(trials) == 8
+    assert [t.user_attrs.get("baseline") for t in trials[:2]] == ["original", "int8"]
+
+
+def test_resume_keeps_finished_trials_and_runs_only_the_rest(make_config, capsys):
+    config = make_config(search={"trials": 5})
+    assert run(capsys, "search", config, "--no-progress")[0] == 0
+    first = [(t.number, t.params, t.values) for t in load(config).trials]
+    code, _, _ = run(capsys, "search", config, "--no-progress", "--trials", "7")
+    assert code == 0
+    trials = load(config).trials
+    assert len(trials) == 7 and all(t.state.name == "COMPLETE" for t in trials)
+    assert [(t.number, t.params, t.values) for t in trials[:5]] == first
+    assert run(capsys, "search", config, "--no-progress", "--trials", "7")[0] == 0
+    assert len(load(config).trials) == 7  # nothing left to do, nothing redone
+
+
+def test_front_json_export_and_evaluate_reproduce_the_search(searched, capsys, tmp_path):
+    code, out, _ = run(capsys, "front", searched, "--json")
+    assert code == 0
+    front = json.loads(out)
+    assert front["reference"]["size_bytes"] > 0 and front["front"]
+    member = front["front"][0]
+    exported = tmp_path / "exported.safetensors"
+    code, out, _ = run(capsys, "export", searched, "--trial", member["trial"], "-o", exported)
+    assert code == 0 and f"{member['size_bytes']:,} bytes" in out
+    assert exported.stat().st_size == member["size_bytes"]
+    code, out, _ = run(capsys, "evaluate", searched, "--artifact", exported, "--json")
+    assert code == 0
+    measured = json.loads(out)
+    assert measured["metric"] == pytest.approx(member["metric"], abs=1e-6)
+    assert measured["size_bytes"] == member["size_bytes"]
+    code, out, _ = run(capsys, "front", searched)
+    assert code == 0 and "accuracy" in out and "smaller" in out
+
+
+def test_validate_reports_the_model_data_and_space(make_config, capsys):
+    code, out, _ = run(capsys, "validate", make_config())
+    assert code == 0
+    assert "188,234 parameters" in out and "15 searched knobs" in out
+
+
+def test_same_seed_same_plans_when_objectives_are_deterministic(tmp_path, capsys):
+    from conftest import study_config, write_yaml
+
+    params = []
+    for name in ("a", "b"):
+        path = write_yaml(
+            tmp_path / f"{name}.yaml",
+            study_config(
+                tmp_path,
+                name=f"seeded-{name}",
+                objectives=["metric", "size_bytes"],
+                search={"trials": 24, "seed": 7, "output_dir": str(tmp_path / name)},
+            ),
+        )
+        assert main(["search", str(path), "--no-progress"]) == 0
+        params.append([t.params for t in load(path).trials])
+    assert params[0] == params[1] and len(params[0]) == 24
+    capsys.readouterr()
+
+
+def test_a_nan_metric_fails_only_that_trial(tmp_path, make_config, capsys):
+    (tmp_path / "nan_metric.py").write_text(
+        "import torch\n"
+        "from autosqueeze.metrics import accuracy\n"
+        "def metric(model, data, device):\n"
+        "    if isinstance(model.classifier[1], torch.nn.Sequential):  # factorized\n"
+        "        return float('nan')\n"
+        "    return accuracy(model, data, device)\n"
+    )
+    config = make_config(task={"metric": "nan_metric:metric"})
+    code, _, _ = run(capsys, "search", config, "--no-progress")
+    assert code == 0
+    trials = load(config).trials
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert failed and all("metric is nan" in t.user_attrs["fail_reason"] for t in failed)
+    assert trials[0].state.name == "COMPLETE" and len(trials) == 8
+
+
+def test_budgets_no_trial_met_are_explained_and_the_study_kept(make_config, capsys):
+    config = make_config(
+        budgets={"max_metric_drop": 0.0, "max_size_mb": 0.015}, search={"trials": 4}
+    )
+    code, _, err = run(capsys, "search", config, "--no-progress")
+    assert code == 2
+    assert "no model met every budget after 4 completed trials" in err
+    assert "budgets.max_size_mb missed by" in err
+    assert len(load(config).trials) == 4
+
+
+@pytest.mark.parametrize("how", ["kill", "interrupt"])
+def test_a_killed_or_interrupted_search_resumes(tmp_path, make_config, how):
+    import signal
+    import time
+
+    (tmp_path / "slow_metric.py").write_text(
+        "import time\nfrom autosqueeze.metrics import accuracy\n"
+        "def metric(model, data, device):\n"
+        "    time.sleep(0.4)\n    return accuracy(model, data, device)\n"
+    )
+    config = make_config(task={"metric": "slow_metric:metric"}, search={"trials": 6})
+    storage = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autosqueeze", "search", str(config), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            trials = optuna.load_study(study_name="digits-test", storage=storage).trials
+        except Exception:
+            continue
+        states = [t.state.name for t in trials]
+        if states.count("COMPLETE") >= 2 and "RUNNING" in states:
+            break
+    proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if how == "interrupt":
+        assert proc.returncode == 130 and b"Traceback" not in err
+        interrupted = [t for t in load(config).trials if t.state.name == "FAIL"]
+        assert interrupted and "Ctrl-C" in interrupted[0].user_attrs["fail_reason"]
+    done = subprocess.run(
+        [sys.executable, "-m", "autosqueeze", "search", str(config), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    trials = load(config).trials
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert len(failed) == 1 and failed[0].user_attrs["requeued"]
+    assert "interrupted" in failed[0].user_attrs["fail_reason"]
+    retried = [t for t in trials if t.user_attrs.get("retry_of") == failed[0].number]
+    assert len(retried) == 1 and retried[0].params == failed[0].params
+    assert retried[0].state.name == "COMPLETE"
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 6
+
+
+def test_console_script_help_and_errors_without_traceback(tmp_path):
+    help_out = subprocess.run(
+        [sys.executable, "-m", "autosqueeze", "--help"], capture_output=True, text=True
+    )
+    assert help_out.returncode == 0
+    for command in ("search", "front", "export", "evaluate", "validate"):
+        assert command in help_out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "autosqueeze", "search", str(tmp_path / "nope.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "nope.yaml does not exist" in bad.stderr

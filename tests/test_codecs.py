@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+from autosqueeze.codecs import SUPPORTED_BITS, TensorCodec, decode, encode, quantize
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("group_size", [None, 16, 100])
+def test_quantization_error_is_at_most_half_a_scale(bits, group_size):
+    torch.manual_seed(bits)
+    weight = torch.randn(12, 80) * 0.3
+    encoded = encode(weight, TensorCodec(bits, group_size))
+    restored = decode(encoded.parts, encoded.meta)
+    _, scale = quantize(weight, bits, group_size)
+    size = min(group_size or 80, 80)
+    per_element = scale.float().repeat_interleave(size, dim=1)[:, :80]
+    assert torch.all((weight - restored).abs() <= per_element / 2 + 1e-7)
+    assert scale.dtype == torch.float16 and scale.shape == (12, math.ceil(80 / size))
+
+
+@pytest.mark.parametrize(
+    ("bits", "group_size", "expected"),
+    [
+        (8, None, 1000 + 10 * 2),  # one byte a value, one fp16 scale a row
+        (4, None, 500 + 10 * 2),
+        (3, 32, math.ceil(1000 * 3 / 8) + 10 * 4 * 2),  # four groups of <= 32 per row
+        (2, None, 250 + 10 * 2),
+        (16, None, 2000),
+        (32, None, 4000),
+    ],
+)
+def test_dense_packed_sizes_are_exact(bits, group_size, expected):
+    weight = torch.linspace(-1, 1, 1000).reshape(10, 100) + 0.001  # no exact zeros
+    encoded = encode(weight, TensorCodec(bits, group_size))
+    assert encoded.meta["layout"] == "dense"
+    assert encoded.nbytes == expected
+
+
+def test_sparse_layout_is_chosen_only_when_smaller():
+    weight = torch.linspace(0.1, 1, 1000).reshape(10, 100)
+    half = weight.clone()
+    half[:, ::2] = 0
+    encoded = encode(half, TensorCodec(8))
+    # bitmap of 1000 bits + 500 nonzero bytes + scales, instead of 1000 bytes + scales
+    assert encoded.meta["layout"] == "bitmap"
+    assert encoded.nbytes == 125 + 500 + 20
+    # at 2 bits, a bitmap (1 bit a weight) costs more than it saves for 50 % zeros
+    assert encode(half, TensorCodec(2)).meta["layout"] == "dense"
+    assert torch.equal(decode(encoded.parts, encoded.meta) == 0, half == 0)
+
+
+def test_pruned_zeros_stay_exactly_zero_and_fp32_is_lossless():
+    weight = torch.randn(16, 16)
+    weight[weight.abs() < 0.8] = 0
+    for bits in SUPPORTED_BITS:
+        encoded = encode(weight, TensorCodec(bits))
+        restored = decode(encoded.parts, encoded.meta)
+        assert torch.all(restored[weight == 0] == 0)
+    lossless = encode(weight, TensorCodec(32))
+    assert torch.equal(decode(lossless.parts, lossless.meta), weight)
+
+
+def test_all_zero_and_non_float_tensors_round_trip():
+    zeros = torch.zeros(3, 5)
+    encoded = encode(zeros, TensorCodec(4))
+    assert torch.equal(decode(encoded.parts, encoded.meta), zeros)
+    counter = torch.tensor(7, dtype=torch.long)
+    raw = encode(counter, TensorCodec(4))
+    assert raw.meta["codec"] == "raw" and torch.equal(decode(raw.parts, raw.meta), counter)
+
+
+def test_unsupported_bits_are_rejected():
+    with pytest.raises(ValueError, match="bits must be one of"):
+        TensorCodec(1)

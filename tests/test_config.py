@@ -1,0 +1,110 @@
+"""Bad input: every mistake gives exit status 2 and a message naming the field or file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import study_config, write_yaml
+
+from autosqueeze.cli import main
+
+
+def fails(capsys, *argv) -> str:
+    code = main([str(a) for a in argv])
+    _, err = capsys.readouterr()
+    assert code == 2, err
+    assert "Traceback" not in err and err.startswith("autosqueeze: error: ")
+    return err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert "missing.yaml does not exist" in fails(capsys, "validate", tmp_path / "missing.yaml")
+
+
+def test_invalid_yaml_names_the_line(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nmodel: {factory: a:b\n")
+    assert "is not valid YAML at line" in fails(capsys, "validate", path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"budget": {"max_size_mb": 1}}, "field 'budget': unknown field"),
+        ({"budgets": {"max_size_mb": "big"}}, "field 'budgets.max_size_mb'"),
+        ({"budgets": {"max_size_mb": -1}}, "field 'budgets.max_size_mb': Input should be greater"),
+        ({"budgets": {"device": "tpu"}}, "field 'budgets.device'"),
+        ({"objectives": ["metric", "flops"]}, "field 'objectives.1'"),
+        ({"name": "has space"}, "field 'name'"),
+        ({"model": {"factory": None}}, "field 'model.factory': Input should be a valid string"),
+        ({"task": None}, "field 'task'"),
+    ],
+)
+def test_schema_errors_name_the_field(make_config, capsys, overrides, message):
+    assert message in fails(capsys, "validate", make_config(**overrides))
+
+
+def test_user_code_errors_name_the_field_and_the_line(tmp_path, make_config, capsys):
+    (tmp_path / "user_models.py").write_text(
+        "def raises():\n    raise ValueError('weights file missing')\n"
+        "def not_a_model():\n    return 42\n"
+        "def bad_data():\n    return [1, 2, 3]\n"
+    )
+    err = fails(capsys, "validate", make_config(model={"factory": "user_models:raises"}))
+    assert (
+        "model.factory" in err and "ValueError: weights file missing (at user_models.py:2)" in err
+    )
+    err = fails(capsys, "validate", make_config(model={"factory": "user_models:not_a_model"}))
+    assert "returned int, not a torch.nn.Module" in err
+    err = fails(capsys, "validate", make_config(model={"factory": "user_models:missing"}))
+    assert "module 'user_models' has no attribute 'missing'" in err
+    err = fails(capsys, "validate", make_config(model={"factory": "no_such_module:build"}))
+    assert "model.factory: cannot import module 'no_such_module'" in err
+    err = fails(capsys, "validate", make_config(task={"data": "user_models:bad_data"}))
+    assert "task.data" in err and "(inputs, targets) pairs" in err
+    err = fails(capsys, "validate", make_config(task={"metric": "f1"}))
+    assert "task.metric: 'f1' is not a built-in metric" in err
+    err = fails(capsys, "validate", make_config(model={"factory": "not-a-ref"}))
+    assert "model.factory: expected 'module:callable'" in err
+
+
+def test_missing_files_are_named(tmp_path, make_config, capsys):
+    err = fails(capsys, "validate", make_config(space="nowhere.yaml"))
+    assert "space: file" in err and "nowhere.yaml does not exist" in err
+    err = fails(
+        capsys,
+        "validate",
+        make_config(
+            model={"factory": "autosqueeze.examples.digits:pretrained_cnn", "checkpoint": "gone.pt"}
+        ),
+    )
+    assert "model.checkpoint: file" in err
+    config = make_config()
+    assert "no study named 'digits-test'" in fails(capsys, "front", config)
+    err = fails(capsys, "evaluate", config, "--artifact", tmp_path / "none.safetensors")
+    assert "--artifact: file" in err
+
+
+def test_budgets_no_model_can_meet_are_refused_before_searching(make_config, capsys):
+    err = fails(capsys, "search", make_config(budgets={"max_size_mb": 0.001}))
+    assert "budgets.max_size_mb: no model in this space can be 0.001 MB" in err
+    err = fails(capsys, "search", make_config(budgets={"max_latency_ms": 1e-6}))
+    assert "budgets.max_latency_ms: no model in this space is likely to run" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_named(make_config, capsys):
+    assert "budgets.device: 'cuda' is not available" in fails(
+        capsys, "validate", make_config(budgets={"device": "cuda"})
+    )
+
+
+def test_export_of_an_unknown_trial(tmp_path, capsys):
+    path = write_yaml(
+        tmp_path / "s.yaml",
+        study_config(tmp_path, search={"trials": 2, "output_dir": str(tmp_path / "run")}),
+    )
+    assert main(["search", str(path), "--no-progress"]) == 0
+    capsys.readouterr()
+    err = fails(capsys, "export", path, "--trial", 99, "-o", tmp_path / "x.safetensors")
+    assert "--trial: study 'digits-test' has no trial 99" in err

@@ -1,0 +1,90 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import DEFAULT_SPACE
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+from autosqueeze.errors import UserError
+from autosqueeze.examples.digits import pretrained_cnn
+from autosqueeze.plan import LayerPlan
+from autosqueeze.space import build_space, load_space_file
+
+LAYERS = ["features.0", "features.2", "features.5", "classifier.1", "classifier.3"]
+
+
+def space_file(tmp_path: Path, rules: list) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"rules": rules}))
+    return path
+
+
+def test_default_space_gives_every_conv_and_linear_three_knobs():
+    space = build_space(pretrained_cnn(), DEFAULT_SPACE)
+    assert list(space.layers) == LAYERS
+    dists = space.distributions
+    assert len(dists) == 15
+    assert isinstance(dists["features.2.bits"], CategoricalDistribution)
+    assert isinstance(dists["classifier.1.prune"], FloatDistribution)
+    assert dists["classifier.1.prune"].step == 0.05
+    # classifier.3 is 10 x 128: only ranks below 10 * 128 / 138 = 9.3 save parameters
+    assert dists["classifier.3.rank"].choices == (0.125, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_params_become_a_plan_and_back():
+    space = build_space(pretrained_cnn(), DEFAULT_SPACE)
+    params = {
+        name: dist.choices[0] if hasattr(dist, "choices") else dist.low
+        for name, dist in space.distributions.items()
+    }
+    plan = space.plan(params)
+    assert plan.layers["features.0"] == LayerPlan(bits=2, prune=0.0, rank=0.125)
+    assert space.params_for(plan) == params
+    assert space.params_for(space.uniform_plan(bits=7)) is None  # 7 bits is not offered
+
+
+def test_rules_match_in_order_with_fixed_values_and_exclusions(tmp_path):
+    path = space_file(
+        tmp_path,
+        [
+            {"types": ["Linear"], "names": ["classifier.3"], "knobs": {"bits": 8}},
+            {
+                "types": ["Linear", "Conv2d"],
+                "exclude": ["features.0"],
+                "knobs": {"bits": [4, 8], "prune": {"low": 0, "high": 0.5, "step": 0.25}},
+                "group_size": 32,
+            },
+        ],
+    )
+    space = build_space(pretrained_cnn(), path)
+    assert list(space.layers) == LAYERS[1:]
+    assert space.layers["classifier.3"].fixed == {"bits": 8}
+    assert space.layers["classifier.3"].searched == {}
+    plan = space.plan({"features.2.bits": 4, "features.2.prune": 0.25})
+    assert plan.layers["features.2"] == LayerPlan(bits=4, prune=0.25, group_size=32)
+    assert plan.layers["classifier.3"] == LayerPlan(bits=8)
+    assert space.most_compressed_plan().layers["features.5"] == LayerPlan(
+        bits=4, prune=0.5, group_size=32
+    )
+
+
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        ([{"types": ["Linaer"]}], "'Linaer' is not a torch.nn layer type"),
+        ([{"knobs": {"bitz": [4]}}], "unknown knob 'bitz'"),
+        ([{"knobs": {"bits": [1, 4]}}], "bits must be among"),
+        ([{"knobs": {"prune": {"low": 0, "high": 1.5}}}], "prune is a fraction"),
+        ([{"knobs": {"rank": {"low": 0.1, "high": 1}}}], "rank takes a list"),
+        ([{"colour": "red"}], "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_space_files_name_the_problem(tmp_path, rules, message):
+    with pytest.raises(UserError, match=message):
+        load_space_file(space_file(tmp_path, rules))
+
+
+def test_a_space_that_matches_nothing_says_what_the_model_has(tmp_path):
+    path = space_file(tmp_path, [{"types": ["Embedding"], "knobs": {"bits": [4, 8]}}])
+    with pytest.raises(UserError, match="no layer of the model matches.*Conv2d"):
+        build_space(pretrained_cnn(), path)

@@ -1,0 +1,88 @@
+import copy
+
+import pytest
+import torch
+from optuna.distributions import CategoricalDistribution
+from torch import nn
+
+from autosqueeze.plan import LayerPlan, Plan
+from autosqueeze.techniques import TECHNIQUES, compress, rebuild
+from autosqueeze.techniques.factorize import helps, rank_for
+from autosqueeze.techniques.prune import prune_by_magnitude
+
+
+def test_techniques_apply_in_the_documented_order():
+    assert list(TECHNIQUES) == ["rank", "prune", "bits"]
+
+
+def test_linear_factorization_shapes_and_exact_reconstruction_at_full_rank():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32))
+    low = compress(model, Plan({"0": LayerPlan(rank=0.25)})).module
+    first, second = low[0]
+    assert first.weight.shape == (8, 64) and first.bias is None
+    assert second.weight.shape == (32, 8) and second.bias is not None
+    full = compress(model, Plan({"0": LayerPlan(rank=0.9999)})).module  # rank 32 = exact
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(full(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv2d])
+def test_conv_factorization_becomes_kxk_then_1x1(conv):
+    torch.manual_seed(0)
+    layer = conv(16, 32, 3, padding=1, stride=2)
+    model = nn.Sequential(layer)
+    low = compress(model, Plan({"0": LayerPlan(rank=0.5)})).module
+    first, second = low[0]
+    assert first.out_channels == 16 and first.kernel_size == layer.kernel_size
+    assert first.stride == layer.stride and first.padding == layer.padding
+    assert second.in_channels == 16 and second.out_channels == 32
+    assert set(second.kernel_size) == {1}
+    full = compress(model, Plan({"0": LayerPlan(rank=0.9999)})).module
+    x = torch.randn(2, 16, *([9] * (layer.weight.dim() - 2)))
+    torch.testing.assert_close(full(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_only_ranks_that_save_parameters_are_offered():
+    layer = nn.Linear(128, 1024)  # full rank 128; a rank r costs r * 1152 vs 131072
+    assert rank_for(layer, 0.75) == 96 and helps(layer, 0.75)
+    square = nn.Linear(10, 10)  # rank r costs 20 r vs 100: only r < 5 helps
+    offered = TECHNIQUES["rank"].offer(square, [0.25, 0.5, 0.75, 1.0])
+    assert isinstance(offered, CategoricalDistribution)
+    assert offered.choices == (0.25, 1.0)
+    assert TECHNIQUES["rank"].offer(nn.Linear(2, 2), [0.5, 1.0]) is None
+    assert TECHNIQUES["rank"].offer(nn.Conv2d(4, 4, 3, groups=2), [0.5, 1.0]) is None
+
+
+def test_magnitude_pruning_zeroes_exactly_the_smallest():
+    weight = torch.arange(1.0, 101.0).reshape(10, 10) * torch.tensor([1.0, -1.0]).repeat(5)
+    prune_by_magnitude(weight, 0.3)
+    assert int((weight == 0).sum()) == 30
+    assert weight.abs()[weight != 0].min() == 31
+
+
+def test_compress_prunes_both_factors_and_leaves_the_original_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    before = copy.deepcopy(model.state_dict())
+    compressed = compress(model, Plan({"0": LayerPlan(rank=0.25, prune=0.5, bits=4)}))
+    for name, value in before.items():
+        assert torch.equal(model.state_dict()[name], value)
+    first, second = compressed.module[0]
+    assert (first.weight == 0).float().mean() == 0.5 and (second.weight == 0).float().mean() == 0.5
+    assert {k: c.bits for k, c in compressed.codecs.items()} == {"0.0.weight": 4, "0.1.weight": 4}
+
+
+def test_rebuild_gives_the_structure_compress_gives():
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.Flatten(), nn.LazyLinear(4))
+    model(torch.randn(1, 3, 8, 8))
+    plan = Plan({"0": LayerPlan(rank=0.5), "2": LayerPlan(rank=0.25)})
+    compressed = compress(model, plan).module
+    rebuilt = rebuild(copy.deepcopy(model), plan)
+    shapes = {k: v.shape for k, v in compressed.state_dict().items()}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == shapes
+
+
+def test_a_plan_naming_a_missing_layer_is_an_error():
+    with pytest.raises(ValueError, match="does not have"):
+        compress(nn.Sequential(nn.Linear(2, 2)), Plan({"nope": LayerPlan(bits=8)}))
