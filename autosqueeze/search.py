@@ -141,7 +141,7 @@ def _loop(
                 bar.update(1)
                 bar.set_postfix_str(stats.summary())
     except KeyboardInterrupt:
-        for number in executor.in_flight:
+        for number in asked:  # submitted or only just asked: none is left RUNNING
             fail_trial(study, number, "interrupted by the user (Ctrl-C)", requeue=True)
         return ran, True
     finally:
