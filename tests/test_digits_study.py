@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import REPO
 
 from autosqueeze.config import load_config
 from autosqueeze.search import run_search
-from conftest import REPO
 
 
 @pytest.mark.slow
