@@ -169,6 +169,8 @@ def _export(args: argparse.Namespace) -> int:
     evaluator = Evaluator(load_task(config))
     try:
         size = evaluator.build(record.plan, args.output)
+    except OSError as exc:
+        raise UserError(f"-o/--output: cannot write {args.output}: {exc.strerror or exc}") from None
     finally:
         evaluator.close()
     print(f"Wrote {args.output} ({size:,} bytes) from trial {record.number} ({record.state}).")

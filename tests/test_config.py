@@ -108,3 +108,6 @@ def test_export_of_an_unknown_trial(tmp_path, capsys):
     capsys.readouterr()
     err = fails(capsys, "export", path, "--trial", 99, "-o", tmp_path / "x.safetensors")
     assert "--trial: study 'digits-test' has no trial 99" in err
+    (tmp_path / "a-file").write_text("")
+    err = fails(capsys, "export", path, "--trial", 0, "-o", tmp_path / "a-file" / "x.safetensors")
+    assert "-o/--output: cannot write" in err
