@@ -64,7 +64,11 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("config", metavar="CONFIG", type=Path, help="the study's YAML config")
         p.add_argument("--study-dir", type=Path, help="output folder (default: search.output_dir)")
-        p.add_argument("--storage", help="Optuna storage URL (default: SQLite in the study dir)")
+        p.add_argument(
+            "--storage",
+            help="database URL (sqlite:///f.db, postgresql://...) or journal file path "
+            "(default: study.log in the study dir)",
+        )
         p.set_defaults(run=run)
         return p
 
@@ -72,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--trials", type=int, help="total trials the study should hold (default: search.trials)"
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="Ray evaluators (default: compute.workers, 'auto' = one per CPU or GPU); "
+        "0 evaluates in this process",
+    )
+    p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = command("front", _front, "Print the Pareto front of a finished or running study.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -90,7 +101,16 @@ def _config(args: argparse.Namespace) -> StudyConfig:
     trials = getattr(args, "trials", None)
     if trials is not None and trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}.")
-    return config.with_overrides(trials=trials, study_dir=args.study_dir, storage=args.storage)
+    workers = getattr(args, "workers", None)
+    if workers is not None and workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {workers}.")
+    return config.with_overrides(
+        trials=trials,
+        study_dir=args.study_dir,
+        storage=args.storage,
+        workers=workers,
+        ray_address=getattr(args, "ray_address", None),
+    )
 
 
 def _metric_name(config: StudyConfig) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from autosqueeze.errors import UserError
 
@@ -44,6 +44,7 @@ class Budgets(_Strict):
 class MeasureConfig(_Strict):
     warmup: int = Field(20, ge=0)
     repeats: int = Field(100, ge=1)
+    threads: int | None = Field(None, ge=1, description="CPU threads; default: all usable")
 
 
 class SearchConfig(_Strict):
@@ -53,8 +54,22 @@ class SearchConfig(_Strict):
     sampler: str = "tpe"
     output_dir: Path | None = Field(None, description="default: runs/<name> beside the config")
     storage: str | None = Field(
-        None, description="Optuna storage URL; default SQLite in output_dir"
+        None, description="database URL or journal file; default: output_dir/study.log"
     )
+    trial_timeout_s: float | None = Field(None, gt=0, description="fail a trial that runs longer")
+
+
+class ComputeConfig(_Strict):
+    workers: int | Literal["auto"] = Field("auto", description="0: in-process; auto: from Ray")
+    ray_address: str | None = Field(None, description="join this Ray cluster; default: local Ray")
+    gpus_per_worker: float = Field(1.0, gt=0, le=1)
+
+    @field_validator("workers")
+    @classmethod
+    def _not_negative(cls, workers: int | str) -> int | str:
+        if isinstance(workers, int) and workers < 0:
+            raise ValueError("workers must be 0 (in-process), a positive count, or 'auto'")
+        return workers
 
 
 class StudyConfig(_Strict):
@@ -68,6 +83,7 @@ class StudyConfig(_Strict):
     budgets: Budgets = Budgets()
     measure: MeasureConfig = MeasureConfig()
     search: SearchConfig = SearchConfig()
+    compute: ComputeConfig = ComputeConfig()
     source: Path = Field(Path("."), exclude=True, description="the config file itself")
 
     @property
@@ -80,7 +96,8 @@ class StudyConfig(_Strict):
 
     @property
     def storage(self) -> str:
-        return self.search.storage or f"sqlite:///{(self.output_dir / 'study.db').resolve()}"
+        """A database URL, or the path of an Optuna journal file (the default)."""
+        return self.search.storage or str((self.output_dir / "study.log").resolve())
 
     def with_overrides(
         self,
@@ -88,8 +105,10 @@ class StudyConfig(_Strict):
         trials: int | None = None,
         study_dir: Path | None = None,
         storage: str | None = None,
+        workers: int | None = None,
+        ray_address: str | None = None,
     ) -> StudyConfig:
-        """The CLI's ``--trials``, ``--study-dir`` and ``--storage`` win over the file."""
+        """Command-line options win over the file."""
         search = self.search.model_copy(
             update={
                 k: v
@@ -97,7 +116,14 @@ class StudyConfig(_Strict):
                 if v is not None
             }
         )
-        return self.model_copy(update={"search": search})
+        compute = self.compute.model_copy(
+            update={
+                k: v
+                for k, v in {"workers": workers, "ray_address": ray_address}.items()
+                if v is not None
+            }
+        )
+        return self.model_copy(update={"search": search, "compute": compute})
 
 
 def load_config(path: str | Path) -> StudyConfig:
@@ -128,11 +154,21 @@ def load_config(path: str | Path) -> StudyConfig:
             )
             if config.model.checkpoint
             else config.model,
-            "search": search.model_copy(update={"output_dir": folder / search.output_dir})
-            if search.output_dir
-            else search,
+            "search": search.model_copy(
+                update={
+                    "output_dir": folder / search.output_dir if search.output_dir else None,
+                    "storage": _relative_to(folder, search.storage),
+                }
+            ),
         }
     )
+
+
+def _relative_to(folder: Path, storage: str | None) -> str | None:
+    """A journal file path in the config is relative to the config's folder; URLs are kept."""
+    if storage is None or "://" in storage:
+        return storage
+    return str(folder / storage)
 
 
 def _explain(exc: ValidationError) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from autosqueeze.artifact import load_artifact, save_artifact
+from autosqueeze.device_lock import DeviceLock
 from autosqueeze.errors import TrialError
 from autosqueeze.metrics import call_model, to_device
 from autosqueeze.plan import Plan
@@ -39,12 +41,35 @@ class Measurements:
 
 
 def measure_latency(
-    model: nn.Module, inputs: Any, device: torch.device, *, warmup: int = 20, repeats: int = 100
+    model: nn.Module,
+    inputs: Any,
+    device: torch.device,
+    *,
+    warmup: int = 20,
+    repeats: int = 100,
+    threads: int | None = None,
 ) -> float:
-    """Median milliseconds of one forward pass, after ``warmup`` untimed ones."""
+    """Median milliseconds of one forward pass, after ``warmup`` untimed ones.
+
+    On the CPU it runs with ``threads`` intra-op threads (default: every CPU this process may
+    use), whatever the calling process was given, so every worker times the same deploy form.
+    """
     inputs = to_device(inputs, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
+    previous = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    try:
+        _timed(model, inputs, sync, warmup, repeats, times)
+    finally:
+        torch.set_num_threads(previous)
+    return statistics.median(times) * 1000.0
+
+
+def _timed(
+    model: nn.Module, inputs: Any, sync: Any, warmup: int, repeats: int, times: list[float]
+) -> None:
     with torch.inference_mode():
         for _ in range(warmup):
             call_model(model, inputs)
@@ -54,7 +79,6 @@ def measure_latency(
             call_model(model, inputs)
             sync()
             times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000.0
 
 
 class Evaluator:
@@ -62,6 +86,7 @@ class Evaluator:
 
     def __init__(self, task: Task, workdir: Path | None = None) -> None:
         self.task = task
+        self.lock = DeviceLock(task.device)
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="autosqueeze-")
         self.workdir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
 
@@ -75,23 +100,28 @@ class Evaluator:
 
     def evaluate(self, plan: Plan) -> Measurements:
         path = self.workdir / "trial.safetensors"
-        self.build(plan, path)
+        with self.lock.shared():
+            self.build(plan, path)
         return self.measure_artifact(path)
 
     def measure_artifact(self, path: Path) -> Measurements:
+        """Load an artifact and measure it: metric beside other work, latency alone."""
         size = path.stat().st_size
-        model = load_artifact(path, copy.deepcopy(self.task.model)).to(self.task.device)
-        metric = float(self.task.evaluate_metric(model))
+        with self.lock.shared():
+            model = load_artifact(path, copy.deepcopy(self.task.model)).to(self.task.device)
+            metric = float(self.task.evaluate_metric(model))
         if not math.isfinite(metric):
             raise TrialError(f"the metric is {metric} for this model")
         measure = self.task.config.measure
-        latency = measure_latency(
-            model,
-            self.task.example_input,
-            self.task.device,
-            warmup=measure.warmup,
-            repeats=measure.repeats,
-        )
+        with self.lock.exclusive():
+            latency = measure_latency(
+                model,
+                self.task.example_input,
+                self.task.device,
+                warmup=measure.warmup,
+                repeats=measure.repeats,
+                threads=measure.threads,
+            )
         return Measurements(metric=metric, size_bytes=size, latency_ms=latency)
 
     def close(self) -> None:

@@ -14,9 +14,10 @@ import optuna
 from tqdm import tqdm
 
 from autosqueeze.config import StudyConfig
-from autosqueeze.executors import EXECUTORS, Executor, Outcome
+from autosqueeze.errors import UserError
+from autosqueeze.executors import Executor, Outcome, create_executor, evaluate_now
 from autosqueeze.front import Front, compute_front
-from autosqueeze.measure import Evaluator, Measurements
+from autosqueeze.measure import Measurements
 from autosqueeze.space import SearchSpace, build_space
 from autosqueeze.study import (
     BASELINE,
@@ -56,9 +57,9 @@ def run_search(
     stale = recover_interrupted(study)
     if stale:
         notes.append(f"re-queued {len(stale)} trial(s) left running by an earlier run: {stale}")
-    executor: Executor = EXECUTORS["inprocess"](task)
+    executor = create_executor(config, task)
     try:
-        ref = _reference(study, task, space)
+        ref = _reference(study, executor, space)
         notes += _enqueue_baselines(study, space)
         ran, interrupted = _loop(study, config, space, executor, ref, progress)
     finally:
@@ -67,16 +68,16 @@ def run_search(
     return SearchResult(study, task, space, front, ran, interrupted, notes)
 
 
-def _reference(study: optuna.Study, task: Task, space: SearchSpace) -> Measurements:
+def _reference(study: optuna.Study, executor: Executor, space: SearchSpace) -> Measurements:
     """The uncompressed model's measurements (the "original" baseline's plan), taken once
-    per study and kept on it, so budgets mean the same thing when a study is resumed."""
+    per study on the same executor as the trials, and kept on the study so budgets mean
+    the same thing when it is resumed."""
     ref = reference(study)
     if ref is None:
-        evaluator = Evaluator(task)
-        try:
-            ref = evaluator.evaluate(space.uniform_plan())
-        finally:
-            evaluator.close()
+        outcome = evaluate_now(executor, space.uniform_plan())
+        if outcome.measurements is None:
+            raise UserError(f"the uncompressed model cannot be evaluated: {outcome.error}")
+        ref = outcome.measurements
         study.set_user_attr(REFERENCE, ref.to_dict())
     return ref
 
@@ -135,7 +136,7 @@ def _loop(
             if not executor.in_flight:
                 break
             for outcome in executor.wait():
-                _tell(study, config, ref, asked.pop(outcome.trial), outcome, stats)
+                _tell(study, config, ref, asked.pop(outcome.key), outcome, stats)
                 done += 1
                 ran += 1
                 bar.update(1)
@@ -157,6 +158,8 @@ def _tell(
     outcome: Outcome,
     stats: _Stats,
 ) -> None:
+    if outcome.worker:
+        trial.set_user_attr("worker", outcome.worker)
     if outcome.measurements is None:
         fail_trial(study, trial.number, outcome.error or "unknown failure")
         return

@@ -13,7 +13,7 @@ DEFAULT_SPACE = REPO / "search_spaces" / "default.yaml"
 
 
 def study_config(folder: Path, **overrides: Any) -> dict[str, Any]:
-    """A digits-CNN study whose outputs go into ``folder``; fast latency settings."""
+    """A digits-CNN study whose outputs go into ``folder``; fast latency, in-process."""
     config: dict[str, Any] = {
         "name": "digits-test",
         "model": {"factory": "autosqueeze.examples.digits:pretrained_cnn"},
@@ -22,6 +22,7 @@ def study_config(folder: Path, **overrides: Any) -> dict[str, Any]:
         "budgets": {"max_metric_drop": 0.02, "max_size_mb": 0.4, "device": "cpu"},
         "measure": {"warmup": 2, "repeats": 5},
         "search": {"trials": 8, "seed": 0, "output_dir": str(folder / "run")},
+        "compute": {"workers": 0},  # in-process; the Ray tests ask for workers explicitly
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):

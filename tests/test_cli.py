@@ -62,8 +62,14 @@ def test_search_writes_the_front_and_prints_the_summary(tmp_path, make_config, c
     assert [t.user_attrs.get("baseline") for t in trials[:2]] == ["original", "int8"]
 
 
-def test_resume_keeps_finished_trials_and_runs_only_the_rest(make_config, capsys):
-    config = make_config(search={"trials": 5})
+@pytest.mark.parametrize("storage", ["journal", "sqlite"])
+def test_resume_keeps_finished_trials_and_runs_only_the_rest(tmp_path, storage, capsys):
+    from conftest import study_config, write_yaml
+
+    url = str(tmp_path / "j.log") if storage == "journal" else f"sqlite:///{tmp_path}/s.db"
+    data = study_config(tmp_path, search={"trials": 5, "output_dir": str(tmp_path / "run"),
+                                          "storage": url})
+    config = write_yaml(tmp_path / "study.yaml", data)
     assert run(capsys, "search", config, "--no-progress")[0] == 0
     first = [(t.number, t.params, t.values) for t in load(config).trials]
     code, _, _ = run(capsys, "search", config, "--no-progress", "--trials", "7")
@@ -73,6 +79,7 @@ def test_resume_keeps_finished_trials_and_runs_only_the_rest(make_config, capsys
     assert [(t.number, t.params, t.values) for t in trials[:5]] == first
     assert run(capsys, "search", config, "--no-progress", "--trials", "7")[0] == 0
     assert len(load(config).trials) == 7  # nothing left to do, nothing redone
+    assert (tmp_path / ("j.log" if storage == "journal" else "s.db")).is_file()
 
 
 def test_front_json_export_and_evaluate_reproduce_the_search(searched, capsys, tmp_path):
@@ -160,7 +167,7 @@ def test_a_killed_or_interrupted_search_resumes(tmp_path, make_config, how):
         "    time.sleep(0.4)\n    return accuracy(model, data, device)\n"
     )
     config = make_config(task={"metric": "slow_metric:metric"}, search={"trials": 6})
-    storage = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    journal = tmp_path / "run" / "study.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "autosqueeze", "search", str(config), "--no-progress"],
         stdout=subprocess.PIPE,
@@ -170,6 +177,8 @@ def test_a_killed_or_interrupted_search_resumes(tmp_path, make_config, how):
     while time.monotonic() < deadline:
         time.sleep(0.2)
         try:
+            storage = optuna.storages.JournalStorage(
+                optuna.storages.journal.JournalFileBackend(str(journal)))
             trials = optuna.load_study(study_name="digits-test", storage=storage).trials
         except Exception:
             continue

@@ -1,0 +1,90 @@
+"""Executors evaluate plans and hand back outcomes; the driver alone talks to the study.
+
+An executor keeps at most ``slots`` evaluations in flight; ``submit`` starts one and
+``wait`` blocks until at least one has finished. Executors are looked up by name and
+imported only when used (Ray is a heavy import): ``create_executor(config, task)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import traceback
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from autosqueeze.config import StudyConfig
+from autosqueeze.errors import TrialError, UserError
+from autosqueeze.measure import Evaluator, Measurements
+from autosqueeze.plan import Plan
+from autosqueeze.task import Task
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one submitted evaluation: measurements, or why it failed."""
+
+    key: int
+    measurements: Measurements | None = None
+    error: str | None = None
+    worker: str = ""  # where it ran, e.g. "10.0.0.2 pid 4242"
+
+
+class Executor(ABC):
+    slots: int
+
+    @abstractmethod
+    def submit(self, key: int, plan: Plan) -> None: ...
+
+    @abstractmethod
+    def wait(self) -> list[Outcome]:
+        """Block until at least one submitted evaluation has finished; return those that have."""
+
+    @property
+    @abstractmethod
+    def in_flight(self) -> list[int]: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+def evaluate_safely(evaluator: Evaluator, key: int, plan: Plan, worker: str = "") -> Outcome:
+    """Run one evaluation; any failure becomes an Outcome with a one-line reason."""
+    try:
+        return Outcome(key, measurements=evaluator.evaluate(plan), worker=worker)
+    except TrialError as exc:
+        return Outcome(key, error=str(exc), worker=worker)
+    except UserError as exc:
+        return Outcome(key, error=str(exc), worker=worker)
+    except Exception as exc:
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return Outcome(
+            key,
+            error=f"{type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})",
+            worker=worker,
+        )
+
+
+def evaluate_now(executor: Executor, plan: Plan) -> Outcome:
+    """Evaluate one plan outside the study (e.g. the reference) and wait for it."""
+    key = -1 - len(executor.in_flight)
+    executor.submit(key, plan)
+    while True:
+        for outcome in executor.wait():
+            if outcome.key == key:
+                return outcome
+
+
+EXECUTORS: dict[str, str] = {
+    "inprocess": "autosqueeze.executors.inprocess:InProcessExecutor",
+    "ray": "autosqueeze.executors.ray:RayExecutor",
+}
+
+
+def create_executor(config: StudyConfig, task: Task) -> Executor:
+    """``compute.workers: 0`` runs in this process; anything else on a pool of Ray actors."""
+    name = "inprocess" if config.compute.workers == 0 else "ray"
+    module, _, cls = EXECUTORS[name].partition(":")
+    return getattr(importlib.import_module(module), cls).create(config, task)
+
+
+__all__ = ["EXECUTORS", "Executor", "Outcome", "create_executor", "evaluate_now"]

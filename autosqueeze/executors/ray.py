@@ -1,0 +1,199 @@
+"""A pool of long-lived Ray actors, each holding the base model once.
+
+The task (model, data, metric) goes into Ray's object store once; each actor loads it at
+start and then only receives plans. One actor per GPU when the budget's device is CUDA
+(``compute.gpus_per_worker`` of one), otherwise one actor per CPU. An actor that dies
+(segfault, OOM kill, ``os._exit``) or overruns ``search.trial_timeout_s`` fails just its
+trial and is replaced. Latency is isolated per device by ``DeviceLock`` inside the actors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+from typing import Any
+
+import torch
+
+from autosqueeze.config import StudyConfig
+from autosqueeze.errors import UserError
+from autosqueeze.executors import Executor, Outcome, evaluate_safely
+from autosqueeze.measure import Evaluator
+from autosqueeze.plan import Plan
+from autosqueeze.task import Task
+
+
+def import_ray() -> Any:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only Ray
+    try:
+        import ray
+    except ImportError:
+        raise UserError(
+            "compute.workers: Ray is not installed (pip install ray); "
+            "or set compute.workers: 0 (--workers 0) to evaluate in-process."
+        ) from None
+    return ray
+
+
+class EvaluatorActor:
+    """Runs in a Ray worker process; made a Ray actor class by ``ray.remote`` at pool start."""
+
+    def __init__(self, folder: str, task_ref: list[Any]) -> None:
+        import ray
+
+        if folder not in sys.path:
+            sys.path.insert(0, folder)  # the user's modules, as in the driver
+        task: Task = ray.get(task_ref[0])
+        if task.device.type == "cuda":
+            task.device = torch.device("cuda")  # the GPU Ray assigned is this process's cuda:0
+        self.evaluator = Evaluator(task)
+        self.worker = f"{ray.util.get_node_ip_address()} pid {os.getpid()}"
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    def ready(self) -> tuple[str, str]:
+        return self.worker, self.node_id
+
+    def evaluate(self, key: int, plan_json: str) -> Outcome:
+        return evaluate_safely(self.evaluator, key, Plan.from_json(plan_json), self.worker)
+
+
+class RayExecutor(Executor):
+    def __init__(
+        self,
+        task: Task,
+        *,
+        workers: int | str,
+        address: str | None,
+        trial_timeout_s: float | None,
+        gpus_per_worker: float,
+    ) -> None:
+        ray = self._ray = import_ray()
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            _init(ray, address)
+        resources = ray.cluster_resources()
+        if task.device.type == "cuda":
+            if not resources.get("GPU"):
+                raise UserError("budgets.device: CUDA was asked for, but Ray sees no GPU.")
+            self._options = {"num_cpus": 1, "num_gpus": gpus_per_worker}
+            capacity = int(resources["GPU"] / gpus_per_worker)
+        else:
+            self._options = {"num_cpus": 1}
+            capacity = int(resources.get("CPU", 1))
+        self.slots = capacity if workers == "auto" else int(workers)
+        if self.slots > capacity:
+            raise UserError(
+                f"compute.workers: {self.slots} workers need {self.slots} "
+                f"{'GPU slots' if task.device.type == 'cuda' else 'CPUs'}; Ray has {capacity}."
+            )
+        self._timeout = trial_timeout_s
+        self._actor_class = ray.remote(**self._options)(EvaluatorActor)
+        self._task_ref = ray.put(task)
+        self._folder = str(task.config.folder)
+        self._idle = [self._spawn() for _ in range(self.slots)]
+        self._running: dict[Any, tuple[int, Any, float]] = {}
+        try:
+            self.placement = ray.get([actor.ready.remote() for actor in self._idle])
+        except ray.exceptions.RayError as exc:
+            self.close()
+            raise UserError(
+                f"compute: the Ray evaluators could not start: {_reason(exc)}"
+            ) from None
+
+    @classmethod
+    def create(cls, config: StudyConfig, task: Task) -> RayExecutor:
+        return cls(
+            task,
+            workers=config.compute.workers,
+            address=config.compute.ray_address,
+            trial_timeout_s=config.search.trial_timeout_s,
+            gpus_per_worker=config.compute.gpus_per_worker,
+        )
+
+    @property
+    def in_flight(self) -> list[int]:
+        return [key for key, _, _ in self._running.values()]
+
+    def submit(self, key: int, plan: Plan) -> None:
+        actor = self._idle.pop()
+        ref = actor.evaluate.remote(key, plan.to_json())
+        self._running[ref] = (key, actor, time.monotonic())
+
+    def wait(self) -> list[Outcome]:
+        while True:
+            timeout = None
+            if self._timeout is not None:
+                oldest = min(start for _, _, start in self._running.values())
+                timeout = max(0.0, oldest + self._timeout - time.monotonic())
+            ready, _ = self._ray.wait(list(self._running), num_returns=1, timeout=timeout)
+            outcomes = [self._collect(ref) for ref in ready] + self._expire()
+            if outcomes:
+                return outcomes
+
+    def close(self) -> None:
+        for actor in [*self._idle, *(a for _, a, _ in getattr(self, "_running", {}).values())]:
+            self._ray.kill(actor, no_restart=True)
+        self._idle, self._running = [], {}
+        if self._owns_ray and self._ray.is_initialized():
+            self._ray.shutdown()
+
+    def _spawn(self) -> Any:
+        return self._actor_class.remote(self._folder, [self._task_ref])
+
+    def _collect(self, ref: Any) -> Outcome:
+        key, actor, _ = self._running.pop(ref)
+        try:
+            outcome = self._ray.get(ref)
+        except self._ray.exceptions.RayActorError as exc:
+            self._replace(actor)
+            return Outcome(key, error=f"the evaluator process died ({_reason(exc)}); replaced it")
+        except self._ray.exceptions.RayError as exc:
+            self._idle.append(actor)
+            return Outcome(key, error=f"Ray failed to run the evaluation: {_reason(exc)}")
+        self._idle.append(actor)
+        return outcome
+
+    def _expire(self) -> list[Outcome]:
+        if self._timeout is None:
+            return []
+        now = time.monotonic()
+        expired = []
+        for ref, (key, actor, start) in list(self._running.items()):
+            if now - start > self._timeout:
+                del self._running[ref]
+                self._replace(actor)
+                expired.append(
+                    Outcome(
+                        key,
+                        error=f"timed out after {self._timeout:g} s "
+                        "(search.trial_timeout_s); its evaluator was replaced",
+                    )
+                )
+        return expired
+
+    def _replace(self, actor: Any) -> None:
+        self._ray.kill(actor, no_restart=True)
+        self._idle.append(self._spawn())
+
+
+def _init(ray: Any, address: str | None) -> None:
+    options: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
+    if address is None:
+        options["include_dashboard"] = False
+    try:
+        ray.init(address=address, **options)
+    except Exception as exc:  # ConnectionError, RuntimeError, ValueError depending on version
+        raise UserError(
+            f"compute.ray_address: cannot join the Ray cluster at {address!r}: {_reason(exc)}"
+        ) from None
+
+
+def _reason(exc: BaseException) -> str:
+    """A one-line reason from a Ray error, with the worker's exit code when Ray gives one."""
+    text = str(exc)
+    code = re.search(r"exit(?:ed with)? code[: ]+(-?\d+)", text)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return f"exit code {code.group(1)}: {first}" if code else first
