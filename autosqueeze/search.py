@@ -21,6 +21,7 @@ from autosqueeze.measure import Measurements
 from autosqueeze.space import SearchSpace, build_space
 from autosqueeze.study import (
     BASELINE,
+    BASELINES_QUEUED,
     PLAN,
     REFERENCE,
     constraints,
@@ -83,9 +84,10 @@ def _reference(study: optuna.Study, executor: Executor, space: SearchSpace) -> M
 
 
 def _enqueue_baselines(study: optuna.Study, space: SearchSpace) -> list[str]:
-    """The uncompressed model and uniform int8, queued first on a new study."""
-    if study.get_trials(deepcopy=False):
+    """The uncompressed model and uniform int8, queued once per study."""
+    if study.user_attrs.get(BASELINES_QUEUED):
         return []
+    study.set_user_attr(BASELINES_QUEUED, True)
     notes = []
     for name, plan in (("original", space.uniform_plan()), ("int8", space.uniform_plan(bits=8))):
         params = space.params_for(plan)

@@ -102,13 +102,11 @@ class SearchSpace:
         for layer in self.layers.values():
             lp = plan.layers.get(layer.name, LayerPlan(group_size=layer.group_size))
             for knob, dist in layer.searched.items():
-                value = getattr(lp, knob)
-                if not contains(dist, value):
+                if not contains(dist, getattr(lp, knob)):
                     return None
-                params[f"{layer.name}.{knob}"] = value
-            if any(getattr(lp, knob) != value for knob, value in layer.fixed.items()):
-                return None
-        return params
+                params[f"{layer.name}.{knob}"] = getattr(lp, knob)
+        wanted = {name: plan.layers.get(name, LayerPlan()) for name in self.layers}
+        return params if self.plan(params).layers == wanted else None
 
     def most_compressed_plan(self) -> Plan:
         """Each knob at its most aggressive value: a floor on the size the space can reach."""

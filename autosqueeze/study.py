@@ -22,6 +22,7 @@ from autosqueeze.plan import Plan
 from autosqueeze.samplers import create_sampler
 
 REFERENCE = "reference"  # study attr: measurements of the uncompressed model
+BASELINES_QUEUED = "baselines_queued"  # study attr: set once the baselines were enqueued
 BASELINE = "baseline"  # trial attr: "original" / "int8" for the enqueued baselines
 PLAN = "plan"  # trial attr: the plan as JSON
 FAIL_REASON = "fail_reason"

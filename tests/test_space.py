@@ -43,6 +43,14 @@ def test_params_become_a_plan_and_back():
     assert space.params_for(space.uniform_plan(bits=7)) is None  # 7 bits is not offered
 
 
+def test_a_plan_needing_a_knob_the_space_lacks_is_not_expressible(tmp_path):
+    path = space_file(tmp_path, [{"types": ["Linear"], "knobs": {"prune": [0.0, 0.5]}}])
+    space = build_space(pretrained_cnn(), path)
+    expected = {"classifier.1.prune": 0, "classifier.3.prune": 0}
+    assert space.params_for(space.uniform_plan()) == expected
+    assert space.params_for(space.uniform_plan(bits=8)) is None
+
+
 def test_rules_match_in_order_with_fixed_values_and_exclusions(tmp_path):
     path = space_file(
         tmp_path,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import sys
 import time
 from typing import Any
@@ -50,8 +51,8 @@ class EvaluatorActor:
         if task.device.type == "cuda":
             task.device = torch.device("cuda")  # the GPU Ray assigned is this process's cuda:0
         self.evaluator = Evaluator(task)
-        self.worker = f"{ray.util.get_node_ip_address()} pid {os.getpid()}"
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.worker = f"{ray.util.get_node_ip_address()} node {self.node_id[:8]} pid {os.getpid()}"
 
     def ready(self) -> tuple[str, str]:
         return self.worker, self.node_id
@@ -149,7 +150,7 @@ class RayExecutor(Executor):
             outcome = self._ray.get(ref)
         except self._ray.exceptions.RayActorError as exc:
             self._replace(actor)
-            return Outcome(key, error=f"the evaluator process died ({_reason(exc)}); replaced it")
+            return Outcome(key, error=f"the evaluator process died: {_reason(exc)}; replaced it")
         except self._ray.exceptions.RayError as exc:
             self._idle.append(actor)
             return Outcome(key, error=f"Ray failed to run the evaluation: {_reason(exc)}")
@@ -183,6 +184,8 @@ def _init(ray: Any, address: str | None) -> None:
     options: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
     if address is None:
         options["include_dashboard"] = False
+    else:
+        _probe(address)
     try:
         ray.init(address=address, **options)
     except Exception as exc:  # ConnectionError, RuntimeError, ValueError depending on version
@@ -191,9 +194,26 @@ def _init(ray: Any, address: str | None) -> None:
         ) from None
 
 
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on an address nothing listens at (Ray itself retries for many minutes)."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]]+?)\]?:(\d+)", address)
+    if match is None:
+        return  # e.g. "auto": let Ray resolve it
+    try:
+        socket.create_connection((match.group(1), int(match.group(2))), timeout=timeout_s).close()
+    except OSError as exc:
+        raise UserError(
+            f"compute.ray_address: cannot join the Ray cluster at {address!r}: nothing answers "
+            f"there ({exc.strerror or exc}). Start one with 'ray start --head' (docs/cluster.md)."
+        ) from None
+
+
 def _reason(exc: BaseException) -> str:
-    """A one-line reason from a Ray error, with the worker's exit code when Ray gives one."""
+    """One line from a Ray error: its first line, plus the dead worker's pid and exit detail."""
     text = str(exc)
-    code = re.search(r"exit(?:ed with)? code[: ]+(-?\d+)", text)
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
-    return f"exit code {code.group(1)}: {first}" if code else first
+    pid = re.search(r"\bpid: (\d+)", text)
+    detail = re.search(r"Worker exit detail: ([^.]*\.)", text)
+    extra = [f"pid {pid.group(1)}"] if pid else []
+    extra += [detail.group(1)] if detail else []
+    return f"{first} ({'; '.join(extra)})" if extra else first
