@@ -22,8 +22,11 @@ from autosqueeze.space import SearchSpace, build_space
 from autosqueeze.study import (
     BASELINE,
     BASELINES_QUEUED,
+    DRIVER,
+    DRIVER_ID,
     PLAN,
     REFERENCE,
+    Heartbeat,
     constraints,
     fail_trial,
     finished_count,
@@ -32,6 +35,7 @@ from autosqueeze.study import (
     records,
     recover_interrupted,
     reference,
+    taken_count,
 )
 from autosqueeze.task import Task, load_task
 
@@ -60,9 +64,10 @@ def run_search(
         notes.append(f"re-queued {len(stale)} trial(s) left running by an earlier run: {stale}")
     executor = create_executor(config, task)
     try:
-        ref = _reference(study, executor, space)
-        notes += _enqueue_baselines(study, space)
-        ran, interrupted = _loop(study, config, space, executor, ref, progress)
+        with Heartbeat(study):
+            ref = _reference(study, executor, space)
+            notes += _enqueue_baselines(study, space)
+            ran, interrupted = _loop(study, config, space, executor, ref, progress)
     finally:
         executor.close()
     front = compute_front(study, config.objectives)
@@ -94,7 +99,7 @@ def _enqueue_baselines(study: optuna.Study, space: SearchSpace) -> list[str]:
         if params is None:
             notes.append(f"baseline {name!r} skipped: the space cannot express it")
             continue
-        study.enqueue_trial(params, user_attrs={BASELINE: name})
+        study.enqueue_trial(params, user_attrs={BASELINE: name}, skip_if_exists=True)
     return notes
 
 
@@ -107,12 +112,11 @@ def _loop(
     progress: bool,
 ) -> tuple[int, bool]:
     target = config.search.trials
-    done = finished_count(study)
     deadline = time.monotonic() + config.search.timeout_s if config.search.timeout_s else None
     distributions = space.distributions
     bar = tqdm(
         total=target,
-        initial=min(done, target),
+        initial=min(finished_count(study), target),
         unit="trial",
         disable=not progress or None,
         dynamic_ncols=True,
@@ -128,10 +132,11 @@ def _loop(
             while (
                 not out_of_time
                 and len(executor.in_flight) < executor.slots
-                and done + len(executor.in_flight) < target
+                and taken_count(study) < target  # counts other drivers' trials too
             ):
                 trial = study.ask(distributions)
                 plan = space.plan(trial.params)
+                trial.set_user_attr(DRIVER, DRIVER_ID)
                 trial.set_user_attr(PLAN, plan.to_json())
                 asked[trial.number] = trial
                 executor.submit(trial.number, plan)
@@ -139,9 +144,8 @@ def _loop(
                 break
             for outcome in executor.wait():
                 _tell(study, config, ref, asked.pop(outcome.key), outcome, stats)
-                done += 1
                 ran += 1
-                bar.update(1)
+                bar.update(min(finished_count(study), target) - bar.n)
                 bar.set_postfix_str(stats.summary())
     except KeyboardInterrupt:
         for number in asked:  # submitted or only just asked: none is left RUNNING
