@@ -50,6 +50,11 @@ def open_storage(config: StudyConfig) -> optuna.storages.BaseStorage:
         path.parent.mkdir(parents=True, exist_ok=True)
         _drop_torn_tail(path)
         return JournalStorage(JournalFileBackend(str(path)))
+    except ImportError:
+        raise UserError(
+            f"search.storage: {target!r} needs a database driver that is not installed; "
+            "for PostgreSQL: pip install 'autosqueeze[postgres]'."
+        ) from None
     except Exception as exc:
         raise UserError(
             f"search.storage: cannot open {target!r}: {type(exc).__name__}: {exc}"

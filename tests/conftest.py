@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +49,31 @@ def make_config(tmp_path: Path):
         return write_yaml(tmp_path / "study.yaml", study_config(tmp_path, **overrides))
 
     return make
+
+
+SLOW_METRIC = (
+    "import time\nfrom autosqueeze.metrics import accuracy\n"
+    "def metric(model, data, device):\n"
+    "    time.sleep(0.4)\n    return accuracy(model, data, device)\n"
+)
+
+
+def stop_midway(
+    args: list[str], trials_now: Callable[[], list[Any]], sig: int
+) -> tuple[int, bytes]:
+    """Run ``autosqueeze ARGS``; once two trials are complete and one is running, send
+    ``sig`` (SIGKILL: a crash; SIGINT: Ctrl-C). Returns its exit status and stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "autosqueeze", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            states = [t.state.name for t in trials_now()]
+        except Exception:  # the study is not there yet
+            continue
+        if states.count("COMPLETE") >= 2 and "RUNNING" in states:
+            break
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err

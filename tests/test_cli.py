@@ -161,37 +161,24 @@ def test_a_killed_or_interrupted_search_resumes(tmp_path, make_config, how):
     import signal
     import time
 
-    (tmp_path / "slow_metric.py").write_text(
-        "import time\nfrom autosqueeze.metrics import accuracy\n"
-        "def metric(model, data, device):\n"
-        "    time.sleep(0.4)\n    return accuracy(model, data, device)\n"
-    )
+    from conftest import SLOW_METRIC, stop_midway
+
+    (tmp_path / "slow_metric.py").write_text(SLOW_METRIC)
     # a hard kill of the in-process driver; Ctrl-C of a driver with two Ray evaluators
     compute = {"workers": 0 if how == "kill" else 2}
     config = make_config(task={"metric": "slow_metric:metric"}, search={"trials": 6},
                          compute=compute)
     journal = tmp_path / "run" / "study.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "autosqueeze", "search", str(config), "--no-progress"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        try:
-            storage = optuna.storages.JournalStorage(
-                optuna.storages.journal.JournalFileBackend(str(journal)))
-            trials = optuna.load_study(study_name="digits-test", storage=storage).trials
-        except Exception:
-            continue
-        states = [t.state.name for t in trials]
-        if states.count("COMPLETE") >= 2 and "RUNNING" in states:
-            break
-    proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+
+    def trials_now():
+        storage = optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(journal)))
+        return optuna.load_study(study_name="digits-test", storage=storage).trials
+
+    code, err = stop_midway(["search", str(config), "--no-progress"], trials_now,
+                      signal.SIGKILL if how == "kill" else signal.SIGINT)
     if how == "interrupt":
-        assert proc.returncode == 130 and b"Traceback" not in err
+        assert code == 130 and b"Traceback" not in err
         interrupted = [t for t in load(config).trials if t.state.name == "FAIL"]
         assert interrupted and "Ctrl-C" in interrupted[0].user_attrs["fail_reason"]
         assert not any(t.state.name == "RUNNING" for t in load(config).trials)
@@ -233,11 +220,9 @@ def test_console_script_help_and_errors_without_traceback(tmp_path):
 
 
 def test_two_drivers_share_one_study_without_failing_each_other(tmp_path, make_config):
-    (tmp_path / "slow_metric2.py").write_text(
-        "import time\nfrom autosqueeze.metrics import accuracy\n"
-        "def metric(model, data, device):\n"
-        "    time.sleep(0.3)\n    return accuracy(model, data, device)\n"
-    )
+    from conftest import SLOW_METRIC
+
+    (tmp_path / "slow_metric2.py").write_text(SLOW_METRIC)
     config = make_config(task={"metric": "slow_metric2:metric"}, search={"trials": 10})
     command = [sys.executable, "-m", "autosqueeze", "search", str(config), "--no-progress"]
     drivers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
