@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 
 import optuna
 import pytest
@@ -25,7 +26,7 @@ if not URL and not os.environ.get("CI"):
 def test_search_interrupted_and_resumed_from_postgres(tmp_path, make_config):
     assert URL, "CI must provide PostgreSQL in AUTOSQUEEZE_TEST_POSTGRES (see .ci/run)"
     (tmp_path / "slow_metric_pg.py").write_text(SLOW_METRIC)
-    name = f"pg-{tmp_path.name}"[:60].replace("_", "-")
+    name = f"pg-{uuid.uuid4().hex[:12]}"  # the server outlives test runs
     config = make_config(name=name, task={"metric": "slow_metric_pg:metric"},
                          search={"trials": 6, "storage": URL})
 
