@@ -23,6 +23,8 @@ examples:
   autosqueeze front studies/digits-cnn.yaml --json
   autosqueeze export studies/digits-cnn.yaml --trial 17 -o model.safetensors
   autosqueeze evaluate studies/digits-cnn.yaml --artifact model.safetensors
+  autosqueeze dashboard studies/digits-cnn.yaml          # http://127.0.0.1:8080/
+  autosqueeze report studies/digits-cnn.yaml -o report.html
 
 Every command finds the study from CONFIG (search.output_dir, search.storage);
 --study-dir and --storage override them. See docs/config.md for the config fields.
@@ -93,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact", type=Path, required=True, help="an exported artifact")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     command("validate", _validate, "Check a config, its model factory and data; no search.")
+    p = command("dashboard", _dashboard, "Serve live Pareto plots of the study (read-only).")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 = any free)")
+    p = command("report", _report, "Write the dashboard's figures as one self-contained HTML.")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the HTML file to write")
     return parser
 
 
@@ -249,6 +256,26 @@ def _validate(args: argparse.Namespace) -> int:
     )
     print(f"budgets   smallest model the space allows: {floor:,} bytes")
     print(f"study     {config.name} in {config.storage}")
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from autosqueeze.dashboard import serve
+
+    serve(_config(args), args.config, args.host, args.port)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from autosqueeze.dashboard import write_report
+
+    config = _config(args)
+    try:
+        trials = write_report(config, args.config, args.output)
+    except OSError as exc:
+        raise UserError(f"-o/--output: cannot write {args.output}: {exc.strerror or exc}") from None
+    size = args.output.stat().st_size
+    print(f"Wrote {args.output} ({size / 1e6:.1f} MB, {trials} trials, works offline).")
     return 0
 
 

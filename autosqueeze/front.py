@@ -86,6 +86,39 @@ def pareto(candidates: list[TrialRecord], objectives: list[str]) -> list[TrialRe
     return [t for i, t in enumerate(candidates) if not dominated(i)]
 
 
+def normalized(got: Measurements, ref: Measurements, objectives: list[str]) -> list[float]:
+    """A trial as costs relative to the uncompressed model, all to be minimized:
+    metric drop (absolute), size / original size, latency / original latency."""
+    costs = {
+        "metric": ref.metric - got.metric,
+        "size_bytes": got.size_bytes / ref.size_bytes,
+        "latency_ms": got.latency_ms / ref.latency_ms,
+    }
+    return [costs[o] for o in objectives]
+
+
+def reference_point(objectives: list[str], max_metric_drop: float | None) -> list[float]:
+    """Where hypervolume is measured from: the metric budget (or 0.05), the original's
+    size, 1.5x the original's latency. Only better models add volume."""
+    bounds = {"metric": max_metric_drop or 0.05, "size_bytes": 1.0, "latency_ms": 1.5}
+    return [bounds[o] for o in objectives]
+
+
+def hypervolume(points: list[list[float]], ref_point: list[float]) -> float:
+    """Exact hypervolume of minimization points; points not better than ``ref_point`` add 0."""
+    inside = [p for p in points if all(a < b for a, b in zip(p, ref_point))]
+    if not inside:
+        return 0.0
+    if len(ref_point) == 1:
+        return ref_point[0] - min(p[0] for p in inside)
+    levels = sorted({p[-1] for p in inside})
+    total = 0.0
+    for level, top in zip(levels, [*levels[1:], ref_point[-1]]):
+        below = [p[:-1] for p in inside if p[-1] <= level]
+        total += (top - level) * hypervolume(below, ref_point[:-1])
+    return total
+
+
 def write_front(front: Front, output_dir: Path, build: Callable[[Plan, Path], int]) -> Path:
     """Write ``front.csv`` and ``front/trial-NNNN/{model.safetensors,plan.json,metrics.json}``.
 

@@ -33,16 +33,12 @@ from pathlib import Path
 import numpy as np
 
 from autosqueeze.config import StudyConfig, load_config
+from autosqueeze.front import hypervolume
 from autosqueeze.measure import Measurements
 from autosqueeze.samplers import SAMPLERS
 from autosqueeze.search import run_search
 from autosqueeze.study import records, reference
 from autosqueeze.task import Task, load_task
-
-try:
-    from optuna._hypervolume import compute_hypervolume
-except ImportError:  # a private module: fall back to an exact computation of our own
-    compute_hypervolume = None  # type: ignore[assignment]
 
 CONFIG = Path(__file__).resolve().parent.parent / "studies" / "digits-cnn.yaml"
 MAX_DROP = 0.01
@@ -68,28 +64,6 @@ def normalize(got: Measurements, ref: Measurements) -> list[float]:
     return [drop, got.size_bytes / ref.size_bytes, latency]
 
 
-def hypervolume(points: np.ndarray, ref_point: np.ndarray) -> float:
-    """Exact hypervolume of minimization points; those not dominating ``ref_point`` add 0."""
-    points = points[np.all(points <= ref_point, axis=1)] if len(points) else points
-    if len(points) == 0:
-        return 0.0
-    if compute_hypervolume is not None:
-        return float(compute_hypervolume(points, ref_point))
-    return _slice_hypervolume(points, ref_point)
-
-
-def _slice_hypervolume(points: np.ndarray, ref_point: np.ndarray) -> float:
-    """Hypervolume by slicing along the last axis (exact, fine for a few hundred points)."""
-    if points.shape[1] == 1:
-        return float(ref_point[0] - points[:, 0].min())
-    levels = np.unique(points[:, -1])
-    bounds = np.append(levels[1:], ref_point[-1])
-    return sum(
-        float(top - level) * _slice_hypervolume(points[points[:, -1] <= level, :-1], ref_point[:-1])
-        for level, top in zip(levels, bounds)
-    )
-
-
 def run_one(base: StudyConfig, task: Task, sampler: str, seed: int, trials: int) -> RunResult:
     with tempfile.TemporaryDirectory(prefix=f"samplers-{sampler}-{seed}-") as folder:
         config = base.with_overrides(trials=trials, study_dir=Path(folder))
@@ -106,8 +80,8 @@ def run_one(base: StudyConfig, task: Task, sampler: str, seed: int, trials: int)
     return RunResult(
         sampler=sampler,
         seed=seed,
-        hypervolume=hypervolume(points, REFERENCE_POINT),
-        hypervolume_metric_size=hypervolume(points[:, :2], REFERENCE_POINT[:2]),
+        hypervolume=hypervolume(points.tolist(), REFERENCE_POINT.tolist()),
+        hypervolume_metric_size=hypervolume(points[:, :2].tolist(), REFERENCE_POINT[:2].tolist()),
         smallest=min(sizes) if sizes else None,
         feasible=len(feasible),
         seconds=seconds,

@@ -1,0 +1,169 @@
+// The autosqueeze dashboard: every view is drawn from one JSON "study view".
+// Live: polls api/study every 2 s. Static report: the view is embedded, no polling.
+(function () {
+  "use strict";
+  const LABEL = { metric: "metric", size_bytes: "size (kB)", latency_ms: "latency (ms)" };
+  const KNOBS = ["bits", "prune", "rank"];
+  let view = window.AUTOSQUEEZE_DATA;
+  let selected = null;
+  let sortKey = "number", sortUp = true;
+
+  const value = (t, key) => key === "size_bytes" ? t.size_bytes / 1e3 : t[key];
+  const fmt = (x, d = 4) => x === null || x === undefined ? "" : (typeof x === "number" ? +x.toFixed(d) : x);
+
+  function budgetLine(key) {  // where a budget puts a line on an axis, in plotted units
+    const b = view.budgets, ref = view.reference;
+    if (key === "metric" && b.max_metric_drop !== null && ref) return ref.metric - b.max_metric_drop;
+    if (key === "size_bytes" && b.max_size_mb !== null) return b.max_size_mb * 1e3;
+    if (key === "latency_ms" && b.max_latency_ms !== null) return b.max_latency_ms;
+    return null;
+  }
+
+  function metricRange(key) {
+    // open on the region that matters: ten metric budgets below the original (double-click: all)
+    if (key !== "metric" || !view.reference) return undefined;
+    const metrics = view.trials.filter(t => t.metric !== null).map(t => t.metric);
+    const span = 10 * (view.budgets.max_metric_drop || 0.01);
+    const hi = Math.max(...metrics), lo = Math.max(Math.min(...metrics), view.reference.metric - span);
+    const pad = (hi - lo) * 0.05 || 0.005;
+    return [lo - pad, hi + pad];
+  }
+
+  function groups() {
+    const done = view.trials.filter(t => t.state === "COMPLETE");
+    return [
+      { name: "baseline", rows: done.filter(t => t.baseline), marker: { symbol: "diamond", size: 11, color: "#d62728" }, text: true },
+      { name: "Pareto front", rows: done.filter(t => !t.baseline && t.on_front), marker: { symbol: "star", size: 12, color: "#ff7f0e" } },
+      { name: "feasible", rows: done.filter(t => !t.baseline && !t.on_front && t.feasible), marker: { size: 7, color: "#1f77b4" } },
+      { name: "infeasible", rows: done.filter(t => !t.baseline && !t.feasible), marker: { symbol: "x", size: 6, color: "#a0a7b0" } },
+    ];
+  }
+
+  function drawPair(x, y) {
+    const id = `pareto-${x}-${y}`;
+    const traces = groups().map(g => ({
+      type: "scatter", mode: g.text ? "markers+text" : "markers", name: g.name,
+      x: g.rows.map(t => value(t, x)), y: g.rows.map(t => value(t, y)),
+      text: g.text ? g.rows.map(t => t.baseline) : undefined, textposition: "top center",
+      customdata: g.rows.map(t => t.number), marker: g.marker,
+      hovertemplate: "trial %{customdata}<br>" + LABEL[x] + " %{x}<br>" + LABEL[y] + " %{y}<extra></extra>",
+    }));
+    const shapes = [];
+    const bx = budgetLine(x), by = budgetLine(y);
+    if (bx !== null) shapes.push({ type: "line", xref: "x", yref: "paper", x0: bx, x1: bx, y0: 0, y1: 1, line: { dash: "dash", color: "#d62728" } });
+    if (by !== null) shapes.push({ type: "line", xref: "paper", yref: "y", x0: 0, x1: 1, y0: by, y1: by, line: { dash: "dash", color: "#d62728" } });
+    Plotly.react(id, traces, {
+      title: { text: `${LABEL[x]} vs ${LABEL[y]}`, font: { size: 14 } }, margin: { t: 34, r: 10, b: 40, l: 50 },
+      xaxis: { title: { text: LABEL[x] }, type: x === "size_bytes" ? "log" : "linear", range: metricRange(x) },
+      yaxis: { title: { text: LABEL[y] }, range: metricRange(y) },
+      shapes, showlegend: x === "metric" && y === "size_bytes", legend: { orientation: "h", y: -0.25 },
+    }, { displaylogo: false, responsive: true });
+    const el = document.getElementById(id);
+    if (!el._clickBound) { el.on("plotly_click", e => select(e.points[0].customdata)); el._clickBound = true; }
+  }
+
+  function draw3d() {
+    const traces = groups().map(g => ({
+      type: "scatter3d", mode: "markers", name: g.name, customdata: g.rows.map(t => t.number),
+      x: g.rows.map(t => t.metric), y: g.rows.map(t => t.size_bytes / 1e3), z: g.rows.map(t => t.latency_ms),
+      marker: { ...g.marker, size: (g.marker.size || 7) / 2 }, hovertemplate: "trial %{customdata}<extra></extra>",
+    }));
+    Plotly.react("pareto-3d", traces, {
+      title: { text: "metric, size, latency", font: { size: 14 } }, margin: { t: 34, r: 0, b: 0, l: 0 }, showlegend: false,
+      scene: { xaxis: { title: { text: "metric" } }, yaxis: { title: { text: "size (kB)" }, type: "log" },
+               zaxis: { title: { text: "latency (ms)" } } },
+    }, { displaylogo: false, responsive: true });
+    const el = document.getElementById("pareto-3d");
+    if (!el._clickBound) { el.on("plotly_click", e => select(e.points[0].customdata)); el._clickBound = true; }
+  }
+
+  function drawHypervolume() {
+    Plotly.react("hypervolume", [{
+      type: "scatter", mode: "lines+markers", line: { shape: "hv" },
+      x: view.hypervolume.map(p => p[0]), y: view.hypervolume.map(p => p[1]),
+    }], {
+      title: { text: "hypervolume of feasible trials (vs the original model)", font: { size: 14 } },
+      margin: { t: 34, r: 10, b: 40, l: 60 }, xaxis: { title: { text: "trial" } }, yaxis: { title: { text: "hypervolume" } },
+    }, { displaylogo: false, responsive: true });
+  }
+
+  function select(number) {
+    selected = number;
+    const t = view.trials.find(r => r.number === number);
+    if (!t) return;
+    document.getElementById("selected-title").textContent = `Trial ${t.number}` + (t.baseline ? ` (${t.baseline})` : "") + ` · ${t.state}`;
+    const ref = view.reference || {};
+    const rows = [
+      [view.metric_name, fmt(t.metric), t.metric !== null && ref.metric ? `drop ${fmt(ref.metric - t.metric)}` : ""],
+      ["size", t.size_bytes !== null ? `${(t.size_bytes / 1e3).toFixed(1)} kB` : "", t.size_bytes ? `${(ref.size_bytes / t.size_bytes).toFixed(1)}x smaller` : ""],
+      ["latency", t.latency_ms !== null ? `${fmt(t.latency_ms, 3)} ms` : "", t.latency_ms ? `${(ref.latency_ms / t.latency_ms).toFixed(2)}x speed` : ""],
+      ["feasible", t.feasible ? "yes" : "no", t.on_front ? "on the Pareto front" : ""],
+    ];
+    if (t.fail_reason) rows.push(["failed", t.fail_reason, ""]);
+    document.getElementById("selected-measurements").innerHTML =
+      rows.map(r => `<tr><td class="muted">${r[0]}</td><td>${r[1]}</td><td class="muted">${r[2]}</td></tr>`).join("");
+    document.getElementById("selected-cli").textContent = view.export_command.replaceAll("{n}", t.number);
+    const layers = Object.keys(t.plan);
+    const strength = { bits: v => 1 - v / 32, prune: v => v, rank: v => 1 - v };
+    Plotly.react("plan-heatmap", [{
+      type: "heatmap", x: KNOBS, y: layers, colorscale: "YlOrRd", reversescale: true, zmin: 0, zmax: 1,
+      z: layers.map(l => KNOBS.map(k => strength[k](t.plan[l][k]))),
+      text: layers.map(l => KNOBS.map(k => String(fmt(t.plan[l][k], 3)))), texttemplate: "%{text}",
+      hovertemplate: "%{y} %{x}: %{text}<extra></extra>", colorbar: { title: "compression" },
+    }], {
+      title: { text: `plan of trial ${t.number} (layers x knobs)`, font: { size: 14 } },
+      margin: { t: 34, r: 10, b: 30, l: 110 }, yaxis: { autorange: "reversed" },
+    }, { displaylogo: false, responsive: true });
+    document.getElementById("plan-heatmap").dataset.trial = String(t.number);
+    drawTable();
+  }
+
+  function drawTable() {
+    const cols = [["number", "trial"], ["state", "state"], ["baseline", "baseline"], ["metric", view.metric_name],
+      ["size_bytes", "size (kB)"], ["latency_ms", "latency (ms)"], ["feasible", "feasible"], ["on_front", "front"]];
+    const rows = [...view.trials].sort((a, b) => {
+      const x = a[sortKey], y = b[sortKey];
+      const c = x === y ? 0 : (x === null ? 1 : y === null ? -1 : x < y ? -1 : 1);
+      return sortUp ? c : -c;
+    });
+    const table = document.getElementById("trials");
+    table.innerHTML = "<thead><tr>" + cols.map(([k, l]) =>
+      `<th data-key="${k}">${l}${k === sortKey ? (sortUp ? " ▲" : " ▼") : ""}</th>`).join("") + "</tr></thead><tbody>" +
+      rows.map(t => `<tr data-trial="${t.number}" class="${t.number === selected ? "chosen" : ""}">` + cols.map(([k]) =>
+        `<td>${k === "size_bytes" && t[k] !== null ? (t[k] / 1e3).toFixed(1) : k === "feasible" || k === "on_front" ? (t[k] ? "✓" : "") : fmt(t[k])}</td>`).join("") + "</tr>").join("") +
+      "</tbody>";
+    table.querySelectorAll("th").forEach(th => th.onclick = () => {
+      sortUp = th.dataset.key === sortKey ? !sortUp : true; sortKey = th.dataset.key; drawTable();
+    });
+    table.querySelectorAll("tbody tr").forEach(tr => tr.onclick = () => select(Number(tr.dataset.trial)));
+  }
+
+  function render() {
+    document.getElementById("study-name").textContent = view.name;
+    const message = document.getElementById("message");
+    message.textContent = view.message || "";
+    message.style.display = view.message ? "block" : "none";
+    if (!view.trials) { document.getElementById("status").textContent = `storage ${view.storage}`; return; }
+    const done = view.trials.filter(t => t.state === "COMPLETE").length;
+    const feasible = view.trials.filter(t => t.feasible).length;
+    document.getElementById("status").textContent =
+      `${view.trials.length} trials · ${done} complete · ${feasible} feasible · ${view.front.length} on the front · ${window.AUTOSQUEEZE_LIVE ? "live, updated " + view.updated : "report of " + view.updated}`;
+    drawPair("metric", "size_bytes"); drawPair("metric", "latency_ms"); drawPair("size_bytes", "latency_ms");
+    draw3d(); drawHypervolume();
+    if (selected === null && view.front.length) selected = view.front[0];
+    if (selected !== null) select(selected); else drawTable();
+  }
+
+  async function poll() {
+    try {
+      const response = await fetch("api/study", { cache: "no-store" });
+      view = await response.json();
+      render();
+    } catch (err) {
+      document.getElementById("status").textContent = `cannot reach the dashboard server (${err})`;
+    }
+    setTimeout(poll, 2000);
+  }
+
+  if (window.AUTOSQUEEZE_LIVE) poll(); else render();
+})();

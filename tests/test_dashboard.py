@@ -1,0 +1,155 @@
+"""The dashboard server and the HTML report, on studies that are missing, empty, finished
+and being written; and a real headless Chromium that clicks a point of the Pareto plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SLOW_METRIC, study_config, write_yaml
+
+from autosqueeze.cli import main
+from autosqueeze.config import load_config
+from autosqueeze.dashboard import make_server
+from autosqueeze.study import open_study
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def start(config_path: Path):
+    server = make_server(load_config(config_path), config_path, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}/"
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dash")
+    path = write_yaml(folder / "study.yaml", study_config(folder, search={
+        "trials": 12, "seed": 0, "output_dir": str(folder / "run")}))
+    assert main(["search", str(path), "--no-progress"]) == 0
+    return path
+
+
+def test_unknown_and_empty_studies_give_a_message_not_a_crash(make_config, tmp_path):
+    config = make_config()
+    server, url = start(config)
+    try:
+        status, body = get(url + "api/study")
+        view = json.loads(body)
+        assert status == 200 and view["status"] == "missing"
+        assert "No study named 'digits-test'" in view["message"] and "autosqueeze search" in (
+            view["message"])
+        assert not (tmp_path / "run" / "study.log").exists()  # reading creates nothing
+        open_study(load_config(config), create=True)  # now it exists, with no trials
+        view = json.loads(get(url + "api/study")[1])
+        assert view["status"] == "empty" and view["trials"] == [] and "no trials yet" in (
+            view["message"])
+        assert get(url)[0] == 200 and get(url + "plotly.min.js")[0] == 200
+        assert get(url + "nope")[0] == 404
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("storage", ["journal", "sqlite"])
+def test_polling_while_a_search_writes_holds_no_lock(tmp_path, storage):
+    (tmp_path / "slow_metric_dash.py").write_text(SLOW_METRIC)
+    url_or_path = str(tmp_path / "s.log") if storage == "journal" else f"sqlite:///{tmp_path}/s.db"
+    config = write_yaml(tmp_path / "s.yaml", study_config(
+        tmp_path, task={"metric": "slow_metric_dash:metric"},
+        search={"trials": 6, "output_dir": str(tmp_path / "run"), "storage": url_or_path}))
+    search = subprocess.Popen([sys.executable, "-m", "autosqueeze", "search", str(config),
+                               "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    server, url = start(config)
+    seen = set()
+    try:
+        while search.poll() is None:
+            status, body = get(url + "api/study")
+            assert status == 200, body
+            view = json.loads(body)
+            seen.add(len(view.get("trials", [])))
+            time.sleep(0.1)
+    finally:
+        server.shutdown()
+    _, err = search.communicate()
+    assert search.returncode == 0, err.decode()  # the writer never met a lock
+    assert len(seen) > 2  # the page saw the study grow
+
+
+def test_report_is_one_self_contained_file(searched, tmp_path, capsys):
+    out = tmp_path / "report.html"
+    assert main(["report", str(searched), "-o", str(out)]) == 0
+    html = out.read_text()
+    assert "Plotly" in html and "<script src=" not in html  # plotly.js inlined, no CDN
+    assert "http://" not in html.split("window.AUTOSQUEEZE_DATA")[1][:2000]
+    data = json.loads(html.split("window.AUTOSQUEEZE_DATA = ")[1].split(";</script>")[0])
+    assert len(data["trials"]) == 12 and data["front"]
+    capsys.readouterr()
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists() and not os.environ.get("CI"),
+                    reason="needs Debian's chromium (.ci/run installs it)")
+def test_browser_renders_one_point_per_trial_and_click_shows_the_plan(searched):
+    from playwright.sync_api import sync_playwright
+
+    server, url = start(searched)
+    trials = {t.number: t for t in open_study(load_config(searched), create=False).trials}
+    artifacts = REPO / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run"])
+            page = browser.new_page(viewport={"width": 1500, "height": 1400})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+            plot = "#pareto-metric-size_bytes"
+            page.wait_for_selector(f"{plot} .scatterlayer .point", timeout=30000)
+            counts = page.evaluate(
+                "id => document.getElementById(id).data.map(t => t.x.length)", plot[1:])
+            complete = [n for n, t in trials.items() if t.state.name == "COMPLETE"]
+            assert sum(counts) == len(complete) == 12
+            assert page.locator(f"{plot} .scatterlayer .point").count() == 12
+            # click the int8 baseline's point: the heatmap must show trial 1's plan
+            target = page.evaluate("""id => {
+                const el = document.getElementById(id);
+                const trace = el.data.findIndex(t => t.customdata.includes(1));
+                return [trace, el.data[trace].customdata.indexOf(1)]; }""", plot[1:])
+            point = page.locator(f"{plot} .scatterlayer .trace").nth(target[0]).locator(
+                ".point").nth(target[1])
+            box = point.bounding_box()
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.wait_for_function(
+                "document.getElementById('plan-heatmap').dataset.trial === '1'", timeout=10000)
+            assert "Trial 1 (int8)" in page.inner_text("#selected-title")
+            z_text = page.evaluate("document.getElementById('plan-heatmap').data[0].text")
+            assert all(row[0] == "8" for row in z_text)  # bits column: every layer int8
+            assert "--trial 1 -o" in page.inner_text("#selected-cli")
+            page.click("#trials th[data-key='size_bytes']")  # the table sorts
+            first = page.inner_text("#trials tbody tr:first-child td:nth-child(1)")
+            smallest = min(complete, key=lambda n: trials[n].user_attrs["size_bytes"])
+            assert first == str(smallest)
+            page.screenshot(path=str(artifacts / "dashboard.png"), full_page=True)
+            assert errors == []
+            browser.close()
+    finally:
+        server.shutdown()
