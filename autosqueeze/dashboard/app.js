@@ -66,8 +66,12 @@
     const traces = groups().map(g => ({
       type: "scatter3d", mode: "markers", name: g.name, customdata: g.rows.map(t => t.number),
       x: g.rows.map(t => t.metric), y: g.rows.map(t => t.size_bytes / 1e3), z: g.rows.map(t => t.latency_ms),
-      marker: { ...g.marker, size: (g.marker.size || 7) / 2 }, hovertemplate: "trial %{customdata}<extra></extra>",
+      // scatter3d draws only some symbols as shapes: keep to diamond and circle there
+      marker: { ...g.marker, symbol: g.marker.symbol === "diamond" ? "diamond" : "circle",
+                size: (g.marker.size || 7) / 2 },
+      hovertemplate: "trial %{customdata}<extra></extra>",
     }));
+    traces.push(...budgetPlanes());
     Plotly.react("pareto-3d", traces, {
       title: { text: "metric, size, latency", font: { size: 14 } }, margin: { t: 34, r: 0, b: 0, l: 0 }, showlegend: false,
       scene: { xaxis: { title: { text: "metric" } }, yaxis: { title: { text: "size (kB)" }, type: "log" },
@@ -75,6 +79,25 @@
     }, { displaylogo: false, responsive: true });
     const el = document.getElementById("pareto-3d");
     if (!el._clickBound) { el.on("plotly_click", e => select(e.points[0].customdata)); el._clickBound = true; }
+  }
+
+  function budgetPlanes() {
+    // each budget as a translucent plane across the other two axes' span of the data
+    const done = view.trials.filter(t => t.state === "COMPLETE");
+    if (!done.length) return [];
+    const axes = { metric: t => t.metric, size_bytes: t => t.size_bytes / 1e3, latency_ms: t => t.latency_ms };
+    const span = k => [Math.min(...done.map(axes[k])), Math.max(...done.map(axes[k]))];
+    const keys = ["metric", "size_bytes", "latency_ms"];
+    return keys.filter(k => budgetLine(k) !== null).map(k => {
+      const [a, b] = keys.filter(o => o !== k).map(span);
+      const corners = [[a[0], b[0]], [a[1], b[0]], [a[1], b[1]], [a[0], b[1]]];
+      const at = (i, key) => key === k ? budgetLine(k) : corners[i][keys.filter(o => o !== k).indexOf(key)];
+      return {
+        type: "mesh3d", name: `budget: ${LABEL[k]}`, opacity: 0.18, color: "#d62728", hoverinfo: "name",
+        x: [0, 1, 2, 3].map(i => at(i, "metric")), y: [0, 1, 2, 3].map(i => at(i, "size_bytes")),
+        z: [0, 1, 2, 3].map(i => at(i, "latency_ms")), i: [0, 0], j: [1, 2], k: [2, 3],
+      };
+    });
   }
 
   function drawHypervolume() {
