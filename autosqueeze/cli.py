@@ -128,9 +128,9 @@ def _search(args: argparse.Namespace) -> int:
     from autosqueeze.budgets import check_reachable, explain_empty_front
     from autosqueeze.front import write_front
     from autosqueeze.measure import Evaluator
-    from autosqueeze.report import front_table, summary
     from autosqueeze.search import run_search
     from autosqueeze.space import build_space
+    from autosqueeze.tables import front_table, summary
     from autosqueeze.task import load_task
 
     config = _config(args)
@@ -164,8 +164,8 @@ def _search(args: argparse.Namespace) -> int:
 
 def _front(args: argparse.Namespace) -> int:
     from autosqueeze.front import compute_front
-    from autosqueeze.report import front_table
     from autosqueeze.study import open_study
+    from autosqueeze.tables import front_table
 
     config = _config(args)
     front = compute_front(open_study(config, create=False), config.objectives)

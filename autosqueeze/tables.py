@@ -1,4 +1,4 @@
-"""Text the CLI prints: the front as a table, and the one-line summary of a search."""
+"""Text tables the CLI prints: the front, and the one-line summary of a search."""
 
 from __future__ import annotations
 
