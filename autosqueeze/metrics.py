@@ -5,6 +5,7 @@ Built-ins are looked up by name; anything else is a ``"module:callable"`` of the
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -41,25 +42,111 @@ def accuracy(model: nn.Module, data: Iterable[tuple[Any, Any]], device: torch.de
     correct = total = 0
     with torch.inference_mode():
         for inputs, targets in data:
-            logits = call_model(model, to_device(inputs, device))
+            logits = primary_output(call_model(model, to_device(inputs, device)))
             targets = to_device(targets, device)
             correct += (logits.argmax(dim=-1) == targets).sum().item()
             total += targets.numel()
     return correct / total if total else float("nan")
 
 
+def primary_output(output: Any) -> torch.Tensor:
+    """The tensor a model's output stands for: itself, a dict's ``last_hidden_state`` /
+    ``logits`` / ``sentence_embedding`` (or first tensor), a tuple's first tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        output = {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
+    if isinstance(output, dict):
+        for key in ("sentence_embedding", "last_hidden_state", "logits"):
+            if isinstance(output.get(key), torch.Tensor):
+                return output[key]
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            if isinstance(item, torch.Tensor):
+                return item
+    raise TypeError(f"no tensor in the model's output ({type(output).__name__})")
+
+
+def pooled(output: Any, inputs: Any) -> torch.Tensor:
+    """One vector per sample: token outputs (B, T, H) averaged over the attention mask."""
+    tensor = primary_output(output).float()
+    if tensor.dim() == 3:
+        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+        if mask is None:
+            return tensor.mean(dim=1)
+        weights = mask.to(tensor.dtype).unsqueeze(-1)
+        return (tensor * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+    return tensor.reshape(tensor.shape[0], -1)
+
+
+def embed(model: nn.Module, data: Iterable[tuple[Any, Any]], device: torch.device) -> torch.Tensor:
+    """The pooled outputs of every sample, on the CPU."""
+    with torch.inference_mode():
+        parts = [
+            pooled(call_model(model, to_device(x, device)), to_device(x, device)).cpu()
+            for x, _ in data
+        ]
+    return torch.cat(parts)
+
+
+def fidelity(reference: torch.Tensor) -> Metric:
+    """Mean cosine similarity to the original model's pooled outputs (1.0 = identical)."""
+
+    def metric(model: nn.Module, data: Iterable[tuple[Any, Any]], device: torch.device) -> float:
+        got = embed(model, data, device)
+        return torch.nn.functional.cosine_similarity(got, reference, dim=1).mean().item()
+
+    return metric
+
+
+def neighbour_overlap(reference: torch.Tensor, k: int = 10) -> Metric:
+    """Mean share of each sample's top-k nearest neighbours (cosine) kept from the original."""
+    k = min(k, len(reference) - 1)
+    expected = _neighbours(reference, k)
+
+    def metric(model: nn.Module, data: Iterable[tuple[Any, Any]], device: torch.device) -> float:
+        found = _neighbours(embed(model, data, device), k)
+        shared = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, expected)]
+        return sum(shared) / (k * len(shared))
+
+    return metric
+
+
+def _neighbours(vectors: torch.Tensor, k: int) -> torch.Tensor:
+    unit = torch.nn.functional.normalize(vectors, dim=1)
+    similarity = unit @ unit.T
+    similarity.fill_diagonal_(-2.0)  # a sample is not its own neighbour
+    return similarity.topk(k, dim=1).indices
+
+
 METRICS: dict[str, Metric] = {"accuracy": accuracy}
+REFERENCE_METRICS: dict[str, Callable[[torch.Tensor], Metric]] = {
+    "fidelity": fidelity,
+    "neighbour_overlap": neighbour_overlap,
+}
+"""Metrics that need no labels: agreement with the uncompressed model's outputs."""
 
 
-def resolve_metric(ref: str, *, search_dir: Path | None = None) -> Metric:
-    """A built-in metric by name, or the user's ``"module:callable"``."""
+def resolve_metric(
+    ref: str,
+    *,
+    search_dir: Path | None = None,
+    original: nn.Module | None = None,
+    data: Iterable[tuple[Any, Any]] = (),
+) -> Metric:
+    """A built-in metric by name, or the user's ``"module:callable"``. Reference metrics
+    (``fidelity``, ``neighbour_overlap``) compute the original model's outputs once here."""
     if ref in METRICS:
         return METRICS[ref]
+    if ref in REFERENCE_METRICS and original is not None:
+        return REFERENCE_METRICS[ref](embed(original, data, torch.device("cpu")))
     if ":" not in ref:
         from autosqueeze.errors import UserError
 
         raise UserError(
-            f"task.metric: {ref!r} is not a built-in metric ({', '.join(METRICS)}) "
+            f"task.metric: {ref!r} is not a built-in metric "
+            f"({', '.join([*METRICS, *REFERENCE_METRICS])}) "
             "nor a 'module:callable'."
         )
     return load_callable(ref, field="task.metric", search_dir=search_dir)

@@ -9,12 +9,13 @@ back into a Plan.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
-from optuna.distributions import BaseDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
@@ -33,6 +34,30 @@ class Rule(BaseModel):
     exclude: list[str] = []
     knobs: dict[str, KnobValues] = {}
     group_size: int | None = Field(None, ge=1)
+    name: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    share: str | None = None  # None: knobs per layer; "all": one set; a regex: one per match
+
+    @field_validator("share")
+    @classmethod
+    def _valid_share(cls, share: str | None) -> str | None:
+        if share not in (None, "all"):
+            try:
+                re.compile(share)
+            except re.error as exc:
+                raise ValueError(f"share: {share!r} is not a regular expression ({exc})") from None
+        return share
+
+    def group_of(self, index: int, layer: str) -> str:
+        """The Optuna parameter prefix of a layer: its own name, or its group's."""
+        label = self.name or f"rule{index}"
+        if self.share is None:
+            return layer
+        if self.share == "all":
+            return label
+        match = re.search(self.share, layer)
+        if match is None:
+            return layer
+        return f"{label}[{match.group(1) if match.groups() else match.group(0)}]"
 
     @field_validator("types")
     @classmethod
@@ -63,6 +88,11 @@ class LayerKnobs:
     searched: dict[str, BaseDistribution]
     fixed: dict[str, Any]
     group_size: int | None
+    key: str = ""  # the Optuna parameter prefix: the layer's name, or its shared group's
+
+    @property
+    def prefix(self) -> str:
+        return self.key or self.name
 
 
 @dataclass(frozen=True)
@@ -71,9 +101,10 @@ class SearchSpace:
 
     @property
     def distributions(self) -> dict[str, BaseDistribution]:
-        """Every searched knob, named ``<layer>.<knob>``, in model order."""
+        """Every searched knob, named ``<layer>.<knob>`` (or ``<group>.<knob>`` when layers
+        share knobs), in model order."""
         return {
-            f"{layer.name}.{knob}": dist
+            f"{layer.prefix}.{knob}": dist
             for layer in self.layers.values()
             for knob, dist in layer.searched.items()
         }
@@ -84,7 +115,7 @@ class SearchSpace:
         for layer in self.layers.values():
             values = dict(layer.fixed)
             for knob in layer.searched:
-                key = f"{layer.name}.{knob}"
+                key = f"{layer.prefix}.{knob}"
                 if key in params:
                     values[knob] = params[key]
             layers[layer.name] = LayerPlan(group_size=layer.group_size, **values)
@@ -102,9 +133,10 @@ class SearchSpace:
         for layer in self.layers.values():
             lp = plan.layers.get(layer.name, LayerPlan(group_size=layer.group_size))
             for knob, dist in layer.searched.items():
-                if not contains(dist, getattr(lp, knob)):
-                    return None
-                params[f"{layer.name}.{knob}"] = getattr(lp, knob)
+                key, value = f"{layer.prefix}.{knob}", getattr(lp, knob)
+                if not contains(dist, value) or params.get(key, value) != value:
+                    return None  # out of range, or tied layers that the plan sets apart
+                params[key] = value
         wanted = {name: plan.layers.get(name, LayerPlan()) for name in self.layers}
         return params if self.plan(params).layers == wanted else None
 
@@ -152,13 +184,38 @@ def build_space(model: nn.Module, spec: SpaceFile | Path) -> SearchSpace:
             elif offered is not None:
                 fixed[knob] = offered
         if searched or fixed:
-            layers[name] = LayerKnobs(name, searched, fixed, rule.group_size)
+            key = rule.group_of(spec.rules.index(rule), name)
+            layers[name] = LayerKnobs(name, searched, fixed, rule.group_size, key)
     if not layers:
         raise UserError(
             "space: no layer of the model matches any rule of the space file; "
             f"the model's layer types are {_layer_types(model)}."
         )
-    return SearchSpace(layers)
+    return SearchSpace(_tie(layers))
+
+
+def _tie(layers: dict[str, LayerKnobs]) -> dict[str, LayerKnobs]:
+    """Layers of one group get one set of distributions: what every member can take
+    (e.g. the ranks that save parameters in all of them)."""
+    groups: dict[str, list[LayerKnobs]] = {}
+    for layer in layers.values():
+        groups.setdefault(layer.prefix, []).append(layer)
+    tied = dict(layers)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        shared: dict[str, BaseDistribution] = {}
+        for knob in set.intersection(*(set(m.searched) for m in members)):
+            dists = [m.searched[knob] for m in members]
+            if all(d == dists[0] for d in dists):
+                shared[knob] = dists[0]
+            elif all(isinstance(d, CategoricalDistribution) for d in dists):
+                common = [c for c in dists[0].choices if all(c in d.choices for d in dists)]
+                if len(common) > 1:
+                    shared[knob] = CategoricalDistribution(common)
+        for m in members:
+            tied[m.name] = replace(m, searched={k: v for k, v in shared.items()})
+    return tied
 
 
 def _matches(rule: Rule, name: str, module: nn.Module) -> bool:

@@ -59,7 +59,11 @@ def load_task(config: StudyConfig) -> Task:
         raise UserError(
             f"model.factory: the model fails on its example input ({source}): {describe(exc)}"
         ) from None
-    metric = resolve_metric(config.task.metric, search_dir=folder)
+    metric = call_user(
+        lambda: resolve_metric(config.task.metric, search_dir=folder, original=model, data=data),
+        field="task.metric",
+        ref=config.task.metric,
+    )
     return Task(config, model, data, example, metric, device)
 
 
