@@ -59,5 +59,16 @@ def contains(dist: BaseDistribution, value: Any) -> bool:
     return dist.low <= value <= dist.high
 
 
+def nearest(dist: BaseDistribution, target: float) -> Any:
+    """The value ``dist`` offers that is closest to ``target`` (first on ties)."""
+    if isinstance(dist, CategoricalDistribution):
+        return min(dist.choices, key=lambda c: abs(float(c) - target))
+    assert isinstance(dist, (FloatDistribution, IntDistribution))
+    value = min(max(target, dist.low), dist.high)
+    if dist.step:
+        value = dist.low + round((value - dist.low) / dist.step) * dist.step
+    return type(dist.low)(value)
+
+
 def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)

@@ -88,17 +88,28 @@ def _reference(study: optuna.Study, executor: Executor, space: SearchSpace) -> M
     return ref
 
 
+BASELINES = {"original": {}, "int8": {"bits": 8}}
+"""Queued first on every study: what a user would try by hand."""
+WARM_STARTS = {"int6": {"bits": 6}, "int4": {"bits": 4}}
+"""Queued next, as the nearest plans the space offers: anchors along the size axis, so the sampler
+starts from the edge of what uniform precision keeps (on MiniLM, int6 is what holds cosine
+0.99 at 1/5 of the size, a region random start-up trials in 57 dimensions rarely hit)."""
+
+
 def _enqueue_baselines(study: optuna.Study, space: SearchSpace) -> list[str]:
-    """The uncompressed model and uniform int8, queued once per study."""
+    """The baselines and warm starts, queued once per study."""
     if study.user_attrs.get(BASELINES_QUEUED):
         return []
     study.set_user_attr(BASELINES_QUEUED, True)
     notes = []
-    for name, plan in (("original", space.uniform_plan()), ("int8", space.uniform_plan(bits=8))):
-        params = space.params_for(plan)
+    for name, choices in BASELINES.items():  # exactly that plan, or not at all
+        params = space.params_for(space.uniform_plan(**choices))
         if params is None:
             notes.append(f"baseline {name!r} skipped: the space cannot express it")
             continue
+        study.enqueue_trial(params, user_attrs={BASELINE: name}, skip_if_exists=True)
+    for name, choices in WARM_STARTS.items():  # the nearest plan the space can express
+        params = space.nearest_params(**choices)
         study.enqueue_trial(params, user_attrs={BASELINE: name}, skip_if_exists=True)
     return notes
 

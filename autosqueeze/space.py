@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import nn
 
 from autosqueeze.errors import UserError
-from autosqueeze.knobs import KnobValues, contains, values_of
+from autosqueeze.knobs import KnobValues, contains, nearest, values_of
 from autosqueeze.plan import LayerPlan, Plan
 from autosqueeze.techniques import technique_for
 
@@ -139,6 +139,15 @@ class SearchSpace:
                 params[key] = value
         wanted = {name: plan.layers.get(name, LayerPlan()) for name in self.layers}
         return params if self.plan(params).layers == wanted else None
+
+    def nearest_params(self, **choices: Any) -> dict[str, Any]:
+        """The trial parameters closest to a uniform plan: each knob takes the offered value
+        nearest to ``choices`` (or to leaving the layer alone, for knobs not named)."""
+        return {
+            f"{layer.prefix}.{knob}": nearest(dist, choices.get(knob, technique_for(knob).identity))
+            for layer in self.layers.values()
+            for knob, dist in layer.searched.items()
+        }
 
     def most_compressed_plan(self) -> Plan:
         """Each knob at its most aggressive value: a floor on the size the space can reach."""

@@ -59,7 +59,9 @@ def test_search_writes_the_front_and_prints_the_summary(tmp_path, make_config, c
         )
     trials = load(config).trials
     assert len(trials) == 8
-    assert [t.user_attrs.get("baseline") for t in trials[:2]] == ["original", "int8"]
+    # the baselines, then the warm starts the default space can express
+    assert [t.user_attrs.get("baseline") for t in trials[:4]] == [
+        "original", "int8", "int6", "int4"]
 
 
 @pytest.mark.parametrize("storage", ["journal", "sqlite"])

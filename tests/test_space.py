@@ -96,3 +96,17 @@ def test_a_space_that_matches_nothing_says_what_the_model_has(tmp_path):
     path = space_file(tmp_path, [{"types": ["Embedding"], "knobs": {"bits": [4, 8]}}])
     with pytest.raises(UserError, match="no layer of the model matches.*Conv2d"):
         build_space(pretrained_cnn(), path)
+
+
+def test_nearest_params_project_a_uniform_plan_onto_the_space(tmp_path):
+    path = space_file(tmp_path, [
+        {"types": ["Conv2d"], "knobs": {"bits": [8, 16, 32], "prune": {"low": 0.1, "high": 0.5,
+                                                                         "step": 0.2}}},
+        {"types": ["Linear"], "knobs": {"bits": [3, 5, 32], "rank": [0.5, 1.0]}},
+    ])
+    space = build_space(pretrained_cnn(), path)
+    params = space.nearest_params(bits=6)
+    assert params["features.0.bits"] == 8 and params["classifier.1.bits"] == 5
+    assert params["features.0.prune"] == 0.1  # nearest offered to "no pruning"
+    assert params["classifier.1.rank"] == 1.0
+    assert set(params) == set(space.distributions)
