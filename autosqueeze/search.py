@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import optuna
 from tqdm import tqdm
@@ -102,15 +103,19 @@ def _enqueue_baselines(study: optuna.Study, space: SearchSpace) -> list[str]:
         return []
     study.set_user_attr(BASELINES_QUEUED, True)
     notes = []
+    queued: list[dict[str, Any]] = []
     for name, choices in BASELINES.items():  # exactly that plan, or not at all
         params = space.params_for(space.uniform_plan(**choices))
         if params is None:
             notes.append(f"baseline {name!r} skipped: the space cannot express it")
-            continue
-        study.enqueue_trial(params, user_attrs={BASELINE: name}, skip_if_exists=True)
+        elif params not in queued:
+            queued.append(params)
+            study.enqueue_trial(params, user_attrs={BASELINE: name}, skip_if_exists=True)
     for name, choices in WARM_STARTS.items():  # the nearest plan the space can express
         params = space.nearest_params(**choices)
-        study.enqueue_trial(params, user_attrs={BASELINE: name}, skip_if_exists=True)
+        if params not in queued:  # a narrow space may map it onto a baseline
+            queued.append(params)
+            study.enqueue_trial(params, user_attrs={BASELINE: name}, skip_if_exists=True)
     return notes
 
 
