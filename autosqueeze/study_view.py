@@ -27,13 +27,23 @@ class StudyReader:
         self._study: optuna.Study | None = None
 
     def view(self) -> dict[str, Any]:
-        view = study_view(self.config, self.config_arg, study=self._study)
-        self._study = view.pop("_study", None)
-        return view
+        if self._study is None:
+            self._study = open_existing(self.config)
+        return study_view(self.config, self.config_arg, self._study)
+
+
+def open_existing(config: StudyConfig) -> optuna.Study | None:
+    """The config's study if it exists; None otherwise (nothing is created)."""
+    if "://" not in config.storage and not Path(config.storage).is_file():
+        return None
+    try:
+        return open_study(config, create=False)
+    except UserError:
+        return None
 
 
 def study_view(
-    config: StudyConfig, config_arg: str | Path, *, study: optuna.Study | None = None
+    config: StudyConfig, config_arg: str | Path, study: optuna.Study | None
 ) -> dict[str, Any]:
     """Everything a view needs; ``config_arg`` is the CONFIG to print in CLI lines."""
     base: dict[str, Any] = {
@@ -48,12 +58,7 @@ def study_view(
         "updated": time.strftime("%H:%M:%S"),
     }
     if study is None:
-        if "://" not in config.storage and not Path(config.storage).is_file():
-            return {**base, "status": "missing", "message": _missing(config, config_arg)}
-        try:
-            study = open_study(config, create=False)
-        except UserError:
-            return {**base, "status": "missing", "message": _missing(config, config_arg)}
+        return {**base, "status": "missing", "message": _missing(config, config_arg)}
     front = compute_front(study, config.objectives)
     on_front = {m.number for m in front.members}
     trials = [_trial(t, t.number in on_front) for t in front.trials]
@@ -68,7 +73,6 @@ def study_view(
         "trials": trials,
         "front": sorted(on_front),
         "hypervolume": _hypervolume_series(front, config) if ref else [],
-        "_study": study,
     }
     return view
 

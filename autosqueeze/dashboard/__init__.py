@@ -17,7 +17,7 @@ from typing import Any
 
 from autosqueeze.config import StudyConfig
 from autosqueeze.errors import UserError
-from autosqueeze.study_view import StudyReader, study_view
+from autosqueeze.study_view import StudyReader, open_existing, study_view
 
 
 def render_page(view: dict[str, Any] | None) -> str:
@@ -36,8 +36,7 @@ def render_page(view: dict[str, Any] | None) -> str:
 
 
 def write_report(config: StudyConfig, config_arg: str | Path, output: Path) -> int:
-    view = study_view(config, config_arg)
-    view.pop("_study", None)
+    view = study_view(config, config_arg, open_existing(config))
     if view["status"] == "missing":
         raise UserError(view["message"])
     html = render_page(view)

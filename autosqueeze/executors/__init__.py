@@ -51,9 +51,7 @@ def evaluate_safely(evaluator: Evaluator, key: int, plan: Plan, worker: str = ""
     """Run one evaluation; any failure becomes an Outcome with a one-line reason."""
     try:
         return Outcome(key, measurements=evaluator.evaluate(plan), worker=worker)
-    except TrialError as exc:
-        return Outcome(key, error=str(exc), worker=worker)
-    except UserError as exc:
+    except (TrialError, UserError) as exc:  # expected failures: their message says it all
         return Outcome(key, error=str(exc), worker=worker)
     except Exception as exc:
         where = traceback.extract_tb(exc.__traceback__)[-1]
