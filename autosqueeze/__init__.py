@@ -7,24 +7,29 @@ measurements -> study -> front -> reports.
 from autosqueeze.artifact import load_artifact, read_plan, save_artifact
 from autosqueeze.config import StudyConfig, load_config
 from autosqueeze.errors import TrialError, UserError
-from autosqueeze.measure import Evaluator, Measurements, measure_latency
+from autosqueeze.kernels import KERNELS
+from autosqueeze.measure import Evaluator, Measurements, measure_latency, measure_memory
 from autosqueeze.plan import LayerPlan, Plan
+from autosqueeze.recovery import Recovery
 from autosqueeze.search import SearchResult, run_search
 from autosqueeze.space import SearchSpace, build_space
 from autosqueeze.task import Task, load_task
-from autosqueeze.techniques import CompressedModel, compress
+from autosqueeze.techniques import CompressedModel, Target, compress
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "KERNELS",
     "CompressedModel",
     "Evaluator",
     "LayerPlan",
     "Measurements",
     "Plan",
+    "Recovery",
     "SearchResult",
     "SearchSpace",
     "StudyConfig",
+    "Target",
     "Task",
     "TrialError",
     "UserError",
@@ -34,6 +39,7 @@ __all__ = [
     "load_config",
     "load_task",
     "measure_latency",
+    "measure_memory",
     "read_plan",
     "run_search",
     "save_artifact",

@@ -4,7 +4,8 @@ It holds every tensor of the compressed model in its packed form (``<key>`` for 
 float tensor; ``<key>::q``, ``::scale``, ``::mask``, ``::values`` for the parts of packed ones)
 and, in the safetensors metadata, the plan and each tensor's encoding as JSON. The model's
 architecture comes from the user's factory; ``load_artifact`` rebuilds the plan's structure
-on it and fills in the decoded weights.
+on it, fills in the decoded weights and converts each layer to the execution form (kernel) the
+plan chose, so the loaded model is the one that was measured.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from autosqueeze.codecs import TensorCodec, decode, encode
 from autosqueeze.plan import Plan
-from autosqueeze.techniques import CompressedModel, rebuild
+from autosqueeze.techniques import CompressedModel, Target, deploy, rebuild
 
 ARTIFACT_FORMAT = "1"
 _SEP = "::"
@@ -53,8 +54,11 @@ def read_plan(path: str | Path) -> Plan:
         return Plan.from_json(_metadata(f, path)["plan"])
 
 
-def load_artifact(path: str | Path, model: nn.Module) -> nn.Module:
-    """Load an artifact into ``model`` (a fresh instance from the factory; changed in place)."""
+def load_artifact(path: str | Path, model: nn.Module, target: Target | None = None) -> nn.Module:
+    """Load an artifact into ``model`` (a fresh instance from the factory; changed in place)
+    and return it on ``target``'s device in its execution form. A plan with structured pruning
+    needs ``target.example_input`` to trace the model."""
+    target = target or Target()
     path = _existing(path)
     with safe_open(path, framework="pt") as f:
         metadata = _metadata(f, path)
@@ -66,11 +70,11 @@ def load_artifact(path: str | Path, model: nn.Module) -> nn.Module:
     plan = Plan.from_json(metadata["plan"])
     state = {key: decode(parts[key], meta) for key, meta in encodings.items()}
     try:
-        rebuild(model, plan)
+        rebuild(model, plan, target)
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as exc:
         raise ValueError(f"{path} does not fit this model: {str(exc).splitlines()[0]}") from None
-    return model.eval()
+    return deploy(model.eval().to(target.device), plan)
 
 
 def _existing(path: str | Path) -> Path:

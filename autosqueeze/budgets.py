@@ -60,6 +60,7 @@ def explain_empty_front(config: StudyConfig, front: Front) -> str:
         "metric_drop": "budgets.max_metric_drop",
         "size_mb": "budgets.max_size_mb",
         "latency_ms": "budgets.max_latency_ms",
+        "memory_mb": "budgets.max_memory_mb",
     }
     listed = ", ".join(
         f"{names[k]} missed by {n} of {len(completed)}" for k, n in missed.most_common()

@@ -135,7 +135,7 @@ def _search(args: argparse.Namespace) -> int:
 
     config = _config(args)
     task = load_task(config)
-    check_reachable(config, task, build_space(task.model, config.space))
+    check_reachable(config, task, build_space(task.model, config.space, task.target))
     result = run_search(config, progress=not args.no_progress, task=task)
     for note in result.notes:
         print(f"note: {note}")
@@ -226,7 +226,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(
             f"{_metric_name(config)}: {got.metric:.6f}\nsize_bytes: {got.size_bytes}\n"
             f"latency_ms: {got.latency_ms:.4f}  (batch {config.budgets.batch_size} on "
-            f"{config.budgets.device}, median of {config.measure.repeats})"
+            f"{config.budgets.device}, median of {config.measure.repeats})\n"
+            f"speedup: {got.reference_latency_ms / got.latency_ms:.2f}x  (the original model, "
+            f"timed in interleaved rounds beside it: {got.reference_latency_ms:.4f} ms)\n"
+            f"memory_mb: {got.memory_mb:.3f}  (peak of one forward, weights included)"
         )
     return 0
 
@@ -243,7 +246,7 @@ def _validate(args: argparse.Namespace) -> int:
         raise UserError(
             f"task.metric: returned {metric!r} for the original model, not a finite number."
         )
-    space = build_space(task.model, config.space)
+    space = build_space(task.model, config.space, task.target)
     floor = check_reachable(config, task, space)
     n_params = sum(p.numel() for p in task.model.parameters())
     print(f"config    {config.source}: ok")

@@ -10,11 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from autosqueeze.errors import UserError
 
-Objective = Literal["metric", "size_bytes", "latency_ms"]
+Objective = Literal["metric", "size_bytes", "latency_ms", "memory_mb"]
 DIRECTIONS: dict[str, str] = {
     "metric": "maximize",
     "size_bytes": "minimize",
     "latency_ms": "minimize",
+    "memory_mb": "minimize",
 }
 
 
@@ -31,12 +32,27 @@ class ModelConfig(_Strict):
 class TaskConfig(_Strict):
     data: str = Field(description="'module:callable' returning validation (inputs, targets)")
     metric: str = Field("accuracy", description="built-in name or 'module:callable'")
+    calibration: str | None = Field(
+        None,
+        description="'module:callable' returning unlabeled input batches (or (inputs, targets) "
+        "pairs) kept apart from the validation data; enables recovery training",
+    )
+
+
+class RecoveryConfig(_Strict):
+    """Distillation after structural changes; runs only when task.calibration is given."""
+
+    steps: int = Field(200, ge=0, description="optimizer steps, one calibration batch each")
+    lr: float = Field(1e-3, gt=0)
 
 
 class Budgets(_Strict):
     max_metric_drop: float | None = Field(None, ge=0)
     max_latency_ms: float | None = Field(None, gt=0)
     max_size_mb: float | None = Field(None, gt=0, description="1 MB = 1,000,000 bytes")
+    max_memory_mb: float | None = Field(
+        None, gt=0, description="peak memory of one forward at batch_size, weights included"
+    )
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     batch_size: int = Field(1, ge=1)
 
@@ -82,6 +98,7 @@ class StudyConfig(_Strict):
     )
     budgets: Budgets = Budgets()
     measure: MeasureConfig = MeasureConfig()
+    recovery: RecoveryConfig = RecoveryConfig()
     search: SearchConfig = SearchConfig()
     compute: ComputeConfig = ComputeConfig()
     source: Path = Field(Path("."), exclude=True, description="the config file itself")

@@ -27,6 +27,7 @@ FRONT_COLUMNS = [
     "compression",
     "latency_ms",
     "speedup",
+    "memory_mb",
     "feasible",
     "artifact",
 ]
@@ -56,6 +57,7 @@ class Front:
             "compression": round(ref.size_bytes / got.size_bytes, 3) if ref else "",
             "latency_ms": round(got.latency_ms, 4),
             "speedup": round(ref.latency_ms / got.latency_ms, 3) if ref else "",
+            "memory_mb": round(got.memory_mb, 3) if got.memory_mb is not None else "",
             "feasible": member.feasible,
             "artifact": artifact,
         }
@@ -88,19 +90,26 @@ def pareto(candidates: list[TrialRecord], objectives: list[str]) -> list[TrialRe
 
 def normalized(got: Measurements, ref: Measurements, objectives: list[str]) -> list[float]:
     """A trial as costs relative to the uncompressed model, all to be minimized:
-    metric drop (absolute), size / original size, latency / original latency."""
+    metric drop (absolute), size / original size, latency / original latency, memory /
+    original memory."""
     costs = {
         "metric": ref.metric - got.metric,
         "size_bytes": got.size_bytes / ref.size_bytes,
         "latency_ms": got.latency_ms / ref.latency_ms,
+        "memory_mb": (got.memory_mb or 0.0) / (ref.memory_mb or 1.0),
     }
     return [costs[o] for o in objectives]
 
 
 def reference_point(objectives: list[str], max_metric_drop: float | None) -> list[float]:
     """Where hypervolume is measured from: the metric budget (or 0.05), the original's
-    size, 1.5x the original's latency. Only better models add volume."""
-    bounds = {"metric": max_metric_drop or 0.05, "size_bytes": 1.0, "latency_ms": 1.5}
+    size, 1.5x the original's latency and memory. Only better models add volume."""
+    bounds = {
+        "metric": max_metric_drop or 0.05,
+        "size_bytes": 1.0,
+        "latency_ms": 1.5,
+        "memory_mb": 1.5,
+    }
     return [bounds[o] for o in objectives]
 
 

@@ -23,8 +23,9 @@ class Range(BaseModel):
     log: bool = False
 
 
-KnobValues = list[float] | Range | float
-"""A list (categorical), a range, or a single value (fixed, not searched)."""
+KnobValues = list[float | str] | Range | float | str
+"""A list (categorical), a range, or a single value (fixed, not searched); numbers for most
+knobs, names for ``kernel``."""
 
 
 def to_distribution(values: KnobValues) -> BaseDistribution | float:
@@ -59,9 +60,11 @@ def contains(dist: BaseDistribution, value: Any) -> bool:
     return dist.low <= value <= dist.high
 
 
-def nearest(dist: BaseDistribution, target: float) -> Any:
+def nearest(dist: BaseDistribution, target: float | str) -> Any:
     """The value ``dist`` offers that is closest to ``target`` (first on ties)."""
     if isinstance(dist, CategoricalDistribution):
+        if isinstance(target, str) or any(isinstance(c, str) for c in dist.choices):
+            return target if target in dist.choices else dist.choices[0]
         return min(dist.choices, key=lambda c: abs(float(c) - target))
     assert isinstance(dist, (FloatDistribution, IntDistribution))
     value = min(max(target, dist.low), dist.high)
@@ -70,5 +73,7 @@ def nearest(dist: BaseDistribution, target: float) -> Any:
     return type(dist.low)(value)
 
 
-def _number(value: float) -> int | float:
+def _number(value: float | str) -> int | float | str:
+    if isinstance(value, str):
+        return value
     return int(value) if float(value).is_integer() else float(value)

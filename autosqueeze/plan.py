@@ -17,10 +17,12 @@ PLAN_FORMAT = 1
 class LayerPlan:
     """What to do to one layer. The defaults leave it untouched."""
 
-    bits: int = 32  # weight precision: 2-8 (integer, symmetric), 16 (fp16) or 32 (fp32)
+    bits: int = 32  # stored weight precision: 2-8 (integer, symmetric), 16 (fp16), 32 (fp32)
     prune: float = 0.0  # fraction of weights zeroed by magnitude
     rank: float = 1.0  # kept fraction of the full rank after SVD; 1.0 = no factorization
     group_size: int | None = None  # weights per quantization scale; None = one per output row
+    prune_channels: float = 0.0  # fraction of output channels/neurons removed (structured)
+    kernel: str = "fp32"  # execution form once loaded (autosqueeze.kernels)
 
     def replace(self, **changes: Any) -> LayerPlan:
         return replace(self, **changes)

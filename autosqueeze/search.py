@@ -57,7 +57,7 @@ def run_search(
 ) -> SearchResult:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     task = task or load_task(config)
-    space = build_space(task.model, config.space)
+    space = build_space(task.model, config.space, task.target)
     study = open_study(config, create=True)
     notes: list[str] = []
     stale = recover_interrupted(study)
@@ -67,7 +67,7 @@ def run_search(
     try:
         with Heartbeat(study):
             ref = _reference(study, executor, space)
-            notes += _enqueue_baselines(study, space)
+            notes += _enqueue_baselines(study, space, config.search.trials)
             ran, interrupted = _loop(study, config, space, executor, ref, progress)
     finally:
         executor.close()
@@ -91,14 +91,25 @@ def _reference(study: optuna.Study, executor: Executor, space: SearchSpace) -> M
 
 BASELINES = {"original": {}, "int8": {"bits": 8}}
 """Queued first on every study: what a user would try by hand."""
-WARM_STARTS = {"int6": {"bits": 6}, "int4": {"bits": 4}}
-"""Queued next, as the nearest plans the space offers: anchors along the size axis, so the sampler
-starts from the edge of what uniform precision keeps (on MiniLM, int6 is what holds cosine
-0.99 at 1/5 of the size, a region random start-up trials in 57 dimensions rarely hit)."""
+WARM_STARTS = {
+    "int6": {"bits": 6},
+    "int4": {"bits": 4},
+    "bf16": {"bits": 16, "kernel": "bf16"},
+    "int8-dynamic": {"bits": 8, "kernel": "int8_dynamic"},
+    "int4-kernel": {"bits": 4, "kernel": "int4_weight_only"},
+    "channels-0.5": {"bits": 8, "prune_channels": 0.5},
+    "channels-0.625": {"bits": 8, "prune_channels": 0.625},
+}
+"""Queued next, as the nearest plans the space offers (a knob or kernel a layer is not offered
+stays as it is): anchors along the size and speed axes, so the sampler starts from the edge of
+what uniform choices keep (on MiniLM, int6 is what holds cosine 0.99 at 1/5 of the size, a
+region random start-up trials in 57 dimensions rarely hit; the kernel and channel anchors are
+where speed comes from)."""
 
 
-def _enqueue_baselines(study: optuna.Study, space: SearchSpace) -> list[str]:
-    """The baselines and warm starts, queued once per study."""
+def _enqueue_baselines(study: optuna.Study, space: SearchSpace, limit: int) -> list[str]:
+    """The baselines and warm starts, queued once per study: no more than ``limit`` (the
+    trial budget), so a short study leaves none waiting."""
     if study.user_attrs.get(BASELINES_QUEUED):
         return []
     study.set_user_attr(BASELINES_QUEUED, True)
@@ -113,7 +124,7 @@ def _enqueue_baselines(study: optuna.Study, space: SearchSpace) -> list[str]:
             study.enqueue_trial(params, user_attrs={BASELINE: name}, skip_if_exists=True)
     for name, choices in WARM_STARTS.items():  # the nearest plan the space can express
         params = space.nearest_params(**choices)
-        if params not in queued:  # a narrow space may map it onto a baseline
+        if params not in queued and len(queued) < limit:  # a narrow space may map it onto one
             queued.append(params)
             study.enqueue_trial(params, user_attrs={BASELINE: name}, skip_if_exists=True)
     return notes
@@ -185,7 +196,8 @@ def _tell(
     if outcome.measurements is None:
         fail_trial(study, trial.number, outcome.error or "unknown failure")
         return
-    got = outcome.measurements
+    trial.set_user_attr("measured_latency_ms", outcome.measurements.latency_ms)
+    got = outcome.measurements.drift_corrected(ref)
     for key, value in got.to_dict().items():
         trial.set_user_attr(key, value)
     limits = constraints(config, ref, got)

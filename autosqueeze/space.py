@@ -22,7 +22,7 @@ from torch import nn
 from autosqueeze.errors import UserError
 from autosqueeze.knobs import KnobValues, contains, nearest, values_of
 from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.techniques import technique_for
+from autosqueeze.techniques import Site, Target, technique_for
 
 
 class Rule(BaseModel):
@@ -175,8 +175,12 @@ def load_space_file(path: Path) -> SpaceFile:
         raise UserError(f"space file {path} is not valid: {problems}.") from None
 
 
-def build_space(model: nn.Module, spec: SpaceFile | Path) -> SearchSpace:
-    """Match the rules against the model's layers and offer each layer the knobs that apply."""
+def build_space(
+    model: nn.Module, spec: SpaceFile | Path, target: Target | None = None
+) -> SearchSpace:
+    """Match the rules against the model's layers and offer each layer the knobs that apply
+    on ``target`` (kernels depend on its device; structured pruning traces its example input)."""
+    target = target or Target()
     if isinstance(spec, Path):
         spec = load_space_file(spec)
     layers: dict[str, LayerKnobs] = {}
@@ -187,7 +191,7 @@ def build_space(model: nn.Module, spec: SpaceFile | Path) -> SearchSpace:
         searched: dict[str, BaseDistribution] = {}
         fixed: dict[str, Any] = {}
         for knob, values in rule.knobs.items():
-            offered = technique_for(knob).offer(module, values)
+            offered = technique_for(knob).offer(Site(name, module, model, target), values)
             if isinstance(offered, BaseDistribution):
                 searched[knob] = offered
             elif offered is not None:

@@ -148,7 +148,13 @@ class TrialRecord:
         return cls(
             number=trial.number,
             state=trial.state.name,
-            measurements=Measurements(attrs["metric"], attrs["size_bytes"], attrs["latency_ms"])
+            measurements=Measurements(
+                attrs["metric"],
+                attrs["size_bytes"],
+                attrs["latency_ms"],
+                attrs.get("memory_mb"),
+                attrs.get("reference_latency_ms"),
+            )
             if measured and trial.state == TrialState.COMPLETE
             else None,
             feasible=trial.state == TrialState.COMPLETE
@@ -179,6 +185,8 @@ def constraints(config: StudyConfig, ref: Measurements, got: Measurements) -> di
         out["size_mb"] = got.size_bytes / 1e6 - budgets.max_size_mb
     if budgets.max_latency_ms is not None:
         out["latency_ms"] = got.latency_ms - budgets.max_latency_ms
+    if budgets.max_memory_mb is not None:
+        out["memory_mb"] = (got.memory_mb or 0.0) - budgets.max_memory_mb
     return out
 
 

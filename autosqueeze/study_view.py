@@ -86,12 +86,19 @@ def _trial(record: Any, on_front: bool) -> dict[str, Any]:
         "metric": got.metric if got else None,
         "size_bytes": got.size_bytes if got else None,
         "latency_ms": got.latency_ms if got else None,
+        "memory_mb": got.memory_mb if got else None,
         "feasible": record.feasible,
         "on_front": on_front,
         "constraints": record.constraints,
         "fail_reason": record.fail_reason or "",
         "plan": {
-            name: {"bits": lp.bits, "prune": lp.prune, "rank": lp.rank}
+            name: {
+                "bits": lp.bits,
+                "prune": lp.prune,
+                "rank": lp.rank,
+                "prune_channels": lp.prune_channels,
+                "kernel": lp.kernel,
+            }
             for name, lp in record.plan.layers.items()
         }
         if record.plan

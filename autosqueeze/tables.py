@@ -36,6 +36,7 @@ def front_table(front: Front, metric_name: str) -> str:
                 "smaller": f"{row['compression']:.1f}x" if row["compression"] != "" else "",
                 "latency_ms": f"{row['latency_ms']:.3f}",
                 "speedup": f"{row['speedup']:.2f}x" if row["speedup"] != "" else "",
+                "memory_MB": f"{row['memory_mb']:.2f}" if row["memory_mb"] != "" else "",
             }
         )
     return table(rows, list(rows[0]), right=set(rows[0]) - {"baseline"})

@@ -15,6 +15,8 @@ from torch import nn
 from autosqueeze.config import StudyConfig
 from autosqueeze.errors import UserError
 from autosqueeze.metrics import Metric, call_model, resolve_metric, to_device
+from autosqueeze.recovery import Recovery
+from autosqueeze.techniques import Target
 from autosqueeze.user_code import call_user, describe, load_callable
 
 
@@ -26,6 +28,20 @@ class Task:
     example_input: Any  # one batch of ``budgets.batch_size``
     metric: Metric
     device: torch.device
+    calibration: list[Any] | None = None  # input batches for recovery training
+
+    @property
+    def recovery(self) -> Recovery | None:
+        """Distillation after structural changes, when the config gives calibration data."""
+        if not self.calibration:
+            return None
+        settings = self.config.recovery
+        return Recovery(self.calibration, steps=settings.steps, lr=settings.lr)
+
+    @property
+    def target(self) -> Target:
+        """Where compressed models run, with an input to trace them (structured pruning)."""
+        return Target(self.device.type, self.example_input)
 
     def evaluate_metric(self, model: nn.Module) -> float:
         with torch.inference_mode():
@@ -64,7 +80,7 @@ def load_task(config: StudyConfig) -> Task:
         field="task.metric",
         ref=config.task.metric,
     )
-    return Task(config, model, data, example, metric, device)
+    return Task(config, model, data, example, metric, device, _load_calibration(config))
 
 
 def batch_of(inputs: Any, size: int) -> Any:
@@ -117,6 +133,21 @@ def _load_checkpoint(model: nn.Module, path: Any) -> None:
             f"model.checkpoint: {path} cannot be loaded into the model: "
             f"{str(exc).strip().splitlines()[0]}"
         ) from None
+
+
+def _load_calibration(config: StudyConfig) -> list[Any] | None:
+    """Input batches from ``task.calibration``; (inputs, targets) pairs give their inputs."""
+    ref = config.task.calibration
+    if ref is None:
+        return None
+    fn = load_callable(ref, field="task.calibration", search_dir=config.folder)
+    batches = call_user(lambda: list(fn()), field="task.calibration", ref=ref)
+    if not batches:
+        raise UserError(f"task.calibration: {ref!r} returned no batches.")
+    return [
+        to_device(b[0] if isinstance(b, (tuple, list)) and len(b) == 2 else b, torch.device("cpu"))
+        for b in batches
+    ]
 
 
 def _load_data(config: StudyConfig) -> list[tuple[Any, Any]]:

@@ -63,8 +63,9 @@ def stop_midway(
 ) -> tuple[int, bytes]:
     """Run ``autosqueeze ARGS``; once two trials are complete and one is running, send
     ``sig`` (SIGKILL: a crash; SIGINT: Ctrl-C). Returns its exit status and stderr."""
-    proc = subprocess.Popen([sys.executable, "-m", "autosqueeze", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autosqueeze", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)

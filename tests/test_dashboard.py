@@ -41,8 +41,10 @@ def get(url: str) -> tuple[int, bytes]:
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dash")
-    path = write_yaml(folder / "study.yaml", study_config(folder, search={
-        "trials": 12, "seed": 0, "output_dir": str(folder / "run")}))
+    path = write_yaml(
+        folder / "study.yaml",
+        study_config(folder, search={"trials": 12, "seed": 0, "output_dir": str(folder / "run")}),
+    )
     assert main(["search", str(path), "--no-progress"]) == 0
     return path
 
@@ -54,13 +56,18 @@ def test_unknown_and_empty_studies_give_a_message_not_a_crash(make_config, tmp_p
         status, body = get(url + "api/study")
         view = json.loads(body)
         assert status == 200 and view["status"] == "missing"
-        assert "No study named 'digits-test'" in view["message"] and "autosqueeze search" in (
-            view["message"])
+        assert (
+            "No study named 'digits-test'" in view["message"]
+            and "autosqueeze search" in (view["message"])
+        )
         assert not (tmp_path / "run" / "study.log").exists()  # reading creates nothing
         open_study(load_config(config), create=True)  # now it exists, with no trials
         view = json.loads(get(url + "api/study")[1])
-        assert view["status"] == "empty" and view["trials"] == [] and "no trials yet" in (
-            view["message"])
+        assert (
+            view["status"] == "empty"
+            and view["trials"] == []
+            and "no trials yet" in (view["message"])
+        )
         assert get(url)[0] == 200 and get(url + "plotly.min.js")[0] == 200
         assert get(url + "nope")[0] == 404
     finally:
@@ -71,11 +78,19 @@ def test_unknown_and_empty_studies_give_a_message_not_a_crash(make_config, tmp_p
 def test_polling_while_a_search_writes_holds_no_lock(tmp_path, storage):
     (tmp_path / "slow_metric_dash.py").write_text(SLOW_METRIC)
     url_or_path = str(tmp_path / "s.log") if storage == "journal" else f"sqlite:///{tmp_path}/s.db"
-    config = write_yaml(tmp_path / "s.yaml", study_config(
-        tmp_path, task={"metric": "slow_metric_dash:metric"},
-        search={"trials": 6, "output_dir": str(tmp_path / "run"), "storage": url_or_path}))
-    search = subprocess.Popen([sys.executable, "-m", "autosqueeze", "search", str(config),
-                               "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    config = write_yaml(
+        tmp_path / "s.yaml",
+        study_config(
+            tmp_path,
+            task={"metric": "slow_metric_dash:metric"},
+            search={"trials": 6, "output_dir": str(tmp_path / "run"), "storage": url_or_path},
+        ),
+    )
+    search = subprocess.Popen(
+        [sys.executable, "-m", "autosqueeze", "search", str(config), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     server, url = start(config)
     seen = set()
     try:
@@ -83,7 +98,7 @@ def test_polling_while_a_search_writes_holds_no_lock(tmp_path, storage):
             status, body = get(url + "api/study")
             assert status == 200, body
             view = json.loads(body)
-            seen.add(len(view.get("trials", [])))
+            seen.add(sum(t["state"] == "COMPLETE" for t in view.get("trials", [])))
             time.sleep(0.1)
     finally:
         server.shutdown()
@@ -103,8 +118,10 @@ def test_report_is_one_self_contained_file(searched, tmp_path, capsys):
     capsys.readouterr()
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists() and not os.environ.get("CI"),
-                    reason="needs Debian's chromium (.ci/run installs it)")
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists() and not os.environ.get("CI"),
+    reason="needs Debian's chromium (.ci/run installs it)",
+)
 def test_browser_renders_one_point_per_trial_and_click_shows_the_plan(searched):
     from playwright.sync_api import sync_playwright
 
@@ -114,32 +131,49 @@ def test_browser_renders_one_point_per_trial_and_click_shows_the_plan(searched):
     artifacts.mkdir(exist_ok=True)
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run"])
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM,
+                args=[
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--no-first-run",
+                ],
+            )
             page = browser.new_page(viewport={"width": 1500, "height": 1400})
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(url)
-            plot = "#pareto-metric-size_bytes"
+            plot = "#pareto-size_bytes-latency_ms"  # int8 and int8-dynamic share metric and size
             page.wait_for_selector(f"{plot} .scatterlayer .point", timeout=30000)
             counts = page.evaluate(
-                "id => document.getElementById(id).data.map(t => t.x.length)", plot[1:])
+                "id => document.getElementById(id).data.map(t => t.x.length)", plot[1:]
+            )
             complete = [n for n, t in trials.items() if t.state.name == "COMPLETE"]
             assert sum(counts) == len(complete) == 12
             assert page.locator(f"{plot} .scatterlayer .point").count() == 12
             # click the int8 baseline's point: the heatmap must show trial 1's plan
-            target = page.evaluate("""id => {
+            target = page.evaluate(
+                """id => {
                 const el = document.getElementById(id);
                 const trace = el.data.findIndex(t => t.customdata.includes(1));
-                return [trace, el.data[trace].customdata.indexOf(1)]; }""", plot[1:])
-            point = page.locator(f"{plot} .scatterlayer .trace").nth(target[0]).locator(
-                ".point").nth(target[1])
+                return [trace, el.data[trace].customdata.indexOf(1)]; }""",
+                plot[1:],
+            )
+            point = (
+                page.locator(f"{plot} .scatterlayer .trace")
+                .nth(target[0])
+                .locator(".point")
+                .nth(target[1])
+            )
             box = point.bounding_box()
             page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
             page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
             page.wait_for_function(
-                "document.getElementById('plan-heatmap').dataset.trial === '1'", timeout=10000)
+                "document.getElementById('plan-heatmap').dataset.trial === '1'", timeout=10000
+            )
             assert "Trial 1 (int8)" in page.inner_text("#selected-title")
             z_text = page.evaluate("document.getElementById('plan-heatmap').data[0].text")
             assert all(row[0] == "8" for row in z_text)  # bits column: every layer int8

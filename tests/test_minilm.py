@@ -34,8 +34,21 @@ def test_minilm_keeps_its_embeddings_at_a_quarter_of_the_size(tmp_path, capsys):
     int6 = next(row for row in front["front"] if row["baseline"] == "int6")  # a warm start
     assert int6["metric"] >= 0.99 and int6["size_bytes"] <= reference["size_bytes"] / 4
     exported = tmp_path / "int8.safetensors"
-    assert main(["export", str(config), "--study-dir", str(tmp_path), "--trial",
-                 str(int8["trial"]), "-o", str(exported)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(config),
+                "--study-dir",
+                str(tmp_path),
+                "--trial",
+                str(int8["trial"]),
+                "-o",
+                str(exported),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["evaluate", str(config), "--artifact", str(exported), "--json"]) == 0
     measured = json.loads(capsys.readouterr().out)

@@ -19,16 +19,19 @@ from conftest import SLOW_METRIC, stop_midway
 URL = os.environ.get("AUTOSQUEEZE_TEST_POSTGRES")
 
 if not URL and not os.environ.get("CI"):
-    pytest.skip("set AUTOSQUEEZE_TEST_POSTGRES to a PostgreSQL URL (.ci/run starts one)",
-                allow_module_level=True)
+    pytest.skip(
+        "set AUTOSQUEEZE_TEST_POSTGRES to a PostgreSQL URL (.ci/run starts one)",
+        allow_module_level=True,
+    )
 
 
 def test_search_interrupted_and_resumed_from_postgres(tmp_path, make_config):
     assert URL, "CI must provide PostgreSQL in AUTOSQUEEZE_TEST_POSTGRES (see .ci/run)"
     (tmp_path / "slow_metric_pg.py").write_text(SLOW_METRIC)
     name = f"pg-{uuid.uuid4().hex[:12]}"  # the server outlives test runs
-    config = make_config(name=name, task={"metric": "slow_metric_pg:metric"},
-                         search={"trials": 6, "storage": URL})
+    config = make_config(
+        name=name, task={"metric": "slow_metric_pg:metric"}, search={"trials": 6, "storage": URL}
+    )
 
     def trials_now():
         return optuna.load_study(study_name=name, storage=URL).trials
@@ -36,14 +39,22 @@ def test_search_interrupted_and_resumed_from_postgres(tmp_path, make_config):
     code, err = stop_midway(["search", str(config), "--no-progress"], trials_now, signal.SIGKILL)
     assert code == -signal.SIGKILL
     assert "RUNNING" in [t.state.name for t in trials_now()]  # the killed run's trial
-    resumed = subprocess.run([sys.executable, "-m", "autosqueeze", "search", str(config),
-                              "--no-progress"], capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "autosqueeze", "search", str(config), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     trials = trials_now()
     assert sum(t.state.name == "COMPLETE" for t in trials) == 6
     failed = [t for t in trials if t.state.name == "FAIL"]
     assert len(failed) == 1 and "interrupted" in failed[0].user_attrs["fail_reason"]
     assert not (tmp_path / "run" / "study.log").exists()  # nothing went to the default file
-    front = subprocess.run([sys.executable, "-m", "autosqueeze", "front", str(config),
-                            "--json"], capture_output=True, text=True, timeout=120)
+    front = subprocess.run(
+        [sys.executable, "-m", "autosqueeze", "front", str(config), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert front.returncode == 0 and '"front"' in front.stdout

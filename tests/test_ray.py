@@ -38,8 +38,14 @@ def node_of(trial) -> str:
 
 
 def test_two_local_ray_workers_give_the_same_result_shape(tmp_path, capsys):
-    path = write_yaml(tmp_path / "s.yaml", study_config(
-        tmp_path, compute={"workers": 2}, search={"trials": 10, "output_dir": str(tmp_path / "r")}))
+    path = write_yaml(
+        tmp_path / "s.yaml",
+        study_config(
+            tmp_path,
+            compute={"workers": 2},
+            search={"trials": 10, "output_dir": str(tmp_path / "r")},
+        ),
+    )
     assert main(["search", str(path), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "Smallest model within" in out
@@ -48,7 +54,8 @@ def test_two_local_ray_workers_give_the_same_result_shape(tmp_path, capsys):
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both evaluators worked
     rows = list(csv.DictReader((tmp_path / "r" / "front.csv").open()))
     assert rows and {"trial", "metric", "size_bytes", "latency_ms", "feasible", "artifact"} <= set(
-        rows[0])
+        rows[0]
+    )
 
 
 def test_evaluators_are_placed_on_both_nodes_of_a_cluster(tmp_path, capsys):
@@ -58,9 +65,14 @@ def test_evaluators_are_placed_on_both_nodes_of_a_cluster(tmp_path, capsys):
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        path = write_yaml(tmp_path / "s.yaml", study_config(
-            tmp_path, compute={"workers": 2, "ray_address": cluster.address},
-            search={"trials": 8, "output_dir": str(tmp_path / "r")}))
+        path = write_yaml(
+            tmp_path / "s.yaml",
+            study_config(
+                tmp_path,
+                compute={"workers": 2, "ray_address": cluster.address},
+                search={"trials": 8, "output_dir": str(tmp_path / "r")},
+            ),
+        )
         assert main(["search", str(path), "--no-progress"]) == 0
     finally:
         cluster.shutdown()
@@ -73,13 +85,30 @@ def test_evaluators_are_placed_on_both_nodes_of_a_cluster(tmp_path, capsys):
 def test_a_crash_a_hang_and_a_nan_fail_only_their_trials(tmp_path, capsys):
     (tmp_path / "faulty_metric.py").write_text(FAULTY_METRIC)
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"rules": [{
-        "types": ["Linear"], "names": ["classifier.1"],
-        "knobs": {"prune": [0.0, 0.3, 0.6, 0.9]}}]}))
-    config_path = write_yaml(tmp_path / "s.yaml", study_config(
-        tmp_path, space=str(space), task={"metric": "faulty_metric:metric"},
-        compute={"workers": 2}, budgets={"max_size_mb": None},
-        search={"trials": 4, "trial_timeout_s": 8, "output_dir": str(tmp_path / "r")}))
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "rules": [
+                    {
+                        "types": ["Linear"],
+                        "names": ["classifier.1"],
+                        "knobs": {"prune": [0.0, 0.3, 0.6, 0.9]},
+                    }
+                ]
+            }
+        )
+    )
+    config_path = write_yaml(
+        tmp_path / "s.yaml",
+        study_config(
+            tmp_path,
+            space=str(space),
+            task={"metric": "faulty_metric:metric"},
+            compute={"workers": 2},
+            budgets={"max_size_mb": None},
+            search={"trials": 4, "trial_timeout_s": 8, "output_dir": str(tmp_path / "r")},
+        ),
+    )
     study = open_study(load_config(config_path), create=True)
     for prune in (0.3, 0.6, 0.9):  # then the "original" baseline, prune 0.0
         study.enqueue_trial({"classifier.1.prune": prune})
@@ -97,8 +126,17 @@ def test_a_crash_a_hang_and_a_nan_fail_only_their_trials(tmp_path, capsys):
 
 
 def test_ray_that_cannot_be_reached_is_a_user_error(make_config, capsys):
-    code = main(["search", str(make_config()), "--workers", "1", "--ray-address",
-                 "127.0.0.1:1", "--no-progress"])
+    code = main(
+        [
+            "search",
+            str(make_config()),
+            "--workers",
+            "1",
+            "--ray-address",
+            "127.0.0.1:1",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "compute.ray_address: cannot join the Ray cluster" in err
 
@@ -108,4 +146,3 @@ def test_more_workers_than_cpus_is_a_user_error(make_config, capsys, workers):
     code = main(["search", str(make_config()), "--workers", str(workers), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and f"compute.workers: {workers} workers need {workers} CPUs" in err
-

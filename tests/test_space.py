@@ -19,11 +19,13 @@ def space_file(tmp_path: Path, rules: list) -> Path:
     return path
 
 
-def test_default_space_gives_every_conv_and_linear_three_knobs():
-    space = build_space(pretrained_cnn(), DEFAULT_SPACE)
+def test_default_space_gives_every_conv_and_linear_its_knobs():
+    space = build_space(pretrained_cnn(), DEFAULT_SPACE)  # no example input: no prune_channels
     assert list(space.layers) == LAYERS
     dists = space.distributions
-    assert len(dists) == 15
+    assert len(dists) == 15 + 5  # bits, prune, rank; a kernel per layer
+    assert dists["features.2.kernel"].choices == ("fp32", "bf16")  # CPU kernels for a conv
+    assert "int8_dynamic" in dists["classifier.1.kernel"].choices
     assert isinstance(dists["features.2.bits"], CategoricalDistribution)
     assert isinstance(dists["classifier.1.prune"], FloatDistribution)
     assert dists["classifier.1.prune"].step == 0.05
@@ -99,11 +101,16 @@ def test_a_space_that_matches_nothing_says_what_the_model_has(tmp_path):
 
 
 def test_nearest_params_project_a_uniform_plan_onto_the_space(tmp_path):
-    path = space_file(tmp_path, [
-        {"types": ["Conv2d"], "knobs": {"bits": [8, 16, 32], "prune": {"low": 0.1, "high": 0.5,
-                                                                         "step": 0.2}}},
-        {"types": ["Linear"], "knobs": {"bits": [3, 5, 32], "rank": [0.5, 1.0]}},
-    ])
+    path = space_file(
+        tmp_path,
+        [
+            {
+                "types": ["Conv2d"],
+                "knobs": {"bits": [8, 16, 32], "prune": {"low": 0.1, "high": 0.5, "step": 0.2}},
+            },
+            {"types": ["Linear"], "knobs": {"bits": [3, 5, 32], "rank": [0.5, 1.0]}},
+        ],
+    )
     space = build_space(pretrained_cnn(), path)
     params = space.nearest_params(bits=6)
     assert params["features.0.bits"] == 8 and params["classifier.1.bits"] == 5

@@ -6,13 +6,13 @@ from optuna.distributions import CategoricalDistribution
 from torch import nn
 
 from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.techniques import TECHNIQUES, compress, rebuild
+from autosqueeze.techniques import TECHNIQUES, Site, Target, compress, rebuild
 from autosqueeze.techniques.factorize import helps, rank_for
 from autosqueeze.techniques.prune import prune_by_magnitude
 
 
 def test_techniques_apply_in_the_documented_order():
-    assert list(TECHNIQUES) == ["rank", "prune", "bits"]
+    assert list(TECHNIQUES) == ["prune_channels", "rank", "prune", "bits", "kernel"]
 
 
 def test_linear_factorization_shapes_and_exact_reconstruction_at_full_rank():
@@ -47,11 +47,15 @@ def test_only_ranks_that_save_parameters_are_offered():
     layer = nn.Linear(128, 1024)  # full rank 128; a rank r costs r * 1152 vs 131072
     assert rank_for(layer, 0.75) == 96 and helps(layer, 0.75)
     square = nn.Linear(10, 10)  # rank r costs 20 r vs 100: only r < 5 helps
-    offered = TECHNIQUES["rank"].offer(square, [0.25, 0.5, 0.75, 1.0])
+    offered = TECHNIQUES["rank"].offer(_site(square), [0.25, 0.5, 0.75, 1.0])
     assert isinstance(offered, CategoricalDistribution)
     assert offered.choices == (0.25, 1.0)
-    assert TECHNIQUES["rank"].offer(nn.Linear(2, 2), [0.5, 1.0]) is None
-    assert TECHNIQUES["rank"].offer(nn.Conv2d(4, 4, 3, groups=2), [0.5, 1.0]) is None
+    assert TECHNIQUES["rank"].offer(_site(nn.Linear(2, 2)), [0.5, 1.0]) is None
+    assert TECHNIQUES["rank"].offer(_site(nn.Conv2d(4, 4, 3, groups=2)), [0.5, 1.0]) is None
+
+
+def _site(layer: nn.Module) -> Site:
+    return Site("layer", layer, nn.Sequential(layer), Target())
 
 
 def test_magnitude_pruning_zeroes_exactly_the_smallest():

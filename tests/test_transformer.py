@@ -20,13 +20,27 @@ from autosqueeze.space import build_space
 from autosqueeze.study import open_study
 from autosqueeze.techniques import compress
 
-SPACE = {"rules": [
-    {"types": ["Embedding"], "name": "embeddings", "share": "all", "knobs": {"bits": [4, 8, 32]}},
-    {"types": ["Linear"], "names": ["*.attention.self.*"], "name": "attention",
-     "share": r"layer\.(\d+)\.", "knobs": {"bits": [4, 8, 32], "rank": [0.25, 1.0]}},
-    {"types": ["Linear"], "knobs": {"bits": [4, 8, 32], "prune": {"low": 0, "high": 0.5,
-                                                                   "step": 0.25}}},
-]}
+SPACE = {
+    "rules": [
+        {
+            "types": ["Embedding"],
+            "name": "embeddings",
+            "share": "all",
+            "knobs": {"bits": [4, 8, 32]},
+        },
+        {
+            "types": ["Linear"],
+            "names": ["*.attention.self.*"],
+            "name": "attention",
+            "share": r"layer\.(\d+)\.",
+            "knobs": {"bits": [4, 8, 32], "rank": [0.25, 1.0]},
+        },
+        {
+            "types": ["Linear"],
+            "knobs": {"bits": [4, 8, 32], "prune": {"low": 0, "high": 0.5, "step": 0.25}},
+        },
+    ]
+}
 
 
 def test_tied_knobs_make_one_parameter_per_group(tmp_path):
@@ -34,12 +48,19 @@ def test_tied_knobs_make_one_parameter_per_group(tmp_path):
     path.write_text(yaml.safe_dump(SPACE))
     space = build_space(build(), path)
     names = set(space.distributions)
-    assert {"embeddings.bits", "attention[0].bits", "attention[1].bits",
-            "attention[0].rank", "encoder.layer.0.intermediate.dense.prune"} <= names
+    assert {
+        "embeddings.bits",
+        "attention[0].bits",
+        "attention[1].bits",
+        "attention[0].rank",
+        "encoder.layer.0.intermediate.dense.prune",
+    } <= names
     assert not any(n.startswith("encoder.layer.0.attention.self") for n in names)
     assert len(names) == 1 + 2 * 2 + 6 * 2  # embeddings; 2 blocks x 2 tied; 6 Linears x 2
-    params = {n: (d.choices[0] if hasattr(d, "choices") else d.low)
-              for n, d in space.distributions.items()}
+    params = {
+        n: (d.choices[0] if hasattr(d, "choices") else d.low)
+        for n, d in space.distributions.items()
+    }
     plan = space.plan({**params, "attention[1].bits": 8})
     block1 = [plan.layers[f"encoder.layer.1.attention.self.{p}"] for p in ("query", "key", "value")]
     assert {lp.bits for lp in block1} == {8} and {lp.rank for lp in block1} == {0.25}
@@ -51,9 +72,13 @@ def test_tied_knobs_make_one_parameter_per_group(tmp_path):
 
 def test_embeddings_quantize_and_dict_models_round_trip(tmp_path):
     model = build()
-    plan = Plan({"embeddings.word_embeddings": LayerPlan(bits=4),
-                 "encoder.layer.0.attention.self.query": LayerPlan(bits=8, rank=0.25),
-                 "encoder.layer.1.intermediate.dense": LayerPlan(bits=4, prune=0.5)})
+    plan = Plan(
+        {
+            "embeddings.word_embeddings": LayerPlan(bits=4),
+            "encoder.layer.0.attention.self.query": LayerPlan(bits=8, rank=0.25),
+            "encoder.layer.1.intermediate.dense": LayerPlan(bits=4, prune=0.5),
+        }
+    )
     path = tmp_path / "bert.safetensors"
     fp32 = save_artifact(compress(model, Plan()), tmp_path / "fp32.safetensors")
     size = save_artifact(compress(model, plan), path)
@@ -72,11 +97,18 @@ def test_embeddings_quantize_and_dict_models_round_trip(tmp_path):
 
 def test_search_a_bert_style_model_by_fidelity(tmp_path, capsys):
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
-    config = write_yaml(tmp_path / "bert.yaml", study_config(
-        tmp_path, name="tiny-bert", model={"factory": "tiny_bert:build"},
-        task={"data": "tiny_bert:data", "metric": "fidelity"}, space="space.yaml",
-        budgets={"max_metric_drop": 0.05, "max_size_mb": None},
-        search={"trials": 6, "output_dir": str(tmp_path / "run")}))
+    config = write_yaml(
+        tmp_path / "bert.yaml",
+        study_config(
+            tmp_path,
+            name="tiny-bert",
+            model={"factory": "tiny_bert:build"},
+            task={"data": "tiny_bert:data", "metric": "fidelity"},
+            space="space.yaml",
+            budgets={"max_metric_drop": 0.05, "max_size_mb": None},
+            search={"trials": 6, "output_dir": str(tmp_path / "run")},
+        ),
+    )
     assert main(["search", str(config), "--no-progress"]) == 0
     trials = open_study(load_config(config), create=False).trials
     assert all(t.state.name == "COMPLETE" for t in trials)
@@ -97,3 +129,60 @@ def test_search_a_bert_style_model_by_fidelity(tmp_path, capsys):
 def open_front(config, capsys) -> str:
     assert main(["front", str(config), "--json"]) == 0
     return capsys.readouterr().out
+
+
+def test_a_bert_style_model_prunes_ffn_neurons_and_runs_kernels(tmp_path):
+    """Dict inputs and outputs: structured pruning is offered on the FFN's first layer and
+    the (single-head) attention projections, never on layers tied to the hidden size (the
+    outputs); the kernels convert its Linears and Embeddings; the artifact reloads into the
+    same pruned, converted model."""
+    from autosqueeze.techniques import Target
+
+    model = build()
+    example = data(samples=1, batch=1)[0][0]
+    target = Target("cpu", example)
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "rules": [
+                    {"types": ["Embedding"], "knobs": {"kernel": ["fp32", "int8_weight_only"]}},
+                    {
+                        "types": ["Linear"],
+                        "knobs": {
+                            "prune_channels": [0.0, 0.5],
+                            "kernel": ["fp32", "int8_dynamic", "int4_weight_only"],
+                        },
+                    },
+                ]
+            }
+        )
+    )
+    space = build_space(model, path, target)
+    pruned = {n for n, k in space.layers.items() if "prune_channels" in k.searched}
+    assert pruned == {
+        f"encoder.layer.{i}.{name}"
+        for i in (0, 1)
+        for name in (
+            "intermediate.dense",
+            *(f"attention.self.{p}" for p in ("query", "key", "value")),
+        )
+    }
+    plan = Plan(
+        {
+            "encoder.layer.0.intermediate.dense": LayerPlan(
+                prune_channels=0.5, kernel="int8_dynamic"
+            ),
+            "encoder.layer.1.output.dense": LayerPlan(bits=4, kernel="int4_weight_only"),
+            "embeddings.word_embeddings": LayerPlan(bits=8, kernel="int8_weight_only"),
+        }
+    )
+    compressed = compress(model, plan, target)
+    assert compressed.module.encoder.layer[0].output.dense.in_features == 2 * 64  # 256 -> 128
+    artifact = tmp_path / "bert.safetensors"
+    save_artifact(compressed, artifact)
+    loaded = load_artifact(artifact, build(), target)
+    batches, cpu = data(), torch.device("cpu")
+    assert fidelity(embed(model, batches, cpu))(loaded, batches, cpu) > 0.95
+    again = load_artifact(artifact, build(), target)
+    torch.testing.assert_close(embed(loaded, batches, cpu), embed(again, batches, cpu))

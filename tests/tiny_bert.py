@@ -59,7 +59,8 @@ class TinyBert(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         h = self.embeddings.word_embeddings(input_ids) + self.embeddings.position_embeddings(
-            positions)
+            positions
+        )
         for block in self.encoder.layer:
             h = block(h, attention_mask)
         return {"last_hidden_state": h, "pooler_output": h[:, 0]}
@@ -77,5 +78,7 @@ def data(samples: int = 64, batch: int = 16) -> list[tuple[dict, None]]:
     lengths = torch.randint(4, LENGTH + 1, (samples,), generator=generator)
     mask = (torch.arange(LENGTH)[None, :] < lengths[:, None]).long()
     ids = ids * mask
-    return [({"input_ids": ids[i : i + batch], "attention_mask": mask[i : i + batch]}, None)
-            for i in range(0, samples, batch)]
+    return [
+        ({"input_ids": ids[i : i + batch], "attention_mask": mask[i : i + batch]}, None)
+        for i in range(0, samples, batch)
+    ]

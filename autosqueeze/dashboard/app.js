@@ -3,7 +3,8 @@
 (function () {
   "use strict";
   const LABEL = { metric: "metric", size_bytes: "size (kB)", latency_ms: "latency (ms)" };
-  const KNOBS = ["bits", "prune", "rank"];
+  const KNOBS = ["bits", "prune", "rank", "prune_channels", "kernel"];
+  const KERNEL_STRENGTH = { fp32: 0, bf16: 0.5, fp16: 0.5, int8_dynamic: 0.75, int8_weight_only: 0.75, int4_weight_only: 0.875 };
   let view = window.AUTOSQUEEZE_DATA;
   let selected = null;
   let sortKey = "number", sortUp = true;
@@ -120,6 +121,7 @@
       [view.metric_name, fmt(t.metric), t.metric !== null && ref.metric ? `drop ${fmt(ref.metric - t.metric)}` : ""],
       ["size", t.size_bytes !== null ? `${(t.size_bytes / 1e3).toFixed(1)} kB` : "", t.size_bytes ? `${(ref.size_bytes / t.size_bytes).toFixed(1)}x smaller` : ""],
       ["latency", t.latency_ms !== null ? `${fmt(t.latency_ms, 3)} ms` : "", t.latency_ms ? `${(ref.latency_ms / t.latency_ms).toFixed(2)}x speed` : ""],
+      ["memory", t.memory_mb != null ? `${fmt(t.memory_mb, 2)} MB` : "", t.memory_mb && ref.memory_mb ? `${(t.memory_mb / ref.memory_mb).toFixed(2)}x of original` : ""],
       ["feasible", t.feasible ? "yes" : "no", t.on_front ? "on the Pareto front" : ""],
     ];
     if (t.fail_reason) rows.push(["failed", t.fail_reason, ""]);
@@ -127,11 +129,11 @@
       rows.map(r => `<tr><td class="muted">${r[0]}</td><td>${r[1]}</td><td class="muted">${r[2]}</td></tr>`).join("");
     document.getElementById("selected-cli").textContent = view.export_command.replaceAll("{n}", t.number);
     const layers = Object.keys(t.plan);
-    const strength = { bits: v => 1 - v / 32, prune: v => v, rank: v => 1 - v };
+    const strength = { bits: v => 1 - v / 32, prune: v => v, rank: v => 1 - v, prune_channels: v => v ?? 0, kernel: v => KERNEL_STRENGTH[v] ?? 0 };
     Plotly.react("plan-heatmap", [{
       type: "heatmap", x: KNOBS, y: layers, colorscale: "YlOrRd", reversescale: true, zmin: 0, zmax: 1,
       z: layers.map(l => KNOBS.map(k => strength[k](t.plan[l][k]))),
-      text: layers.map(l => KNOBS.map(k => String(fmt(t.plan[l][k], 3)))), texttemplate: "%{text}",
+      text: layers.map(l => KNOBS.map(k => String(fmt(t.plan[l][k] ?? "", 3)).replace("_weight_only", " w/o").replace("_dynamic", " dyn"))), texttemplate: "%{text}",
       hovertemplate: "%{y} %{x}: %{text}<extra></extra>", colorbar: { title: "compression" },
     }], {
       title: { text: `plan of trial ${t.number} (layers x knobs)`, font: { size: 14 } },
@@ -143,7 +145,7 @@
 
   function drawTable() {
     const cols = [["number", "trial"], ["state", "state"], ["baseline", "baseline"], ["metric", view.metric_name],
-      ["size_bytes", "size (kB)"], ["latency_ms", "latency (ms)"], ["feasible", "feasible"], ["on_front", "front"]];
+      ["size_bytes", "size (kB)"], ["latency_ms", "latency (ms)"], ["memory_mb", "memory (MB)"], ["feasible", "feasible"], ["on_front", "front"]];
     const rows = [...view.trials].sort((a, b) => {
       const x = a[sortKey], y = b[sortKey];
       const c = x === y ? 0 : (x === null ? 1 : y === null ? -1 : x < y ? -1 : 1);

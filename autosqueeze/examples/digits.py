@@ -66,6 +66,12 @@ def loaders(batch_size: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
+def calibration(batch_size: int = 64) -> list[torch.Tensor]:
+    """Training-split images (no labels) for recovery training: never the validation ones."""
+    images, _, _, _ = _splits()
+    return [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+
+
 def example_input() -> torch.Tensor:
     """One image, shaped as the model takes it."""
     return loaders(batch_size=1)[0][0]

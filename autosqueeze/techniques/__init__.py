@@ -1,4 +1,5 @@
-"""Compression techniques, applied in a fixed order: factorize, prune, quantize.
+"""Compression techniques, applied in a fixed order: structured pruning, factorization,
+unstructured pruning, quantization; and at load time the execution form (kernel).
 
 The registry maps a plan knob to its technique; a new technique is one new module plus one
 line here (and a field on LayerPlan).
@@ -10,13 +11,18 @@ import copy
 
 from torch import nn
 
-from autosqueeze.plan import Plan
-from autosqueeze.techniques.base import CompressedModel, Technique, weighted_parts
+from autosqueeze.plan import LayerPlan, Plan
+from autosqueeze.recovery import Recovery
+from autosqueeze.techniques.base import CompressedModel, Site, Target, Technique, weighted_parts
+from autosqueeze.techniques.channels import PruneChannels
 from autosqueeze.techniques.factorize import Factorize
+from autosqueeze.techniques.kernel import Kernel
 from autosqueeze.techniques.prune import Prune
 from autosqueeze.techniques.quantize import Quantize
 
-TECHNIQUES: dict[str, Technique] = {t.knob: t for t in (Factorize(), Prune(), Quantize())}
+TECHNIQUES: dict[str, Technique] = {
+    t.knob: t for t in (PruneChannels(), Factorize(), Prune(), Quantize(), Kernel())
+}
 """knob -> technique, in the order they are applied."""
 
 
@@ -26,25 +32,56 @@ def technique_for(knob: str) -> Technique:
     return TECHNIQUES[knob]
 
 
-def compress(model: nn.Module, plan: Plan) -> CompressedModel:
-    """Apply ``plan`` to a copy of ``model`` (the original is left as it was)."""
+def compress(
+    model: nn.Module,
+    plan: Plan,
+    target: Target | None = None,
+    recovery: Recovery | None = None,
+) -> CompressedModel:
+    """Apply ``plan`` to a copy of ``model`` (the original is left as it was). With
+    ``recovery``, the copy is distilled from ``model`` once the structural steps are done."""
     _check_layers(model, plan)
-    compressed = CompressedModel(copy.deepcopy(model).eval(), plan)
-    for technique in TECHNIQUES.values():
-        for name, layer_plan in plan.layers.items():
-            if getattr(layer_plan, technique.knob) != technique.identity:
-                technique.apply(compressed, name, layer_plan)
+    compressed = CompressedModel(copy.deepcopy(model).eval(), plan, target or Target())
+    steps = _steps(plan, model)
+    last_structural = max((i for i, s in enumerate(steps) if s[0].structural), default=None)
+    for i, (technique, name, layer_plan) in enumerate(steps):
+        technique.apply(compressed, name, layer_plan)
+        if recovery and i == last_structural:
+            recovery.run(compressed.module, model)
     return compressed
 
 
-def rebuild(model: nn.Module, plan: Plan) -> nn.Module:
+def rebuild(model: nn.Module, plan: Plan, target: Target | None = None) -> nn.Module:
     """Give ``model`` (in place) the structure ``plan`` produces, so its weights can be loaded."""
     _check_layers(model, plan)
-    for technique in TECHNIQUES.values():
-        for name, layer_plan in plan.layers.items():
-            if getattr(layer_plan, technique.knob) != technique.identity:
-                technique.rebuild(model, name, layer_plan)
+    work = CompressedModel(model, plan, target or Target())
+    for technique, name, layer_plan in _steps(plan, model):
+        technique.rebuild(work, name, layer_plan)
     return model
+
+
+def deploy(model: nn.Module, plan: Plan) -> nn.Module:
+    """Turn a loaded model (in place, already on its device) into its execution form."""
+    steps = _steps(plan, model)  # positions before any layer is replaced
+    for technique, name, layer_plan in steps:
+        technique.deploy(model, name, layer_plan)
+    return model
+
+
+def _steps(plan: Plan, model: nn.Module) -> list[tuple[Technique, str, LayerPlan]]:
+    """(technique, layer, choices) for every knob a plan changes, in application order:
+    technique by technique, layers in the model's order. The order must not depend on how
+    the plan's dict happens to be ordered: removing channels from one layer of a coupled group
+    before another changes which channels go, and a plan read back from JSON (sorted by name)
+    must give the artifact the search measured."""
+    position = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    layers = sorted(plan.layers.items(), key=lambda item: position[item[0]])
+    return [
+        (technique, name, layer_plan)
+        for technique in TECHNIQUES.values()
+        for name, layer_plan in layers
+        if getattr(layer_plan, technique.knob) != technique.identity
+    ]
 
 
 def _check_layers(model: nn.Module, plan: Plan) -> None:
@@ -57,8 +94,11 @@ def _check_layers(model: nn.Module, plan: Plan) -> None:
 __all__ = [
     "TECHNIQUES",
     "CompressedModel",
+    "Site",
+    "Target",
     "Technique",
     "compress",
+    "deploy",
     "rebuild",
     "technique_for",
     "weighted_parts",

@@ -16,13 +16,35 @@ from autosqueeze.plan import LayerPlan, Plan
 WEIGHTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where the model will run, and an input to trace it with: what a layer's options depend
+    on beyond the layer itself (kernels differ per device; structural changes follow the
+    model's data flow, which only a traced forward pass shows)."""
+
+    device: str = "cpu"
+    example_input: Any = None
+
+
+@dataclass(frozen=True)
+class Site:
+    """A layer as the search space sees it: its name, the model around it, the target."""
+
+    name: str
+    layer: nn.Module
+    model: nn.Module
+    target: Target
+
+
 @dataclass
 class CompressedModel:
     """A plan applied: the changed module, and how each of its weights is to be stored."""
 
     module: nn.Module
     plan: Plan
+    target: Target = field(default_factory=Target)
     codecs: dict[str, TensorCodec] = field(default_factory=dict)  # state-dict key -> storage
+    scratch: dict[str, Any] = field(default_factory=dict)  # per-technique state while applying
 
 
 class Technique(ABC):
@@ -30,11 +52,13 @@ class Technique(ABC):
 
     ``offer`` decides what a layer may choose (a distribution, a fixed value, or nothing);
     ``apply`` changes a compressed copy of the model; ``rebuild`` repeats only the structural
-    part of ``apply`` so an artifact's weights fit the module when it is loaded.
+    part of ``apply`` so an artifact's weights fit the module when it is loaded; ``deploy``
+    turns the loaded layer into its execution form.
     """
 
     knob: ClassVar[str]
     identity: ClassVar[Any]  # the value that leaves a layer untouched
+    structural: ClassVar[bool] = False  # changes shapes: recovery training follows it
 
     def validate(self, values: KnobValues) -> None:
         """Raise ValueError when the space file gives this knob values it cannot take."""
@@ -44,8 +68,8 @@ class Technique(ABC):
     def check_value(self, value: float) -> None:  # noqa: B027 - optional hook
         """Raise ValueError for one value this knob cannot take."""
 
-    def offer(self, layer: nn.Module, values: KnobValues) -> BaseDistribution | Any | None:
-        return to_distribution(values) if isinstance(layer, WEIGHTED_LAYERS) else None
+    def offer(self, site: Site, values: KnobValues) -> BaseDistribution | Any | None:
+        return to_distribution(values) if isinstance(site.layer, WEIGHTED_LAYERS) else None
 
     @abstractmethod
     def most_compressed(self, values: list[Any]) -> Any:
@@ -55,8 +79,11 @@ class Technique(ABC):
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
         """Apply this knob's choice to layer ``name`` of ``compressed.module``."""
 
-    def rebuild(self, module: nn.Module, name: str, layer_plan: LayerPlan) -> None:  # noqa: B027
+    def rebuild(self, model: CompressedModel, name: str, layer_plan: LayerPlan) -> None:  # noqa: B027
         """Make the structural change of ``apply`` without computing weights (for loading)."""
+
+    def deploy(self, module: nn.Module, name: str, layer_plan: LayerPlan) -> None:  # noqa: B027
+        """Turn the loaded layer into the form it runs in (after its weights are loaded)."""
 
 
 def weighted_parts(module: nn.Module, name: str) -> list[tuple[str, nn.Module]]:

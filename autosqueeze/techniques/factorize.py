@@ -15,7 +15,7 @@ from torch import nn
 
 from autosqueeze.knobs import KnobValues, Range
 from autosqueeze.plan import LayerPlan
-from autosqueeze.techniques.base import CompressedModel, Technique
+from autosqueeze.techniques.base import CompressedModel, Site, Technique
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -38,6 +38,7 @@ def helps(layer: nn.Module, fraction: float) -> bool:
 
 class Factorize(Technique):
     knob = "rank"
+    structural = True
     identity = 1.0
 
     def validate(self, values: KnobValues) -> None:
@@ -49,7 +50,8 @@ class Factorize(Technique):
         if not 0 < value <= 1:
             raise ValueError(f"rank is a fraction of the full rank in (0, 1], got {value}")
 
-    def offer(self, layer: nn.Module, values: KnobValues) -> BaseDistribution | Any | None:
+    def offer(self, site: Site, values: KnobValues) -> BaseDistribution | Any | None:
+        layer = site.layer
         if not _factorizable(layer):
             return None
         choices = values if isinstance(values, list) else [values]
@@ -77,9 +79,9 @@ class Factorize(Technique):
                 second.bias.copy_(layer.bias)
         compressed.module.set_submodule(name, nn.Sequential(first, second))
 
-    def rebuild(self, module: nn.Module, name: str, layer_plan: LayerPlan) -> None:
-        layer = module.get_submodule(name)
-        module.set_submodule(
+    def rebuild(self, model: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
+        layer = model.module.get_submodule(name)
+        model.module.set_submodule(
             name, nn.Sequential(*_factors(layer, rank_for(layer, layer_plan.rank)))
         )
 

@@ -1,0 +1,235 @@
+"""Execution forms: how a layer runs once loaded, chosen per layer by the search.
+
+The artifact stores weights at the plan's ``bits``; ``kernel`` says which real kernel runs the
+layer on the target device. A kernel converts the loaded fp32 layer into a module that holds
+its weights in the kernel's own format (int8 rows, packed int4, bf16, ...) and calls the kernel,
+so the metric, latency and memory a trial reports are those of the deployed layer.
+
+Which kernel is faster depends on the device, the layer's shape and the batch: measure
+(``benchmarks/kernels.py``), never assume. A new kernel is one class and one registry line.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class Kernel(ABC):
+    """One execution form: the devices and layers it serves, and how a layer becomes it."""
+
+    name: ClassVar[str]
+    devices: ClassVar[frozenset[str]]
+    layers: ClassVar[tuple[type[nn.Module], ...]]
+
+    def fits(self, layer: nn.Module, device: str) -> bool:
+        """Whether this kernel can run ``layer`` on ``device`` (type and shape constraints)."""
+        return device in self.devices and isinstance(layer, self.layers)
+
+    @abstractmethod
+    def convert(self, layer: nn.Module) -> nn.Module:
+        """The layer in this execution form (on the layer's device)."""
+
+
+class Float32(Kernel):
+    """The layer as PyTorch runs it by default."""
+
+    name = "fp32"
+    devices = frozenset({"cpu", "cuda"})
+    layers = (nn.Linear, *_CONVS, nn.Embedding)
+
+    def convert(self, layer: nn.Module) -> nn.Module:
+        return layer
+
+
+class Cast(Kernel):
+    """The layer's weights and arithmetic in a 16-bit float; inputs are cast on the way in
+    and outputs back to fp32 on the way out, so neighbouring layers need not change."""
+
+    dtype: ClassVar[torch.dtype]
+    layers = (nn.Linear, *_CONVS, nn.Embedding)
+
+    def convert(self, layer: nn.Module) -> nn.Module:
+        return CastLayer(layer.to(self.dtype), self.dtype)
+
+
+class BFloat16(Cast):
+    name = "bf16"
+    dtype = torch.bfloat16
+    devices = frozenset({"cpu", "cuda"})
+
+
+class Float16(Cast):
+    name = "fp16"
+    dtype = torch.float16
+    devices = frozenset({"cuda"})  # CPUs without fp16 arithmetic emulate it slowly
+
+
+class DynamicInt8(Kernel):
+    """PyTorch's x86 (fbgemm) dynamically quantized Linear: int8 weights with one scale per
+    output row; activations are quantized per batch at run time; int8 GEMM."""
+
+    name = "int8_dynamic"
+    devices = frozenset({"cpu"})
+    layers = (nn.Linear,)
+
+    def convert(self, layer: nn.Module) -> nn.Module:
+        from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
+        from torch.ao.quantization import per_channel_dynamic_qconfig
+
+        layer.qconfig = per_channel_dynamic_qconfig
+        with warnings.catch_warnings():  # torch.ao.quantization is deprecated, not yet replaced
+            warnings.simplefilter("ignore")
+            return QuantizedLinear.from_float(layer)
+
+
+class WeightOnlyInt8(Kernel):
+    """int8 weights with one scale per row, bf16 activations: ``torch._weight_int8pack_mm``
+    for Linear; Embedding gathers int8 rows and scales them."""
+
+    name = "int8_weight_only"
+    devices = frozenset({"cpu", "cuda"})
+    layers = (nn.Linear, nn.Embedding)
+
+    def convert(self, layer: nn.Module) -> nn.Module:
+        if isinstance(layer, nn.Embedding):
+            return Int8Embedding(layer)
+        return Int8WeightOnlyLinear(layer)
+
+
+class WeightOnlyInt4(Kernel):
+    """Asymmetric int4 weights in groups along the input (32 on CPU, 128 on CUDA), packed for
+    the tinygemm-style kernels (``torch._weight_int4pack_mm_for_cpu``, or
+    ``torch._weight_int4pack_mm`` on CUDA), bf16 activations. The packing wants out_features
+    a multiple of 16 and in_features a multiple of the group: other shapes are zero-padded
+    (the padding's cost is part of what is measured)."""
+
+    name = "int4_weight_only"
+    devices = frozenset({"cpu", "cuda"})
+    layers = (nn.Linear,)
+
+    def convert(self, layer: nn.Module) -> nn.Module:
+        return Int4WeightOnlyLinear(layer, 32 if layer.weight.device.type == "cpu" else 128)
+
+
+KERNELS: dict[str, Kernel] = {
+    k.name: k
+    for k in (Float32(), BFloat16(), Float16(), DynamicInt8(), WeightOnlyInt8(), WeightOnlyInt4())
+}
+"""kernel name -> kernel; the names a space file's ``kernel`` knob may list."""
+
+
+def kernel_for(name: str) -> Kernel:
+    if name not in KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; the kernels are {', '.join(KERNELS)}")
+    return KERNELS[name]
+
+
+# --- the modules the kernels produce ---------------------------------------------------------
+
+
+class CastLayer(nn.Module):
+    def __init__(self, layer: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.layer = layer
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+        if x.is_floating_point():
+            x = x.to(self.dtype)
+        return self.layer(x).to(out_dtype)
+
+
+def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: (int8 codes, fp32 scale per row)."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    codes = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """Rows and inputs are zero-padded to multiples of 16: ``_weight_int8pack_mm`` crashes on
+    some narrow shapes (e.g. 10 outputs from 5 inputs, torch 2.13)."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        out_features, in_features = layer.weight.shape
+        self.out_features, self.pad_in = out_features, -in_features % 16
+        codes, scale = _int8_rows(
+            F.pad(layer.weight.detach(), (0, self.pad_in, 0, -out_features % 16))
+        )
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        bias = None if layer.bias is None else layer.bias.detach().to(torch.bfloat16)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        if self.pad_in:
+            flat = F.pad(flat, (0, self.pad_in))
+        out = torch._weight_int8pack_mm(flat, self.codes, self.scale)[:, : self.out_features]
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+class Int8Embedding(nn.Module):
+    def __init__(self, layer: nn.Embedding) -> None:
+        super().__init__()
+        codes, scale = _int8_rows(layer.weight)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale[:, None])
+        self.padding_idx = layer.padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.codes[ids].float() * self.scale[ids]
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    def __init__(self, layer: nn.Linear, group_size: int) -> None:
+        super().__init__()
+        out_features, in_features = layer.weight.shape
+        self.out_features, self.pad_in = out_features, -in_features % group_size
+        w = F.pad(layer.weight.detach().float(), (0, self.pad_in, 0, -out_features % 16))
+        rows = w.shape[0]
+        w = w.reshape(rows, -1, group_size)
+        low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        scale = ((high - low) / 15).clamp(min=1e-12)
+        codes = torch.round((w - low) / scale).clamp(0, 15).reshape(rows, -1)
+        zero = low + 8 * scale  # the kernels compute (code - 8) * scale + zero
+        scales_and_zeros = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1)
+        self.cpu = layer.weight.device.type == "cpu"
+        if self.cpu:
+            packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        else:
+            uint8 = (codes[:, ::2].to(torch.uint8) << 4) | codes[:, 1::2].to(torch.uint8)
+            packed = torch._convert_weight_to_int4pack(uint8.contiguous(), 8)
+        self.register_buffer("packed", packed)
+        self.register_buffer(
+            "scales_and_zeros", scales_and_zeros.transpose(0, 1).contiguous().to(torch.bfloat16)
+        )
+        bias = None if layer.bias is None else layer.bias.detach().to(torch.bfloat16)
+        self.register_buffer("bias", bias)
+        self.group_size = group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        if self.pad_in:
+            flat = F.pad(flat, (0, self.pad_in))
+        mm = torch._weight_int4pack_mm_for_cpu if self.cpu else torch._weight_int4pack_mm
+        out = mm(flat, self.packed, self.group_size, self.scales_and_zeros)[:, : self.out_features]
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+__all__ = ["KERNELS", "Kernel", "kernel_for"]

@@ -1,0 +1,163 @@
+"""Structured pruning: remove a layer's least important output channels (neurons) for real.
+
+Torch-Pruning's dependency graph finds every tensor coupled to those channels (the next
+layer's inputs, BatchNorm statistics, the other branch of a residual add, ...) and shrinks
+them all, so the model gets smaller tensors and fewer operations rather than masks. Channels
+are ranked by the L2 norm of their whole coupled group. ``prune_channels`` is the fraction of
+the layer's original outputs removed; a layer already narrowed as part of an earlier layer's
+group is only pruned further when its own fraction asks for more. Layers whose channels reach
+the model's output (a classifier's logits) are never offered.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import Any
+
+import torch
+from optuna.distributions import BaseDistribution
+from torch import nn
+
+from autosqueeze.knobs import KnobValues, to_distribution
+from autosqueeze.metrics import call_model
+from autosqueeze.plan import LayerPlan
+from autosqueeze.recovery import floating_tensors
+from autosqueeze.techniques.base import CompressedModel, Site, Technique
+
+_PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class PruneChannels(Technique):
+    knob = "prune_channels"
+    structural = True
+    identity = 0.0
+
+    def check_value(self, value: float) -> None:
+        if not 0 <= value < 1:
+            raise ValueError(f"prune_channels is a fraction of outputs in [0, 1), got {value}")
+
+    def offer(self, site: Site, values: KnobValues) -> BaseDistribution | Any | None:
+        layer = site.layer
+        if not isinstance(layer, _PRUNABLE) or getattr(layer, "groups", 1) != 1:
+            return None
+        if site.target.example_input is None or site.name not in _prunable_layers(site):
+            return None
+        return to_distribution(values)
+
+    def most_compressed(self, values: list[Any]) -> Any:
+        return max(values)
+
+    def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
+        graph, widths = _graph(compressed)
+        layer = compressed.module.get_submodule(name)
+        keep = max(1, widths[name] - round(layer_plan.prune_channels * widths[name]))
+        surplus = _width(layer) - keep
+        if surplus <= 0:
+            return
+        every = list(range(_width(layer)))
+        scores = _importance()(graph.get_pruning_group(layer, _out_channels(layer), idxs=every))
+        order = torch.argsort(scores, stable=True)[:surplus].tolist()
+        graph.get_pruning_group(layer, _out_channels(layer), idxs=order).prune()
+
+    def rebuild(self, model: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
+        self.apply(model, name, layer_plan)  # same counts; which channels does not matter here
+
+
+def _width(layer: nn.Module) -> int:
+    return int(layer.weight.shape[0])
+
+
+def _out_channels(layer: nn.Module) -> Any:
+    import torch_pruning as tp
+
+    return (
+        tp.prune_linear_out_channels if isinstance(layer, nn.Linear) else tp.prune_conv_out_channels
+    )
+
+
+def _importance() -> Any:
+    import torch_pruning as tp
+
+    return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="first")
+
+
+def _build_graph(module: nn.Module, example_input: Any) -> Any:
+    import torch_pruning as tp
+
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(
+            module,
+            example_inputs=example_input,
+            forward_fn=call_model,
+            output_transform=floating_tensors,
+            verbose=False,
+        )
+
+
+def _graph(compressed: CompressedModel) -> tuple[Any, dict[str, int]]:
+    """The dependency graph of the model being compressed, and each layer's original width
+    (recorded before the first structural change)."""
+    if "dependency_graph" not in compressed.scratch:
+        if compressed.target.example_input is None:
+            raise ValueError("prune_channels needs the task's example input to trace the model")
+        compressed.scratch["dependency_graph"] = (
+            _build_graph(compressed.module, compressed.target.example_input),
+            {
+                n: _width(m)
+                for n, m in compressed.module.named_modules()
+                if isinstance(m, _PRUNABLE)
+            },
+        )
+    return compressed.scratch["dependency_graph"]
+
+
+_PRUNABLE_CACHE: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _prunable_layers(site: Site) -> set[str]:
+    """Layers of the model whose output channels can go without changing what the model
+    outputs: found once per model from its dependency graph."""
+    if site.model not in _PRUNABLE_CACHE:
+        _PRUNABLE_CACHE[site.model] = _find_prunable(site.model, site.target.example_input)
+    return _PRUNABLE_CACHE[site.model]
+
+
+def _find_prunable(model: nn.Module, example_input: Any) -> set[str]:
+    """The layers from which one channel can be removed, on a copy, with the model still
+    running and every output keeping its shape. That rules out a classifier's logits, a
+    transformer's hidden size (coupled to its outputs) and attention projections whose width
+    must stay a multiple of the head count."""
+    with torch.inference_mode():
+        shapes = [t.shape for t in floating_tensors(call_model(model, example_input))]
+    graph = _build_graph(model, example_input)
+    candidates = [
+        name
+        for name, layer in model.named_modules()
+        if isinstance(layer, _PRUNABLE) and layer in graph.module2node and _width(layer) > 1
+    ]
+    verdicts: dict[frozenset[int], bool] = {}  # layers coupled in one group share a verdict
+    prunable = set()
+    for name in candidates:
+        layer = model.get_submodule(name)
+        group = graph.get_pruning_group(layer, _out_channels(layer), idxs=[0])
+        key = frozenset(id(dep.target.module) for dep, _ in group)
+        if key not in verdicts:
+            verdicts[key] = _prunes_cleanly(model, name, example_input, shapes)
+        if verdicts[key]:
+            prunable.add(name)
+    return prunable
+
+
+def _prunes_cleanly(model: nn.Module, name: str, example_input: Any, shapes: list[Any]) -> bool:
+    trial = copy.deepcopy(model)
+    layer = trial.get_submodule(name)
+    try:
+        _build_graph(trial, example_input).get_pruning_group(
+            layer, _out_channels(layer), idxs=[0]
+        ).prune()
+        with torch.inference_mode():
+            got = [t.shape for t in floating_tensors(call_model(trial, example_input))]
+    except Exception:  # noqa: BLE001 - any failure means: not prunable on its own
+        return False
+    return got == shapes

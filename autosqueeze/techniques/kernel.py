@@ -1,0 +1,50 @@
+"""The execution form of a layer: which real kernel runs it on the target device.
+
+It leaves the stored bytes alone; when the artifact is loaded, each layer (both halves of a
+factorized one) is converted to its kernel's form (``autosqueeze.kernels``). A space file lists
+kernel names; a layer is offered those that can run it on the config's device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from torch import nn
+
+from autosqueeze.kernels import KERNELS, kernel_for
+from autosqueeze.knobs import KnobValues, Range
+from autosqueeze.plan import LayerPlan
+from autosqueeze.techniques.base import CompressedModel, Site, Technique, weighted_parts
+
+# Most compact in memory first: what "most compressed" means for an execution form.
+_COMPACTNESS = ["int4_weight_only", "int8_weight_only", "int8_dynamic", "fp16", "bf16", "fp32"]
+
+
+class Kernel(Technique):
+    knob = "kernel"
+    identity = "fp32"
+
+    def validate(self, values: KnobValues) -> None:
+        if isinstance(values, Range):
+            raise ValueError(f"kernel takes a list of kernel names ({', '.join(KERNELS)})")
+        for value in values if isinstance(values, list) else [values]:
+            kernel_for(str(value))
+
+    def offer(self, site: Site, values: KnobValues) -> BaseDistribution | Any | None:
+        names = values if isinstance(values, list) else [values]
+        usable = [str(n) for n in names if KERNELS[str(n)].fits(site.layer, site.target.device)]
+        if not usable:
+            return None
+        return CategoricalDistribution(usable) if len(usable) > 1 else usable[0]
+
+    def most_compressed(self, values: list[Any]) -> Any:
+        return min(values, key=_COMPACTNESS.index)
+
+    def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
+        """Nothing to store: the kernel is chosen when the artifact is loaded."""
+
+    def deploy(self, module: nn.Module, name: str, layer_plan: LayerPlan) -> None:
+        kernel = kernel_for(layer_plan.kernel)
+        for part_name, part in weighted_parts(module, name):
+            module.set_submodule(part_name, kernel.convert(part))

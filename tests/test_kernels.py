@@ -1,0 +1,126 @@
+"""Execution forms: each kernel stays close to fp32, survives the artifact round trip, and
+really holds its weights in fewer bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from autosqueeze.artifact import load_artifact, read_plan, save_artifact
+from autosqueeze.examples.digits import example_input, loaders, pretrained_cnn
+from autosqueeze.kernels import KERNELS, kernel_for
+from autosqueeze.measure import measure_memory
+from autosqueeze.plan import LayerPlan, Plan
+from autosqueeze.techniques import Target, compress
+
+CPU = torch.device("cpu")
+
+# Worst |error| relative to the largest |output| of fp32, per kernel: bf16 keeps 8 mantissa
+# bits; the int8 forms add a scale/2 weight error per row; int4 groups of 32 add more.
+BOUNDS = {
+    "fp32": 0.0,
+    "bf16": 0.02,
+    "int8_dynamic": 0.03,
+    "int8_weight_only": 0.03,
+    "int4_weight_only": 0.15,
+}
+
+LAYERS = {
+    "linear": (nn.Linear(70, 40), torch.randn(3, 5, 70)),  # shapes the int kernels must pad
+    "linear-batch1": (nn.Linear(1024, 128), torch.randn(1, 1024)),
+    "narrow": (nn.Linear(5, 10), torch.randn(1, 5)),  # crashed _weight_int8pack_mm unpadded
+    "conv": (nn.Conv2d(8, 16, 3, padding=1), torch.randn(2, 8, 8, 8)),
+    "embedding": (nn.Embedding(100, 24), torch.randint(0, 100, (2, 7))),
+}
+
+
+def _cases():
+    for layer_name, (layer, _) in LAYERS.items():
+        for kernel in KERNELS.values():
+            if kernel.fits(layer, "cpu"):
+                yield pytest.param(layer_name, kernel.name, id=f"{layer_name}-{kernel.name}")
+
+
+@pytest.mark.parametrize(("layer_name", "kernel_name"), list(_cases()))
+def test_each_cpu_kernel_is_close_to_fp32(layer_name, kernel_name):
+    torch.manual_seed(0)
+    layer, x = LAYERS[layer_name]
+    with torch.inference_mode():
+        expected = layer(x)
+        got = kernel_for(kernel_name).convert(_copy(layer))(x)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    error = (got - expected).abs().max() / expected.abs().max()
+    assert error <= BOUNDS[kernel_name], f"{kernel_name} on {layer_name}: {error:.4f}"
+
+
+def test_cpu_offers_the_cpu_kernels_only():
+    linear = nn.Linear(64, 64)
+    offered = {k.name for k in KERNELS.values() if k.fits(linear, "cpu")}
+    assert offered == {"fp32", "bf16", "int8_dynamic", "int8_weight_only", "int4_weight_only"}
+    assert not KERNELS["fp16"].fits(linear, "cpu")
+    assert not KERNELS["int8_dynamic"].fits(nn.Conv2d(3, 3, 3), "cpu")
+
+
+PLAN = Plan(
+    {
+        "features.2": LayerPlan(kernel="bf16"),
+        "classifier.1": LayerPlan(bits=8, kernel="int8_dynamic", rank=0.5),
+        "classifier.3": LayerPlan(bits=4, kernel="int4_weight_only"),
+    }
+)
+
+
+def test_the_artifact_loads_into_the_planned_execution_form(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_artifact(compress(pretrained_cnn(), PLAN), path)
+    assert read_plan(path) == PLAN
+    loaded = load_artifact(path, pretrained_cnn(), Target("cpu"))
+    kinds = {name: type(m).__qualname__ for name, m in loaded.named_modules()}
+    assert kinds["features.2"] == "CastLayer"
+    assert kinds["classifier.3"] == "Int4WeightOnlyLinear"
+    dynamic = torch.ao.nn.quantized.dynamic.Linear
+    assert isinstance(loaded.classifier[1][0], dynamic)  # both halves of the factorized layer
+    assert isinstance(loaded.classifier[1][1], dynamic)
+    x = loaders()[0][0]
+    with torch.inference_mode():
+        again = load_artifact(path, pretrained_cnn(), Target("cpu"))(x)
+        torch.testing.assert_close(loaded(x), again, atol=0, rtol=0)  # deterministic form
+        agree = (loaded(x).argmax(1) == pretrained_cnn()(x).argmax(1)).float().mean()
+    assert agree > 0.95
+
+
+def test_memory_counts_the_weights_at_their_execution_width():
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512))
+    x = torch.randn(1, 512)
+    fp32 = measure_memory(model, x, CPU)
+    assert fp32 >= 2 * 512 * 512 * 4 / 1e6  # the two fp32 weights at least
+    int8 = _converted(model, "int8_weight_only")
+    int4 = _converted(model, "int4_weight_only")
+    assert measure_memory(int8, x, CPU) < 0.3 * fp32
+    assert measure_memory(int4, x, CPU) < 0.7 * measure_memory(int8, x, CPU)  # + group scales
+
+
+def test_memory_sees_the_activations_of_the_forward_pass():
+    wide = nn.Sequential(nn.Linear(8, 4096), nn.ReLU(), nn.Linear(4096, 8))
+    small_batch = measure_memory(wide, torch.randn(1, 8), CPU)
+    big_batch = measure_memory(wide, torch.randn(256, 8), CPU)
+    assert big_batch - small_batch >= 256 * 4096 * 4 / 1e6 * 0.9  # one hidden activation
+
+
+def test_example_digits_plan_with_kernels_measures_fine():
+    x = example_input()
+    compressed = compress(pretrained_cnn(), PLAN)
+    assert measure_memory(compressed.module, x, CPU) > 0
+
+
+def _converted(model: nn.Sequential, kernel: str) -> nn.Sequential:
+    return nn.Sequential(
+        *(kernel_for(kernel).convert(m) if isinstance(m, nn.Linear) else m for m in _copy(model))
+    )
+
+
+def _copy(module: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module)
