@@ -31,8 +31,17 @@ def check_reachable(config: StudyConfig, task: Task, space: SearchSpace) -> int:
                 f"or smaller; the most compressed plan (every knob at its extreme) is "
                 f"{size / 1e6:.4f} MB. Raise the budget or widen the space ({config.space})."
             )
+        if budgets.max_latency_ms is None and budgets.max_memory_mb is None:
+            return size
+        got = evaluator.measure_artifact(path)
+        if budgets.max_memory_mb is not None and (got.memory_mb or 0.0) > budgets.max_memory_mb:
+            raise UserError(
+                f"budgets.max_memory_mb: no model in this space runs in {budgets.max_memory_mb} "
+                f"MB at batch size {budgets.batch_size}; the most compressed plan (every knob "
+                f"at its extreme, the most compact kernels) peaks at {got.memory_mb:.3f} MB."
+            )
         if budgets.max_latency_ms is not None:
-            latency = evaluator.measure_artifact(path).latency_ms
+            latency = got.latency_ms
             if latency > budgets.max_latency_ms * LATENCY_NOISE:
                 raise UserError(
                     f"budgets.max_latency_ms: no model in this space is likely to run in "

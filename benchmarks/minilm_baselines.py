@@ -3,8 +3,9 @@ measured in one run on this machine (batch size 1, CPU).
 
 Rows: the fp32 model; PyTorch dynamic int8 on every Linear (``quantize_dynamic``, shipped as
 ``torch.save`` of its state dict); an fp16 cast (shipped as safetensors); uniform and mixed
-autosqueeze plans, loaded back from their artifacts; and, with ``--study-dir``, the smallest
-front model of a finished ``studies/minilm.yaml`` search with fidelity >= 0.99.
+autosqueeze plans (stored bits, and execution kernels), loaded back from their artifacts;
+and, with ``--study-dir``, the smallest and the fastest front model of a finished
+``studies/minilm.yaml`` search with fidelity >= 0.99.
 
 Fidelity is the mean cosine similarity of the mean-pooled sentence embeddings to the fp32
 model's, on the study's validation sentences. Latency: this VM's speed drifts (the same
@@ -41,7 +42,17 @@ CONFIG = Path(__file__).resolve().parent.parent / "studies" / "minilm.yaml"
 
 
 def plans(task: Task, study_dir: Path | None) -> dict[str, Plan]:
-    space = build_space(task.model, task.config.space)
+    space = build_space(task.model, task.config.space, task.target)
+
+    def linears_run(kernel: str, bits: int) -> Plan:
+        return Plan(
+            {
+                name: lp.replace(kernel=kernel)
+                if isinstance(task.model.get_submodule(name), nn.Linear)
+                else lp
+                for name, lp in space.uniform_plan(bits=bits).layers.items()
+            }
+        )
 
     def with_embeddings(bits: int, rest: int) -> Plan:
         layers = dict(space.uniform_plan(bits=rest).layers)
@@ -54,6 +65,8 @@ def plans(task: Task, study_dir: Path | None) -> dict[str, Plan]:
         "autosqueeze int8 (g64), every layer": space.uniform_plan(bits=8),
         "autosqueeze int6 (g64), every layer": space.uniform_plan(bits=6),
         "autosqueeze embeddings int4, rest int6": with_embeddings(4, 6),
+        "autosqueeze int8 (g64) stored, Linears run int8_dynamic": linears_run("int8_dynamic", 8),
+        "autosqueeze int8 (g64) stored, Linears run bf16": linears_run("bf16", 8),
     }
     if study_dir:
         config = task.config.with_overrides(study_dir=study_dir)
@@ -62,6 +75,8 @@ def plans(task: Task, study_dir: Path | None) -> dict[str, Plan]:
         if ok:
             best = min(ok, key=lambda m: m.measurements.size_bytes)
             chosen[f"autosqueeze search: smallest front model (trial {best.number})"] = best.plan
+            fast = min(ok, key=lambda m: m.measurements.latency_ms)
+            chosen[f"autosqueeze search: fastest front model (trial {fast.number})"] = fast.plan
     return chosen
 
 
@@ -74,7 +89,7 @@ def candidates(
     for i, (name, plan) in enumerate(plans(task, study_dir).items()):
         path = folder / f"plan{i}.safetensors"
         size = evaluator.build(plan, path)
-        out[name] = (load_artifact(path, copy.deepcopy(task.model)), size)
+        out[name] = (load_artifact(path, copy.deepcopy(task.model), task.target), size)
         if i == 0:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # deprecated, and still what users try first

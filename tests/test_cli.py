@@ -104,6 +104,9 @@ def test_front_json_export_and_evaluate_reproduce_the_search(searched, capsys, t
     measured = json.loads(out)
     assert measured["metric"] == pytest.approx(member["metric"], abs=1e-6)
     assert measured["size_bytes"] == member["size_bytes"]
+    # the same execution form: its memory (weights at the kernels' widths) is what the search saw
+    assert measured["memory_mb"] == pytest.approx(member["memory_mb"], rel=0.02)
+    assert measured["study_latency_ms"] > 0 and measured["reference_latency_ms"] > 0
     code, out, _ = run(capsys, "front", searched)
     assert code == 0 and "accuracy" in out and "smaller" in out
 

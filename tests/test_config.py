@@ -90,6 +90,30 @@ def test_budgets_no_model_can_meet_are_refused_before_searching(make_config, cap
     assert "budgets.max_size_mb: no model in this space can be 0.001 MB" in err
     err = fails(capsys, "search", make_config(budgets={"max_latency_ms": 1e-6}))
     assert "budgets.max_latency_ms: no model in this space is likely to run" in err
+    err = fails(capsys, "search", make_config(budgets={"max_memory_mb": 0.001}))
+    assert "budgets.max_memory_mb: no model in this space runs in 0.001 MB" in err
+
+
+def test_a_memory_budget_is_a_constraint_and_memory_an_objective(make_config, capsys):
+    """The fp32 digits CNN peaks at ~0.85 MB; 0.5 MB admits only models whose weights and
+    activations really take less at run time."""
+    from autosqueeze.config import load_config
+    from autosqueeze.study import open_study
+
+    config = make_config(
+        objectives=["metric", "memory_mb"],
+        budgets={"max_metric_drop": 0.05, "max_memory_mb": 0.5},
+        search={"trials": 10},
+    )
+    assert main(["search", str(config), "--no-progress"]) == 0
+    capsys.readouterr()
+    trials = [t for t in open_study(load_config(config), create=False).trials if t.values]
+    for t in trials:
+        assert t.values[1] == t.user_attrs["memory_mb"] > 0
+        within = t.user_attrs["memory_mb"] <= 0.5
+        assert (dict(t.constraints)["memory_mb"] <= 0) == within
+    assert trials[0].user_attrs["memory_mb"] > 0.5  # the original, fp32
+    assert any(t.user_attrs["memory_mb"] <= 0.5 for t in trials)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -3,10 +3,11 @@
 Torch-Pruning's dependency graph finds every tensor coupled to those channels (the next
 layer's inputs, BatchNorm statistics, the other branch of a residual add, ...) and shrinks
 them all, so the model gets smaller tensors and fewer operations rather than masks. Channels
-are ranked by the L2 norm of their whole coupled group. ``prune_channels`` is the fraction of
-the layer's original outputs removed; a layer already narrowed as part of an earlier layer's
-group is only pruned further when its own fraction asks for more. Layers whose channels reach
-the model's output (a classifier's logits) are never offered.
+are ranked by the L2 norm of the layer's own weights for them. ``prune_channels`` is the
+fraction of the layer's original outputs removed; a layer already narrowed as part of an
+earlier layer's group is only pruned further when its own fraction asks for more. Layers whose
+channels cannot go without changing the model's outputs (a classifier's logits, a
+transformer's hidden size) are never offered.
 """
 
 from __future__ import annotations
