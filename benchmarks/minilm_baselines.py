@@ -67,6 +67,7 @@ def plans(task: Task, study_dir: Path | None) -> dict[str, Plan]:
         "autosqueeze embeddings int4, rest int6": with_embeddings(4, 6),
         "autosqueeze int8 (g64) stored, Linears run int8_dynamic": linears_run("int8_dynamic", 8),
         "autosqueeze int8 (g64) stored, Linears run bf16": linears_run("bf16", 8),
+        "autosqueeze int6 (g64) stored, Linears run bf16": linears_run("bf16", 6),
     }
     if study_dir:
         config = task.config.with_overrides(study_dir=study_dir)
