@@ -156,30 +156,45 @@ def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale
 
 
-class Int8WeightOnlyLinear(nn.Module):
-    """Rows and inputs are zero-padded to multiples of 16: ``_weight_int8pack_mm`` crashes on
-    some narrow shapes (e.g. 10 outputs from 5 inputs, torch 2.13)."""
+class _PackedLinear(nn.Module):
+    """A Linear whose weight is packed for a bf16-activation kernel. The weight is zero-padded
+    to ``out_features`` a multiple of 16 and ``in_features`` a multiple of ``in_multiple``
+    (what the packing needs; ``_weight_int8pack_mm`` also crashes on some narrow shapes in
+    torch 2.13); inputs are padded to match and the extra outputs dropped."""
 
-    def __init__(self, layer: nn.Linear) -> None:
+    def __init__(self, layer: nn.Linear, in_multiple: int) -> None:
         super().__init__()
         out_features, in_features = layer.weight.shape
-        self.out_features, self.pad_in = out_features, -in_features % 16
-        codes, scale = _int8_rows(
-            F.pad(layer.weight.detach(), (0, self.pad_in, 0, -out_features % 16))
-        )
-        self.register_buffer("codes", codes)
-        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.out_features, self.pad_in = out_features, -in_features % in_multiple
         bias = None if layer.bias is None else layer.bias.detach().to(torch.bfloat16)
         self.register_buffer("bias", bias)
+
+    def padded_weight(self, layer: nn.Linear) -> torch.Tensor:
+        return F.pad(layer.weight.detach().float(), (0, self.pad_in, 0, -self.out_features % 16))
+
+    def matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        """(rows, padded in) bf16 -> (rows, padded out) bf16."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         if self.pad_in:
             flat = F.pad(flat, (0, self.pad_in))
-        out = torch._weight_int8pack_mm(flat, self.codes, self.scale)[:, : self.out_features]
+        out = self.matmul(flat)[:, : self.out_features]
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+class Int8WeightOnlyLinear(_PackedLinear):
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__(layer, in_multiple=16)
+        codes, scale = _int8_rows(self.padded_weight(layer))
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+
+    def matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(flat, self.codes, self.scale)
 
 
 class Int8Embedding(nn.Module):
@@ -194,12 +209,10 @@ class Int8Embedding(nn.Module):
         return self.codes[ids].float() * self.scale[ids]
 
 
-class Int4WeightOnlyLinear(nn.Module):
+class Int4WeightOnlyLinear(_PackedLinear):
     def __init__(self, layer: nn.Linear, group_size: int) -> None:
-        super().__init__()
-        out_features, in_features = layer.weight.shape
-        self.out_features, self.pad_in = out_features, -in_features % group_size
-        w = F.pad(layer.weight.detach().float(), (0, self.pad_in, 0, -out_features % 16))
+        super().__init__(layer, in_multiple=group_size)
+        w = self.padded_weight(layer)
         rows = w.shape[0]
         w = w.reshape(rows, -1, group_size)
         low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
@@ -217,19 +230,11 @@ class Int4WeightOnlyLinear(nn.Module):
         self.register_buffer(
             "scales_and_zeros", scales_and_zeros.transpose(0, 1).contiguous().to(torch.bfloat16)
         )
-        bias = None if layer.bias is None else layer.bias.detach().to(torch.bfloat16)
-        self.register_buffer("bias", bias)
         self.group_size = group_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        if self.pad_in:
-            flat = F.pad(flat, (0, self.pad_in))
+    def matmul(self, flat: torch.Tensor) -> torch.Tensor:
         mm = torch._weight_int4pack_mm_for_cpu if self.cpu else torch._weight_int4pack_mm
-        out = mm(flat, self.packed, self.group_size, self.scales_and_zeros)[:, : self.out_features]
-        if self.bias is not None:
-            out = out + self.bias
-        return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+        return mm(flat, self.packed, self.group_size, self.scales_and_zeros)
 
 
 __all__ = ["KERNELS", "Kernel", "kernel_for"]

@@ -19,7 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -72,16 +72,9 @@ def measure_latency(
     On the CPU it runs with ``threads`` intra-op threads (default: every CPU this process may
     use), whatever the calling process was given, so every worker times the same deploy form.
     """
-    inputs = to_device(inputs, device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    previous = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
-    try:
-        _timed(model, inputs, sync, warmup, repeats, times)
-    finally:
-        torch.set_num_threads(previous)
+    times: list[float] = []
+    with _timing(device, threads) as sync:
+        _timed(model, to_device(inputs, device), sync, warmup, repeats, times)
     return statistics.median(times) * 1000.0
 
 
@@ -99,21 +92,28 @@ def measure_latency_beside(
     """Median milliseconds of ``model`` and of ``reference``, timed in ``rounds`` interleaved
     rounds (reference, model, reference, ...) of ``repeats / rounds`` passes each."""
     per_round = max(1, repeats // rounds)
-    times: dict[str, list[float]] = {"model": [], "reference": []}
+    model_times: list[float] = []
+    reference_times: list[float] = []
     inputs = to_device(inputs, device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with _timing(device, threads) as sync:
+        for i in range(rounds):
+            first = warmup if i == 0 else 2
+            _timed(reference, inputs, sync, first, per_round, reference_times)
+            _timed(model, inputs, sync, first, per_round, model_times)
+    return statistics.median(model_times) * 1000.0, statistics.median(reference_times) * 1000.0
+
+
+@contextlib.contextmanager
+def _timing(device: torch.device, threads: int | None) -> Iterator[Callable[[], None]]:
+    """The conditions every timing runs under; yields the device's synchronize. On the CPU,
+    ``threads`` intra-op threads (default: every CPU this process may use), restored after."""
     previous = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     try:
-        for i in range(rounds):
-            for name, which in (("reference", reference), ("model", model)):
-                _timed(which, inputs, sync, warmup if i == 0 else 2, per_round, times[name])
+        yield torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     finally:
         torch.set_num_threads(previous)
-    return statistics.median(times["model"]) * 1000.0, statistics.median(
-        times["reference"]
-    ) * 1000.0
 
 
 def _timed(

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 import warnings
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from autosqueeze.kernels import KERNELS
+from autosqueeze.measure import measure_latency
 
 warnings.filterwarnings("ignore")
 LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
@@ -74,19 +74,9 @@ def _describe(layer: nn.Module) -> str:
     return f"Embedding {layer.num_embeddings}x{layer.embedding_dim}"
 
 
-def timed(fn: Any, x: torch.Tensor, device: str, repeats: int) -> float:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    with torch.inference_mode():
-        for _ in range(5):
-            fn(x)
-        sync()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn(x)
-            sync()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(module: nn.Module, x: torch.Tensor, device: str, repeats: int) -> float:
+    """Seconds per call: the median of ``repeats`` after 5 warm-up calls."""
+    return measure_latency(module, x, torch.device(device), warmup=5, repeats=repeats) / 1000
 
 
 def forms(layer: nn.Module, device: str) -> dict[str, nn.Module]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from autosqueeze.artifact import load_artifact
 from autosqueeze.config import load_config
-from autosqueeze.measure import Evaluator, measure_latency
+from autosqueeze.measure import Evaluator, measure_latency_beside
 from autosqueeze.search import run_search
 
 warnings.filterwarnings("ignore")
@@ -59,20 +59,15 @@ def main() -> None:
             fast_metric = task.evaluate_metric(fast)
             ratios, fp32_ms, fast_ms = [], [], []
             measure = config.measure
-            for _ in range(args.rounds):
-                a = measure_latency(
+            for _ in range(args.rounds):  # one round: fp32, then the compressed model
+                b, a = measure_latency_beside(
+                    fast,
                     original,
                     task.example_input,
                     task.device,
                     warmup=measure.warmup,
                     repeats=measure.repeats,
-                )
-                b = measure_latency(
-                    fast,
-                    task.example_input,
-                    task.device,
-                    warmup=measure.warmup,
-                    repeats=measure.repeats,
+                    rounds=1,
                 )
                 fp32_ms.append(a)
                 fast_ms.append(b)

@@ -6,12 +6,15 @@ starts from the same model; ``python -m autosqueeze.examples.digits`` retrains t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 WEIGHTS = Path(__file__).with_name("digits_cnn.safetensors")
+M = TypeVar("M", bound=nn.Module)
 SPLIT_SEED = 0
 VALIDATION_FRACTION = 0.3
 
@@ -79,19 +82,28 @@ def example_input() -> torch.Tensor:
 
 def pretrained_cnn() -> DigitsCNN:
     """The shipped, trained model (validation accuracy ~0.98)."""
+    return with_weights(DigitsCNN(), WEIGHTS)
+
+
+def with_weights(model: M, path: Path) -> M:
+    """``model`` with the weights shipped at ``path``, in eval mode."""
     from safetensors.torch import load_file
 
-    model = DigitsCNN()
-    model.load_state_dict(load_file(WEIGHTS))
+    model.load_state_dict(load_file(path))
     return model.eval()
 
 
 def train(epochs: int = 40, seed: int = 0) -> DigitsCNN:
     """Deterministic training on the training split (a few seconds on a CPU)."""
+    return fit(DigitsCNN, epochs=epochs, lr=1e-3, seed=seed)
+
+
+def fit(build: Callable[[], M], *, epochs: int, lr: float, seed: int = 0) -> M:
+    """A model from ``build()`` trained deterministically on the digits training split."""
     torch.manual_seed(seed)
     images, labels, _, _ = _splits()
-    model = DigitsCNN()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    model = build()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         model.train()

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autosqueeze.examples.digits import _splits, example_input, loaders
+from autosqueeze.examples.digits import example_input, fit, loaders, with_weights
 
 WEIGHTS = Path(__file__).with_name("residual_cnn.safetensors")
 
@@ -55,30 +55,12 @@ class ResidualCNN(nn.Module):
 
 def pretrained() -> ResidualCNN:
     """The shipped, trained model."""
-    from safetensors.torch import load_file
-
-    model = ResidualCNN()
-    model.load_state_dict(load_file(WEIGHTS))
-    return model.eval()
+    return with_weights(ResidualCNN(), WEIGHTS)
 
 
 def train(epochs: int = 30, seed: int = 0) -> ResidualCNN:
     """Deterministic training on the digits training split (under a minute on a CPU)."""
-    torch.manual_seed(seed)
-    images, labels, _, _ = _splits()
-    model = ResidualCNN()
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(labels), generator=generator)
-        for i in range(0, len(order), 64):
-            batch = order[i : i + 64]
-            optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
-            loss.backward()
-            optimizer.step()
-    return model.eval()
+    return fit(ResidualCNN, epochs=epochs, lr=2e-3, seed=seed)
 
 
 __all__ = ["ResidualCNN", "example_input", "loaders", "pretrained", "train"]

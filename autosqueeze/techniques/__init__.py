@@ -16,12 +16,12 @@ from autosqueeze.recovery import Recovery
 from autosqueeze.techniques.base import CompressedModel, Site, Target, Technique, weighted_parts
 from autosqueeze.techniques.channels import PruneChannels
 from autosqueeze.techniques.factorize import Factorize
-from autosqueeze.techniques.kernel import Kernel
+from autosqueeze.techniques.kernel import KernelChoice
 from autosqueeze.techniques.prune import Prune
 from autosqueeze.techniques.quantize import Quantize
 
 TECHNIQUES: dict[str, Technique] = {
-    t.knob: t for t in (PruneChannels(), Factorize(), Prune(), Quantize(), Kernel())
+    t.knob: t for t in (PruneChannels(), Factorize(), Prune(), Quantize(), KernelChoice())
 }
 """knob -> technique, in the order they are applied."""
 

@@ -21,7 +21,7 @@ from autosqueeze.techniques.base import CompressedModel, Site, Technique, weight
 _COMPACTNESS = ["int4_weight_only", "int8_weight_only", "int8_dynamic", "fp16", "bf16", "fp32"]
 
 
-class Kernel(Technique):
+class KernelChoice(Technique):
     knob = "kernel"
     identity = "fp32"
 
