@@ -149,3 +149,29 @@ def test_a_plan_gives_one_artifact_whatever_the_order_of_its_layers(tmp_path):
         assert tensors.keys() == contents[0][1].keys()
         for key, tensor in tensors.items():
             assert torch.equal(tensor, contents[0][1][key]), key
+
+
+def test_compression_does_not_depend_on_the_callers_thread_count():
+    """Ray evaluators run with one thread, the driver with all; the driver rebuilds front
+    artifacts the evaluators measured, so recovery training (and SVD) must give the same
+    weights whatever the thread count."""
+    from autosqueeze.examples.digits import calibration
+
+    plan = Plan(
+        {
+            "features.2": LayerPlan(prune_channels=0.5),
+            "classifier.1": LayerPlan(rank=0.25, prune_channels=0.25),
+        }
+    )
+    previous = torch.get_num_threads()
+    states = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            compressed = compress(pretrained_cnn(), plan, TARGET, Recovery(calibration()))
+            states.append(compressed.module.state_dict())
+            assert torch.get_num_threads() == threads  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(previous)
+    for key, tensor in states[0].items():
+        assert torch.equal(tensor, states[1][key]), key

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 from autosqueeze.plan import LayerPlan, Plan
@@ -39,15 +40,26 @@ def compress(
     recovery: Recovery | None = None,
 ) -> CompressedModel:
     """Apply ``plan`` to a copy of ``model`` (the original is left as it was). With
-    ``recovery``, the copy is distilled from ``model`` once the structural steps are done."""
+    ``recovery``, the copy is distilled from ``model`` once the structural steps are done.
+
+    It runs on one thread whatever the caller uses: a multi-threaded reduction sums in an
+    order that depends on the thread count, and over hundreds of recovery steps that changes
+    the weights. A Ray evaluator (one thread) and the driver (all of them) must build the same
+    artifact from a plan, or the front's rebuilt files would not be the ones measured.
+    """
     _check_layers(model, plan)
-    compressed = CompressedModel(copy.deepcopy(model).eval(), plan, target or Target())
-    steps = _steps(plan, model)
-    last_structural = max((i for i, s in enumerate(steps) if s[0].structural), default=None)
-    for i, (technique, name, layer_plan) in enumerate(steps):
-        technique.apply(compressed, name, layer_plan)
-        if recovery and i == last_structural:
-            recovery.run(compressed.module, model)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        compressed = CompressedModel(copy.deepcopy(model).eval(), plan, target or Target())
+        steps = _steps(plan, model)
+        last_structural = max((i for i, s in enumerate(steps) if s[0].structural), default=None)
+        for i, (technique, name, layer_plan) in enumerate(steps):
+            technique.apply(compressed, name, layer_plan)
+            if recovery and i == last_structural:
+                recovery.run(compressed.module, model)
+    finally:
+        torch.set_num_threads(previous)
     return compressed
 
 
