@@ -14,8 +14,10 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as serialize
 from torch import nn
 
 from autosqueeze.codecs import TensorCodec, decode, encode
@@ -26,9 +28,10 @@ ARTIFACT_FORMAT = "1"
 _SEP = "::"
 
 
-def save_artifact(compressed: CompressedModel, path: str | Path) -> int:
-    """Write the artifact; returns its size on disk in bytes."""
-    path = Path(path)
+def artifact_bytes(compressed: CompressedModel) -> bytes:
+    """The artifact file's exact contents, built in memory: its length is the size on disk,
+    and ``load_artifact`` takes it as it would the file (a trial measures it without a disk
+    round trip; ``save_artifact`` writes these very bytes)."""
     tensors = {}
     encodings = {}
     for key, value in compressed.module.state_dict().items():
@@ -41,9 +44,17 @@ def save_artifact(compressed: CompressedModel, path: str | Path) -> int:
         "plan": compressed.plan.to_json(),
         "encodings": json.dumps(encodings, sort_keys=True, separators=(",", ":")),
     }
+    return serialize(tensors, metadata=metadata)
+
+
+def save_artifact(compressed: CompressedModel | bytes, path: str | Path) -> int:
+    """Write the artifact (a compressed model, or its ``artifact_bytes``); returns its size
+    on disk in bytes."""
+    data = compressed if isinstance(compressed, bytes) else artifact_bytes(compressed)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    save_file(tensors, partial, metadata=metadata)
+    partial.write_bytes(data)
     os.replace(partial, path)  # a reader never sees half a file
     return path.stat().st_size
 
@@ -54,27 +65,40 @@ def read_plan(path: str | Path) -> Plan:
         return Plan.from_json(_metadata(f, path)["plan"])
 
 
-def load_artifact(path: str | Path, model: nn.Module, target: Target | None = None) -> nn.Module:
-    """Load an artifact into ``model`` (a fresh instance from the factory; changed in place)
-    and return it on ``target``'s device in its execution form. A plan with structured pruning
-    needs ``target.example_input`` to trace the model."""
+def load_artifact(
+    source: str | Path | bytes, model: nn.Module, target: Target | None = None
+) -> nn.Module:
+    """Load an artifact (a file, or its bytes) into ``model`` (a fresh instance from the
+    factory; changed in place) and return it on ``target``'s device in its execution form.
+    A plan with structured pruning needs ``target.example_input`` to trace the model."""
     target = target or Target()
-    path = _existing(path)
-    with safe_open(path, framework="pt") as f:
-        metadata = _metadata(f, path)
-        encodings = json.loads(metadata["encodings"])
-        parts: dict[str, dict[str, object]] = {key: {} for key in encodings}
-        for name in f.keys():
-            key, _, part = name.partition(_SEP)
-            parts[key][part] = f.get_tensor(name)
+    metadata, tensors = _read(source)
+    encodings = json.loads(metadata["encodings"])
+    parts: dict[str, dict[str, object]] = {key: {} for key in encodings}
+    for name, tensor in tensors.items():
+        key, _, part = name.partition(_SEP)
+        parts[key][part] = tensor
     plan = Plan.from_json(metadata["plan"])
     state = {key: decode(parts[key], meta) for key, meta in encodings.items()}
     try:
         rebuild(model, plan, target)
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"{path} does not fit this model: {str(exc).splitlines()[0]}") from None
+        where = "the artifact" if isinstance(source, bytes) else source
+        raise ValueError(f"{where} does not fit this model: {str(exc).splitlines()[0]}") from None
     return deploy(model.eval().to(target.device), plan)
+
+
+def _read(source: str | Path | bytes) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """An artifact's metadata and stored tensors, from its file or its bytes."""
+    if isinstance(source, bytes):
+        header_length = int.from_bytes(source[:8], "little")
+        header = json.loads(source[8 : 8 + header_length])
+        return _checked(header.get("__metadata__"), "the artifact"), load_tensors(source)
+    path = _existing(source)
+    with safe_open(path, framework="pt") as f:
+        metadata = _metadata(f, path)
+        return metadata, {name: f.get_tensor(name) for name in f.keys()}
 
 
 def _existing(path: str | Path) -> Path:
@@ -85,7 +109,11 @@ def _existing(path: str | Path) -> Path:
 
 
 def _metadata(handle: object, path: str | Path) -> dict[str, str]:
-    metadata = handle.metadata() or {}  # type: ignore[attr-defined]
+    return _checked(handle.metadata(), path)  # type: ignore[attr-defined]
+
+
+def _checked(metadata: dict[str, str] | None, where: object) -> dict[str, str]:
+    metadata = metadata or {}
     if metadata.get("autosqueeze_format") != ARTIFACT_FORMAT:
-        raise ValueError(f"{path} is not an autosqueeze artifact (format {ARTIFACT_FORMAT})")
+        raise ValueError(f"{where} is not an autosqueeze artifact (format {ARTIFACT_FORMAT})")
     return metadata

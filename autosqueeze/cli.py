@@ -126,8 +126,6 @@ def _metric_name(config: StudyConfig) -> str:
 
 def _search(args: argparse.Namespace) -> int:
     from autosqueeze.budgets import check_reachable, explain_empty_front
-    from autosqueeze.front import write_front
-    from autosqueeze.measure import Evaluator
     from autosqueeze.search import run_search
     from autosqueeze.space import build_space
     from autosqueeze.tables import front_table, summary
@@ -149,13 +147,8 @@ def _search(args: argparse.Namespace) -> int:
         return 130
     if not result.front.members:
         raise UserError(explain_empty_front(config, result.front))
-    evaluator = Evaluator(result.task)
-    try:
-        csv_path = write_front(result.front, config.output_dir, evaluator.build)
-    finally:
-        evaluator.close()
     print(
-        f"\nWrote {csv_path} and {len(result.front.members)} model folder(s) under "
+        f"\nWrote {result.front_csv} and {len(result.front.members)} model folder(s) under "
         f"{config.output_dir / 'front'}."
     )
     print(summary(result.front, name, config.budgets.max_metric_drop))
@@ -224,22 +217,24 @@ def _evaluate(args: argparse.Namespace) -> int:
         evaluator.close()
     study = open_existing(config)
     ref = reference(study) if study else None
-    corrected = got.drift_corrected(ref).latency_ms if ref else None
+    at_study = got.at_reference(ref.latency_ms).latency_ms if ref and ref.latency_ms else None
     if args.json:
-        print(json.dumps({**got.to_dict(), "study_latency_ms": corrected}))
+        print(json.dumps({**got.to_dict(), "study_latency_ms": at_study}))
         return 0
     print(
         f"{_metric_name(config)}: {got.metric:.6f}\nsize_bytes: {got.size_bytes}\n"
         f"latency_ms: {got.latency_ms:.4f}  (batch {config.budgets.batch_size} on "
         f"{config.budgets.device}, median of {config.measure.repeats})\n"
-        f"speedup: {got.reference_latency_ms / got.latency_ms:.2f}x  (the original model, "
-        f"timed in interleaved rounds beside it: {got.reference_latency_ms:.4f} ms)\n"
+        f"speedup: {got.speedup:.2f}x  (over the original model, timed in interleaved rounds "
+        f"beside it: {got.reference_latency_ms:.4f} ms; rounds agree within "
+        f"{got.timing_spread:.0%}, {got.timing_attempts} timing(s))\n"
         f"memory_mb: {got.memory_mb:.3f}  (peak of one forward, weights included)"
     )
-    if corrected is not None:
+    if at_study is not None:
         print(
-            f"study_latency_ms: {corrected:.4f}  (drift-corrected to the study's reference, "
-            "as the search stores latency: compare this with the front's latency_ms)"
+            f"study_latency_ms: {at_study:.4f}  (this speedup applied to the study's robust "
+            "latency of the original, as the search stores latency: compare this with the "
+            "front's latency_ms)"
         )
     return 0
 

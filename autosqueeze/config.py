@@ -42,8 +42,14 @@ class TaskConfig(_Strict):
 class RecoveryConfig(_Strict):
     """Distillation after structural changes; runs only when task.calibration is given."""
 
-    steps: int = Field(200, ge=0, description="optimizer steps, one calibration batch each")
+    steps: int = Field(200, ge=0, description="optimizer steps at most, one calibration batch each")
     lr: float = Field(1e-3, gt=0)
+    min_gain: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="stop when 25 steps lower the distillation loss by less than this fraction",
+    )
 
 
 class Budgets(_Strict):
@@ -61,6 +67,10 @@ class MeasureConfig(_Strict):
     warmup: int = Field(20, ge=0)
     repeats: int = Field(100, ge=1)
     threads: int | None = Field(None, ge=1, description="CPU threads; default: all usable")
+    attempts: int = Field(3, ge=1, description="timings taken at most when one is disturbed")
+    max_spread: float = Field(
+        0.5, gt=0, description="rounds disagreeing more than this mark a timing disturbed"
+    )
 
 
 class SearchConfig(_Strict):

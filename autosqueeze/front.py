@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
-from collections.abc import Callable
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import optuna
+from optuna._hypervolume import compute_hypervolume  # Optuna's exact WFG; no public alias
 
+from autosqueeze.artifact import save_artifact
 from autosqueeze.config import DIRECTIONS
 from autosqueeze.measure import Measurements
-from autosqueeze.plan import Plan
 from autosqueeze.study import TrialRecord, records, reference
 
 FRONT_COLUMNS = [
@@ -64,38 +68,40 @@ class Front:
 
 
 def compute_front(study: optuna.Study, objectives: list[str]) -> Front:
-    trials = records(study)
+    return front_of(records(study), reference(study), objectives)
+
+
+def front_of(trials: list[TrialRecord], ref: Measurements | None, objectives: list[str]) -> Front:
     members = pareto([t for t in trials if t.feasible and t.measurements], objectives)
     members.sort(key=lambda t: (t.measurements.size_bytes, t.number))  # type: ignore[union-attr]
-    return Front(objectives, reference(study), members, trials)
+    return Front(objectives, ref, members, trials)
 
 
 def pareto(candidates: list[TrialRecord], objectives: list[str]) -> list[TrialRecord]:
     """The candidates no other candidate dominates (at least as good on all, better on one)."""
-    signs = [-1.0 if DIRECTIONS[o] == "maximize" else 1.0 for o in objectives]
-    costs = [
-        [s * float(getattr(t.measurements, o)) for s, o in zip(signs, objectives)]
-        for t in candidates
-    ]
-
-    def dominated(i: int) -> bool:
-        return any(
-            all(a <= b for a, b in zip(costs[j], costs[i])) and costs[j] != costs[i]
-            for j in range(len(costs))
-            if j != i
-        )
-
-    return [t for i, t in enumerate(candidates) if not dominated(i)]
+    if not candidates:
+        return []
+    signs = np.array([-1.0 if DIRECTIONS[o] == "maximize" else 1.0 for o in objectives])
+    costs = signs * np.array(
+        [[float(getattr(t.measurements, o) or 0.0) for o in objectives] for t in candidates]
+    )
+    dominated = np.zeros(len(costs), dtype=bool)
+    for start in range(0, len(costs), 256):  # [j, i]: j no worse everywhere, better somewhere
+        chunk = costs[start : start + 256]
+        no_worse = (costs[:, None, :] <= chunk[None, :, :]).all(axis=2)
+        better = (costs[:, None, :] < chunk[None, :, :]).any(axis=2)
+        dominated[start : start + 256] = (no_worse & better).any(axis=0)
+    return [t for t, d in zip(candidates, dominated) if not d]
 
 
 def normalized(got: Measurements, ref: Measurements, objectives: list[str]) -> list[float]:
     """A trial as costs relative to the uncompressed model, all to be minimized:
-    metric drop (absolute), size / original size, latency / original latency, memory /
-    original memory."""
+    metric drop (absolute), size / original size, latency / original latency (as timed side
+    by side), memory / original memory."""
     costs = {
         "metric": ref.metric - got.metric,
         "size_bytes": got.size_bytes / ref.size_bytes,
-        "latency_ms": got.latency_ms / ref.latency_ms,
+        "latency_ms": got.relative_latency or (got.latency_ms or 0.0) / (ref.latency_ms or 1.0),
         "memory_mb": (got.memory_mb or 0.0) / (ref.memory_mb or 1.0),
     }
     return [costs[o] for o in objectives]
@@ -114,48 +120,63 @@ def reference_point(objectives: list[str], max_metric_drop: float | None) -> lis
 
 
 def hypervolume(points: list[list[float]], ref_point: list[float]) -> float:
-    """Exact hypervolume of minimization points; points not better than ``ref_point`` add 0."""
+    """Exact hypervolume of minimization points (Optuna's WFG); points not better than
+    ``ref_point`` on every objective add nothing."""
     inside = [p for p in points if all(a < b for a, b in zip(p, ref_point))]
     if not inside:
         return 0.0
-    if len(ref_point) == 1:
-        return ref_point[0] - min(p[0] for p in inside)
-    levels = sorted({p[-1] for p in inside})
-    total = 0.0
-    for level, top in zip(levels, [*levels[1:], ref_point[-1]]):
-        below = [p[:-1] for p in inside if p[-1] <= level]
-        total += (top - level) * hypervolume(below, ref_point[:-1])
-    return total
+    return float(compute_hypervolume(np.asarray(inside, dtype=float), np.asarray(ref_point)))
 
 
-def write_front(front: Front, output_dir: Path, build: Callable[[Plan, Path], int]) -> Path:
+def write_front(front: Front, output_dir: Path, artifacts: Iterable[tuple[int, bytes]]) -> Path:
     """Write ``front.csv`` and ``front/trial-NNNN/{model.safetensors,plan.json,metrics.json}``.
 
-    ``build(plan, path)`` writes a plan's artifact and returns its size; a rebuilt artifact
-    must have exactly the size the search measured, or the front would not be reproducible.
+    ``artifacts`` gives (trial number, artifact bytes) for every member, rebuilt from its
+    plan; a rebuilt artifact must have exactly the size the search measured, or the front
+    would not be reproducible. The folder is written aside and swapped in whole, so a reader
+    (or a second driver finishing the same study) never sees half of one.
     """
     folder = output_dir / "front"
-    if folder.exists():
-        shutil.rmtree(folder)
-    rows = []
-    for member in front.members:
+    staging = output_dir / f".front-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    members = {m.number: m for m in front.members}
+    for number, data in artifacts:
+        member = members[number]
         assert member.plan is not None and member.measurements is not None
-        member_dir = folder / f"trial-{member.number:04d}"
-        artifact = member_dir / "model.safetensors"
-        size = build(member.plan, artifact)
-        if size != member.measurements.size_bytes:
+        if len(data) != member.measurements.size_bytes:
             raise RuntimeError(
-                f"trial {member.number}: the rebuilt artifact has {size} bytes, "
+                f"trial {number}: the rebuilt artifact has {len(data)} bytes, "
                 f"the search measured {member.measurements.size_bytes}"
             )
+        member_dir = staging / f"trial-{number:04d}"
+        save_artifact(data, member_dir / "model.safetensors")
         (member_dir / "plan.json").write_text(json.dumps(member.plan.to_dict(), indent=2))
-        row = front.row(member, str(artifact.relative_to(output_dir)))
+    rows = []
+    for member in front.members:
+        name = f"trial-{member.number:04d}"
+        row = front.row(member, f"{folder.name}/{name}/model.safetensors")
         metrics = {**row, "reference": front.reference.to_dict() if front.reference else None}
-        (member_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (staging / name / "metrics.json").write_text(json.dumps(metrics, indent=2))
         rows.append(row)
+    _swap_in(staging, folder)
     path = output_dir / "front.csv"
-    with path.open("w", newline="") as f:
+    partial = staging.with_suffix(".csv")
+    with partial.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FRONT_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(partial, path)
     return path
+
+
+def _swap_in(staging: Path, folder: Path) -> None:
+    """Replace ``folder`` by ``staging``; when another writer swaps its own in meanwhile, the
+    later one wins."""
+    for _ in range(5):
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            staging.rename(folder)
+            return
+        except OSError:  # another writer's folder landed between the two calls
+            continue
+    shutil.rmtree(staging, ignore_errors=True)
+    raise RuntimeError(f"cannot replace {folder}: another process keeps writing it")

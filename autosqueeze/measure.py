@@ -1,12 +1,14 @@
 """Measurements of one compressed model, all taken on the artifact as it is loaded back.
 
-size: the artifact file's bytes on disk. latency: the median wall time of the loaded model's
-forward at the budget's batch size on the budget's device, after warm-up, timed in rounds
-interleaved with the original model so that machine drift can be taken out (see
-``Measurements.drift_corrected``). memory: the peak
-bytes one such forward needs (see ``measure_memory``). metric: the task metric of the loaded
-model. The loaded model is in its execution form (its kernels), and measuring that form is
-what makes a reported number reproducible from the exported file.
+size: the artifact's bytes, exactly as the file would hold them. metric: the task metric of
+the loaded model. speed: the loaded model timed in rounds interleaved with the original model
+(``measure_latency_beside``); the ratio of the two, ``speedup``, is the primary figure, since
+whatever slows the machine slows both. memory: the peak bytes one forward needs
+(``measure_memory``). The loaded model is in its execution form (its kernels), and measuring
+that form is what makes a reported number reproducible from the exported file.
+
+A trial stops early (``Measurements.stopped``) once its metric or size already misses a
+budget: it cannot reach the front, so its latency and memory are not worth measuring.
 """
 
 from __future__ import annotations
@@ -17,17 +19,16 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from autosqueeze.artifact import load_artifact, save_artifact
+from autosqueeze.artifact import artifact_bytes, load_artifact, save_artifact
 from autosqueeze.device_lock import DeviceLock
 from autosqueeze.errors import TrialError
 from autosqueeze.metrics import call_model, to_device
@@ -40,22 +41,69 @@ from autosqueeze.techniques import compress
 class Measurements:
     metric: float
     size_bytes: int
-    latency_ms: float
-    memory_mb: float | None = None  # None for trials of studies made before it was measured
+    latency_ms: float | None  # None when the trial stopped before it was timed
+    memory_mb: float | None = None
     reference_latency_ms: float | None = None  # the original model, timed beside this one
+    speedup: float | None = None  # original / this model, timed side by side
+    stopped: str | None = None  # why the trial stopped before latency and memory
+    timing_spread: float | None = None  # how much the side-by-side rounds disagreed
+    timing_attempts: int | None = None  # timings taken (more than one: a disturbance)
+    seconds: dict[str, float] = field(default_factory=dict, compare=False)  # per phase
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def drift_corrected(self, reference: Measurements) -> Measurements:
-        """This latency as it would have measured when ``reference`` (the study's original
-        model) was timed: scaled by how fast the original ran beside it in this trial.
-        On a shared or throttling machine the same model's latency drifts by 1.5x within
-        minutes; the side-by-side ratio does not, so trials measured minutes apart compare."""
-        if self.reference_latency_ms is None or self.reference_latency_ms <= 0:
+    @property
+    def relative_latency(self) -> float | None:
+        """This model's latency as a fraction of the original's, timed side by side."""
+        return 1.0 / self.speedup if self.speedup else None
+
+    def at_reference(self, reference_ms: float) -> Measurements:
+        """Absolute latency derived from the side-by-side speedup and the study's robust
+        reference latency of the original (``robust_latency``): one disturbed timing of the
+        original cannot skew it, and trials timed minutes apart compare."""
+        if not self.speedup:
             return self
-        scale = reference.latency_ms / self.reference_latency_ms
-        return replace(self, latency_ms=self.latency_ms * scale)
+        return replace(self, latency_ms=reference_ms / self.speedup)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a trial must reach to possibly join the front; one that misses stops early."""
+
+    min_metric: float | None = None
+    max_size_bytes: int | None = None
+
+    def missed(self, metric: float, size: int) -> str | None:
+        if self.min_metric is not None and metric < self.min_metric:
+            return f"metric {metric:.6g} is below {self.min_metric:.6g} (budgets.max_metric_drop)"
+        if self.max_size_bytes is not None and size > self.max_size_bytes:
+            return f"{size:,} bytes exceed {self.max_size_bytes:,} (budgets.max_size_mb)"
+        return None
+
+
+def robust_latency(samples: list[float]) -> float | None:
+    """The original model's latency from many side-by-side timings: the median of those
+    within 1.5x of the (low) median of all. A timing taken while the machine was busy (which
+    can read 20x slow) neither becomes the reference nor moves it; of two, the faster wins,
+    since a disturbance only ever slows a timing."""
+    if not samples:
+        return None
+    middle = statistics.median_low(samples)
+    kept = [s for s in samples if middle / OUTLIER_FACTOR <= s <= middle * OUTLIER_FACTOR]
+    return statistics.median(kept)
+
+
+OUTLIER_FACTOR = 1.5
+
+
+@dataclass(frozen=True)
+class Timing:
+    latency_ms: float  # median of the model's passes
+    reference_ms: float  # median of the original's passes, timed beside it
+    speedup: float  # median over rounds of (original's round median / model's round median)
+    spread: float  # (max - min) / median of the per-round ratios and original's round medians
+    attempts: int
 
 
 def measure_latency(
@@ -88,19 +136,80 @@ def measure_latency_beside(
     repeats: int = 100,
     threads: int | None = None,
     rounds: int = 5,
-) -> tuple[float, float]:
-    """Median milliseconds of ``model`` and of ``reference``, timed in ``rounds`` interleaved
-    rounds (reference, model, reference, ...) of ``repeats / rounds`` passes each."""
+    attempts: int = 3,
+    max_spread: float = 0.5,
+    expected_reference_ms: float | None = None,
+) -> Timing:
+    """``model`` and ``reference`` timed in ``rounds`` interleaved rounds (reference, model,
+    reference, ...) of ``repeats / rounds`` passes each.
+
+    A timing is *disturbed* when its rounds disagree (``spread`` above ``max_spread``) or the
+    original ran more than ``DISTURBED_FACTOR`` times slower than ``expected_reference_ms``
+    (what it usually takes here): something else was computing. It is then taken again, up
+    to ``attempts`` times, and the least disturbed timing is kept.
+    """
+    best: Timing | None = None
+    for attempt in range(1, attempts + 1):
+        timing = _interleaved(model, reference, inputs, device, warmup, repeats, threads, rounds)
+        timing = replace(timing, attempts=attempt)
+        if best is None or _badness(timing, expected_reference_ms) < _badness(
+            best, expected_reference_ms
+        ):
+            best = replace(timing, attempts=attempt)
+        if not _disturbed(timing, max_spread, expected_reference_ms):
+            break
+    assert best is not None
+    return replace(best, attempts=attempt)
+
+
+DISTURBED_FACTOR = 1.3
+
+
+def _disturbed(timing: Timing, max_spread: float, expected_ms: float | None) -> bool:
+    slow = expected_ms is not None and timing.reference_ms > expected_ms * DISTURBED_FACTOR
+    return slow or timing.spread > max_spread
+
+
+def _badness(timing: Timing, expected_ms: float | None) -> float:
+    slowdown = timing.reference_ms / expected_ms - 1 if expected_ms else 0.0
+    return max(timing.spread, slowdown)
+
+
+def _interleaved(
+    model: nn.Module,
+    reference: nn.Module,
+    inputs: Any,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    threads: int | None,
+    rounds: int,
+) -> Timing:
     per_round = max(1, repeats // rounds)
-    model_times: list[float] = []
-    reference_times: list[float] = []
+    model_rounds: list[list[float]] = []
+    reference_rounds: list[list[float]] = []
     inputs = to_device(inputs, device)
     with _timing(device, threads) as sync:
         for i in range(rounds):
             first = warmup if i == 0 else 2
-            _timed(reference, inputs, sync, first, per_round, reference_times)
-            _timed(model, inputs, sync, first, per_round, model_times)
-    return statistics.median(model_times) * 1000.0, statistics.median(reference_times) * 1000.0
+            reference_rounds.append(_timed(reference, inputs, sync, first, per_round, []))
+            model_rounds.append(_timed(model, inputs, sync, first, per_round, []))
+    model_medians = [statistics.median(r) for r in model_rounds]
+    reference_medians = [statistics.median(r) for r in reference_rounds]
+    ratios = [r / m for r, m in zip(reference_medians, model_medians)]
+    speedup = statistics.median(ratios)
+    reference_ms = statistics.median(t for r in reference_rounds for t in r) * 1000.0
+    return Timing(
+        latency_ms=statistics.median(t for r in model_rounds for t in r) * 1000.0,
+        reference_ms=reference_ms,
+        speedup=speedup,
+        spread=max(_relative_range(ratios), _relative_range(reference_medians)),
+        attempts=1,
+    )
+
+
+def _relative_range(values: list[float]) -> float:
+    return (max(values) - min(values)) / statistics.median(values)
 
 
 @contextlib.contextmanager
@@ -109,16 +218,23 @@ def _timing(device: torch.device, threads: int | None) -> Iterator[Callable[[], 
     ``threads`` intra-op threads (default: every CPU this process may use), restored after."""
     previous = torch.get_num_threads()
     if device.type == "cpu":
-        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        torch.set_num_threads(threads or usable_cpus())
     try:
         yield torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     finally:
         torch.set_num_threads(previous)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS has one, e.g. not macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _timed(
     model: nn.Module, inputs: Any, sync: Any, warmup: int, repeats: int, times: list[float]
-) -> None:
+) -> list[float]:
     with torch.inference_mode():
         for _ in range(warmup):
             call_model(model, inputs)
@@ -128,6 +244,7 @@ def _timed(
             call_model(model, inputs)
             sync()
             times.append(time.perf_counter() - start)
+    return times
 
 
 def measure_memory(model: nn.Module, inputs: Any, device: torch.device) -> float:
@@ -203,40 +320,62 @@ def _quiet_stderr() -> Iterator[None]:
 
 
 class Evaluator:
-    """Turns plans into measurements for one task; holds the base model once."""
+    """Turns plans into measurements for one task; holds the base model once.
 
-    def __init__(self, task: Task, workdir: Path | None = None) -> None:
+    Everything it computes holds the device lock shared; only the latency timing holds it
+    exclusive, so nothing this machine's evaluators (or the driver) do runs beside a timing.
+    """
+
+    def __init__(self, task: Task) -> None:
         self.task = task
         self.lock = DeviceLock(task.device)
-        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="autosqueeze-")
-        self.workdir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
         self._reference_model: nn.Module | None = None
+        self._reference_timings: list[float] = []  # the original, as timed here so far
+
+    def artifact(self, plan: Plan) -> bytes:
+        """Compress the base model by ``plan``: the artifact file's exact bytes."""
+        with self.lock.shared() as pause:
+            recovery = self.task.recovery
+            if recovery is not None:  # training is long: let latency timings in between
+                recovery = replace(recovery, between_windows=pause)
+            try:
+                compressed = compress(self.task.model, plan, self.task.target, recovery)
+            except ValueError as exc:
+                raise TrialError(str(exc)) from exc
+            return artifact_bytes(compressed)
 
     def build(self, plan: Plan, path: Path) -> int:
         """Compress the base model by ``plan`` and write the artifact; returns its bytes."""
-        try:
-            compressed = compress(self.task.model, plan, self.task.target, self.task.recovery)
-        except ValueError as exc:
-            raise TrialError(str(exc)) from exc
-        return save_artifact(compressed, path)
+        return save_artifact(self.artifact(plan), path)
 
-    def evaluate(self, plan: Plan) -> Measurements:
-        path = self.workdir / "trial.safetensors"
-        with self.lock.shared():
-            self.build(plan, path)
-        return self.measure_artifact(path)
+    def evaluate(self, plan: Plan, limits: Limits | None = None) -> Measurements:
+        clock = _PhaseClock()
+        with clock("compress"):
+            data = self.artifact(plan)
+        return self.measure_artifact(data, limits, clock)
 
-    def measure_artifact(self, path: Path) -> Measurements:
-        """Load an artifact and measure it: metric beside other work, latency alone."""
-        size = path.stat().st_size
+    def measure_artifact(
+        self, source: Path | bytes, limits: Limits | None = None, clock: _PhaseClock | None = None
+    ) -> Measurements:
+        """Load an artifact (its file or bytes) and measure it: the metric beside other work,
+        then, unless ``limits`` already rule it out, memory, and latency alone."""
+        clock = clock or _PhaseClock()
+        size = len(source) if isinstance(source, bytes) else source.stat().st_size
         with self.lock.shared():
-            model = load_artifact(path, copy.deepcopy(self.task.model), self.task.target)
-            metric = float(self.task.evaluate_metric(model))
-        if not math.isfinite(metric):
-            raise TrialError(f"the metric is {metric} for this model")
+            with clock("load"):
+                model = load_artifact(source, copy.deepcopy(self.task.model), self.task.target)
+            with clock("metric"):
+                metric = float(self.task.evaluate_metric(model))
+            if not math.isfinite(metric):
+                raise TrialError(f"the metric is {metric} for this model")
+            stopped = (limits or Limits()).missed(metric, size)
+            if stopped:
+                return Measurements(metric, size, None, stopped=stopped, seconds=clock.seconds)
+            with clock("memory"):
+                memory = measure_memory(model, self.task.example_input, self.task.device)
         measure = self.task.config.measure
-        with self.lock.exclusive():
-            latency, reference_latency = measure_latency_beside(
+        with self.lock.exclusive(), clock("latency"):
+            timing = measure_latency_beside(
                 model,
                 self._reference(),
                 self.task.example_input,
@@ -244,9 +383,24 @@ class Evaluator:
                 warmup=measure.warmup,
                 repeats=measure.repeats,
                 threads=measure.threads,
+                attempts=measure.attempts,
+                max_spread=measure.max_spread,
+                expected_reference_ms=robust_latency(self._reference_timings)
+                if len(self._reference_timings) >= 3
+                else None,
             )
-            memory = measure_memory(model, self.task.example_input, self.task.device)
-        return Measurements(metric, size, latency, memory, reference_latency)
+        self._reference_timings.append(timing.reference_ms)
+        return Measurements(
+            metric,
+            size,
+            timing.latency_ms,
+            memory,
+            reference_latency_ms=timing.reference_ms,
+            speedup=timing.speedup,
+            timing_spread=timing.spread,
+            timing_attempts=timing.attempts,
+            seconds=clock.seconds,
+        )
 
     def _reference(self) -> nn.Module:
         """The original model on the device, timed beside every trial."""
@@ -257,6 +411,21 @@ class Evaluator:
             self._reference_model = model.eval()
         return self._reference_model
 
-    def close(self) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
+    def close(self) -> None:  # noqa: B027 - kept for callers that release evaluators
+        pass
+
+
+class _PhaseClock:
+    """Seconds spent per phase of a trial (what ``benchmarks/trial_cost.py`` prints)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.seconds[phase] = round(self.seconds.get(phase, 0.0) + elapsed, 6)

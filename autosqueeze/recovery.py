@@ -11,6 +11,8 @@ off) and the training is seeded, so a plan gives the same artifact every time.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,11 +28,20 @@ class Recovery:
     steps: int = 100
     lr: float = 1e-3
     seed: int = 0
+    min_gain: float = 0.0  # stop once a window of steps lowers the loss by less than this
+    window: int = 25
+    between_windows: Callable[[], None] | None = None  # e.g. let a latency timing go first
 
-    def run(self, student: nn.Module, teacher: nn.Module) -> None:
-        """Train ``student`` (in place) towards ``teacher``'s outputs."""
+    def run(self, student: nn.Module, teacher: nn.Module) -> int:
+        """Train ``student`` (in place) towards ``teacher``'s outputs; returns the steps run.
+
+        With ``min_gain``, training stops at the end of a ``window`` of steps whose mean loss
+        is not at least that fraction below the previous window's: most plans have recovered
+        what they can long before the last step (a hopeless one plateaus at once), and
+        recovery is the largest cost of a trial that changes shapes. Seeded and decided on
+        the loss alone, so a plan still gives the same artifact every time."""
         if self.steps <= 0 or not self.inputs:
-            return
+            return 0
         with torch.inference_mode():
             targets = [floating_tensors(call_model(teacher, x)) for x in self.inputs]
         generator = torch.Generator().manual_seed(self.seed)
@@ -39,16 +50,28 @@ class Recovery:
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(params, lr=self.lr)
         student.eval()
+        window_loss, previous = 0.0, math.inf
+        step = 0
         with torch.enable_grad():
-            for _ in range(self.steps):
+            while step < self.steps:
                 i = int(torch.randint(len(self.inputs), (1,), generator=generator))
                 got = floating_tensors(call_model(student, self.inputs[i]))
                 loss = sum(nn.functional.mse_loss(g, t.clone()) for g, t in zip(got, targets[i]))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[union-attr]
                 optimizer.step()
+                step += 1
+                window_loss += float(loss.detach())  # type: ignore[union-attr]
+                if step % self.window:
+                    continue
+                if self.min_gain > 0 and window_loss > previous * (1.0 - self.min_gain):
+                    break
+                window_loss, previous = 0.0, window_loss
+                if self.between_windows is not None:
+                    self.between_windows()
         for p in params:
             p.requires_grad_(False)
+        return step
 
 
 def floating_tensors(output: Any) -> list[torch.Tensor]:

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from tqdm import tqdm
 
 from autosqueeze.config import StudyConfig
+from autosqueeze.device_lock import DeviceLock
 from autosqueeze.errors import UserError
 from autosqueeze.executors import Executor, Outcome, create_executor, evaluate_now
-from autosqueeze.front import Front, compute_front
-from autosqueeze.measure import Measurements
+from autosqueeze.front import Front, compute_front, write_front
+from autosqueeze.measure import Limits, Measurements, robust_latency
 from autosqueeze.space import SearchSpace, build_space
 from autosqueeze.study import (
     BASELINE,
@@ -36,6 +39,7 @@ from autosqueeze.study import (
     records,
     recover_interrupted,
     reference,
+    reference_timings,
     taken_count,
 )
 from autosqueeze.task import Task, load_task
@@ -50,6 +54,7 @@ class SearchResult:
     ran: int  # trials finished by this call
     interrupted: bool
     notes: list[str]
+    front_csv: Path | None = None  # written unless interrupted or empty
 
 
 def run_search(
@@ -64,21 +69,25 @@ def run_search(
     if stale:
         notes.append(f"re-queued {len(stale)} trial(s) left running by an earlier run: {stale}")
     executor = create_executor(config, task)
+    front_csv = None
     try:
         with Heartbeat(study):
             ref = _reference(study, executor, space)
             notes += _enqueue_baselines(study, space, config.search.trials)
             ran, interrupted = _loop(study, config, space, executor, ref, progress)
+        front = compute_front(study, config.objectives)
+        if front.members and not interrupted:  # rebuilt on the evaluators, in parallel
+            plans = {m.number: m.plan for m in front.members if m.plan is not None}
+            front_csv = write_front(front, config.output_dir, executor.artifacts(plans))
     finally:
         executor.close()
-    front = compute_front(study, config.objectives)
-    return SearchResult(study, task, space, front, ran, interrupted, notes)
+    return SearchResult(study, task, space, front, ran, interrupted, notes, front_csv)
 
 
 def _reference(study: optuna.Study, executor: Executor, space: SearchSpace) -> Measurements:
     """The uncompressed model's measurements (the "original" baseline's plan), taken once
     per study on the same executor as the trials, and kept on the study so budgets mean
-    the same thing when it is resumed."""
+    the same thing when it is resumed. Its latency is refined by every trial (``_Timings``)."""
     ref = reference(study)
     if ref is None:
         outcome = evaluate_now(executor, space.uniform_plan())
@@ -151,29 +160,35 @@ def _loop(
     )
     stats = _Stats(study)
     bar.set_postfix_str(stats.summary())
+    timings = reference_timings(ref, study.get_trials(deepcopy=False))
+    limits = _limits(config, ref)
+    lock = DeviceLock(torch.device(config.budgets.device))
     asked: dict[int, optuna.Trial] = {}
     ran = 0
     try:
         while True:
             out_of_time = deadline is not None and time.monotonic() > deadline
-            while (
-                not out_of_time
-                and len(executor.in_flight) < executor.slots
-                and taken_count(study) < target  # counts other drivers' trials too
-            ):
-                trial = study.ask(distributions)
-                plan = space.plan(trial.params)
-                trial.set_user_attr(DRIVER, DRIVER_ID)
-                trial.set_user_attr(PLAN, plan.to_json())
-                asked[trial.number] = trial
-                executor.submit(trial.number, plan)
+            with lock.shared():  # sampling computes too: never beside a latency timing
+                while (
+                    not out_of_time
+                    and len(executor.in_flight) < executor.slots
+                    and taken_count(study) < target  # counts other drivers' trials too
+                ):
+                    trial = study.ask(distributions)
+                    plan = space.plan(trial.params)
+                    trial.set_user_attr(DRIVER, DRIVER_ID)
+                    trial.set_user_attr(PLAN, plan.to_json())
+                    asked[trial.number] = trial
+                    executor.submit(trial.number, plan, limits)
             if not executor.in_flight:
                 break
-            for outcome in executor.wait():
-                _tell(study, config, ref, asked.pop(outcome.key), outcome, stats)
-                ran += 1
-                bar.update(min(finished_count(study), target) - bar.n)
-                bar.set_postfix_str(stats.summary())
+            outcomes = executor.wait()
+            with lock.shared():
+                for outcome in outcomes:
+                    _tell(study, config, ref, timings, asked.pop(outcome.key), outcome, stats)
+                    ran += 1
+                    bar.update(min(finished_count(study), target) - bar.n)
+                    bar.set_postfix_str(stats.summary())
     except KeyboardInterrupt:
         for number in asked:  # submitted or only just asked: none is left RUNNING
             fail_trial(study, number, "interrupted by the user (Ctrl-C)", requeue=True)
@@ -183,26 +198,46 @@ def _loop(
     return ran, False
 
 
+def _limits(config: StudyConfig, ref: Measurements) -> Limits:
+    """A trial whose metric or size already misses its budget cannot reach the front."""
+    budgets = config.budgets
+    return Limits(
+        min_metric=ref.metric - budgets.max_metric_drop
+        if budgets.max_metric_drop is not None
+        else None,
+        max_size_bytes=int(budgets.max_size_mb * 1e6) if budgets.max_size_mb is not None else None,
+    )
+
+
 def _tell(
     study: optuna.Study,
     config: StudyConfig,
     ref: Measurements,
+    timings: list[float],
     trial: optuna.Trial,
     outcome: Outcome,
     stats: _Stats,
 ) -> None:
+    """Record an outcome: measurements as user attributes, budgets as constraints; a trial
+    that stopped early is PRUNED with its reason, one that completed is told its values."""
     if outcome.worker:
         trial.set_user_attr("worker", outcome.worker)
-    if outcome.measurements is None:
+    got = outcome.measurements
+    if got is None:
         fail_trial(study, trial.number, outcome.error or "unknown failure")
         return
-    trial.set_user_attr("measured_latency_ms", outcome.measurements.latency_ms)
-    got = outcome.measurements.drift_corrected(ref)
+    if got.reference_latency_ms:
+        timings.append(got.reference_latency_ms)
+    trial.set_user_attr("measured_latency_ms", got.latency_ms)
+    got = got.at_reference(robust_latency(timings) or ref.latency_ms or 0.0)
     for key, value in got.to_dict().items():
         trial.set_user_attr(key, value)
     limits = constraints(config, ref, got)
     for key, value in limits.items():
         trial.set_constraint(key, value)
+    if got.stopped:  # its reason is the "stopped" attribute
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return
     study.tell(trial, objective_values(config, got))
     stats.add(got, all(v <= 0 for v in limits.values()))
 

@@ -3,6 +3,11 @@
 Measurements and plans live on each trial as user attributes, the budgets as Optuna
 constraints, and the uncompressed model's measurements (the reference for metric drop and
 compression ratios) on the study, so that every reader needs only the storage.
+
+Latency is stored as each trial's side-by-side ``speedup`` over the original model; the
+original's absolute latency is the robust median of every side-by-side timing of it
+(``robust_latency``), and each trial's ``latency_ms`` is derived from the two when read.
+The Optuna objective is the relative latency (1 / speedup), which no later timing changes.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +35,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autosqueeze.config import DIRECTIONS, StudyConfig
 from autosqueeze.errors import UserError
-from autosqueeze.measure import Measurements
+from autosqueeze.measure import Measurements, robust_latency
 from autosqueeze.plan import Plan
 from autosqueeze.samplers import create_sampler
 
@@ -38,6 +44,7 @@ BASELINES_QUEUED = "baselines_queued"  # study attr: set once the baselines were
 BASELINE = "baseline"  # trial attr: "original" / "int8" for the enqueued baselines
 PLAN = "plan"  # trial attr: the plan as JSON
 FAIL_REASON = "fail_reason"
+STOPPED = "stopped"  # trial attr: why a PRUNED trial stopped before it was timed
 REQUEUED = "requeued"  # trial attr: failed by an interruption, its params queued again
 
 
@@ -124,6 +131,12 @@ def open_study(config: StudyConfig, *, create: bool) -> optuna.Study:
             "use another name or --study-dir for a different set of objectives."
         )
     study.set_user_attr("objectives", list(config.objectives))
+    metric_name = config.task.metric.rpartition(":")[2]
+    names = [OBJECTIVE_NAMES.get(o, metric_name) for o in config.objectives]
+    if study.metric_names != names:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)  # what optuna-dashboard labels the axes
     return study
 
 
@@ -133,7 +146,7 @@ class TrialRecord:
 
     number: int
     state: str
-    measurements: Measurements | None
+    measurements: Measurements | None  # complete trials; pruned ones without latency/memory
     feasible: bool
     baseline: str | None
     plan: Plan | None
@@ -141,67 +154,112 @@ class TrialRecord:
     constraints: dict[str, float]
 
     @classmethod
-    def of(cls, trial: FrozenTrial) -> TrialRecord:
+    def of(cls, trial: FrozenTrial, reference_ms: float | None = None) -> TrialRecord:
+        """``reference_ms``: the study's robust latency of the original, from which this
+        trial's absolute latency is derived (its speedup is what was measured)."""
         attrs = trial.user_attrs
-        measured = all(k in attrs for k in ("metric", "size_bytes", "latency_ms"))
+        measured = all(k in attrs for k in ("metric", "size_bytes"))
+        finished = trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        got = _measurements(attrs) if measured and finished else None
+        if got is not None and reference_ms is not None:
+            got = got.at_reference(reference_ms)
         constraints = dict(trial.constraints)
         return cls(
             number=trial.number,
             state=trial.state.name,
-            measurements=Measurements(
-                attrs["metric"],
-                attrs["size_bytes"],
-                attrs["latency_ms"],
-                attrs.get("memory_mb"),
-                attrs.get("reference_latency_ms"),
-            )
-            if measured and trial.state == TrialState.COMPLETE
-            else None,
+            measurements=got,
             feasible=trial.state == TrialState.COMPLETE
             and all(v <= 0 for v in constraints.values()),
             baseline=attrs.get(BASELINE),
             plan=Plan.from_json(attrs[PLAN]) if PLAN in attrs else None,
-            fail_reason=attrs.get(FAIL_REASON),
+            fail_reason=attrs.get(FAIL_REASON) or attrs.get(STOPPED),
             constraints=constraints,
         )
 
 
+_MEASURED = [f for f in Measurements.__dataclass_fields__ if f != "seconds"]
+
+
+def _measurements(attrs: dict[str, Any]) -> Measurements:
+    return Measurements(**{k: attrs.get(k) for k in _MEASURED})
+
+
 def records(study: optuna.Study) -> list[TrialRecord]:
-    return [TrialRecord.of(t) for t in study.get_trials(deepcopy=False)]
+    trials = study.get_trials(deepcopy=False)
+    ref = reference(study, trials)
+    ref_ms = ref.latency_ms if ref else None
+    return [TrialRecord.of(t, ref_ms) for t in trials]
 
 
-def reference(study: optuna.Study) -> Measurements | None:
+def reference(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> Measurements | None:
+    """The uncompressed model's measurements, its latency the robust median of every timing
+    of it beside a trial (``trials``: the study's, read again when not given)."""
     ref = study.user_attrs.get(REFERENCE)
-    return Measurements(**ref) if ref else None
+    if not ref:
+        return None
+    original = _measurements(ref)
+    if trials is None:
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    samples = reference_timings(original, trials)
+    return replace(original, latency_ms=robust_latency(samples) or original.latency_ms)
+
+
+def reference_timings(original: Measurements, trials: list[FrozenTrial]) -> list[float]:
+    """Every side-by-side timing of the original model: the reference evaluation's and each
+    complete trial's."""
+    first = original.reference_latency_ms or original.latency_ms
+    return ([first] if first else []) + [
+        t.user_attrs["reference_latency_ms"]
+        for t in trials
+        if t.state == TrialState.COMPLETE and t.user_attrs.get("reference_latency_ms")
+    ]
 
 
 def constraints(config: StudyConfig, ref: Measurements, got: Measurements) -> dict[str, float]:
-    """Budget slack per budget; <= 0 is within budget (Optuna's convention)."""
+    """Budget slack per budget; <= 0 is within budget (Optuna's convention). A trial that
+    stopped early has no latency or memory, and no slack for them."""
     budgets = config.budgets
     out = {}
     if budgets.max_metric_drop is not None:
         out["metric_drop"] = (ref.metric - got.metric) - budgets.max_metric_drop
     if budgets.max_size_mb is not None:
         out["size_mb"] = got.size_bytes / 1e6 - budgets.max_size_mb
-    if budgets.max_latency_ms is not None:
+    if budgets.max_latency_ms is not None and got.latency_ms is not None:
         out["latency_ms"] = got.latency_ms - budgets.max_latency_ms
-    if budgets.max_memory_mb is not None:
-        out["memory_mb"] = (got.memory_mb or 0.0) - budgets.max_memory_mb
+    if budgets.max_memory_mb is not None and got.memory_mb is not None:
+        out["memory_mb"] = got.memory_mb - budgets.max_memory_mb
     return out
 
 
 def objective_values(config: StudyConfig, got: Measurements) -> list[float]:
-    return [float(getattr(got, o)) for o in config.objectives]
+    """What Optuna optimizes: latency as a fraction of the original's (side by side)."""
+    values = {
+        "metric": got.metric,
+        "size_bytes": got.size_bytes,
+        "latency_ms": got.relative_latency or 1.0,
+        "memory_mb": got.memory_mb,
+    }
+    return [float(values[o]) for o in config.objectives]  # type: ignore[arg-type]
+
+
+OBJECTIVE_NAMES = {
+    "size_bytes": "size_bytes",
+    "latency_ms": "latency_vs_original",
+    "memory_mb": "memory_mb",
+}
+
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 def finished_count(study: optuna.Study) -> int:
-    """Trials that count towards ``search.trials``: complete or failed, not requeued."""
-    return _count(study, (TrialState.COMPLETE, TrialState.FAIL))
+    """Trials that count towards ``search.trials``: complete, pruned or failed, not requeued."""
+    return _count(study, FINISHED)
 
 
 def taken_count(study: optuna.Study) -> int:
     """Finished trials plus those running now, by this driver or any other."""
-    return _count(study, (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING))
+    return _count(study, (*FINISHED, TrialState.RUNNING))
 
 
 def _count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:

@@ -2,11 +2,14 @@
 
 Read-only: it opens the storage, never creates a study, and reports a missing or empty
 study as a status with a message instead of raising, so a page can wait for a search.
+The dashboard polls every two seconds: a ``ViewCache`` keeps what a finished trial cannot
+change (its parsed record and plan, the hypervolume series up to it) between polls.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +17,8 @@ import optuna
 
 from autosqueeze.config import StudyConfig
 from autosqueeze.errors import UserError
-from autosqueeze.front import compute_front, hypervolume, normalized, reference_point
-from autosqueeze.study import open_study
+from autosqueeze.front import Front, front_of, hypervolume, normalized, reference_point
+from autosqueeze.study import FINISHED, TrialRecord, open_study, reference
 
 
 class StudyReader:
@@ -25,11 +28,59 @@ class StudyReader:
     def __init__(self, config: StudyConfig, config_arg: str | Path) -> None:
         self.config, self.config_arg = config, config_arg
         self._study: optuna.Study | None = None
+        self._cache = ViewCache()
 
     def view(self) -> dict[str, Any]:
         if self._study is None:
             self._study = open_existing(self.config)
-        return study_view(self.config, self.config_arg, self._study)
+        return study_view(self.config, self.config_arg, self._study, self._cache)
+
+
+class ViewCache:
+    """What finished trials cannot change, kept between polls of one study."""
+
+    def __init__(self) -> None:
+        self._trials: dict[int, tuple[Any, TrialRecord, dict[str, Any]]] = {}
+        self._series_of: list[int] = []  # feasible trial numbers the series covers, in order
+        self._series: list[list[float]] = []
+        self._nondominated: list[list[float]] = []
+
+    def trial(self, frozen: optuna.trial.FrozenTrial) -> tuple[TrialRecord, dict[str, Any]]:
+        """A trial's record (latency not yet derived) and its plan as the page shows it."""
+        cached = self._trials.get(frozen.number)
+        if cached is not None and cached[0] == frozen.state:
+            return cached[1], cached[2]
+        record = TrialRecord.of(frozen)
+        plan = _plan(record)
+        if frozen.state in FINISHED:
+            self._trials[frozen.number] = (frozen.state, record, plan)
+        return record, plan
+
+    def hypervolume_series(self, front: Front, config: StudyConfig) -> list[list[float]]:
+        """Hypervolume of the feasible trials finished so far, after each (by number).
+        Extended from the last poll when the new feasible trials come after it."""
+        ref_point = reference_point(config.objectives, config.budgets.max_metric_drop)
+        feasible = sorted(
+            (t for t in front.trials if t.feasible and t.measurements), key=lambda t: t.number
+        )
+        numbers = [t.number for t in feasible]
+        if numbers[: len(self._series_of)] != self._series_of:  # a late trial: start over
+            self._series_of, self._series, self._nondominated = [], [], []
+        for record in feasible[len(self._series_of) :]:
+            point = normalized(record.measurements, front.reference, config.objectives)  # type: ignore[arg-type]
+            if not any(_no_worse(p, point) for p in self._nondominated):
+                self._nondominated = [p for p in self._nondominated if not _no_worse(point, p)]
+                self._nondominated.append(point)
+                volume = hypervolume(self._nondominated, ref_point)
+            else:
+                volume = self._series[-1][1] if self._series else 0.0
+            self._series.append([record.number, volume])
+            self._series_of.append(record.number)
+        return [list(p) for p in self._series]
+
+
+def _no_worse(a: list[float], b: list[float]) -> bool:
+    return all(x <= y for x, y in zip(a, b))
 
 
 def open_existing(config: StudyConfig) -> optuna.Study | None:
@@ -43,7 +94,10 @@ def open_existing(config: StudyConfig) -> optuna.Study | None:
 
 
 def study_view(
-    config: StudyConfig, config_arg: str | Path, study: optuna.Study | None
+    config: StudyConfig,
+    config_arg: str | Path,
+    study: optuna.Study | None,
+    cache: ViewCache | None = None,
 ) -> dict[str, Any]:
     """Everything a view needs; ``config_arg`` is the CONFIG to print in CLI lines."""
     base: dict[str, Any] = {
@@ -59,10 +113,19 @@ def study_view(
     }
     if study is None:
         return {**base, "status": "missing", "message": _missing(config, config_arg)}
-    front = compute_front(study, config.objectives)
+    cache = cache or ViewCache()
+    frozen = study.get_trials(deepcopy=False)
+    ref = reference(study, frozen)
+    records, plans = [], []
+    for trial in frozen:
+        record, plan = cache.trial(trial)
+        if ref is not None and record.measurements is not None:
+            record = replace(record, measurements=record.measurements.at_reference(ref.latency_ms))
+        records.append(record)
+        plans.append(plan)
+    front = front_of(records, ref, config.objectives)
     on_front = {m.number for m in front.members}
-    trials = [_trial(t, t.number in on_front) for t in front.trials]
-    ref = front.reference
+    trials = [_trial(r, p, r.number in on_front) for r, p in zip(records, plans)]
     view = {
         **base,
         "status": "ok" if any(t["state"] == "COMPLETE" for t in trials) else "empty",
@@ -72,12 +135,12 @@ def study_view(
         "reference": ref.to_dict() if ref else None,
         "trials": trials,
         "front": sorted(on_front),
-        "hypervolume": _hypervolume_series(front, config) if ref else [],
+        "hypervolume": cache.hypervolume_series(front, config) if ref else [],
     }
     return view
 
 
-def _trial(record: Any, on_front: bool) -> dict[str, Any]:
+def _trial(record: TrialRecord, plan: dict[str, Any], on_front: bool) -> dict[str, Any]:
     got = record.measurements
     return {
         "number": record.number,
@@ -86,36 +149,29 @@ def _trial(record: Any, on_front: bool) -> dict[str, Any]:
         "metric": got.metric if got else None,
         "size_bytes": got.size_bytes if got else None,
         "latency_ms": got.latency_ms if got else None,
+        "speedup": got.speedup if got else None,
         "memory_mb": got.memory_mb if got else None,
         "feasible": record.feasible,
         "on_front": on_front,
         "constraints": record.constraints,
         "fail_reason": record.fail_reason or "",
-        "plan": {
-            name: {
-                "bits": lp.bits,
-                "prune": lp.prune,
-                "rank": lp.rank,
-                "prune_channels": lp.prune_channels,
-                "kernel": lp.kernel,
-            }
-            for name, lp in record.plan.layers.items()
-        }
-        if record.plan
-        else {},
+        "plan": plan,
     }
 
 
-def _hypervolume_series(front: Any, config: StudyConfig) -> list[list[float]]:
-    """Hypervolume of the feasible trials finished so far, after each trial (by number)."""
-    ref_point = reference_point(config.objectives, config.budgets.max_metric_drop)
-    points: list[list[float]] = []
-    series = []
-    for record in sorted(front.trials, key=lambda t: t.number):
-        if record.feasible and record.measurements:
-            points.append(normalized(record.measurements, front.reference, config.objectives))
-            series.append([record.number, hypervolume(points, ref_point)])
-    return series
+def _plan(record: TrialRecord) -> dict[str, Any]:
+    if record.plan is None:
+        return {}
+    return {
+        name: {
+            "bits": lp.bits,
+            "prune": lp.prune,
+            "rank": lp.rank,
+            "prune_channels": lp.prune_channels,
+            "kernel": lp.kernel,
+        }
+        for name, lp in record.plan.layers.items()
+    }
 
 
 def _missing(config: StudyConfig, config_arg: str | Path) -> str:

@@ -36,7 +36,9 @@ class Task:
         if not self.calibration:
             return None
         settings = self.config.recovery
-        return Recovery(self.calibration, steps=settings.steps, lr=settings.lr)
+        return Recovery(
+            self.calibration, steps=settings.steps, lr=settings.lr, min_gain=settings.min_gain
+        )
 
     @property
     def target(self) -> Target:

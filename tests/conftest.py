@@ -73,7 +73,7 @@ def stop_midway(
             states = [t.state.name for t in trials_now()]
         except Exception:  # the study is not there yet
             continue
-        if states.count("COMPLETE") >= 2 and "RUNNING" in states:
+        if states.count("COMPLETE") + states.count("PRUNED") >= 2 and "RUNNING" in states:
             break
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)

@@ -187,3 +187,27 @@ def test_browser_renders_one_point_per_trial_and_click_shows_the_plan(searched):
             browser.close()
     finally:
         server.shutdown()
+
+
+def test_a_cached_view_equals_a_fresh_one_as_the_study_grows(tmp_path, capsys):
+    from autosqueeze.study_view import StudyReader, study_view
+
+    path = write_yaml(tmp_path / "s.yaml", study_config(tmp_path, search={"trials": 6}))
+    assert main(["search", str(path), "--no-progress"]) == 0
+    config = load_config(path)
+    reader = StudyReader(config, path)
+
+    def same(cached: dict, fresh: dict) -> None:
+        cached, fresh = dict(cached), dict(fresh)
+        cached.pop("updated"), fresh.pop("updated")
+        assert cached == fresh
+
+    same(reader.view(), study_view(config, path, open_study(config, create=False)))
+    assert main(["search", str(path), "--trials", "10", "--no-progress"]) == 0
+    later = reader.view()  # extends what it kept from the first poll
+    same(later, study_view(config, path, open_study(config, create=False)))
+    assert len(later["trials"]) == 10 and later["hypervolume"]
+    assert [p[0] for p in later["hypervolume"]] == sorted(
+        t["number"] for t in later["trials"] if t["feasible"]
+    )
+    capsys.readouterr()

@@ -47,7 +47,7 @@ def test_search_interrupted_and_resumed_from_postgres(tmp_path, make_config):
     )
     assert resumed.returncode == 0, resumed.stderr
     trials = trials_now()
-    assert sum(t.state.name == "COMPLETE" for t in trials) == 6
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 6
     failed = [t for t in trials if t.state.name == "FAIL"]
     assert len(failed) == 1 and "interrupted" in failed[0].user_attrs["fail_reason"]
     assert not (tmp_path / "run" / "study.log").exists()  # nothing went to the default file

@@ -50,7 +50,7 @@ def test_two_local_ray_workers_give_the_same_result_shape(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Smallest model within" in out
     trials = trials_of(path)
-    assert len(trials) == 10 and all(t.state.name == "COMPLETE" for t in trials)
+    assert len(trials) == 10 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both evaluators worked
     rows = list(csv.DictReader((tmp_path / "r" / "front.csv").open()))
     assert rows and {"trial", "metric", "size_bytes", "latency_ms", "feasible", "artifact"} <= set(
@@ -77,7 +77,7 @@ def test_evaluators_are_placed_on_both_nodes_of_a_cluster(tmp_path, capsys):
     finally:
         cluster.shutdown()
     trials = trials_of(path)
-    assert all(t.state.name == "COMPLETE" for t in trials)
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
     assert len({node_of(t) for t in trials}) == 2
     capsys.readouterr()
 
@@ -106,7 +106,8 @@ def test_a_crash_a_hang_and_a_nan_fail_only_their_trials(tmp_path, capsys):
             task={"metric": "faulty_metric:metric"},
             compute={"workers": 2},
             budgets={"max_size_mb": None},
-            search={"trials": 4, "trial_timeout_s": 8, "output_dir": str(tmp_path / "r")},
+            # 40 s: 100x what a healthy trial takes here, so a busy machine does not time it out
+            search={"trials": 4, "trial_timeout_s": 40, "output_dir": str(tmp_path / "r")},
         ),
     )
     study = open_study(load_config(config_path), create=True)
@@ -117,9 +118,9 @@ def test_a_crash_a_hang_and_a_nan_fail_only_their_trials(tmp_path, capsys):
     reasons = {p: t.user_attrs.get("fail_reason", "") for p, t in trials.items()}
     assert trials[0.3].state.name == "FAIL" and "evaluator process died" in reasons[0.3]
     assert re.search(r"pid \d+; Worker unexpectedly exits", reasons[0.3])
-    assert trials[0.6].state.name == "FAIL" and "timed out after 8 s" in reasons[0.6]
+    assert trials[0.6].state.name == "FAIL" and "timed out after 40 s" in reasons[0.6]
     assert trials[0.9].state.name == "FAIL" and "metric is nan" in reasons[0.9]
-    assert trials[0.0].state.name == "COMPLETE"
+    assert trials[0.0].state.name in ("COMPLETE", "PRUNED")
     every = trials_of(config_path)
     assert len(every) == 4 and every[3].user_attrs["baseline"] == "original"
     capsys.readouterr()

@@ -111,7 +111,7 @@ def test_search_a_bert_style_model_by_fidelity(tmp_path, capsys):
     )
     assert main(["search", str(config), "--no-progress"]) == 0
     trials = open_study(load_config(config), create=False).trials
-    assert all(t.state.name == "COMPLETE" for t in trials)
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
     assert trials[0].user_attrs["metric"] == pytest.approx(1.0)  # the original vs itself
     assert all(0 < t.user_attrs["metric"] <= 1.0 + 1e-6 for t in trials)
     out = capsys.readouterr().out

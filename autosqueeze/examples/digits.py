@@ -69,7 +69,7 @@ def loaders(batch_size: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def calibration(batch_size: int = 64) -> list[torch.Tensor]:
+def calibration(batch_size: int = 16) -> list[torch.Tensor]:
     """Training-split images (no labels) for recovery training: never the validation ones."""
     images, _, _, _ = _splits()
     return [images[i : i + batch_size] for i in range(0, len(images), batch_size)]

@@ -10,11 +10,12 @@ from __future__ import annotations
 import importlib
 import traceback
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from autosqueeze.config import StudyConfig
 from autosqueeze.errors import TrialError, UserError
-from autosqueeze.measure import Evaluator, Measurements
+from autosqueeze.measure import Evaluator, Limits, Measurements
 from autosqueeze.plan import Plan
 from autosqueeze.task import Task
 
@@ -33,7 +34,8 @@ class Executor(ABC):
     slots: int
 
     @abstractmethod
-    def submit(self, key: int, plan: Plan) -> None: ...
+    def submit(self, key: int, plan: Plan, limits: Limits | None = None) -> None:
+        """Start evaluating ``plan``; one that misses ``limits`` stops before it is timed."""
 
     @abstractmethod
     def wait(self) -> list[Outcome]:
@@ -43,14 +45,21 @@ class Executor(ABC):
     @abstractmethod
     def in_flight(self) -> list[int]: ...
 
+    @abstractmethod
+    def artifacts(self, plans: dict[int, Plan]) -> Iterator[tuple[int, bytes]]:
+        """Build each plan's artifact (the front's, after a search) on the evaluators;
+        yields (key, bytes) as they are done."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
 
-def evaluate_safely(evaluator: Evaluator, key: int, plan: Plan, worker: str = "") -> Outcome:
+def evaluate_safely(
+    evaluator: Evaluator, key: int, plan: Plan, limits: Limits | None, worker: str = ""
+) -> Outcome:
     """Run one evaluation; any failure becomes an Outcome with a one-line reason."""
     try:
-        return Outcome(key, measurements=evaluator.evaluate(plan), worker=worker)
+        return Outcome(key, measurements=evaluator.evaluate(plan, limits), worker=worker)
     except (TrialError, UserError) as exc:  # expected failures: their message says it all
         return Outcome(key, error=str(exc), worker=worker)
     except Exception as exc:

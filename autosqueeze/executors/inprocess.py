@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 
 from autosqueeze.config import StudyConfig
 from autosqueeze.executors import Executor, Outcome, evaluate_safely
-from autosqueeze.measure import Evaluator
+from autosqueeze.measure import Evaluator, Limits
 from autosqueeze.plan import Plan
 from autosqueeze.task import Task
 
@@ -17,25 +18,29 @@ class InProcessExecutor(Executor):
 
     def __init__(self, task: Task) -> None:
         self.evaluator = Evaluator(task)
-        self._pending: list[tuple[int, Plan]] = []
+        self._pending: list[tuple[int, Plan, Limits | None]] = []
         self._worker = f"{socket.gethostname()} pid {os.getpid()} (in-process)"
 
     @classmethod
     def create(cls, config: StudyConfig, task: Task) -> InProcessExecutor:
         return cls(task)
 
-    def submit(self, key: int, plan: Plan) -> None:
-        self._pending.append((key, plan))
+    def submit(self, key: int, plan: Plan, limits: Limits | None = None) -> None:
+        self._pending.append((key, plan, limits))
 
     @property
     def in_flight(self) -> list[int]:
-        return [key for key, _ in self._pending]
+        return [key for key, _, _ in self._pending]
 
     def wait(self) -> list[Outcome]:
-        key, plan = self._pending[0]
-        outcome = evaluate_safely(self.evaluator, key, plan, self._worker)
+        key, plan, limits = self._pending[0]
+        outcome = evaluate_safely(self.evaluator, key, plan, limits, self._worker)
         self._pending.pop(0)
         return [outcome]
+
+    def artifacts(self, plans: dict[int, Plan]) -> Iterator[tuple[int, bytes]]:
+        for key, plan in plans.items():
+            yield key, self.evaluator.artifact(plan)
 
     def close(self) -> None:
         self.evaluator.close()

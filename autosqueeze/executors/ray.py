@@ -15,14 +15,16 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from autosqueeze.config import StudyConfig
+from autosqueeze.device_lock import DeviceLock
 from autosqueeze.errors import UserError
 from autosqueeze.executors import Executor, Outcome, evaluate_safely
-from autosqueeze.measure import Evaluator
+from autosqueeze.measure import Evaluator, Limits
 from autosqueeze.plan import Plan
 from autosqueeze.task import Task
 
@@ -42,23 +44,29 @@ def import_ray() -> Any:
 class EvaluatorActor:
     """Runs in a Ray worker process; made a Ray actor class by ``ray.remote`` at pool start."""
 
-    def __init__(self, folder: str, task_ref: list[Any]) -> None:
+    def __init__(self, folder: str, task_ref: list[Any], device: str) -> None:
         import ray
 
         if folder not in sys.path:
             sys.path.insert(0, folder)  # the user's modules, as in the driver
-        task: Task = ray.get(task_ref[0])
-        if task.device.type == "cuda":
-            task.device = torch.device("cuda")  # the GPU Ray assigned is this process's cuda:0
-        self.evaluator = Evaluator(task)
+        if device.startswith("cuda"):
+            device = "cuda"  # the GPU Ray assigned is this process's cuda:0
+        with DeviceLock(torch.device(device)).shared():  # loading is work: not beside a timing
+            task: Task = ray.get(task_ref[0])
+            task.device = torch.device(device)
+            self.evaluator = Evaluator(task)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.worker = f"{ray.util.get_node_ip_address()} node {self.node_id[:8]} pid {os.getpid()}"
 
     def ready(self) -> tuple[str, str]:
         return self.worker, self.node_id
 
-    def evaluate(self, key: int, plan_json: str) -> Outcome:
-        return evaluate_safely(self.evaluator, key, Plan.from_json(plan_json), self.worker)
+    def artifact(self, plan_json: str) -> bytes:
+        return self.evaluator.artifact(Plan.from_json(plan_json))
+
+    def evaluate(self, key: int, plan_json: str, limits: Limits | None) -> Outcome:
+        plan = Plan.from_json(plan_json)
+        return evaluate_safely(self.evaluator, key, plan, limits, self.worker)
 
 
 class RayExecutor(Executor):
@@ -94,6 +102,7 @@ class RayExecutor(Executor):
         self._actor_class = ray.remote(**self._options)(EvaluatorActor)
         self._task_ref = ray.put(task)
         self._folder = str(task.config.folder)
+        self._device = str(task.device)
         self._idle = [self._spawn() for _ in range(self.slots)]
         self._running: dict[Any, tuple[int, Any, float]] = {}
         try:
@@ -118,9 +127,9 @@ class RayExecutor(Executor):
     def in_flight(self) -> list[int]:
         return [key for key, _, _ in self._running.values()]
 
-    def submit(self, key: int, plan: Plan) -> None:
+    def submit(self, key: int, plan: Plan, limits: Limits | None = None) -> None:
         actor = self._idle.pop()
-        ref = actor.evaluate.remote(key, plan.to_json())
+        ref = actor.evaluate.remote(key, plan.to_json(), limits)
         self._running[ref] = (key, actor, time.monotonic())
 
     def wait(self) -> list[Outcome]:
@@ -134,6 +143,20 @@ class RayExecutor(Executor):
             if outcomes:
                 return outcomes
 
+    def artifacts(self, plans: dict[int, Plan]) -> Iterator[tuple[int, bytes]]:
+        """Spread over the idle evaluators, one plan each at a time."""
+        waiting = list(plans.items())
+        running: dict[Any, tuple[int, Any]] = {}
+        while waiting or running:
+            while waiting and self._idle:
+                key, plan = waiting.pop(0)
+                actor = self._idle.pop()
+                running[actor.artifact.remote(plan.to_json())] = (key, actor)
+            ready, _ = self._ray.wait(list(running), num_returns=1)
+            key, actor = running.pop(ready[0])
+            self._idle.append(actor)
+            yield key, self._ray.get(ready[0])
+
     def close(self) -> None:
         for actor in [*self._idle, *(a for _, a, _ in getattr(self, "_running", {}).values())]:
             self._ray.kill(actor, no_restart=True)
@@ -142,7 +165,7 @@ class RayExecutor(Executor):
             self._ray.shutdown()
 
     def _spawn(self) -> Any:
-        return self._actor_class.remote(self._folder, [self._task_ref])
+        return self._actor_class.remote(self._folder, [self._task_ref], self._device)
 
     def _collect(self, ref: Any) -> Outcome:
         key, actor, _ = self._running.pop(ref)
@@ -176,8 +199,15 @@ class RayExecutor(Executor):
         return expired
 
     def _replace(self, actor: Any) -> None:
+        """A new evaluator for a dead or hung one, started before it is given work: a
+        process starting up computes, and nothing should compute beside a timing unlocked."""
         self._ray.kill(actor, no_restart=True)
-        self._idle.append(self._spawn())
+        fresh = self._spawn()
+        try:
+            self._ray.get(fresh.ready.remote())
+        except self._ray.exceptions.RayError:
+            pass  # its first evaluation reports why it cannot run
+        self._idle.append(fresh)
 
 
 def _init(ray: Any, address: str | None) -> None:
