@@ -50,26 +50,39 @@ def encode(tensor: torch.Tensor, codec: TensorCodec = TensorCodec()) -> Encoded:
     shape = list(tensor.shape)
     if not tensor.is_floating_point():
         return Encoded({"": tensor.contiguous()}, {"codec": "raw", "shape": shape})
+    n = tensor.numel()
     if codec.bits in FLOAT_BITS:
         values = tensor.to(FLOAT_BITS[codec.bits]).contiguous()
-        return _smaller(
-            Encoded({"": values}, {"codec": f"fp{codec.bits}", "layout": "dense", "shape": shape}),
-            _bitmap(values.flatten(), values.flatten() != 0, {"codec": f"fp{codec.bits}"}, shape),
+        nonzero = values.flatten() != 0
+        if _sparse_is_smaller(n, int(nonzero.sum()), 8 * values.element_size()):
+            return _bitmap(values.flatten(), nonzero, {"codec": f"fp{codec.bits}"}, shape)
+        return Encoded(
+            {"": values}, {"codec": f"fp{codec.bits}", "layout": "dense", "shape": shape}
         )
     q, scale = quantize(tensor, codec.bits, codec.group_size)
     meta = {"codec": f"int{codec.bits}", "group_size": codec.group_size, "shape": shape}
     unsigned = (q.flatten() + _qmax(codec.bits)).to(torch.uint8)
-    dense = Encoded(
-        {"q": _pack(unsigned, codec.bits), "scale": scale},
-        {**meta, "layout": "dense", "count": unsigned.numel()},
-    )
     nonzero = q.flatten() != 0
-    kept = unsigned[nonzero]
-    sparse = Encoded(
-        {"q": _pack(kept, codec.bits), "scale": scale, "mask": _pack_mask(nonzero)},
-        {**meta, "layout": "bitmap", "count": kept.numel()},
+    kept = int(nonzero.sum())
+    if _sparse_is_smaller(n, kept, codec.bits):
+        return Encoded(
+            {
+                "q": _pack(unsigned[nonzero], codec.bits),
+                "scale": scale,
+                "mask": _pack_mask(nonzero),
+            },
+            {**meta, "layout": "bitmap", "count": kept},
+        )
+    return Encoded(
+        {"q": _pack(unsigned, codec.bits), "scale": scale},
+        {**meta, "layout": "dense", "count": n},
     )
-    return _smaller(dense, sparse)
+
+
+def _sparse_is_smaller(count: int, nonzero: int, bits: int) -> bool:
+    """Bitmap + nonzeros against dense, by exact byte count (the scales are the same in both),
+    decided before either is packed."""
+    return -(-nonzero * bits // 8) + -(-count // 8) < -(-count * bits // 8)
 
 
 def decode(parts: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor:
@@ -147,21 +160,31 @@ def _ungrouped(grouped: torch.Tensor, shape: torch.Size | list[int]) -> torch.Te
 
 
 def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned b-bit values into bytes, little-endian bit order: ceil(n*b/8) bytes."""
+    """Pack unsigned b-bit values into bytes, little-endian bit order (value i's bit j is bit
+    i*b + j of the stream): ceil(n*b/8) bytes. Eight values fill exactly b bytes, so each
+    group of eight is shifted into one 64-bit word whose first b bytes are the group's."""
     array = values.numpy().astype(np.uint8)
     if bits == 8:
         return torch.from_numpy(array.copy())
-    planes = (array[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
-    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
+    groups = np.zeros((-(-len(array) // 8), 8), dtype=np.uint64)
+    groups.reshape(-1)[: len(array)] = array
+    words = (groups << (np.arange(8, dtype=np.uint64) * bits)).sum(axis=1, dtype=np.uint64)
+    packed = words.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :bits].reshape(-1)
+    return torch.from_numpy(packed[: -(-len(array) * bits // 8)].copy())
 
 
 def _unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     array = packed.numpy()
     if bits == 8:
         return torch.from_numpy(array[:count].copy())
-    planes = np.unpackbits(array, count=count * bits, bitorder="little").reshape(count, bits)
-    weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint16)
-    return torch.from_numpy((planes.astype(np.uint16) @ weights).astype(np.uint8))
+    groups = -(-count // 8)
+    stream = np.zeros(groups * bits, dtype=np.uint8)
+    stream[: min(len(array), groups * bits)] = array[: groups * bits]
+    padded = np.zeros((groups, 8), dtype=np.uint8)
+    padded[:, :bits] = stream.reshape(groups, bits)
+    words = padded.view("<u8").reshape(-1, 1)
+    lanes = (words >> (np.arange(8, dtype=np.uint64) * bits)) & np.uint64((1 << bits) - 1)
+    return torch.from_numpy(lanes.reshape(-1)[:count].astype(np.uint8))
 
 
 def _pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -180,7 +203,3 @@ def _bitmap(
         {"values": flat[nonzero].contiguous(), "mask": _pack_mask(nonzero)},
         {**meta, "layout": "bitmap", "shape": shape},
     )
-
-
-def _smaller(dense: Encoded, sparse: Encoded) -> Encoded:
-    return sparse if sparse.nbytes < dense.nbytes else dense

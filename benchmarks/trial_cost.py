@@ -38,7 +38,7 @@ PHASES = ["compress", "load", "metric", "memory", "latency"]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="*", type=Path, default=DEFAULT)
-    parser.add_argument("--plans", type=int, default=6)
+    parser.add_argument("--plans", type=int, default=8)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:

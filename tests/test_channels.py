@@ -175,3 +175,25 @@ def test_compression_does_not_depend_on_the_callers_thread_count():
         torch.set_num_threads(previous)
     for key, tensor in states[0].items():
         assert torch.equal(tensor, states[1][key]), key
+
+
+def test_recovery_stops_once_the_loss_levels_off_and_stays_seeded():
+    from autosqueeze.examples.digits import calibration
+
+    plan = Plan({"features.2": LayerPlan(prune_channels=0.5)})
+    steps = []
+    models = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as compress runs it (measured: it stops after 175 steps)
+    try:
+        for _ in range(2):
+            compressed = compress(pretrained_cnn(), plan, TARGET)
+            recovery = Recovery(calibration(), steps=1000, lr=3e-3, min_gain=0.05)
+            steps.append(recovery.run(compressed.module, pretrained_cnn()))
+            models.append(compressed.module)
+    finally:
+        torch.set_num_threads(threads)
+    assert steps[0] == steps[1] and steps[0] % 25 == 0 and 25 < steps[0] < 1000
+    x = loaders()[0][0]
+    with torch.inference_mode():
+        torch.testing.assert_close(models[0](x), models[1](x), atol=0, rtol=0)

@@ -74,3 +74,17 @@ def test_all_zero_and_non_float_tensors_round_trip():
 def test_unsupported_bits_are_rejected():
     with pytest.raises(ValueError, match="bits must be one of"):
         TensorCodec(1)
+
+
+@pytest.mark.parametrize("bits", range(2, 8))
+def test_packing_keeps_the_bit_plane_layout_of_earlier_artifacts(bits):
+    import numpy as np
+
+    from autosqueeze.codecs import _pack, _unpack
+
+    for count in (1, 3, 8, 9, 1001):
+        values = torch.randint(0, 2**bits, (count,), generator=torch.Generator().manual_seed(count))
+        planes = (values.numpy()[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
+        layout = np.packbits(planes.reshape(-1), bitorder="little")  # value i, bit j at i*b+j
+        assert np.array_equal(_pack(values.to(torch.uint8), bits).numpy(), layout)
+        assert torch.equal(_unpack(torch.from_numpy(layout), bits, count), values.to(torch.uint8))

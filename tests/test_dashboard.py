@@ -152,8 +152,14 @@ def test_browser_renders_one_point_per_trial_and_click_shows_the_plan(searched):
                 "id => document.getElementById(id).data.map(t => t.x.length)", plot[1:]
             )
             complete = [n for n, t in trials.items() if t.state.name == "COMPLETE"]
-            assert sum(counts) == len(complete) == 12
-            assert page.locator(f"{plot} .scatterlayer .point").count() == 12
+            assert sum(counts) == len(complete)  # a timed point per timed trial
+            assert page.locator(f"{plot} .scatterlayer .point").count() == len(complete)
+            # metric and size: every finished trial, those stopped before timing included
+            both = "pareto-metric-size_bytes"
+            counts = page.evaluate(
+                "id => document.getElementById(id).data.map(t => t.x.length)", both
+            )
+            assert sum(counts) == 12 > len(complete)
             # click the int8 baseline's point: the heatmap must show trial 1's plan
             target = page.evaluate(
                 """id => {

@@ -65,6 +65,32 @@ def test_magnitude_pruning_zeroes_exactly_the_smallest():
     assert weight.abs()[weight != 0].min() == 31
 
 
+def test_magnitude_pruning_breaks_ties_by_position_as_a_stable_sort_would():
+    generator = torch.Generator().manual_seed(0)
+    for ratio in (0.1, 0.35, 0.5, 0.9):
+        weight = torch.randint(-4, 5, (257,), generator=generator).float()  # many ties
+        expected = weight.clone()
+        count = round(ratio * weight.numel())
+        expected[torch.argsort(expected.abs(), stable=True)[:count]] = 0
+        prune_by_magnitude(weight, ratio)
+        assert torch.equal(weight, expected)
+
+
+def test_factorizing_again_reuses_the_decomposition_and_gives_the_same_weights():
+    from autosqueeze.techniques import factorize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 8))
+    plan = Plan({"0": LayerPlan(rank=0.25)})
+    factorize._SVD_CACHE.clear()
+    first = compress(model, plan).module.state_dict()
+    assert len(factorize._SVD_CACHE) == 1
+    again = compress(model, plan).module.state_dict()
+    assert len(factorize._SVD_CACHE) == 1  # a hit
+    for key in first:
+        torch.testing.assert_close(first[key], again[key], atol=0, rtol=0)
+
+
 def test_compress_prunes_both_factors_and_leaves_the_original_alone():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))

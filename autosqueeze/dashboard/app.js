@@ -9,7 +9,7 @@
   let selected = null;
   let sortKey = "number", sortUp = true;
 
-  const value = (t, key) => key === "size_bytes" ? t.size_bytes / 1e3 : t[key];
+  const value = (t, key) => key === "size_bytes" ? (t.size_bytes === null ? null : t.size_bytes / 1e3) : t[key];
   const fmt = (x, d = 4) => x === null || x === undefined ? "" : (typeof x === "number" ? +x.toFixed(d) : x);
 
   function budgetLine(key) {  // where a budget puts a line on an axis, in plotted units
@@ -31,18 +31,22 @@
   }
 
   function groups() {
-    const done = view.trials.filter(t => t.state === "COMPLETE");
+    // PRUNED trials missed a budget before they were timed: they have a metric and a size
+    const done = view.trials.filter(t => t.state === "COMPLETE" || t.state === "PRUNED");
+    const timed = t => t.state === "COMPLETE";
     return [
       { name: "baseline", rows: done.filter(t => t.baseline), marker: { symbol: "diamond", size: 11, color: "#d62728" }, text: true },
       { name: "Pareto front", rows: done.filter(t => !t.baseline && t.on_front), marker: { symbol: "star", size: 12, color: "#ff7f0e" } },
       { name: "feasible", rows: done.filter(t => !t.baseline && !t.on_front && t.feasible), marker: { size: 7, color: "#1f77b4" } },
-      { name: "infeasible", rows: done.filter(t => !t.baseline && !t.feasible), marker: { symbol: "x", size: 6, color: "#a0a7b0" } },
+      { name: "infeasible", rows: done.filter(t => !t.baseline && !t.feasible && timed(t)), marker: { symbol: "x", size: 6, color: "#a0a7b0" } },
+      { name: "stopped (missed a budget, not timed)", rows: done.filter(t => !t.baseline && !timed(t)), marker: { symbol: "x", size: 5, color: "#d3d7dc" } },
     ];
   }
 
   function drawPair(x, y) {
     const id = `pareto-${x}-${y}`;
-    const traces = groups().map(g => ({
+    const has = t => value(t, x) !== null && value(t, y) !== null;
+    const traces = groups().map(g => ({ ...g, rows: g.rows.filter(has) })).map(g => ({
       type: "scatter", mode: g.text ? "markers+text" : "markers", name: g.name,
       x: g.rows.map(t => value(t, x)), y: g.rows.map(t => value(t, y)),
       text: g.text ? g.rows.map(t => t.baseline) : undefined, textposition: "top center",
@@ -64,7 +68,8 @@
   }
 
   function draw3d() {
-    const traces = groups().map(g => ({
+    const timed = g => ({ ...g, rows: g.rows.filter(t => t.latency_ms !== null) });
+    const traces = groups().map(timed).map(g => ({
       type: "scatter3d", mode: "markers", name: g.name, customdata: g.rows.map(t => t.number),
       x: g.rows.map(t => t.metric), y: g.rows.map(t => t.size_bytes / 1e3), z: g.rows.map(t => t.latency_ms),
       // scatter3d draws only some symbols as shapes: keep to diamond and circle there
@@ -120,13 +125,14 @@
     const rows = [
       [view.metric_name, fmt(t.metric), t.metric !== null && ref.metric ? `drop ${fmt(ref.metric - t.metric)}` : ""],
       ["size", t.size_bytes !== null ? `${(t.size_bytes / 1e3).toFixed(1)} kB` : "", t.size_bytes ? `${(ref.size_bytes / t.size_bytes).toFixed(1)}x smaller` : ""],
-      ["latency", t.latency_ms !== null ? `${fmt(t.latency_ms, 3)} ms` : "", t.latency_ms ? `${(ref.latency_ms / t.latency_ms).toFixed(2)}x speed` : ""],
+      ["latency", t.latency_ms !== null ? `${fmt(t.latency_ms, 3)} ms` : "not timed", t.speedup ? `${t.speedup.toFixed(2)}x speed (timed beside the original)` : ""],
       ["memory", t.memory_mb != null ? `${fmt(t.memory_mb, 2)} MB` : "", t.memory_mb && ref.memory_mb ? `${(t.memory_mb / ref.memory_mb).toFixed(2)}x of original` : ""],
       ["feasible", t.feasible ? "yes" : "no", t.on_front ? "on the Pareto front" : ""],
     ];
-    if (t.fail_reason) rows.push(["failed", t.fail_reason, ""]);
+    if (t.fail_reason) rows.push([t.state === "PRUNED" ? "stopped" : "failed", t.fail_reason, ""]);
+    const esc = x => String(x).replace(/[&<>"]/g, c => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
     document.getElementById("selected-measurements").innerHTML =
-      rows.map(r => `<tr><td class="muted">${r[0]}</td><td>${r[1]}</td><td class="muted">${r[2]}</td></tr>`).join("");
+      rows.map(r => `<tr><td class="muted">${esc(r[0])}</td><td>${esc(r[1])}</td><td class="muted">${esc(r[2])}</td></tr>`).join("");
     document.getElementById("selected-cli").textContent = view.export_command.replaceAll("{n}", t.number);
     const layers = Object.keys(t.plan);
     const strength = { bits: v => 1 - v / 32, prune: v => v, rank: v => 1 - v, prune_channels: v => v ?? 0, kernel: v => KERNEL_STRENGTH[v] ?? 0 };
