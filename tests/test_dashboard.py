@@ -160,33 +160,39 @@ def test_browser_renders_one_point_per_trial_and_click_shows_the_plan(searched):
                 "id => document.getElementById(id).data.map(t => t.x.length)", both
             )
             assert sum(counts) == 12 > len(complete)
-            # click the int8 baseline's point: the heatmap must show trial 1's plan
-            target = page.evaluate(
-                """id => {
-                const el = document.getElementById(id);
-                const trace = el.data.findIndex(t => t.customdata.includes(1));
-                return [trace, el.data[trace].customdata.indexOf(1)]; }""",
+            # click the point that stands furthest from the others (markers can overlap):
+            # the heatmap must show that trial's plan
+            centers = page.evaluate(
+                """id => { const el = document.getElementById(id), out = [];
+                el.querySelectorAll('.scatterlayer .trace').forEach((trace, i) =>
+                  trace.querySelectorAll('.point').forEach((point, j) => {
+                    const r = point.getBoundingClientRect();
+                    out.push([el.data[i].customdata[j], r.x + r.width / 2, r.y + r.height / 2]);
+                  }));
+                return out; }""",
                 plot[1:],
             )
-            point = (
-                page.locator(f"{plot} .scatterlayer .trace")
-                .nth(target[0])
-                .locator(".point")
-                .nth(target[1])
-            )
-            box = point.bounding_box()
-            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-            page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+
+            def room(c):
+                return min((c[1] - o[1]) ** 2 + (c[2] - o[2]) ** 2 for o in centers if o[0] != c[0])
+
+            number, x, y = max(centers, key=room)
+            page.mouse.move(x, y)
+            page.mouse.click(x, y)
             page.wait_for_function(
-                "document.getElementById('plan-heatmap').dataset.trial === '1'", timeout=10000
+                f"document.getElementById('plan-heatmap').dataset.trial === '{number}'",
+                timeout=10000,
             )
-            assert "Trial 1 (int8)" in page.inner_text("#selected-title")
+            assert f"Trial {number}" in page.inner_text("#selected-title")
             z_text = page.evaluate("document.getElementById('plan-heatmap').data[0].text")
-            assert all(row[0] == "8" for row in z_text)  # bits column: every layer int8
-            assert "--trial 1 -o" in page.inner_text("#selected-cli")
+            plan = json.loads(trials[number].user_attrs["plan"])["layers"]
+            bits = [str(plan.get(layer, {}).get("bits", 32)) for layer in sorted(plan)]
+            assert sorted(row[0] for row in z_text) == sorted(bits)  # the bits column
+            assert f"--trial {number} -o" in page.inner_text("#selected-cli")
             page.click("#trials th[data-key='size_bytes']")  # the table sorts
             first = page.inner_text("#trials tbody tr:first-child td:nth-child(1)")
-            smallest = min(complete, key=lambda n: trials[n].user_attrs["size_bytes"])
+            sized = [n for n, t in trials.items() if "size_bytes" in t.user_attrs]  # pruned too
+            smallest = min(sized, key=lambda n: trials[n].user_attrs["size_bytes"])
             assert first == str(smallest)
             page.screenshot(path=str(artifacts / "dashboard.png"), full_page=True)
             assert errors == []

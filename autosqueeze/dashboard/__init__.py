@@ -50,6 +50,10 @@ def make_server(
 ) -> ThreadingHTTPServer:
     """A read-only HTTP server for the dashboard (GET only; nothing is ever written)."""
     reader = StudyReader(config, config_arg)
+    try:
+        reader.view()  # replay the storage and fill the cache now, not on the first poll
+    except Exception:  # noqa: S110 - the page reports storage trouble on its polls
+        pass
     page = render_page(None).encode("utf-8")
 
     class Handler(BaseHTTPRequestHandler):

@@ -46,7 +46,7 @@
   function drawPair(x, y) {
     const id = `pareto-${x}-${y}`;
     const has = t => value(t, x) !== null && value(t, y) !== null;
-    const traces = groups().map(g => ({ ...g, rows: g.rows.filter(has) })).map(g => ({
+    const traces = groups().map(g => ({ ...g, rows: g.rows.filter(has) })).filter(g => g.rows.length).map(g => ({
       type: "scatter", mode: g.text ? "markers+text" : "markers", name: g.name,
       x: g.rows.map(t => value(t, x)), y: g.rows.map(t => value(t, y)),
       text: g.text ? g.rows.map(t => t.baseline) : undefined, textposition: "top center",

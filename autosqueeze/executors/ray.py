@@ -31,6 +31,10 @@ from autosqueeze.task import Task
 
 def import_ray() -> Any:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only Ray
+    # Ray runs its workers at niceness 15: beside any ordinary process (another job, the
+    # driver, Ray's own daemons) an evaluator then got 2-5% of a core, and its timings
+    # measured the wait. Evaluators are the work here, so they run at normal priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     try:
         import ray
     except ImportError:
