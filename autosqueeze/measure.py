@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from autosqueeze.artifact import artifact_bytes, load_artifact, save_artifact
+from autosqueeze.config import Budgets
 from autosqueeze.device_lock import DeviceLock
 from autosqueeze.errors import TrialError
 from autosqueeze.metrics import call_model, to_device
@@ -73,6 +74,15 @@ class Limits:
 
     min_metric: float | None = None
     max_size_bytes: int | None = None
+
+    @classmethod
+    def of(cls, budgets: Budgets, original_metric: float) -> Limits:
+        """The limits the metric and size budgets set, given the original model's metric."""
+        drop, size = budgets.max_metric_drop, budgets.max_size_mb
+        return cls(
+            min_metric=original_metric - drop if drop is not None else None,
+            max_size_bytes=int(size * 1e6) if size is not None else None,
+        )
 
     def missed(self, metric: float, size: int) -> str | None:
         if self.min_metric is not None and metric < self.min_metric:
@@ -148,18 +158,15 @@ def measure_latency_beside(
     (what it usually takes here): something else was computing. It is then taken again, up
     to ``attempts`` times, and the least disturbed timing is kept.
     """
-    best: Timing | None = None
-    for attempt in range(1, attempts + 1):
-        timing = _interleaved(model, reference, inputs, device, warmup, repeats, threads, rounds)
-        timing = replace(timing, attempts=attempt)
-        if best is None or _badness(timing, expected_reference_ms) < _badness(
-            best, expected_reference_ms
-        ):
-            best = replace(timing, attempts=attempt)
-        if not _disturbed(timing, max_spread, expected_reference_ms):
+    taken: list[Timing] = []
+    while len(taken) < attempts:
+        taken.append(
+            _interleaved(model, reference, inputs, device, warmup, repeats, threads, rounds)
+        )
+        if not _disturbed(taken[-1], max_spread, expected_reference_ms):
             break
-    assert best is not None
-    return replace(best, attempts=attempt)
+    best = min(taken, key=lambda t: _badness(t, expected_reference_ms))
+    return replace(best, attempts=len(taken))
 
 
 DISTURBED_FACTOR = 1.3

@@ -161,7 +161,7 @@ def _loop(
     stats = _Stats(study)
     bar.set_postfix_str(stats.summary())
     timings = reference_timings(ref, study.get_trials(deepcopy=False))
-    limits = _limits(config, ref)
+    limits = Limits.of(config.budgets, ref.metric)  # a trial past them stops before timing
     lock = DeviceLock(torch.device(config.budgets.device))
     asked: dict[int, optuna.Trial] = {}
     ran = 0
@@ -196,17 +196,6 @@ def _loop(
     finally:
         bar.close()
     return ran, False
-
-
-def _limits(config: StudyConfig, ref: Measurements) -> Limits:
-    """A trial whose metric or size already misses its budget cannot reach the front."""
-    budgets = config.budgets
-    return Limits(
-        min_metric=ref.metric - budgets.max_metric_drop
-        if budgets.max_metric_drop is not None
-        else None,
-        max_size_bytes=int(budgets.max_size_mb * 1e6) if budgets.max_size_mb is not None else None,
-    )
 
 
 def _tell(

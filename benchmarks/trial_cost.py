@@ -75,13 +75,7 @@ def measure(path: Path, count: int) -> dict:
     setup = time.perf_counter() - start
     evaluator = Evaluator(task)
     original = evaluator.evaluate(space.uniform_plan())
-    budgets = config.budgets
-    limits = Limits(
-        min_metric=original.metric - budgets.max_metric_drop
-        if budgets.max_metric_drop is not None
-        else None,
-        max_size_bytes=int(budgets.max_size_mb * 1e6) if budgets.max_size_mb else None,
-    )
+    limits = Limits.of(config.budgets, original.metric)
     sampler = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     plans = [space.uniform_plan(bits=8)]
     plans += [space.plan(sampler.ask(space.distributions).params) for _ in range(count - 1)]
