@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as serialize
 from torch import nn
@@ -90,15 +90,19 @@ def load_artifact(
 
 
 def _read(source: str | Path | bytes) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """An artifact's metadata and stored tensors, from its file or its bytes."""
-    if isinstance(source, bytes):
-        header_length = int.from_bytes(source[:8], "little")
-        header = json.loads(source[8 : 8 + header_length])
-        return _checked(header.get("__metadata__"), "the artifact"), load_tensors(source)
-    path = _existing(source)
-    with safe_open(path, framework="pt") as f:
-        metadata = _metadata(f, path)
-        return metadata, {name: f.get_tensor(name) for name in f.keys()}
+    """An artifact's metadata and stored tensors, from its file or its bytes; anything that
+    is not a readable safetensors file is a ValueError saying so."""
+    where = "the artifact" if isinstance(source, bytes) else _existing(source)
+    try:
+        if isinstance(source, bytes):
+            header_length = int.from_bytes(source[:8], "little")
+            header = json.loads(source[8 : 8 + header_length])
+            return _checked(header.get("__metadata__"), where), load_tensors(source)
+        with safe_open(where, framework="pt") as f:
+            metadata = _metadata(f, where)
+            return metadata, {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, UnicodeDecodeError, AttributeError) as exc:
+        raise ValueError(f"{where} is not a readable safetensors file: {exc}") from None
 
 
 def _existing(path: str | Path) -> Path:

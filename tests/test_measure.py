@@ -60,6 +60,12 @@ def test_the_artifact_bytes_are_the_file_and_load_alike(tmp_path):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=k)
     with pytest.raises(ValueError, match="not an autosqueeze artifact"):
         load_artifact(b"\x02\x00\x00\x00\x00\x00\x00\x00{}", DigitsCNN())
+    for junk in (b"\xff" * 40, data[: len(data) // 2]):  # garbage, a truncated artifact
+        (tmp_path / "junk.safetensors").write_bytes(junk)
+        for source in (junk, tmp_path / "junk.safetensors"):
+            with pytest.raises(ValueError, match="not a|does not fit"):
+                load_artifact(source, DigitsCNN())
+        assert (tmp_path / "junk.safetensors").read_bytes() == junk  # read, never changed
 
 
 def test_a_trial_past_a_budget_stops_before_latency_with_its_reason(make_config, capsys):
