@@ -20,7 +20,8 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as serialize
 from torch import nn
 
-from autosqueeze.codecs import TensorCodec, decode, encode
+from autosqueeze.codecs import FLOAT_BITS, Encoded, TensorCodec, decode, encode
+from autosqueeze.content_cache import ContentCache, content_key
 from autosqueeze.plan import Plan
 from autosqueeze.techniques import CompressedModel, Target, deploy, rebuild
 
@@ -35,7 +36,7 @@ def artifact_bytes(compressed: CompressedModel) -> bytes:
     tensors = {}
     encodings = {}
     for key, value in compressed.module.state_dict().items():
-        encoded = encode(value, compressed.codecs.get(key, TensorCodec()))
+        encoded = _encode(value, compressed.codecs.get(key, TensorCodec()))
         encodings[key] = encoded.meta
         for part, tensor in encoded.parts.items():
             tensors[f"{key}{_SEP}{part}" if part else key] = tensor
@@ -45,6 +46,19 @@ def artifact_bytes(compressed: CompressedModel) -> bytes:
         "encodings": json.dumps(encodings, sort_keys=True, separators=(",", ":")),
     }
     return serialize(tensors, metadata=metadata)
+
+
+_ENCODINGS: ContentCache[Encoded] = ContentCache(1 << 30, lambda encoded: encoded.nbytes)
+
+
+def _encode(tensor: torch.Tensor, codec: TensorCodec) -> Encoded:
+    """``encode``, reusing the integer encodings of tensors seen before: most layers of most
+    trials are base-model weights at a bit-width an earlier trial chose, and quantizing and
+    packing them is the bulk of building a large model's artifact. Float storage is a copy,
+    cheaper than the key."""
+    if codec.bits in FLOAT_BITS or not tensor.is_floating_point():
+        return encode(tensor, codec)
+    return _ENCODINGS.get((content_key(tensor), codec), lambda: encode(tensor, codec))
 
 
 def save_artifact(compressed: CompressedModel | bytes, path: str | Path) -> int:
@@ -79,7 +93,7 @@ def load_artifact(
         key, _, part = name.partition(_SEP)
         parts[key][part] = tensor
     plan = Plan.from_json(metadata["plan"])
-    state = {key: decode(parts[key], meta) for key, meta in encodings.items()}
+    state = {key: _decode(parts[key], meta) for key, meta in encodings.items()}
     try:
         rebuild(model, plan, target)
         model.load_state_dict(state, strict=True)
@@ -87,6 +101,23 @@ def load_artifact(
         where = "the artifact" if isinstance(source, bytes) else source
         raise ValueError(f"{where} does not fit this model: {str(exc).splitlines()[0]}") from None
     return deploy(model.eval().to(target.device), plan)
+
+
+_DECODED: ContentCache[torch.Tensor] = ContentCache(
+    1 << 30, lambda tensor: tensor.numel() * tensor.element_size()
+)
+
+
+def _decode(parts: dict[str, torch.Tensor], meta: dict[str, object]) -> torch.Tensor:
+    """``decode``, reusing the result for stored bytes seen before (keyed by those bytes and
+    their encoding, so it is the tensor decoding them again would give)."""
+    if not str(meta["codec"]).startswith("int"):
+        return decode(parts, meta)
+    key = (
+        json.dumps(meta, sort_keys=True),
+        *(name.encode() + content_key(tensor) for name, tensor in sorted(parts.items())),
+    )
+    return _DECODED.get(key, lambda: decode(parts, meta))
 
 
 def _read(source: str | Path | bytes) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

@@ -54,7 +54,7 @@ def encode(tensor: torch.Tensor, codec: TensorCodec = TensorCodec()) -> Encoded:
     if codec.bits in FLOAT_BITS:
         values = tensor.to(FLOAT_BITS[codec.bits]).contiguous()
         nonzero = values.flatten() != 0
-        if _sparse_is_smaller(n, int(nonzero.sum()), 8 * values.element_size()):
+        if _sparse_is_smaller(n, int(torch.count_nonzero(nonzero)), 8 * values.element_size()):
             return _bitmap(values.flatten(), nonzero, {"codec": f"fp{codec.bits}"}, shape)
         return Encoded(
             {"": values}, {"codec": f"fp{codec.bits}", "layout": "dense", "shape": shape}
@@ -63,7 +63,7 @@ def encode(tensor: torch.Tensor, codec: TensorCodec = TensorCodec()) -> Encoded:
     meta = {"codec": f"int{codec.bits}", "group_size": codec.group_size, "shape": shape}
     unsigned = (q.flatten() + _qmax(codec.bits)).to(torch.uint8)
     nonzero = q.flatten() != 0
-    kept = int(nonzero.sum())
+    kept = int(torch.count_nonzero(nonzero))
     if _sparse_is_smaller(n, kept, codec.bits):
         return Encoded(
             {

@@ -86,3 +86,44 @@ def test_artifact_that_does_not_fit_the_model_is_rejected(tmp_path):
     save_file({"x": torch.zeros(2)}, other)
     with pytest.raises(ValueError, match="not an autosqueeze artifact"):
         load_artifact(other, DigitsCNN())
+
+
+def test_reused_encodings_give_the_bytes_a_fresh_encoding_gives_and_follow_the_weights():
+    from autosqueeze import artifact
+    from autosqueeze.artifact import artifact_bytes
+
+    model = pretrained_cnn()
+    artifact._ENCODINGS.clear()
+    artifact._DECODED.clear()
+    first = artifact_bytes(compress(model, PLAN))
+    cached = len(artifact._ENCODINGS)
+    assert cached > 0
+    assert_same_artifact(artifact_bytes(compress(model, PLAN)), first)  # from the cache
+    assert len(artifact._ENCODINGS) == cached
+    artifact._ENCODINGS.clear()
+    assert_same_artifact(artifact_bytes(compress(model, PLAN)), first)  # computed afresh
+    loaded = [load_artifact(first, DigitsCNN(), None).state_dict() for _ in range(2)]
+    for key in loaded[0]:
+        assert torch.equal(loaded[0][key], loaded[1][key])
+    with torch.no_grad():  # same shapes, other values: nothing stale comes back
+        model.features[0].weight.mul_(0.5)
+    changed = artifact_bytes(compress(model, PLAN))
+    with pytest.raises(AssertionError):
+        assert_same_artifact(changed, first)
+    artifact._ENCODINGS.clear()
+    assert_same_artifact(artifact_bytes(compress(model, PLAN)), changed)
+
+
+def assert_same_artifact(a: bytes, b: bytes) -> None:
+    """Same size, metadata and tensors (safetensors writes metadata keys in any order)."""
+    from safetensors.torch import load
+
+    def header(data: bytes) -> dict:
+        return json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
+
+    assert len(a) == len(b)
+    assert header(a) == header(b)
+    tensors_a, tensors_b = load(a), load(b)
+    assert tensors_a.keys() == tensors_b.keys()
+    for key in tensors_a:
+        assert torch.equal(tensors_a[key], tensors_b[key]), key

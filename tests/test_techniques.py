@@ -82,11 +82,11 @@ def test_factorizing_again_reuses_the_decomposition_and_gives_the_same_weights()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 8))
     plan = Plan({"0": LayerPlan(rank=0.25)})
-    factorize._SVD_CACHE.clear()
+    factorize._SVDS.clear()
     first = compress(model, plan).module.state_dict()
-    assert len(factorize._SVD_CACHE) == 1
+    assert len(factorize._SVDS) == 1
     again = compress(model, plan).module.state_dict()
-    assert len(factorize._SVD_CACHE) == 1  # a hit
+    assert len(factorize._SVDS) == 1  # a hit
     for key in first:
         torch.testing.assert_close(first[key], again[key], atol=0, rtol=0)
 

@@ -7,14 +7,14 @@ Only ranks with r * (out + in_k) < out * in_k are offered: a larger rank adds pa
 
 from __future__ import annotations
 
-import hashlib
-from collections import OrderedDict
 from typing import Any
 
 import torch
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from torch import nn
+from torch.nn.utils import skip_init
 
+from autosqueeze.content_cache import ContentCache, content_key
 from autosqueeze.knobs import KnobValues, Range
 from autosqueeze.plan import LayerPlan
 from autosqueeze.techniques.base import CompressedModel, Site, Technique
@@ -86,8 +86,9 @@ class Factorize(Technique):
         )
 
 
-_SVD_CACHE: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
-_SVD_CACHE_BYTES = 1 << 30
+_SVDS: ContentCache[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = ContentCache(
+    1 << 30, lambda usv: sum(t.numel() * t.element_size() for t in usv)
+)
 
 
 def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,17 +99,12 @@ def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     cached decomposition is the one computing it would give (compression runs on one thread).
     """
     contiguous = matrix.contiguous()
-    key = hashlib.blake2b(contiguous.numpy().tobytes(), digest_size=16).digest() + bytes(
-        str(tuple(matrix.shape)), "ascii"
-    )
-    if key in _SVD_CACHE:
-        _SVD_CACHE.move_to_end(key)
-        return _SVD_CACHE[key]
-    found = torch.linalg.svd(contiguous.double(), full_matrices=False)
-    _SVD_CACHE[key] = (found.U, found.S, found.Vh)
-    while sum(t.numel() * 8 for v in _SVD_CACHE.values() for t in v) > _SVD_CACHE_BYTES:
-        _SVD_CACHE.popitem(last=False)
-    return _SVD_CACHE[key]
+
+    def decompose() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        found = torch.linalg.svd(contiguous.double(), full_matrices=False)
+        return found.U, found.S, found.Vh
+
+    return _SVDS.get(content_key(contiguous), decompose)
 
 
 def _factorizable(layer: nn.Module) -> bool:
@@ -116,14 +112,18 @@ def _factorizable(layer: nn.Module) -> bool:
 
 
 def _factors(layer: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
+    """The two layers, their weights left uninitialised: they are always overwritten (by the
+    SVD, or by the artifact's weights), and random initialisation costs more than the SVD
+    of a cached matrix."""
     bias = layer.bias is not None
     if isinstance(layer, nn.Linear):
         return (
-            nn.Linear(layer.in_features, rank, bias=False),
-            nn.Linear(rank, layer.out_features, bias=bias),
+            skip_init(nn.Linear, layer.in_features, rank, bias=False),
+            skip_init(nn.Linear, rank, layer.out_features, bias=bias),
         )
     conv = type(layer)
-    first = conv(
+    first = skip_init(
+        conv,
         layer.in_channels,
         rank,
         layer.kernel_size,
@@ -133,4 +133,4 @@ def _factors(layer: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
         bias=False,
         padding_mode=layer.padding_mode,
     )
-    return first, conv(rank, layer.out_channels, 1, bias=bias)
+    return first, skip_init(conv, rank, layer.out_channels, 1, bias=bias)

@@ -31,7 +31,7 @@ def prune_by_magnitude(weight: torch.Tensor, ratio: float) -> None:
     threshold = float(np.partition(magnitude.numpy(), count - 1)[count - 1])
     chosen = magnitude < threshold
     ties = torch.nonzero(magnitude == threshold).flatten()
-    chosen[ties[: count - int(chosen.sum())]] = True
+    chosen[ties[: count - int(torch.count_nonzero(chosen))]] = True
     with torch.no_grad():
         weight.view(-1)[chosen] = 0
 
