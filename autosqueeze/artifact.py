@@ -33,6 +33,31 @@ def artifact_bytes(compressed: CompressedModel) -> bytes:
     """The artifact file's exact contents, built in memory: its length is the size on disk,
     and ``load_artifact`` takes it as it would the file (a trial measures it without a disk
     round trip; ``save_artifact`` writes these very bytes)."""
+    tensors, metadata = _contents(compressed)
+    return serialize(tensors, metadata=metadata)
+
+
+def artifact_size(compressed: CompressedModel) -> int:
+    """The artifact's size in bytes, exactly, without serializing it: the safetensors header
+    (JSON, padded to 8 bytes, after its 8-byte length) is laid out as the library lays it
+    out, tensors sorted by dtype (widest first) then name, and the data follows."""
+    tensors, metadata = _contents(compressed)
+    ordered = sorted(tensors.items(), key=lambda kv: (-_DTYPE_RANK[kv[1].dtype], kv[0]))
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, tensor in ordered:
+        end = offset + tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return 8 + -(-len(text) // 8) * 8 + offset
+
+
+def _contents(compressed: CompressedModel) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors = {}
     encodings = {}
     for key, value in compressed.module.state_dict().items():
@@ -45,7 +70,22 @@ def artifact_bytes(compressed: CompressedModel) -> bytes:
         "plan": compressed.plan.to_json(),
         "encodings": json.dumps(encodings, sort_keys=True, separators=(",", ":")),
     }
-    return serialize(tensors, metadata=metadata)
+    return tensors, metadata
+
+
+_DTYPE_NAMES = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int32: "I32",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int64: "I64",
+}
+_DTYPE_RANK = {dtype: i for i, dtype in enumerate(_DTYPE_NAMES)}  # safetensors' Dtype order
 
 
 _ENCODINGS: ContentCache[Encoded] = ContentCache(1 << 30, lambda encoded: encoded.nbytes)

@@ -7,6 +7,7 @@ Exit status: 0 on success, 2 on a user error (the message names the field or fil
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -19,6 +20,7 @@ from autosqueeze.errors import UserError
 EPILOG = """\
 examples:
   autosqueeze validate studies/digits-cnn.yaml
+  autosqueeze sensitivity studies/digits-cnn.yaml
   autosqueeze search studies/digits-cnn.yaml --trials 40
   autosqueeze front studies/digits-cnn.yaml --json
   autosqueeze export studies/digits-cnn.yaml --trial 17 -o model.safetensors
@@ -85,6 +87,22 @@ def _parser() -> argparse.ArgumentParser:
         "0 evaluates in this process",
     )
     p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument(
+        "--no-sensitivity",
+        action="store_true",
+        help="no sensitivity pass: the sampler alone over the whole space, after the fixed "
+        "uniform warm starts (sensitivity.enabled: false)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = command(
+        "sensitivity",
+        _sensitivity,
+        "Measure (or read back) the study's per-layer sensitivity table and print it: the "
+        "metric lost and the output distortion when one knob of one layer takes one value. "
+        "The search measures it first and reuses it; this command stores it in the study.",
+    )
+    p.add_argument("--workers", type=int, help="Ray evaluators, as for search; 0: in-process")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = command("front", _front, "Print the Pareto front of a finished or running study.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -117,6 +135,7 @@ def _config(args: argparse.Namespace) -> StudyConfig:
         storage=args.storage,
         workers=workers,
         ray_address=getattr(args, "ray_address", None),
+        sensitivity=False if getattr(args, "no_sensitivity", False) else None,
     )
 
 
@@ -152,6 +171,37 @@ def _search(args: argparse.Namespace) -> int:
         f"{config.output_dir / 'front'}."
     )
     print(summary(result.front, name, config.budgets.max_metric_drop))
+    return 0
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    import optuna
+
+    from autosqueeze.executors import create_executor
+    from autosqueeze.search import sensitivity_table
+    from autosqueeze.space import build_space
+    from autosqueeze.study import open_study
+    from autosqueeze.tables import sensitivity_text
+    from autosqueeze.task import load_task
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    config = _config(args)
+    task = load_task(config)
+    space = build_space(task.model, config.space, task.target)
+    study = open_study(config, create=True)
+    # Ray reports a dead worker on stdout; what this command prints there is the table alone
+    with contextlib.redirect_stdout(sys.stderr):
+        executor = create_executor(config, task)
+        try:
+            table = sensitivity_table(
+                study, config, space, executor, progress=not args.no_progress
+            )
+        finally:
+            executor.close()
+    if args.json:
+        print(json.dumps(table.report(space), indent=2))
+    else:
+        print(sensitivity_text(table, space, _metric_name(config)))
     return 0
 
 
@@ -241,6 +291,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from autosqueeze.budgets import check_reachable
+    from autosqueeze.search import knob_warnings
     from autosqueeze.space import build_space
     from autosqueeze.task import load_task
 
@@ -264,6 +315,8 @@ def _validate(args: argparse.Namespace) -> int:
     )
     print(f"budgets   smallest model the space allows: {floor:,} bytes")
     print(f"study     {config.name} in {config.storage}")
+    for warning in knob_warnings(space, task):
+        print(f"warning: {warning}")
     return 0
 
 

@@ -79,6 +79,28 @@ def encode(tensor: torch.Tensor, codec: TensorCodec = TensorCodec()) -> Encoded:
     )
 
 
+def encoded_nbytes(
+    shape: tuple[int, ...] | list[int], codec: TensorCodec, nonzero: int | None = None
+) -> int:
+    """The bytes ``encode`` stores for a float tensor of ``shape`` with ``nonzero`` nonzero
+    values after quantization (all, when None): what the size model predicts from, exact
+    for a given count of nonzeros."""
+    n = math.prod(shape)
+    nonzero = n if nonzero is None else nonzero
+    if codec.bits in FLOAT_BITS:
+        width = 8 * FLOAT_BITS[codec.bits].itemsize
+        if _sparse_is_smaller(n, nonzero, width):
+            return nonzero * width // 8 + -(-n // 8)
+        return n * width // 8
+    rows = shape[0] if len(shape) > 1 else 1
+    width = n // rows if n else 0
+    groups = -(-width // min(codec.group_size or width, width)) if width else 0
+    scales = 2 * rows * groups
+    if _sparse_is_smaller(n, nonzero, codec.bits):
+        return -(-nonzero * codec.bits // 8) + -(-n // 8) + scales
+    return -(-n * codec.bits // 8) + scales
+
+
 def _sparse_is_smaller(count: int, nonzero: int, bits: int) -> bool:
     """Bitmap + nonzeros against dense, by exact byte count (the scales are the same in both),
     decided before either is packed."""

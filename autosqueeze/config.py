@@ -73,6 +73,38 @@ class MeasureConfig(_Strict):
     )
 
 
+class SensitivityConfig(_Strict):
+    """The pass before the search: each knob value tried alone on each layer (docs/search.md)."""
+
+    enabled: bool = Field(
+        True, description="false: search the whole space with the sampler alone, no candidates"
+    )
+    samples: int = Field(
+        64, ge=1, description="validation samples a probe (and a trial's first look) is judged on"
+    )
+    margin: float = Field(
+        1.5,
+        gt=0,
+        description="a knob value whose effect alone passes max_metric_drop times this is not "
+        "offered to the sampler",
+    )
+    candidates: int = Field(
+        6, ge=0, description="knapsack plans tried first, on a ladder of predicted distortion"
+    )
+    refine: int = Field(
+        4,
+        ge=0,
+        description="knapsack plans tried next, between the ladder's last that met "
+        "the metric budget and its first that did not",
+    )
+    early_stop: float = Field(
+        3.0,
+        gt=0,
+        description="a trial whose drop on the first samples passes max_metric_drop times this "
+        "stops there (0 < early_stop; large values never stop)",
+    )
+
+
 class SearchConfig(_Strict):
     trials: int = Field(150, ge=1)
     seed: int | None = 0
@@ -109,6 +141,7 @@ class StudyConfig(_Strict):
     budgets: Budgets = Budgets()
     measure: MeasureConfig = MeasureConfig()
     recovery: RecoveryConfig = RecoveryConfig()
+    sensitivity: SensitivityConfig = SensitivityConfig()
     search: SearchConfig = SearchConfig()
     compute: ComputeConfig = ComputeConfig()
     source: Path = Field(Path("."), exclude=True, description="the config file itself")
@@ -134,6 +167,7 @@ class StudyConfig(_Strict):
         storage: str | None = None,
         workers: int | None = None,
         ray_address: str | None = None,
+        sensitivity: bool | None = None,
     ) -> StudyConfig:
         """Command-line options win over the file."""
         search = self.search.model_copy(
@@ -150,7 +184,10 @@ class StudyConfig(_Strict):
                 if v is not None
             }
         )
-        return self.model_copy(update={"search": search, "compute": compute})
+        update = {"search": search, "compute": compute}
+        if sensitivity is not None:
+            update["sensitivity"] = self.sensitivity.model_copy(update={"enabled": sensitivity})
+        return self.model_copy(update=update)
 
 
 def load_config(path: str | Path) -> StudyConfig:

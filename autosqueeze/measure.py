@@ -32,10 +32,10 @@ from autosqueeze.artifact import artifact_bytes, load_artifact, save_artifact
 from autosqueeze.config import Budgets
 from autosqueeze.device_lock import DeviceLock
 from autosqueeze.errors import TrialError
-from autosqueeze.metrics import call_model, to_device
+from autosqueeze.metrics import call_model, distortion, recorded_outputs, to_device
 from autosqueeze.plan import Plan
 from autosqueeze.task import Task
-from autosqueeze.techniques import compress
+from autosqueeze.techniques import applied, compress
 
 
 @dataclass(frozen=True)
@@ -69,19 +69,35 @@ class Measurements:
 
 
 @dataclass(frozen=True)
+class ProbeResult:
+    """A sensitivity probe: the metric on the first samples and the outputs' distortion
+    (None where they cannot be compared), or why it could not be measured."""
+
+    metric: float | None = None
+    distortion: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class Limits:
     """What a trial must reach to possibly join the front; one that misses stops early."""
 
     min_metric: float | None = None
     max_size_bytes: int | None = None
+    max_first_look_drop: float | None = None  # on the first samples: stop there past it
 
     @classmethod
-    def of(cls, budgets: Budgets, original_metric: float) -> Limits:
-        """The limits the metric and size budgets set, given the original model's metric."""
+    def of(
+        cls, budgets: Budgets, original_metric: float, early_stop: float | None = None
+    ) -> Limits:
+        """The limits the metric and size budgets set, given the original model's metric;
+        with ``early_stop``, a trial whose metric on the first samples fell more than that
+        many times ``max_metric_drop`` stops before the full metric."""
         drop, size = budgets.max_metric_drop, budgets.max_size_mb
         return cls(
             min_metric=original_metric - drop if drop is not None else None,
             max_size_bytes=int(size * 1e6) if size is not None else None,
+            max_first_look_drop=drop * early_stop if drop is not None and early_stop else None,
         )
 
     def missed(self, metric: float, size: int) -> str | None:
@@ -338,6 +354,36 @@ class Evaluator:
         self.lock = DeviceLock(task.device)
         self._reference_model: nn.Module | None = None
         self._reference_timings: list[float] = []  # the original, as timed here so far
+        self._probe_model: nn.Module | None = None
+        self._original_outputs: list[torch.Tensor] = []
+        self._first_look: Task | None = None
+        self._first_look_base: float | None = None  # the original's metric on them
+
+    @property
+    def first_look(self) -> Task:
+        """The task on its first ``sensitivity.samples`` samples: probes and early stops."""
+        if self._first_look is None:
+            self._first_look = self.task.subset(self.task.config.sensitivity.samples)
+        return self._first_look
+
+    def probe(self, plan: Plan) -> ProbeResult:
+        """The metric and distortion on the first samples with ``plan`` applied in place to a
+        working copy of the base model: a sensitivity probe (no artifact, no timing; the
+        model is numerically the one the plan's artifact loads). The distortion is the
+        outputs' squared error relative to the original's (``metrics.distortion``)."""
+        with self.lock.shared():
+            if self._probe_model is None:
+                self._probe_model = copy.deepcopy(self.task.model).to(self.task.device).eval()
+                with recorded_outputs(self._probe_model) as outputs:
+                    self.first_look.evaluate_metric(self._probe_model)
+                self._original_outputs = outputs
+            try:
+                with applied(self._probe_model, plan, self.task.target) as model:
+                    with recorded_outputs(model) as outputs:
+                        metric = float(self.first_look.evaluate_metric(model))
+            except ValueError as exc:
+                raise TrialError(str(exc)) from exc
+            return ProbeResult(metric, distortion(outputs, self._original_outputs))
 
     def artifact(self, plan: Plan) -> bytes:
         """Compress the base model by ``plan``: the artifact file's exact bytes."""
@@ -371,6 +417,11 @@ class Evaluator:
         with self.lock.shared():
             with clock("load"):
                 model = load_artifact(source, copy.deepcopy(self.task.model), self.task.target)
+            with clock("first_look"):
+                early = self._first_look_stop(model, limits)
+            if early is not None:
+                metric, reason = early
+                return Measurements(metric, size, None, stopped=reason, seconds=clock.seconds)
             with clock("metric"):
                 metric = float(self.task.evaluate_metric(model))
             if not math.isfinite(metric):
@@ -407,6 +458,26 @@ class Evaluator:
             timing_spread=timing.spread,
             timing_attempts=timing.attempts,
             seconds=clock.seconds,
+        )
+
+    def _first_look_stop(self, model: nn.Module, limits: Limits | None) -> tuple[float, str] | None:
+        """(metric, reason) when the metric on the first samples already fell past
+        ``limits.max_first_look_drop``: a multi-fidelity trial stops there."""
+        if limits is None or limits.max_first_look_drop is None or self.first_look is self.task:
+            return None
+        if self._first_look_base is None:
+            self._first_look_base = float(self.first_look.evaluate_metric(self._reference()))
+        metric = float(self.first_look.evaluate_metric(model))
+        samples = self.task.config.sensitivity.samples
+        if not math.isfinite(metric):
+            raise TrialError(f"the metric is {metric} for this model (on the first {samples})")
+        drop = self._first_look_base - metric
+        if drop <= limits.max_first_look_drop:
+            return None
+        return metric, (
+            f"on the first {samples} samples the metric fell {drop:.4g} (to {metric:.6g}), "
+            f"past {limits.max_first_look_drop:.4g} (sensitivity.early_stop x "
+            "budgets.max_metric_drop): stopped before the full metric"
         )
 
     def _reference(self) -> nn.Module:

@@ -5,8 +5,9 @@ Built-ins are looked up by name; anything else is a ``"module:callable"`` of the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,39 @@ def pooled(output: Any, inputs: Any) -> torch.Tensor:
         weights = mask.to(tensor.dtype).unsqueeze(-1)
         return (tensor * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
     return tensor.reshape(tensor.shape[0], -1)
+
+
+@contextlib.contextmanager
+def recorded_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """The model's outputs while the block runs, one float tensor per call, averaged over
+    tokens when there are tokens: what ``distortion`` compares, caught as the metric runs
+    (a probe pays for one pass over its samples, not two)."""
+    outputs: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, _args: Any, output: Any) -> None:
+        try:
+            tensor = primary_output(output).detach().float()
+        except TypeError:
+            return
+        outputs.append((tensor.mean(dim=1) if tensor.dim() == 3 else tensor).cpu())
+
+    handle = model.register_forward_hook(keep)
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+def distortion(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float | None:
+    """Squared error of the outputs relative to the original's (sum ||y - y0||^2 / sum
+    ||y0||^2): the sensitivity pass's additive measure of harm. Errors from independent
+    layers add in it to first order, where a task metric such as accuracy hides each small
+    one and then falls off a cliff. None when the calls do not line up."""
+    if len(got) != len(expected) or any(a.shape != b.shape for a, b in zip(got, expected)):
+        return None
+    error = sum(float(((a.double() - b.double()) ** 2).sum()) for a, b in zip(got, expected))
+    scale = sum(float((b.double() ** 2).sum()) for b in expected)
+    return error / scale if scale > 0 else None
 
 
 def embed(model: nn.Module, data: Iterable[tuple[Any, Any]], device: torch.device) -> torch.Tensor:

@@ -7,7 +7,9 @@ the timeout passes, or the user presses Ctrl-C (running trials are failed and re
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,14 +24,28 @@ from autosqueeze.errors import UserError
 from autosqueeze.executors import Executor, Outcome, create_executor, evaluate_now
 from autosqueeze.front import Front, compute_front, write_front
 from autosqueeze.measure import Limits, Measurements, robust_latency
+from autosqueeze.sensitivity import (
+    Candidate,
+    SensitivityTable,
+    candidate_plans,
+    grid,
+    ladder,
+    measure_sensitivity,
+    refined_levels,
+    shaped_space,
+)
 from autosqueeze.space import SearchSpace, build_space
 from autosqueeze.study import (
     BASELINE,
     BASELINES_QUEUED,
     DRIVER,
     DRIVER_ID,
+    FINISHED,
     PLAN,
+    PREDICTED_DISTORTION,
     REFERENCE,
+    REFINED,
+    SENSITIVITY,
     Heartbeat,
     constraints,
     fail_trial,
@@ -43,6 +59,7 @@ from autosqueeze.study import (
     taken_count,
 )
 from autosqueeze.task import Task, load_task
+from autosqueeze.techniques import TECHNIQUES
 
 
 @dataclass
@@ -55,6 +72,8 @@ class SearchResult:
     interrupted: bool
     notes: list[str]
     front_csv: Path | None = None  # written unless interrupted or empty
+    sensitivity: SensitivityTable | None = None
+    searched: SearchSpace | None = None  # the space the sampler searched (shaped by the table)
 
 
 def run_search(
@@ -64,24 +83,109 @@ def run_search(
     task = task or load_task(config)
     space = build_space(task.model, config.space, task.target)
     study = open_study(config, create=True)
-    notes: list[str] = []
+    notes: list[str] = knob_warnings(space, task)
     stale = recover_interrupted(study)
     if stale:
         notes.append(f"re-queued {len(stale)} trial(s) left running by an earlier run: {stale}")
     executor = create_executor(config, task)
-    front_csv = None
+    front_csv = table = None
+    searched = space
     try:
         with Heartbeat(study):
             ref = _reference(study, executor, space)
-            notes += _enqueue_baselines(study, space, config.search.trials)
-            ran, interrupted = _loop(study, config, space, executor, ref, progress)
+            if config.sensitivity.enabled:
+                table = sensitivity_table(study, config, space, executor, progress=progress)
+                searched, shaping_notes = _shaped(config, space, table)
+                notes += shaping_notes
+            notes += _enqueue_baselines(study, searched, config, table, task)
+            refine = functools.partial(_refine, study, config, searched, table, task)
+            ran, interrupted = _loop(study, config, searched, executor, ref, progress, refine)
         front = compute_front(study, config.objectives)
         if front.members and not interrupted:  # rebuilt on the evaluators, in parallel
             plans = {m.number: m.plan for m in front.members if m.plan is not None}
             front_csv = write_front(front, config.output_dir, executor.artifacts(plans))
     finally:
         executor.close()
-    return SearchResult(study, task, space, front, ran, interrupted, notes, front_csv)
+    return SearchResult(
+        study, task, space, front, ran, interrupted, notes, front_csv, table, searched
+    )
+
+
+def knob_warnings(space: SearchSpace, task: Task) -> list[str]:
+    """Knobs the space offers that cannot work as configured: structural ones (channel
+    pruning, factorization) without ``task.calibration`` get no recovery training, and on
+    the residual CNN that left them at 0.49-0.70 accuracy against 0.99."""
+    offered = {knob for layer in space.layers.values() for knob in layer.searched}
+    structural = sorted(k for k in offered if TECHNIQUES[k].structural)
+    if not structural or task.calibration:
+        return []
+    return [
+        f"the space offers {' and '.join(structural)} but task.calibration is not set: "
+        "without calibration batches there is no recovery training after them, so most of "
+        "their values break the model (the sensitivity pass then leaves those out). Add "
+        "task.calibration: 'module:callable' returning unlabeled input batches."
+    ]
+
+
+def sensitivity_table(
+    study: optuna.Study,
+    config: StudyConfig,
+    space: SearchSpace,
+    executor: Executor,
+    *,
+    progress: bool = True,
+) -> SensitivityTable:
+    """The study's sensitivity table, measuring the probes it lacks on the executor (all of
+    them the first time; none when a run before finished the pass)."""
+    stored = study.user_attrs.get(SENSITIVITY)
+    table = SensitivityTable.from_dict(stored, config.sensitivity.samples)
+    bar = tqdm(unit="probe", disable=not progress or None, dynamic_ncols=True, desc="sensitivity")
+
+    def advance(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        return measure_sensitivity(
+            space,
+            executor.probes,
+            table,
+            lambda t: study.set_user_attr(SENSITIVITY, t.to_dict()),
+            progress=advance,
+        )
+    finally:
+        bar.close()
+
+
+def _shaped(
+    config: StudyConfig, space: SearchSpace, table: SensitivityTable
+) -> tuple[SearchSpace, list[str]]:
+    """The space the sampler searches: without values the table shows to break the model."""
+    if table.base is None:
+        reason = table.failed.get("(base)", "no result")
+        raise UserError(f"sensitivity: the model cannot be judged on its first samples: {reason}")
+    notes = []
+    if table.failed:
+        first = next(iter(table.failed.items()))
+        notes.append(
+            f"sensitivity: {len(table.failed)} probe(s) failed, e.g. {first[0]}: {first[1]}"
+        )
+    drop = config.budgets.max_metric_drop
+    if drop is None:
+        return space, notes + ["sensitivity: no budgets.max_metric_drop, so the space is whole"]
+    shaped = shaped_space(space, table, drop, config.sensitivity.margin, keep=BASELINE_VALUES)
+    before, after = _size(space), _size(shaped)
+    notes.append(
+        f"sensitivity: {len(table.drops)} probes in {table.seconds:.0f} s; the space keeps "
+        f"{after:,} of {before:,} values (those alone within "
+        f"{config.sensitivity.margin:g} x max_metric_drop)"
+    )
+    return shaped, notes
+
+
+def _size(space: SearchSpace) -> int:
+    """How many values the space's knobs offer, all together."""
+    return sum(len(grid(d)) for d in space.distributions.values())
 
 
 def _reference(study: optuna.Study, executor: Executor, space: SearchSpace) -> Measurements:
@@ -100,6 +204,7 @@ def _reference(study: optuna.Study, executor: Executor, space: SearchSpace) -> M
 
 BASELINES = {"original": {}, "int8": {"bits": 8}}
 """Queued first on every study: what a user would try by hand."""
+BASELINE_VALUES = {(k, v) for choices in BASELINES.values() for k, v in choices.items()}
 WARM_STARTS = {
     "int6": {"bits": 6},
     "int4": {"bits": 4},
@@ -109,34 +214,99 @@ WARM_STARTS = {
     "channels-0.5": {"bits": 8, "prune_channels": 0.5},
     "channels-0.625": {"bits": 8, "prune_channels": 0.625},
 }
-"""Queued next, as the nearest plans the space offers (a knob or kernel a layer is not offered
-stays as it is): anchors along the size and speed axes, so the sampler starts from the edge of
-what uniform choices keep (on MiniLM, int6 is what holds cosine 0.99 at 1/5 of the size, a
-region random start-up trials in 57 dimensions rarely hit; int6 stored and run as bf16 is
-also 1.5x faster there; the kernel and channel anchors are where speed comes from)."""
+"""Queued next when there is no sensitivity pass, as the nearest plans the space offers (a
+knob or kernel a layer is not offered stays as it is): anchors along the size and speed axes
+(on MiniLM, int6 holds cosine 0.99 at 1/5 of the size, a region random start-up trials in 57
+dimensions rarely hit; int6 stored and run as bf16 is also 1.5x faster there)."""
+SPEED_STARTS = ("int6-bf16", "int8-dynamic", "int4-kernel")
+"""With a sensitivity pass, the knapsack plans take the size anchors' place (they price
+bytes, not time); these kernel anchors stay for the latency axis."""
 
 
-def _enqueue_baselines(study: optuna.Study, space: SearchSpace, limit: int) -> list[str]:
-    """The baselines and warm starts, queued once per study: no more than ``limit`` (the
-    trial budget), so a short study leaves none waiting."""
+def _enqueue_baselines(
+    study: optuna.Study,
+    space: SearchSpace,
+    config: StudyConfig,
+    table: SensitivityTable | None,
+    task: Task,
+) -> list[str]:
+    """The baselines, then the knapsack plans (or, without a table, the warm starts), queued
+    once per study: no more than ``search.trials``, so a short study leaves none waiting."""
     if study.user_attrs.get(BASELINES_QUEUED):
         return []
     study.set_user_attr(BASELINES_QUEUED, True)
     notes = []
     queued: list[dict[str, Any]] = []
+    limit = config.search.trials
+
+    def queue(params: dict[str, Any], attrs: dict[str, Any]) -> None:
+        if params not in queued and len(queued) < limit:
+            queued.append(params)
+            study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=True)
+
     for name, choices in BASELINES.items():  # exactly that plan, or not at all
         params = space.params_for(space.uniform_plan(**choices))
         if params is None:
             notes.append(f"baseline {name!r} skipped: the space cannot express it")
-        elif params not in queued:
-            queued.append(params)
-            study.enqueue_trial(params, user_attrs={BASELINE: name}, skip_if_exists=True)
-    for name, choices in WARM_STARTS.items():  # the nearest plan the space can express
-        params = space.nearest_params(**choices)
-        if params not in queued and len(queued) < limit:  # a narrow space may map it onto one
-            queued.append(params)
-            study.enqueue_trial(params, user_attrs={BASELINE: name}, skip_if_exists=True)
+        else:
+            queue(params, {BASELINE: name})
+    if table is not None:
+        levels = ladder(table, config.sensitivity.candidates, config.budgets.max_metric_drop)
+        for candidate in candidate_plans(space, table, task.model, levels):
+            _queue_candidate(space, candidate, queue)
+    starts = SPEED_STARTS if table is not None else WARM_STARTS
+    for name in starts:  # the nearest plan the space can express
+        queue(space.nearest_params(**WARM_STARTS[name]), {BASELINE: name})
     return notes
+
+
+KNAPSACK = "knapsack"
+
+
+def _queue_candidate(space: SearchSpace, candidate: Candidate, queue: Callable) -> None:
+    params = space.params_for(candidate.plan)
+    if params is not None:
+        attrs = {BASELINE: KNAPSACK, PREDICTED_DISTORTION: candidate.level}
+        queue(params, attrs)
+
+
+def _refine(
+    study: optuna.Study,
+    config: StudyConfig,
+    space: SearchSpace,
+    table: SensitivityTable | None,
+    task: Task,
+    limits: Limits,
+) -> None:
+    """Once every ladder plan has been measured, queue plans between the last that met the
+    metric budget and the first that did not: the additive model misjudges interactions,
+    and those measurements place the budget on its scale."""
+    if table is None or study.user_attrs.get(REFINED) or config.sensitivity.refine < 1:
+        return
+    trials = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(BASELINE) == KNAPSACK]
+    if not trials or any(t.state not in FINISHED for t in trials):
+        return
+    study.set_user_attr(REFINED, True)
+    tried = [
+        (t.user_attrs[PREDICTED_DISTORTION], _met(t.user_attrs.get("metric"), limits))
+        for t in trials
+        if t.state != optuna.trial.TrialState.FAIL and PREDICTED_DISTORTION in t.user_attrs
+    ]
+    levels = refined_levels(tried, config.sensitivity.refine)
+    queued: list[dict[str, Any]] = []
+    room = config.search.trials - taken_count(study, waiting=True)
+
+    def queue(params: dict[str, Any], attrs: dict[str, Any]) -> None:
+        if params not in queued and len(queued) < room:
+            queued.append(params)
+            study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=True)
+
+    for candidate in candidate_plans(space, table, task.model, levels):
+        _queue_candidate(space, candidate, queue)
+
+
+def _met(metric: float | None, limits: Limits) -> bool:
+    return metric is not None and (limits.min_metric is None or metric >= limits.min_metric)
 
 
 def _loop(
@@ -146,6 +316,7 @@ def _loop(
     executor: Executor,
     ref: Measurements,
     progress: bool,
+    refine: Callable[[Limits], None],
 ) -> tuple[int, bool]:
     target = config.search.trials
     deadline = time.monotonic() + config.search.timeout_s if config.search.timeout_s else None
@@ -161,7 +332,8 @@ def _loop(
     stats = _Stats(study)
     bar.set_postfix_str(stats.summary())
     timings = reference_timings(ref, study.get_trials(deepcopy=False))
-    limits = Limits.of(config.budgets, ref.metric)  # a trial past them stops before timing
+    early = config.sensitivity.early_stop if config.sensitivity.enabled else None
+    limits = Limits.of(config.budgets, ref.metric, early)  # a trial past them stops early
     lock = DeviceLock(torch.device(config.budgets.device))
     asked: dict[int, optuna.Trial] = {}
     ran = 0
@@ -169,6 +341,7 @@ def _loop(
         while True:
             out_of_time = deadline is not None and time.monotonic() > deadline
             with lock.shared():  # sampling computes too: never beside a latency timing
+                refine(limits)
                 while (
                     not out_of_time
                     and len(executor.in_flight) < executor.slots

@@ -40,6 +40,9 @@ from autosqueeze.plan import Plan
 from autosqueeze.samplers import create_sampler
 
 REFERENCE = "reference"  # study attr: measurements of the uncompressed model
+SENSITIVITY = "sensitivity"  # study attr: the sensitivity table (autosqueeze.sensitivity)
+PREDICTED_DISTORTION = "predicted_distortion"  # trial attr: a knapsack plan's level
+REFINED = "refined"  # study attr: set once the knapsack plans between the ladder's were queued
 BASELINES_QUEUED = "baselines_queued"  # study attr: set once the baselines were enqueued
 BASELINE = "baseline"  # trial attr: "original" / "int8" for the enqueued baselines
 PLAN = "plan"  # trial attr: the plan as JSON
@@ -257,9 +260,11 @@ def finished_count(study: optuna.Study) -> int:
     return _count(study, FINISHED)
 
 
-def taken_count(study: optuna.Study) -> int:
-    """Finished trials plus those running now, by this driver or any other."""
-    return _count(study, (*FINISHED, TrialState.RUNNING))
+def taken_count(study: optuna.Study, *, waiting: bool = False) -> int:
+    """Finished trials plus those running now, by this driver or any other (and, with
+    ``waiting``, those queued and not yet asked for)."""
+    extra = (TrialState.WAITING,) if waiting else ()
+    return _count(study, (*FINISHED, TrialState.RUNNING, *extra))
 
 
 def _count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
@@ -276,7 +281,9 @@ def fail_trial(study: optuna.Study, number: int, reason: str, *, requeue: bool =
         storage.set_trial_user_attr(trial._trial_id, REQUEUED, True)  # noqa: SLF001
     study.tell(number, state=TrialState.FAIL)
     if requeue and trial.params:
-        attrs = {k: v for k, v in trial.user_attrs.items() if k in (BASELINE,)}
+        attrs = {
+            k: v for k, v in trial.user_attrs.items() if k in (BASELINE, PREDICTED_DISTORTION)
+        }
         study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": number})
 
 

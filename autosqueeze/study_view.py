@@ -18,7 +18,7 @@ import optuna
 from autosqueeze.config import StudyConfig
 from autosqueeze.errors import UserError
 from autosqueeze.front import Front, front_of, hypervolume, normalized, reference_point
-from autosqueeze.study import FINISHED, TrialRecord, open_study, reference
+from autosqueeze.study import FINISHED, SENSITIVITY, TrialRecord, open_study, reference
 
 
 class StudyReader:
@@ -141,8 +141,27 @@ def study_view(
         "trials": trials,
         "front": sorted(on_front),
         "hypervolume": cache.hypervolume_series(front, config) if ref else [],
+        "sensitivity": _sensitivity(study.user_attrs.get(SENSITIVITY)),
     }
     return view
+
+
+def _sensitivity(stored: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The sensitivity table as the heatmap draws it: (group, knob=value, metric lost)."""
+    if not stored or stored.get("base") is None:
+        return None
+    cells = []
+    for key, drop in stored.get("drops", {}).items():
+        param, _, value = key.partition("=")
+        group, _, knob = param.rpartition(".")
+        cells.append([group, f"{knob}={value.strip(chr(34))}", drop])
+    for key in stored.get("failed", {}):
+        if "=" not in key:  # the unchanged model's own probe
+            continue
+        param, _, value = key.partition("=")
+        group, _, knob = param.rpartition(".")
+        cells.append([group, f"{knob}={value.strip(chr(34))}", None])
+    return {"samples": stored["samples"], "base": stored["base"], "cells": cells}
 
 
 def _trial(record: TrialRecord, plan: dict[str, Any], on_front: bool) -> dict[str, Any]:

@@ -1,8 +1,11 @@
-"""Text tables the CLI prints: the front, and the one-line summary of a search."""
+"""Text tables the CLI prints: the front, the one-line summary of a search, and the
+sensitivity table."""
 
 from __future__ import annotations
 
 from autosqueeze.front import Front
+from autosqueeze.sensitivity import SensitivityTable
+from autosqueeze.space import SearchSpace
 
 DEFAULT_DROP = 0.01
 
@@ -61,3 +64,29 @@ def summary(front: Front, metric_name: str, max_drop: float | None) -> str:
         f"than the fp32 artifact ({ref.size_bytes:,} bytes), "
         f"{got.latency_ms:.3f} ms vs {ref.latency_ms:.3f} ms at the budget's batch size."
     )
+
+
+def sensitivity_text(table_: SensitivityTable, space: SearchSpace, metric_name: str) -> str:
+    """The sensitivity table, one line per layer (or group) and knob: each value with the
+    metric it lost alone (and, after the slash, its output distortion)."""
+    head = (
+        f"{metric_name} on the first {table_.samples} samples: {table_.base:.6g} "
+        f"(probes took {table_.seconds:.0f} s). Each value: {metric_name} lost / distortion."
+        if table_.base is not None
+        else "The model could not be judged on its first samples."
+    )
+    rows: dict[tuple[str, str], list[str]] = {}
+    for row in table_.rows(space):
+        cell = (
+            "failed" if row["drop"] is None else f"{row['drop']:+.4f}/{_short(row['distortion'])}"
+        )
+        rows.setdefault((row["group"], row["knob"]), []).append(f"{row['value']}:{cell}")
+    lines = [
+        {"layer": group, "knob": knob, "values": "  ".join(cells)}
+        for (group, knob), cells in rows.items()
+    ]
+    return head + "\n" + table(lines, ["layer", "knob", "values"], right=set())
+
+
+def _short(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1e}"

@@ -6,7 +6,7 @@ UserError naming the config field, never as a traceback.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -44,6 +44,29 @@ class Task:
     def target(self) -> Target:
         """Where compressed models run, with an input to trace them (structured pruning)."""
         return Target(self.device.type, self.example_input)
+
+    def subset(self, samples: int) -> Task:
+        """The task judged on its first batches holding at least ``samples`` samples: what a
+        sensitivity probe and a trial's first look are judged on. A metric that compares with
+        the original's outputs (``fidelity``) is set up again on those batches."""
+        batches: list[tuple[Any, Any]] = []
+        count = 0
+        for batch in self.data:
+            if count >= samples:
+                break
+            batches.append(batch)
+            count += samples_in(batch[0])
+        if len(batches) == len(self.data):
+            return self
+        ref = self.config.task.metric
+        metric = call_user(
+            lambda: resolve_metric(
+                ref, search_dir=self.config.folder, original=self.model, data=batches
+            ),
+            field="task.metric",
+            ref=ref,
+        )
+        return replace(self, data=batches, metric=metric)
 
     def evaluate_metric(self, model: nn.Module) -> float:
         with torch.inference_mode():
@@ -83,6 +106,18 @@ def load_task(config: StudyConfig) -> Task:
         ref=config.task.metric,
     )
     return Task(config, model, data, example, metric, device, _load_calibration(config))
+
+
+def samples_in(inputs: Any) -> int:
+    """How many samples a batch holds: the first dimension of its first tensor."""
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0]) if inputs.dim() else 1
+    values = inputs.values() if isinstance(inputs, dict) else inputs
+    if isinstance(values, (tuple, list)) or isinstance(inputs, dict):
+        for value in values:
+            if isinstance(value, torch.Tensor) and value.dim():
+                return int(value.shape[0])
+    return 1
 
 
 def batch_of(inputs: Any, size: int) -> Any:

@@ -58,14 +58,9 @@ def test_search_writes_the_front_and_prints_the_summary(tmp_path, make_config, c
             row["trial"]
         )
     trials = load(config).trials
-    assert len([t for t in trials if t.state.is_finished()]) == 8  # later warm starts wait
-    # the baselines, then the warm starts the default space can express
-    assert [t.user_attrs.get("baseline") for t in trials[:4]] == [
-        "original",
-        "int8",
-        "int6",
-        "int4",
-    ]
+    assert len([t for t in trials if t.state.is_finished()]) == 8  # later queued plans wait
+    # the baselines, then the knapsack plans solved from the sensitivity table
+    assert [t.user_attrs.get("baseline") for t in trials[:3]] == ["original", "int8", "knapsack"]
 
 
 @pytest.mark.parametrize("storage", ["journal", "sqlite"])
@@ -115,6 +110,34 @@ def test_validate_reports_the_model_data_and_space(make_config, capsys):
     code, out, _ = run(capsys, "validate", make_config())
     assert code == 0
     assert "188,234 parameters" in out and "24 searched knobs" in out
+    # structural knobs without calibration data cannot recover: said, with what to add
+    assert "warning: the space offers prune_channels and rank but task.calibration" in out
+    calibrated = make_config(
+        task={
+            "data": "autosqueeze.examples.digits:loaders",
+            "metric": "accuracy",
+            "calibration": "autosqueeze.examples.digits:calibration",
+        }
+    )
+    code, out, _ = run(capsys, "validate", calibrated)
+    assert code == 0 and "warning" not in out
+
+
+def test_sensitivity_prints_the_table_and_stores_it_for_the_search(make_config, capsys):
+    config = make_config()
+    code, out, _ = run(capsys, "sensitivity", config, "--json", "--no-progress")
+    assert code == 0
+    report = json.loads(out)
+    assert report["samples"] == 64 and 0.9 < report["base"] <= 1.0
+    rows = {(r["group"], r["knob"], r["value"]): r for r in report["rows"]}
+    assert (
+        rows[("features.0", "bits", 2)]["distortion"]
+        > rows[("features.0", "bits", 8)]["distortion"]
+    )
+    assert all(r["error"] is None for r in report["rows"])
+    code, out, _ = run(capsys, "sensitivity", config)  # read back: the same table as text
+    assert code == 0 and "features.0" in out and "prune_channels" in out
+    assert load(config).user_attrs["sensitivity"]["seconds"] == report["seconds"]
 
 
 def test_same_seed_same_plans_when_objectives_are_deterministic(tmp_path, capsys):
@@ -147,7 +170,20 @@ def test_a_nan_metric_fails_only_that_trial(tmp_path, make_config, capsys):
         "    return accuracy(model, data, device)\n"
     )
     config = make_config(task={"metric": "nan_metric:metric"}, search={"trials": 16})
-    code, _, _ = run(capsys, "search", config, "--no-progress")
+    # the sensitivity pass finds it first: those probes fail, and the knob leaves the space
+    code, out, _ = run(capsys, "sensitivity", config, "--json", "--no-progress")
+    assert code == 0
+    rows = json.loads(out)["rows"]
+    assert {(r["group"], r["knob"]) for r in rows if r["error"]} == {("classifier.1", "rank")}
+    assert all("metric is nan" in r["error"] for r in rows if r["error"])
+    code, out, _ = run(capsys, "search", config, "--no-progress")
+    assert code == 0 and "probe(s) failed" in out
+    assert all("classifier.1.rank" not in t.params for t in load(config).trials)
+    # without the pass, the sampler factorizes: those trials fail, and only those
+    config = make_config(
+        name="nan-plain", task={"metric": "nan_metric:metric"}, search={"trials": 16}
+    )
+    code, _, _ = run(capsys, "search", config, "--no-progress", "--no-sensitivity")
     assert code == 0
     trials = load(config).trials
     failed = [t for t in trials if t.state.name == "FAIL"]

@@ -194,6 +194,23 @@ def test_browser_renders_one_point_per_trial_and_click_shows_the_plan(searched):
             sized = [n for n, t in trials.items() if "size_bytes" in t.user_attrs]  # pruned too
             smallest = min(sized, key=lambda n: trials[n].user_attrs["size_bytes"])
             assert first == str(smallest)
+            # the sensitivity table: layers in model order x every value probed
+            heat = page.evaluate(
+                "(() => { const d = document.getElementById('sensitivity-heatmap').data[0];"
+                " return {x: d.x, y: d.y, text: d.text}; })()"
+            )
+            stored = open_study(load_config(searched), create=False).user_attrs["sensitivity"]
+            assert heat["y"] == [
+                "features.0",
+                "features.2",
+                "features.5",
+                "classifier.1",
+                "classifier.3",
+            ]
+            column = heat["x"].index("bits=2")
+            assert float(heat["text"][0][column]) == pytest.approx(
+                stored["drops"]["features.0.bits=2"], abs=1e-4
+            )
             page.screenshot(path=str(artifacts / "dashboard.png"), full_page=True)
             assert errors == []
             browser.close()

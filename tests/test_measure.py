@@ -78,7 +78,12 @@ def test_a_trial_past_a_budget_stops_before_latency_with_its_reason(make_config,
     assert original.baseline == "original" and original.state == "PRUNED"
     assert "budgets.max_size_mb" in original.fail_reason
     assert original.measurements.metric > 0.9 and original.measurements.latency_ms is None
-    assert study.trials[0].user_attrs["seconds"].keys() == {"compress", "load", "metric"}
+    assert study.trials[0].user_attrs["seconds"].keys() == {
+        "compress",
+        "load",
+        "first_look",
+        "metric",
+    }
     timed = [r for r in by_number.values() if r.state == "COMPLETE"]
     assert timed and all(r.measurements.latency_ms > 0 for r in timed)
     assert all(

@@ -25,7 +25,8 @@ if not os.environ.get("CI"):
 def test_minilm_keeps_its_embeddings_at_a_quarter_of_the_size(tmp_path, capsys):
     config = REPO / "studies" / "minilm.yaml"
     args = ["--study-dir", str(tmp_path), "--workers", "0", "--no-progress"]
-    assert main(["search", str(config), "--trials", "5", *args]) == 0
+    # the fixed warm starts (uniform int6, and int6 run as bf16) are the anchors checked here
+    assert main(["search", str(config), "--trials", "5", "--no-sensitivity", *args]) == 0
     capsys.readouterr()
     study = open_study(load_config(config).with_overrides(study_dir=tmp_path), create=False)
     reference = study_reference(study)

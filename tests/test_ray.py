@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 
 import pytest
@@ -110,10 +111,17 @@ def test_a_crash_a_hang_and_a_nan_fail_only_their_trials(tmp_path, capsys):
             search={"trials": 4, "trial_timeout_s": 40, "output_dir": str(tmp_path / "r")},
         ),
     )
+    # the sensitivity pass meets them first: each probe fails alone, with its reason
+    assert main(["sensitivity", str(config_path), "--json", "--no-progress"]) == 0
+    rows = {r["value"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert "evaluator process died" in rows[0.3]["error"]
+    assert "timed out after 40 s" in rows[0.6]["error"]
+    assert "metric is nan" in rows[0.9]["error"]
+    # trials: the pass would leave those values out of the space, so without it
     study = open_study(load_config(config_path), create=True)
     for prune in (0.3, 0.6, 0.9):  # then the "original" baseline, prune 0.0
         study.enqueue_trial({"classifier.1.prune": prune})
-    assert main(["search", str(config_path), "--no-progress"]) == 0
+    assert main(["search", str(config_path), "--no-progress", "--no-sensitivity"]) == 0
     trials = {t.params["classifier.1.prune"]: t for t in trials_of(config_path)[:4]}
     reasons = {p: t.user_attrs.get("fail_reason", "") for p, t in trials.items()}
     assert trials[0.3].state.name == "FAIL" and "evaluator process died" in reasons[0.3]

@@ -149,6 +149,34 @@
     drawTable();
   }
 
+  function drawSensitivity() {  // layers x knob values: the metric each value lost alone
+    const card = document.getElementById("sensitivity-card");
+    const table = view.sensitivity;
+    card.style.display = table ? "block" : "none";
+    if (!table) return;
+    const groups = [...new Set(table.cells.map(c => c[0]))];
+    const columns = [...new Set(table.cells.map(c => c[1]))];
+    const lost = new Map(table.cells.map(c => [c[0] + "\u0000" + c[1], c[2]]));
+    const budget = view.budgets.max_metric_drop || 0.01;
+    const z = groups.map(g => columns.map(c => {
+      const key = g + "\u0000" + c;
+      if (!lost.has(key)) return null;
+      const v = lost.get(key);
+      return v === null ? 3 * budget : Math.max(0, Math.min(v, 3 * budget));
+    }));
+    const text = groups.map(g => columns.map(c => {
+      const key = g + "\u0000" + c;
+      return !lost.has(key) ? "" : lost.get(key) === null ? "failed" : fmt(lost.get(key), 4);
+    }));
+    Plotly.react("sensitivity-heatmap", [{
+      type: "heatmap", x: columns, y: groups, z, text, colorscale: "YlOrRd", zmin: 0, zmax: 3 * budget,
+      hovertemplate: "%{y} %{x}: lost %{text}<extra></extra>", colorbar: { title: `${view.metric_name} lost` },
+    }], {
+      title: { text: `sensitivity: ${view.metric_name} lost when one layer takes one value (first ${table.samples} samples; colour capped at 3x the budget)`, font: { size: 14 } },
+      margin: { t: 34, r: 10, b: 110, l: 160 }, yaxis: { autorange: "reversed" }, xaxis: { tickangle: -60 },
+    }, { displaylogo: false, responsive: true });
+  }
+
   function drawTable() {
     const cols = [["number", "trial"], ["state", "state"], ["baseline", "baseline"], ["metric", view.metric_name],
       ["size_bytes", "size (kB)"], ["latency_ms", "latency (ms)"], ["memory_mb", "memory (MB)"], ["feasible", "feasible"], ["on_front", "front"]];
@@ -180,7 +208,7 @@
     document.getElementById("status").textContent =
       `${view.trials.length} trials · ${done} complete · ${feasible} feasible · ${view.front.length} on the front · ${window.AUTOSQUEEZE_LIVE ? "live, updated " + view.updated : "report of " + view.updated}`;
     drawPair("metric", "size_bytes"); drawPair("metric", "latency_ms"); drawPair("size_bytes", "latency_ms");
-    draw3d(); drawHypervolume();
+    draw3d(); drawHypervolume(); drawSensitivity();
     if (selected === null && view.front.length) selected = view.front[0];
     if (selected !== null) select(selected); else drawTable();
   }

@@ -10,12 +10,13 @@ from __future__ import annotations
 import importlib
 import traceback
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from autosqueeze.config import StudyConfig
 from autosqueeze.errors import TrialError, UserError
-from autosqueeze.measure import Evaluator, Limits, Measurements
+from autosqueeze.measure import Evaluator, Limits, Measurements, ProbeResult
 from autosqueeze.plan import Plan
 from autosqueeze.task import Task
 
@@ -28,6 +29,10 @@ class Outcome:
     measurements: Measurements | None = None
     error: str | None = None
     worker: str = ""  # where it ran, e.g. "10.0.0.2 pid 4242"
+
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
 
 
 class Executor(ABC):
@@ -50,25 +55,43 @@ class Executor(ABC):
         """Build each plan's artifact (the front's, after a search) on the evaluators;
         yields (key, bytes) as they are done."""
 
+    @abstractmethod
+    def probes(self, plans: dict[K, Plan]) -> Iterator[tuple[K, ProbeResult]]:
+        """Each plan's sensitivity probe (``Evaluator.probe``), spread over the evaluators;
+        yields (key, result) as they are done, in any order."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
+
+
+def probe_safely(evaluator: Evaluator, plan: Plan) -> ProbeResult:
+    got = _safely(lambda: evaluator.probe(plan))
+    return ProbeResult(error=got.error) if isinstance(got, _Failure) else got
+
+
+def _safely(run: Callable[[], T]) -> T | _Failure:
+    try:
+        return run()
+    except (TrialError, UserError) as exc:
+        return _Failure(str(exc))
+    except Exception as exc:
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return _Failure(f"{type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})")
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: str
 
 
 def evaluate_safely(
     evaluator: Evaluator, key: int, plan: Plan, limits: Limits | None, worker: str = ""
 ) -> Outcome:
     """Run one evaluation; any failure becomes an Outcome with a one-line reason."""
-    try:
-        return Outcome(key, measurements=evaluator.evaluate(plan, limits), worker=worker)
-    except (TrialError, UserError) as exc:  # expected failures: their message says it all
-        return Outcome(key, error=str(exc), worker=worker)
-    except Exception as exc:
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        return Outcome(
-            key,
-            error=f"{type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})",
-            worker=worker,
-        )
+    got = _safely(lambda: evaluator.evaluate(plan, limits))
+    if isinstance(got, _Failure):  # expected failures' messages say it all; others say where
+        return Outcome(key, error=got.error, worker=worker)
+    return Outcome(key, measurements=got, worker=worker)
 
 
 def evaluate_now(executor: Executor, plan: Plan) -> Outcome:

@@ -7,8 +7,8 @@ import socket
 from collections.abc import Iterator
 
 from autosqueeze.config import StudyConfig
-from autosqueeze.executors import Executor, Outcome, evaluate_safely
-from autosqueeze.measure import Evaluator, Limits
+from autosqueeze.executors import Executor, K, Outcome, evaluate_safely, probe_safely
+from autosqueeze.measure import Evaluator, Limits, ProbeResult
 from autosqueeze.plan import Plan
 from autosqueeze.task import Task
 
@@ -41,6 +41,10 @@ class InProcessExecutor(Executor):
     def artifacts(self, plans: dict[int, Plan]) -> Iterator[tuple[int, bytes]]:
         for key, plan in plans.items():
             yield key, self.evaluator.artifact(plan)
+
+    def probes(self, plans: dict[K, Plan]) -> Iterator[tuple[K, ProbeResult]]:
+        for key, plan in plans.items():
+            yield key, probe_safely(self.evaluator, plan)
 
     def close(self) -> None:
         self.evaluator.close()

@@ -23,8 +23,8 @@ import torch
 from autosqueeze.config import StudyConfig
 from autosqueeze.device_lock import DeviceLock
 from autosqueeze.errors import UserError
-from autosqueeze.executors import Executor, Outcome, evaluate_safely
-from autosqueeze.measure import Evaluator, Limits
+from autosqueeze.executors import Executor, K, Outcome, evaluate_safely, probe_safely
+from autosqueeze.measure import Evaluator, Limits, ProbeResult
 from autosqueeze.plan import Plan
 from autosqueeze.task import Task
 
@@ -67,6 +67,9 @@ class EvaluatorActor:
 
     def artifact(self, plan_json: str) -> bytes:
         return self.evaluator.artifact(Plan.from_json(plan_json))
+
+    def probe(self, plan_json: str) -> ProbeResult:
+        return probe_safely(self.evaluator, Plan.from_json(plan_json))
 
     def evaluate(self, key: int, plan_json: str, limits: Limits | None) -> Outcome:
         plan = Plan.from_json(plan_json)
@@ -148,18 +151,49 @@ class RayExecutor(Executor):
                 return outcomes
 
     def artifacts(self, plans: dict[int, Plan]) -> Iterator[tuple[int, bytes]]:
-        """Spread over the idle evaluators, one plan each at a time."""
+        return self._spread("artifact", plans)
+
+    def probes(self, plans: dict[K, Plan]) -> Iterator[tuple[K, ProbeResult]]:
+        for key, got in self._spread("probe", plans):
+            yield key, (got if isinstance(got, ProbeResult) else ProbeResult(error=got))
+
+    def _spread(self, method: str, plans: dict[K, Plan]) -> Iterator[tuple[K, Any]]:
+        """Call an actor method on each plan, spread over the idle evaluators, one plan each
+        at a time. An evaluator that dies or overruns ``search.trial_timeout_s`` is replaced;
+        for probes the plan's result is then the reason, for artifacts it is an error."""
         waiting = list(plans.items())
-        running: dict[Any, tuple[int, Any]] = {}
+        running: dict[Any, tuple[K, Any, float]] = {}
         while waiting or running:
             while waiting and self._idle:
                 key, plan = waiting.pop(0)
                 actor = self._idle.pop()
-                running[actor.artifact.remote(plan.to_json())] = (key, actor)
-            ready, _ = self._ray.wait(list(running), num_returns=1)
-            key, actor = running.pop(ready[0])
+                ref = getattr(actor, method).remote(plan.to_json())
+                running[ref] = (key, actor, time.monotonic())
+            timeout = None
+            if self._timeout is not None:
+                oldest = min(start for _, _, start in running.values())
+                timeout = max(0.0, oldest + self._timeout - time.monotonic())
+            ready, _ = self._ray.wait(list(running), num_returns=1, timeout=timeout)
+            if not ready:
+                ref, (key, actor, _) = min(running.items(), key=lambda item: item[1][2])
+                del running[ref]
+                self._replace(actor)
+                reason = f"timed out after {self._timeout:g} s (search.trial_timeout_s)"
+                if method != "probe":
+                    raise UserError(f"building an artifact {reason}")
+                yield key, reason
+                continue
+            key, actor, _ = running.pop(ready[0])
+            try:
+                value = self._ray.get(ready[0])
+            except self._ray.exceptions.RayActorError as exc:
+                self._replace(actor)
+                if method != "probe":
+                    raise
+                yield key, f"the evaluator process died: {_reason(exc)}; replaced it"
+                continue
             self._idle.append(actor)
-            yield key, self._ray.get(ready[0])
+            yield key, value
 
     def close(self) -> None:
         for actor in [*self._idle, *(a for _, a, _ in getattr(self, "_running", {}).values())]:

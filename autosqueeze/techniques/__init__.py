@@ -7,11 +7,14 @@ line here (and a field on LayerPlan).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from autosqueeze.codecs import decode, encode
 from autosqueeze.plan import LayerPlan, Plan
 from autosqueeze.recovery import Recovery
 from autosqueeze.techniques.base import CompressedModel, Site, Target, Technique, weighted_parts
@@ -63,6 +66,45 @@ def compress(
     return compressed
 
 
+@contextlib.contextmanager
+def applied(model: nn.Module, plan: Plan, target: Target | None = None) -> Iterator[nn.Module]:
+    """``model`` itself with ``plan`` applied to its layers and run in their execution form, as
+    the plan's artifact would load (weights through their codecs' round trip); put back as it
+    was on exit. A sensitivity probe changes one layer of a large model: copying the layer,
+    not the model, is what makes hundreds of them cheap. Plans that reach beyond their
+    layers (channel pruning reshapes the coupled ones) are built as a compressed copy
+    instead. Either way there is no recovery training."""
+    if any(technique.reaches_neighbours for technique, _, _ in _steps(plan, model)):
+        compressed = compress(model, plan, target)
+        yield _round_trip(compressed).module
+        return
+    saved = {name: copy.deepcopy(model.get_submodule(name)) for name in plan.layers}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # as compress does: the same weights whatever the caller uses
+    try:
+        compressed = CompressedModel(model, plan, target or Target())
+        for technique, name, layer_plan in _steps(plan, model):
+            technique.apply(compressed, name, layer_plan)
+        torch.set_num_threads(previous)
+        yield _round_trip(compressed).module
+    finally:
+        torch.set_num_threads(previous)
+        for name, layer in saved.items():
+            model.set_submodule(name, layer)
+
+
+def _round_trip(compressed: CompressedModel) -> CompressedModel:
+    """Weights replaced by what their codecs store, then layers in their execution form."""
+    module = compressed.module
+    with torch.no_grad():
+        for key, codec in compressed.codecs.items():
+            weight = module.get_parameter(key)
+            stored = encode(weight, codec)
+            weight.copy_(decode(stored.parts, stored.meta))
+    deploy(module.eval(), compressed.plan)
+    return compressed
+
+
 def rebuild(model: nn.Module, plan: Plan, target: Target | None = None) -> nn.Module:
     """Give ``model`` (in place) the structure ``plan`` produces, so its weights can be loaded."""
     _check_layers(model, plan)
@@ -109,6 +151,7 @@ __all__ = [
     "Site",
     "Target",
     "Technique",
+    "applied",
     "compress",
     "deploy",
     "rebuild",

@@ -59,6 +59,7 @@ class Technique(ABC):
     knob: ClassVar[str]
     identity: ClassVar[Any]  # the value that leaves a layer untouched
     structural: ClassVar[bool] = False  # changes shapes: recovery training follows it
+    reaches_neighbours: ClassVar[bool] = False  # changes layers other than the one it is on
 
     def validate(self, values: KnobValues) -> None:
         """Raise ValueError when the space file gives this knob values it cannot take."""

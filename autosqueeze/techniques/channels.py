@@ -32,6 +32,7 @@ _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class PruneChannels(Technique):
     knob = "prune_channels"
     structural = True
+    reaches_neighbours = True  # the coupled layers lose their matching inputs
     identity = 0.0
 
     def check_value(self, value: float) -> None:

@@ -1,0 +1,175 @@
+"""How good the search is: the default (sensitivity pass, shaped space, knapsack plans, TPE)
+against Optuna's TPE and RandomSampler over the whole space, at equal trial budgets.
+
+    python benchmarks/search_quality.py [CONFIG ...] [--trials 24 60] [--modes default tpe random]
+
+Default configs: the digits CNN, the residual CNN, a 4-layer BERT from transformers' classes
+(random weights, judged by fidelity) and MiniLM. ``tpe`` and ``random`` run with the
+sensitivity pass off (``sensitivity.enabled: false``): the baselines and the fixed uniform
+warm starts, then the sampler over the unpruned space, as main did before. Each run is a
+fresh study in a temporary folder, on the config's executor (Ray, one evaluator per core).
+
+Columns, per (model, trials, mode):
+- hypervolume of the feasible trials in (metric drop, size / original, latency / original)
+  from (max_metric_drop, 1, 1.5) (``autosqueeze.front``), larger is better;
+- smallest and fastest model within every budget (bytes on disk; latency / original);
+- best uniform plan within budget (the smallest of the uniform baselines and warm starts
+  that any run measured) and the knapsack plans alone (the default's knapsack trials);
+- the share of *sampled* trials (not queued plans) within the metric budget;
+- the sensitivity pass's seconds and the whole run's wall seconds.
+Prints one markdown table (kept in docs/results.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = [
+    REPO / "studies" / "digits-cnn.yaml",
+    REPO / "studies" / "residual-cnn.yaml",
+    REPO / "benchmarks" / "studies" / "bert-small.yaml",
+    REPO / "studies" / "minilm.yaml",
+]
+MODES = {
+    "default": {"sensitivity": {"enabled": True}, "search": {"sampler": "tpe"}},
+    "tpe": {"sensitivity": {"enabled": False}, "search": {"sampler": "tpe"}},
+    "random": {"sensitivity": {"enabled": False}, "search": {"sampler": "random"}},
+}
+UNIFORM = {"int8", "int6", "int4", "int6-bf16", "int8-dynamic", "int4-kernel"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="*", type=Path, default=DEFAULT)
+    parser.add_argument("--trials", nargs="+", type=int, default=[24, 60])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--workers", type=int, default=None, help="default: the config's")
+    args = parser.parse_args()
+    rows = []
+    for path in args.configs:
+        rows += measure(path, args.trials, args.modes, args.workers)
+        print(table(rows), flush=True)  # so far: a long run shows its progress
+
+
+def measure(path: Path, trial_counts: list[int], modes: list[str], workers: int | None) -> list:
+    import optuna
+
+    from autosqueeze.config import load_config
+    from autosqueeze.task import load_task
+
+    warnings.filterwarnings("ignore")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sys.path.insert(0, str(path.parent))
+    base = load_config(path)
+    task = load_task(base)
+    runs = []
+    for trials in trial_counts:
+        for mode in modes:
+            with tempfile.TemporaryDirectory() as folder:
+                config = _configured(base, MODES[mode], trials, Path(folder), workers)
+                start = time.monotonic()
+                result = _search(config, task)
+                runs.append(_summary(config, mode, trials, result, time.monotonic() - start))
+    best_uniform = {}
+    for run in runs:
+        key = run["trials"]
+        if run["uniform"] is not None:
+            best_uniform[key] = min(best_uniform.get(key, run["uniform"]), run["uniform"])
+    for run in runs:
+        run["best_uniform"] = best_uniform.get(run["trials"])
+    return runs
+
+
+def _configured(base, overrides, trials, folder, workers):
+    data = base.model_dump()
+    for section, values in overrides.items():
+        data[section] = {**data[section], **values}
+    data["search"]["trials"] = trials
+    data["search"]["output_dir"] = folder
+    data["search"]["storage"] = None
+    if workers is not None:
+        data["compute"]["workers"] = workers
+    return type(base).model_validate({**data, "source": base.source})
+
+
+def _search(config, task):
+    from autosqueeze.search import run_search
+
+    return run_search(config, progress=False, task=task)
+
+
+def _summary(config, mode, trials, result, seconds) -> dict:
+    from autosqueeze.front import hypervolume, normalized, reference_point
+    from autosqueeze.search import BASELINE, KNAPSACK
+    from autosqueeze.study import records
+
+    ref = result.front.reference
+    objectives = config.objectives
+    drop = config.budgets.max_metric_drop
+    everything = records(result.study)
+    feasible = [r for r in everything if r.feasible and r.measurements]
+    points = [normalized(r.measurements, ref, objectives) for r in feasible]
+    frozen = {t.number: t for t in result.study.trials}
+
+    def kind(number: int) -> str | None:
+        return frozen[number].user_attrs.get(BASELINE)
+
+    sampled = [r for r in everything if kind(r.number) is None]
+    within_metric = [
+        r for r in sampled if r.measurements and ref.metric - r.measurements.metric <= drop
+    ]
+    uniform = [r.measurements.size_bytes for r in feasible if kind(r.number) in UNIFORM]
+    knapsack = [r.measurements.size_bytes for r in feasible if kind(r.number) == KNAPSACK]
+    return {
+        "model": config.name,
+        "trials": trials,
+        "mode": mode,
+        "original_bytes": ref.size_bytes,
+        "hypervolume": hypervolume(points, reference_point(objectives, drop)),
+        "smallest": min((r.measurements.size_bytes for r in feasible), default=None),
+        "fastest": min((r.measurements.relative_latency or 9 for r in feasible), default=None),
+        "uniform": min(uniform, default=None),
+        "knapsack": min(knapsack, default=None),
+        "sampled_ok": f"{len(within_metric)}/{len(sampled)}",
+        "sensitivity_s": result.sensitivity.seconds if result.sensitivity else None,
+        "wall_s": seconds,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| model | trials | mode | hypervolume | smallest within budget | fastest (x original) "
+        "| best uniform | knapsack plans alone | sampled within metric budget "
+        "| sensitivity s | wall s |"
+    )
+    lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cells = [
+            r["model"],
+            str(r["trials"]),
+            r["mode"],
+            f"{r['hypervolume']:.5f}",
+            _size(r["smallest"], r["original_bytes"]),
+            "-" if r["fastest"] is None else f"{r['fastest']:.2f}",
+            _size(r.get("best_uniform"), r["original_bytes"]),
+            _size(r["knapsack"], r["original_bytes"]),
+            r["sampled_ok"],
+            "-" if r["sensitivity_s"] is None else f"{r['sensitivity_s']:.0f}",
+            f"{r['wall_s']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _size(nbytes: int | None, original: int) -> str:
+    return "-" if nbytes is None else f"{nbytes / 1e3:,.1f} kB ({original / nbytes:.1f}x)"
+
+
+if __name__ == "__main__":
+    main()
