@@ -169,11 +169,11 @@
       return !lost.has(key) ? "" : lost.get(key) === null ? "failed" : fmt(lost.get(key), 4);
     }));
     Plotly.react("sensitivity-heatmap", [{
-      type: "heatmap", x: columns, y: groups, z, text, colorscale: "YlOrRd", zmin: 0, zmax: 3 * budget,
+      type: "heatmap", x: columns, y: groups, z, text, colorscale: "YlOrRd", reversescale: true, zmin: 0, zmax: 3 * budget,
       hovertemplate: "%{y} %{x}: lost %{text}<extra></extra>", colorbar: { title: `${view.metric_name} lost` },
     }], {
       title: { text: `sensitivity: ${view.metric_name} lost when one layer takes one value (first ${table.samples} samples; colour capped at 3x the budget)`, font: { size: 14 } },
-      margin: { t: 34, r: 10, b: 110, l: 160 }, yaxis: { autorange: "reversed" }, xaxis: { tickangle: -60 },
+      margin: { t: 34, r: 10, b: 150, l: 160 }, yaxis: { autorange: "reversed" }, xaxis: { tickangle: -60, automargin: true },
     }, { displaylogo: false, responsive: true });
   }
 
