@@ -27,6 +27,7 @@ from autosqueeze.measure import Limits, Measurements, robust_latency
 from autosqueeze.sensitivity import (
     Candidate,
     SensitivityTable,
+    budget_level,
     candidate_plans,
     grid,
     ladder,
@@ -173,12 +174,17 @@ def _shaped(
     drop = config.budgets.max_metric_drop
     if drop is None:
         return space, notes + ["sensitivity: no budgets.max_metric_drop, so the space is whole"]
-    shaped = shaped_space(space, table, drop, config.sensitivity.margin, keep=BASELINE_VALUES)
+    margin = config.sensitivity.margin
+    level = budget_level(table, drop)
+    cap = level * margin if level is not None else None
+    shaped = shaped_space(space, table, drop, margin, keep=BASELINE_VALUES, max_distortion=cap)
     before, after = _size(space), _size(shaped)
+    within = f"{margin:g} x max_metric_drop" + (
+        f" and distortion {cap:.2g}" if cap is not None else ""
+    )
     notes.append(
         f"sensitivity: {len(table.drops)} probes in {table.seconds:.0f} s; the space keeps "
-        f"{after:,} of {before:,} values (those alone within "
-        f"{config.sensitivity.margin:g} x max_metric_drop)"
+        f"{after:,} of {before:,} values (those alone within {within})"
     )
     return shaped, notes
 

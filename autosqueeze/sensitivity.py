@@ -252,8 +252,12 @@ def shaped_space(
     margin: float,
     *,
     keep: set,
+    max_distortion: float | None = None,
 ) -> SearchSpace:
-    """The space without the values whose effect alone passes ``margin * max_drop``. Values
+    """The space without the values whose effect alone passes ``margin * max_drop``, or
+    whose distortion alone passes ``max_distortion`` (a value that spends the whole
+    budget's distortion leaves nothing for the other layers: on the residual CNN, every
+    sampled trial of a space shaped by the metric alone missed the budget). Values
     in ``keep`` (``(knob, value)``: what the baselines use) and each knob's identity stay.
     A knob with one value left is fixed at it; a range shrinks to the probed values that
     pass, up to the first that does not. A probe does not train, so for structural knobs
@@ -264,8 +268,12 @@ def shaped_space(
     for name, layer in space.layers.items():
         searched, fixed = {}, dict(layer.fixed)
         for knob, dist in layer.searched.items():
-            drops = {v: table.drop(Probe(layer.prefix, knob, v)) for v in probe_values(dist)}
-            kept = {v for v, d in drops.items() if d <= limit or (knob, v) in keep}
+            kept = {
+                v
+                for v in probe_values(dist)
+                if (knob, v) in keep
+                or _harmless(table, Probe(layer.prefix, knob, v), limit, max_distortion)
+            }
             shaped = _shaped(dist, technique_for(knob).identity, kept)
             if isinstance(shaped, BaseDistribution):
                 searched[knob] = shaped
@@ -273,6 +281,14 @@ def shaped_space(
                 fixed[knob] = shaped
         layers[name] = replace(layer, searched=searched, fixed=fixed)
     return SearchSpace(layers)
+
+
+def _harmless(
+    table: SensitivityTable, probe: Probe, max_drop: float, max_distortion: float | None
+) -> bool:
+    if table.drop(probe) > max_drop:
+        return False
+    return max_distortion is None or table.distortion(probe) <= max_distortion
 
 
 def _shaped(dist: BaseDistribution, identity: Any, kept: set) -> BaseDistribution | Any:

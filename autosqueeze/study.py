@@ -281,9 +281,7 @@ def fail_trial(study: optuna.Study, number: int, reason: str, *, requeue: bool =
         storage.set_trial_user_attr(trial._trial_id, REQUEUED, True)  # noqa: SLF001
     study.tell(number, state=TrialState.FAIL)
     if requeue and trial.params:
-        attrs = {
-            k: v for k, v in trial.user_attrs.items() if k in (BASELINE, PREDICTED_DISTORTION)
-        }
+        attrs = {k: v for k, v in trial.user_attrs.items() if k in (BASELINE, PREDICTED_DISTORTION)}
         study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": number})
 
 

@@ -197,3 +197,31 @@ def test_recovery_stops_once_the_loss_levels_off_and_stays_seeded():
     x = loaders()[0][0]
     with torch.inference_mode():
         torch.testing.assert_close(models[0](x), models[1](x), atol=0, rtol=0)
+
+
+def test_recovery_never_leaves_a_plan_further_from_the_original_than_it_found_it():
+    """A barely changed model and a learning rate far too large: training makes it worse,
+    so recovery keeps the weights it started from (judged on the first calibration batches)."""
+    from autosqueeze.examples.digits import calibration
+    from autosqueeze.recovery import CHECK_BATCHES
+
+    inputs = calibration()
+    original = pretrained_cnn()
+    plan = Plan({"classifier.1": LayerPlan(rank=0.75)})
+
+    def distance(model):
+        with torch.inference_mode():
+            return sum(
+                float(torch.nn.functional.mse_loss(model(x), original(x)))
+                for x in inputs[:CHECK_BATCHES]
+            )
+
+    start = compress(original, plan, TARGET).module
+    before = distance(start)
+    trained = compress(original, plan, TARGET).module
+    Recovery(inputs, steps=50, lr=0.05).run(trained, original)
+    assert distance(trained) <= before
+    helped = compress(original, Plan({"features.2": LayerPlan(prune_channels=0.5)}), TARGET)
+    far = distance(helped.module)
+    Recovery(inputs, steps=50, lr=3e-3).run(helped.module, original)
+    assert distance(helped.module) < far  # where training helps, it still does
