@@ -66,7 +66,7 @@ def stop_midway(
     proc = subprocess.Popen(
         [sys.executable, "-m", "autosqueeze", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # a slow, busy machine only waits longer
     while time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
         try:
