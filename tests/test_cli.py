@@ -225,8 +225,8 @@ def test_a_killed_or_interrupted_search_resumes(tmp_path, make_config, how):
         )
         return optuna.load_study(study_name="digits-test", storage=storage).trials
 
-    code, err = stop_midway(
-        ["search", str(config), "--no-progress"],
+    code, err = stop_midway(  # the trials' resume: the pass's own is in test_sensitivity
+        ["search", str(config), "--no-progress", "--no-sensitivity"],
         trials_now,
         signal.SIGKILL if how == "kill" else signal.SIGINT,
     )
@@ -239,7 +239,15 @@ def test_a_killed_or_interrupted_search_resumes(tmp_path, make_config, how):
         leftover = subprocess.run(["pgrep", "-f", "ray::EvaluatorActor"], capture_output=True)
         assert leftover.stdout == b"", "Ray evaluators outlived the interrupted search"
     done = subprocess.run(
-        [sys.executable, "-m", "autosqueeze", "search", str(config), "--no-progress"],
+        [
+            sys.executable,
+            "-m",
+            "autosqueeze",
+            "search",
+            str(config),
+            "--no-progress",
+            "--no-sensitivity",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -251,7 +259,8 @@ def test_a_killed_or_interrupted_search_resumes(tmp_path, make_config, how):
     for trial in failed:
         assert "interrupted" in trial.user_attrs["fail_reason"]
         retried = [t for t in trials if t.user_attrs.get("retry_of") == trial.number]
-        assert len(retried) == 1 and retried[0].params == trial.params
+        # its recorded choices are kept (a driver killed while recording them left some out)
+        assert len(retried) == 1 and retried[0].params.items() >= trial.params.items()
         assert retried[0].state.name in ("COMPLETE", "PRUNED")
     assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 12
 
