@@ -102,17 +102,21 @@ class SensitivityTable:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, samples: int) -> SensitivityTable:
-        """A stored table, or an empty one when none was stored for these samples."""
-        if not data or data.get("format") != TABLE_FORMAT or data.get("samples") != samples:
+        """A stored table, or an empty one when none (or none readable) was stored for these
+        samples: the study is someone's file, and a table that is not what this code writes
+        is measured again rather than believed."""
+        if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
             return cls(samples)
-        return cls(
-            samples,
-            data["base"],
-            data["drops"],
-            data["distortions"],
-            data["failed"],
-            data["seconds"],
-        )
+        parts = [data.get(k) for k in ("drops", "distortions", "failed")]
+        base, seconds = data.get("base"), data.get("seconds")
+        if (
+            data.get("samples") != samples
+            or not all(isinstance(p, dict) for p in parts)
+            or not (base is None or isinstance(base, (int, float)))
+            or not isinstance(seconds, (int, float))
+        ):
+            return cls(samples)
+        return cls(samples, base, *parts, seconds)
 
     def report(self, space: SearchSpace) -> dict[str, Any]:
         """What ``autosqueeze sensitivity --json`` prints."""

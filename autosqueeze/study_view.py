@@ -148,7 +148,7 @@ def study_view(
 
 def _sensitivity(stored: dict[str, Any] | None) -> dict[str, Any] | None:
     """The sensitivity table as the heatmap draws it: (group, knob=value, metric lost)."""
-    if not stored or stored.get("base") is None:
+    if not isinstance(stored, dict) or stored.get("base") is None:
         return None
     cells = []
     for key, drop in stored.get("drops", {}).items():
@@ -161,7 +161,7 @@ def _sensitivity(stored: dict[str, Any] | None) -> dict[str, Any] | None:
         param, _, value = key.partition("=")
         group, _, knob = param.rpartition(".")
         cells.append([group, f"{knob}={value.strip(chr(34))}", None])
-    return {"samples": stored["samples"], "base": stored["base"], "cells": cells}
+    return {"samples": stored.get("samples"), "base": stored["base"], "cells": cells}
 
 
 def _trial(record: TrialRecord, plan: dict[str, Any], on_front: bool) -> dict[str, Any]:

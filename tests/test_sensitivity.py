@@ -156,6 +156,29 @@ def test_the_pass_resumes_where_it_stopped_and_a_second_run_reuses_it(tmp_path):
     assert asked[-1] == 0 and again.drops == table.drops  # nothing measured twice
 
 
+@pytest.mark.parametrize(
+    "stored",
+    [
+        None,
+        "garbage",
+        {"format": 1},
+        {"format": 1, "samples": 64, "drops": [1], "base": 0.9},
+        {
+            "format": 1,
+            "samples": 32,
+            "drops": {},
+            "distortions": {},
+            "failed": {},
+            "base": 1.0,
+            "seconds": 1.0,
+        },
+    ],
+)
+def test_a_stored_table_that_is_not_ours_is_measured_again_not_believed(stored):
+    table = SensitivityTable.from_dict(stored, 64)
+    assert table.base is None and not table.drops and not table.failed
+
+
 def test_knapsack_plans_keep_within_their_predicted_distortion_and_trade_it_for_bytes(tmp_path):
     config = load_config(write_yaml(tmp_path / "s.yaml", study_config(tmp_path)))
     task = load_task(config)
