@@ -244,13 +244,7 @@ def _enqueue_baselines(
         return []
     study.set_user_attr(BASELINES_QUEUED, True)
     notes = []
-    queued: list[dict[str, Any]] = []
-    limit = config.search.trials
-
-    def queue(params: dict[str, Any], attrs: dict[str, Any]) -> None:
-        if params not in queued and len(queued) < limit:
-            queued.append(params)
-            study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=True)
+    queue = _queue(study, room=config.search.trials)
 
     for name, choices in BASELINES.items():  # exactly that plan, or not at all
         params = space.params_for(space.uniform_plan(**choices))
@@ -269,6 +263,19 @@ def _enqueue_baselines(
 
 
 KNAPSACK = "knapsack"
+
+
+def _queue(study: optuna.Study, *, room: int) -> Callable[[dict[str, Any], dict[str, Any]], None]:
+    """``queue(params, attrs)``: enqueue a plan unless it is queued already or ``room``
+    plans are (the trial budget: a short study leaves none waiting)."""
+    queued: list[dict[str, Any]] = []
+
+    def queue(params: dict[str, Any], attrs: dict[str, Any]) -> None:
+        if params not in queued and len(queued) < room:
+            queued.append(params)
+            study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=True)
+
+    return queue
 
 
 def _queue_candidate(space: SearchSpace, candidate: Candidate, queue: Callable) -> None:
@@ -301,13 +308,7 @@ def _refine(
         if t.state != optuna.trial.TrialState.FAIL and PREDICTED_DISTORTION in t.user_attrs
     ]
     levels = refined_levels(tried, config.sensitivity.refine)
-    queued: list[dict[str, Any]] = []
-    room = config.search.trials - taken_count(study, waiting=True)
-
-    def queue(params: dict[str, Any], attrs: dict[str, Any]) -> None:
-        if params not in queued and len(queued) < room:
-            queued.append(params)
-            study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=True)
+    queue = _queue(study, room=config.search.trials - taken_count(study, waiting=True))
 
     for candidate in candidate_plans(space, table, task.model, levels):
         _queue_candidate(space, candidate, queue)
