@@ -7,9 +7,12 @@ the timeout passes, or the user presses Ctrl-C (running trials are failed and re
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -349,7 +352,8 @@ def _loop(
     try:
         while True:
             out_of_time = deadline is not None and time.monotonic() > deadline
-            with lock.shared():  # sampling computes too: never beside a latency timing
+            # sampling computes too: never beside a latency timing
+            with lock.shared(), _recording():
                 refine(limits)
                 while (
                     not out_of_time
@@ -365,7 +369,7 @@ def _loop(
             if not executor.in_flight:
                 break
             outcomes = executor.wait()
-            with lock.shared():
+            with lock.shared(), _recording():
                 for outcome in outcomes:
                     _tell(study, config, ref, timings, asked.pop(outcome.key), outcome, stats)
                     ran += 1
@@ -378,6 +382,23 @@ def _loop(
     finally:
         bar.close()
     return ran, False
+
+
+@contextlib.contextmanager
+def _recording() -> Iterator[None]:
+    """Ctrl-C waits while the driver records trials, then interrupts: a trial asked but not
+    yet in ``asked``, or taken from it but not yet told, would otherwise stay RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers are the main thread's; elsewhere Ctrl-C never arrives
+        return
+    pressed: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pressed:
+            raise KeyboardInterrupt
 
 
 def _tell(

@@ -58,23 +58,57 @@ SLOW_METRIC = (
 )
 
 
+GATED_METRIC = (
+    "import os, time\nfrom pathlib import Path\nfrom autosqueeze.metrics import accuracy\n"
+    "GATE = Path(__file__).resolve().with_suffix('.gate')\n"
+    "def metric(model, data, device):\n"
+    "    GATE.mkdir(exist_ok=True)\n"
+    "    n = 0\n"
+    "    while True:  # claim the next call number, across processes\n"
+    "        try:\n"
+    "            os.close(os.open(GATE / f'call-{n}', os.O_CREAT | os.O_EXCL))\n"
+    "            break\n"
+    "        except FileExistsError:\n"
+    "            n += 1\n"
+    "    if not (GATE / 'open').exists():\n"
+    "        (GATE / f'wait-{n}').touch()\n"
+    "        while not (GATE / f'allow-{n}').exists() and not (GATE / 'open').exists():\n"
+    "            time.sleep(0.05)\n"
+    "    return accuracy(model, data, device)\n"
+)
+"""A metric each of whose calls waits for ``stop_midway`` to let it through (the gate is the
+folder ``<module>.gate`` beside the module file), so a test, not the machine's speed, decides
+what has happened when the signal is sent."""
+
+
 def stop_midway(
-    args: list[str], trials_now: Callable[[], list[Any]], sig: int
+    args: list[str], trials_now: Callable[[], list[Any]], sig: int, gate: Path
 ) -> tuple[int, bytes]:
-    """Run ``autosqueeze ARGS``; once two trials are complete and one is running, send
-    ``sig`` (SIGKILL: a crash; SIGINT: Ctrl-C). Returns its exit status and stderr."""
+    """Run ``autosqueeze ARGS``, its metric being ``GATED_METRIC`` with folder ``gate``. Metric
+    calls are let through one at a time until two trials are finished and one is RUNNING with
+    its metric call held; then ``sig`` is sent (SIGKILL: a crash; SIGINT: Ctrl-C) and the
+    gate opened for good. Returns the exit status and stderr."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "autosqueeze", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    deadline = time.monotonic() + 600  # a slow, busy machine only waits longer
-    while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+    allowed: set[str] = set()
+    while proc.poll() is None:
+        time.sleep(0.1)
+        held = sorted(
+            (int(p.name.split("-")[1]) for p in gate.glob("wait-*") if p.name not in allowed),
+        )
+        if not held:
+            continue  # nothing waits at the gate: the search is computing
         try:
             states = [t.state.name for t in trials_now()]
         except Exception:  # the study is not there yet
-            continue
+            states = []
         if states.count("COMPLETE") + states.count("PRUNED") >= 2 and "RUNNING" in states:
+            proc.send_signal(sig)  # a RUNNING trial is held in its metric: it cannot finish
             break
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+        (gate / f"allow-{held[0]}").touch()
+        allowed.add(f"wait-{held[0]}")
+    _, err = proc.communicate(timeout=120)
+    gate.mkdir(exist_ok=True)
+    (gate / "open").touch()  # for the run that resumes
     return proc.returncode, err

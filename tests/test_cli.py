@@ -207,15 +207,13 @@ def test_a_killed_or_interrupted_search_resumes(tmp_path, make_config, how):
     import signal
     import time
 
-    from conftest import SLOW_METRIC, stop_midway
+    from conftest import GATED_METRIC, stop_midway
 
-    (tmp_path / "slow_metric.py").write_text(SLOW_METRIC)
+    (tmp_path / "gated_metric.py").write_text(GATED_METRIC)
     # a hard kill of the in-process driver; Ctrl-C of a driver with two Ray evaluators
     compute = {"workers": 0 if how == "kill" else 2}
-    # 12 trials: the stretch in which two are finished and one runs lasts long enough for
-    # the poller below to see it on a busy machine (with 6 it once finished unseen)
     config = make_config(
-        task={"metric": "slow_metric:metric"}, search={"trials": 12}, compute=compute
+        task={"metric": "gated_metric:metric"}, search={"trials": 6}, compute=compute
     )
     journal = tmp_path / "run" / "study.log"
 
@@ -229,6 +227,7 @@ def test_a_killed_or_interrupted_search_resumes(tmp_path, make_config, how):
         ["search", str(config), "--no-progress", "--no-sensitivity"],
         trials_now,
         signal.SIGKILL if how == "kill" else signal.SIGINT,
+        tmp_path / "gated_metric.gate",
     )
     if how == "interrupt":
         assert code == 130 and b"Traceback" not in err
@@ -262,7 +261,7 @@ def test_a_killed_or_interrupted_search_resumes(tmp_path, make_config, how):
         # its recorded choices are kept (a driver killed while recording them left some out)
         assert len(retried) == 1 and retried[0].params.items() >= trial.params.items()
         assert retried[0].state.name in ("COMPLETE", "PRUNED")
-    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 12
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 6
 
 
 def test_console_script_help_and_errors_without_traceback(tmp_path):

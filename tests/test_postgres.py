@@ -14,7 +14,7 @@ import uuid
 
 import optuna
 import pytest
-from conftest import SLOW_METRIC, stop_midway
+from conftest import GATED_METRIC, stop_midway
 
 URL = os.environ.get("AUTOSQUEEZE_TEST_POSTGRES")
 
@@ -27,20 +27,33 @@ if not URL and not os.environ.get("CI"):
 
 def test_search_interrupted_and_resumed_from_postgres(tmp_path, make_config):
     assert URL, "CI must provide PostgreSQL in AUTOSQUEEZE_TEST_POSTGRES (see .ci/run)"
-    (tmp_path / "slow_metric_pg.py").write_text(SLOW_METRIC)
+    (tmp_path / "gated_metric_pg.py").write_text(GATED_METRIC)
     name = f"pg-{uuid.uuid4().hex[:12]}"  # the server outlives test runs
     config = make_config(
-        name=name, task={"metric": "slow_metric_pg:metric"}, search={"trials": 6, "storage": URL}
+        name=name, task={"metric": "gated_metric_pg:metric"}, search={"trials": 6, "storage": URL}
     )
 
     def trials_now():
         return optuna.load_study(study_name=name, storage=URL).trials
 
-    code, err = stop_midway(["search", str(config), "--no-progress"], trials_now, signal.SIGKILL)
+    code, err = stop_midway(  # the trials' resume: the pass's own is in test_sensitivity
+        ["search", str(config), "--no-progress", "--no-sensitivity"],
+        trials_now,
+        signal.SIGKILL,
+        tmp_path / "gated_metric_pg.gate",
+    )
     assert code == -signal.SIGKILL
     assert "RUNNING" in [t.state.name for t in trials_now()]  # the killed run's trial
     resumed = subprocess.run(
-        [sys.executable, "-m", "autosqueeze", "search", str(config), "--no-progress"],
+        [
+            sys.executable,
+            "-m",
+            "autosqueeze",
+            "search",
+            str(config),
+            "--no-progress",
+            "--no-sensitivity",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
