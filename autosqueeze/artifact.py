@@ -60,17 +60,49 @@ def artifact_size(compressed: CompressedModel) -> int:
 def _contents(compressed: CompressedModel) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors = {}
     encodings = {}
-    for key, value in compressed.module.state_dict().items():
-        encoded = _encode(value, compressed.codecs.get(key, TensorCodec()))
+    state, ties = shared_keys(compressed.module)
+    used: set[int] = set()
+    for key, value in state.items():
+        codec = compressed.codecs.get(key) or next(
+            (
+                compressed.codecs[a]
+                for a, owner in ties.items()
+                if owner == key and a in compressed.codecs
+            ),
+            TensorCodec(),
+        )
+        encoded = _encode(value, codec)
         encodings[key] = encoded.meta
         for part, tensor in encoded.parts.items():
-            tensors[f"{key}{_SEP}{part}" if part else key] = tensor
+            # equal weights (layers deep-copied from one, as nn.TransformerEncoder makes
+            # them) share one cached encoding; safetensors stores each name's own bytes
+            stored = tensor if id(tensor) not in used else tensor.clone()
+            used.add(id(stored))
+            tensors[f"{key}{_SEP}{part}" if part else key] = stored
     metadata = {
         "autosqueeze_format": ARTIFACT_FORMAT,
         "plan": compressed.plan.to_json(),
         "encodings": json.dumps(encodings, sort_keys=True, separators=(",", ":")),
     }
+    if ties:
+        metadata["ties"] = json.dumps(ties, sort_keys=True, separators=(",", ":"))
     return tensors, metadata
+
+
+def shared_keys(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The module's state with each shared tensor once (under its first key), and the other
+    keys of each shared tensor -> that first key. Tied weights (a language model's embedding
+    and output head) are one tensor: stored once, tied again at load."""
+    state: dict[str, torch.Tensor] = {}
+    ties: dict[str, str] = {}
+    first: dict[int, str] = {}
+    for key, value in module.state_dict(keep_vars=True).items():
+        owner = first.setdefault(id(value), key)
+        if owner == key:
+            state[key] = value.detach()
+        else:
+            ties[key] = owner
+    return state, ties
 
 
 _DTYPE_NAMES = {
@@ -134,6 +166,8 @@ def load_artifact(
         parts[key][part] = tensor
     plan = Plan.from_json(metadata["plan"])
     state = {key: _decode(parts[key], meta) for key, meta in encodings.items()}
+    for alias, owner in _ties(metadata, encodings, source).items():
+        state[alias] = state[owner]
     try:
         rebuild(model, plan, target)
         model.load_state_dict(state, strict=True)
@@ -141,6 +175,17 @@ def load_artifact(
         where = "the artifact" if isinstance(source, bytes) else source
         raise ValueError(f"{where} does not fit this model: {str(exc).splitlines()[0]}") from None
     return deploy(model.eval().to(target.device), plan)
+
+
+def _ties(metadata: dict[str, str], encodings: dict[str, object], where: object) -> dict[str, str]:
+    try:
+        ties = json.loads(metadata.get("ties", "{}"))
+        if all(isinstance(a, str) and owner in encodings for a, owner in ties.items()):
+            return ties
+    except (json.JSONDecodeError, TypeError, AttributeError):
+        pass
+    where = "the artifact" if isinstance(where, bytes) else where
+    raise ValueError(f"{where}: its list of tied tensors is malformed")
 
 
 _DECODED: ContentCache[torch.Tensor] = ContentCache(

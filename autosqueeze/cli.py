@@ -290,8 +290,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from autosqueeze.budgets import check_reachable
     from autosqueeze.search import knob_warnings
-    from autosqueeze.space import build_space
-    from autosqueeze.task import load_task
+    from autosqueeze.space import build_space, coverage
+    from autosqueeze.tables import coverage_table
+    from autosqueeze.task import degenerate_warnings, load_task
 
     config = _config(args)
     task = load_task(config)
@@ -313,7 +314,20 @@ def _validate(args: argparse.Namespace) -> int:
     )
     print(f"budgets   smallest model the space allows: {floor:,} bytes")
     print(f"study     {config.name} in {config.storage}")
-    for warning in knob_warnings(space, task):
+    rows = coverage(task.model, space)
+    print()
+    print(coverage_table(rows))
+    total = sum(r.parameters for r in rows)
+    covered = sum(r.parameters for r in rows if r.knobs)
+    print(f"\nknobs reach {covered:,} of {total:,} parameters ({covered / max(total, 1):.0%})")
+    warnings = knob_warnings(space, task)
+    if covered < 0.9 * total:
+        warnings.append(
+            f"the space reaches only {covered / max(total, 1):.0%} of the parameters: the "
+            "rest stays fp32 whatever the search does (see the table for why)"
+        )
+    warnings += degenerate_warnings(task, metric)
+    for warning in warnings:
         print(f"warning: {warning}")
     return 0
 

@@ -40,6 +40,7 @@ from autosqueeze.measure import ProbeResult
 from autosqueeze.plan import Plan
 from autosqueeze.space import LayerKnobs, SearchSpace
 from autosqueeze.techniques import technique_for
+from autosqueeze.techniques.base import matrices
 from autosqueeze.techniques.factorize import full_rank, rank_for
 
 TABLE_FORMAT = 1
@@ -394,7 +395,7 @@ def layer_bytes(
         r = rank_for(layer, rank)
         shapes, zeros = [(r, inp), (out, r)], 0.0
     else:
-        shapes = [tuple(layer.weight.shape)]
+        shapes = [tuple(m.shape) for m in matrices(layer).values()]
     total = 0
     for shape in shapes:
         n = math.prod(shape)
@@ -405,12 +406,16 @@ def layer_bytes(
 def rounded_to_zero(layer: nn.Module, bits: int, group_size: int | None) -> float:
     """The fraction of a layer's weights that quantizing to ``bits`` rounds to zero (with
     one scale per row, a row's outlier sends many of its small weights there)."""
-    weight = layer.weight.detach().cpu()
-    if bits in FLOAT_BITS:  # tiny weights underflow in fp16
-        q = weight.to(FLOAT_BITS[bits])
-    else:
-        q, _ = quantize(weight, bits, group_size)
-    return 1.0 - int(torch.count_nonzero(q)) / q.numel()
+    zero = total = 0
+    for matrix in matrices(layer).values():
+        weight = matrix.detach().cpu()
+        if bits in FLOAT_BITS:  # tiny weights underflow in fp16
+            q = weight.to(FLOAT_BITS[bits])
+        else:
+            q, _ = quantize(weight, bits, group_size)
+        zero += q.numel() - int(torch.count_nonzero(q))
+        total += q.numel()
+    return zero / total if total else 0.0
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,12 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
+from autosqueeze.anatomy import anatomy
 from autosqueeze.errors import UserError
 from autosqueeze.knobs import KnobValues, contains, nearest, values_of
 from autosqueeze.plan import LayerPlan, Plan
 from autosqueeze.techniques import Site, Target, technique_for
+from autosqueeze.user_code import describe
 
 
 class Rule(BaseModel):
@@ -61,10 +63,10 @@ class Rule(BaseModel):
 
     @field_validator("types")
     @classmethod
-    def _known_types(cls, types: list[str]) -> list[str]:
+    def _valid_types(cls, types: list[str]) -> list[str]:
         for name in types:
-            if not isinstance(getattr(nn, name, None), type):
-                raise ValueError(f"{name!r} is not a torch.nn layer type")
+            if not name.isidentifier():
+                raise ValueError(f"{name!r} is not a class name")
         return types
 
     @field_validator("knobs")
@@ -98,6 +100,8 @@ class LayerKnobs:
 @dataclass(frozen=True)
 class SearchSpace:
     layers: dict[str, LayerKnobs]
+    # layer -> why some of its rule's knobs are not offered (tied, read from outside, failed)
+    withheld: dict[str, str] = field(default_factory=dict)
 
     @property
     def distributions(self) -> dict[str, BaseDistribution]:
@@ -160,6 +164,45 @@ class SearchSpace:
         return Plan(layers)
 
 
+@dataclass(frozen=True)
+class LayerCoverage:
+    """One module holding parameters of its own, and what the space does with them."""
+
+    name: str
+    kind: str  # its class name
+    parameters: int  # its own parameters; a tied weight counts at its first holder only
+    knobs: tuple[str, ...]  # offered knobs, empty when none
+    why: str  # why not more (or none): withheld knobs, no rule, a norm kept fp32
+
+
+def coverage(model: nn.Module, space: SearchSpace) -> list[LayerCoverage]:
+    """Every module with parameters of its own, in model order: what ``validate`` prints so a
+    user sees which weights the search can compress and why the others cannot be."""
+    rows = []
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        own = [p for p in module._parameters.values() if p is not None]  # noqa: SLF001
+        fresh = [p for p in own if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        if not own:
+            continue
+        layer = space.layers.get(name)
+        knobs = tuple(sorted({*layer.searched, *layer.fixed})) if layer else ()
+        why = space.withheld.get(name, "")
+        if not layer and not why:
+            why = (
+                "kept fp32 by design (a norm)"
+                if "Norm" in type(module).__name__
+                else "no rule of the space matches it"
+            )
+        rows.append(
+            LayerCoverage(
+                name or "(model)", type(module).__name__, sum(p.numel() for p in fresh), knobs, why
+            )
+        )
+    return rows
+
+
 def load_space_file(path: Path) -> SpaceFile:
     if not path.is_file():
         raise UserError(f"space: file {path} does not exist.")
@@ -183,19 +226,48 @@ def build_space(
     target = target or Target()
     if isinstance(spec, Path):
         spec = load_space_file(spec)
+    _check_types(spec, model)
     layers: dict[str, LayerKnobs] = {}
-    for name, module in model.named_modules():
-        rule = next((r for r in spec.rules if _matches(r, name, module)), None)
-        if rule is None:
+    withheld: dict[str, str] = {}
+    failed: list[str] = []
+    matched = [
+        (name, module, rule)
+        for name, module in model.named_modules()
+        if (rule := next((r for r in spec.rules if _matches(r, name, module)), None))
+    ]
+    weighted = [
+        n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), nn.Parameter)
+    ]
+    facts = anatomy(model, weighted, target.example_input)
+    for name, module, rule in matched:
+        holders = facts.tied.get(name, (name,))
+        owner = next((h for h in holders if h in layers), None)
+        if owner is not None:  # a tied weight is one unit: its first layer's choices are its own
+            withheld[name] = f"its weight is {owner}'s, searched there"
             continue
+        stay = facts.must_stay(name)
         searched: dict[str, BaseDistribution] = {}
         fixed: dict[str, Any] = {}
         for knob, values in rule.knobs.items():
-            offered = technique_for(knob).offer(Site(name, module, model, target), values)
+            technique = technique_for(knob)
+            if stay and not technique.keeps_layer:
+                withheld[name] = f"{withheld[name]}, {knob}" if name in withheld else knob
+                continue
+            try:
+                offered = technique.offer(Site(name, module, model, target), values)
+            except Exception as exc:  # noqa: BLE001 - a third-party analysis failed on this layer
+                failed.append(f"{knob}: {describe(exc)}")
+                continue
             if isinstance(offered, BaseDistribution):
                 searched[knob] = offered
             elif offered is not None:
                 fixed[knob] = offered
+        if name in withheld:
+            withheld[name] = f"{withheld[name]} not offered: {stay}"
+        if failed:
+            why = "; ".join(failed)
+            withheld[name] = f"{withheld[name]}; {why}" if name in withheld else why
+            failed.clear()
         if searched or fixed:
             key = rule.group_of(spec.rules.index(rule), name)
             layers[name] = LayerKnobs(name, searched, fixed, rule.group_size, key)
@@ -204,7 +276,7 @@ def build_space(
             "space: no layer of the model matches any rule of the space file; "
             f"the model's layer types are {_layer_types(model)}."
         )
-    return SearchSpace(_tie(layers))
+    return SearchSpace(_tie(layers), withheld)
 
 
 def _tie(layers: dict[str, LayerKnobs]) -> dict[str, LayerKnobs]:
@@ -232,15 +304,40 @@ def _tie(layers: dict[str, LayerKnobs]) -> dict[str, LayerKnobs]:
 
 
 def _matches(rule: Rule, name: str, module: nn.Module) -> bool:
-    if not name or not isinstance(module, tuple(getattr(nn, t) for t in rule.types)):
+    """A rule's types are class names: a torch.nn type matches its subclasses; any other
+    name (Hugging Face's ``Conv1D``) matches a class of that name in the layer's ancestry."""
+    classes = {c.__name__ for c in type(module).__mro__}
+    if not name or not any(t in classes for t in rule.types):
         return False
     return any(fnmatch.fnmatchcase(name, p) for p in rule.names) and not any(
         fnmatch.fnmatchcase(name, p) for p in rule.exclude
     )
 
 
+def _check_types(spec: SpaceFile, model: nn.Module) -> None:
+    """A rule none of whose types is torch.nn's or a class in the model has a typo; one that
+    also names another library's class (``[Linear, Conv1D]``) fits models with either."""
+    present = {c.__name__ for m in model.modules() for c in type(m).__mro__}
+    for index, rule in enumerate(spec.rules):
+        known = [t for t in rule.types if isinstance(getattr(nn, t, None), type) or t in present]
+        if not known:
+            raise UserError(
+                f"space: rules[{index}].types: {', '.join(map(repr, rule.types))} is neither a "
+                "torch.nn layer type nor a class in the model; the model's layer types are "
+                f"{_layer_types(model)}."
+            )
+
+
 def _layer_types(model: nn.Module) -> list[str]:
     return sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
 
 
-__all__ = ["LayerKnobs", "SearchSpace", "SpaceFile", "build_space", "load_space_file"]
+__all__ = [
+    "LayerCoverage",
+    "LayerKnobs",
+    "SearchSpace",
+    "SpaceFile",
+    "build_space",
+    "coverage",
+    "load_space_file",
+]

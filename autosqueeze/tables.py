@@ -1,11 +1,11 @@
-"""Text tables the CLI prints: the front, the one-line summary of a search, and the
-sensitivity table."""
+"""Text tables the CLI prints: the front, the one-line summary of a search, the
+sensitivity table, and what the space offers each layer."""
 
 from __future__ import annotations
 
 from autosqueeze.front import Front
 from autosqueeze.sensitivity import SensitivityTable
-from autosqueeze.space import SearchSpace
+from autosqueeze.space import LayerCoverage, SearchSpace
 
 DEFAULT_DROP = 0.01
 
@@ -90,3 +90,21 @@ def sensitivity_text(table_: SensitivityTable, space: SearchSpace, metric_name: 
 
 def _short(value: float | None) -> str:
     return "-" if value is None else f"{value:.1e}"
+
+
+def coverage_table(rows: list[LayerCoverage]) -> str:
+    """``validate``'s per-layer table: every module with parameters, its knobs or why none."""
+    return table(
+        [
+            {
+                "layer": r.name,
+                "type": r.kind,
+                "parameters": f"{r.parameters:,}",
+                "knobs": ", ".join(r.knobs) or "-",
+                "why not more": r.why,
+            }
+            for r in rows
+        ],
+        ["layer", "type", "parameters", "knobs", "why not more"],
+        right={"parameters"},
+    )

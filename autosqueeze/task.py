@@ -14,7 +14,7 @@ from torch import nn
 
 from autosqueeze.config import StudyConfig
 from autosqueeze.errors import UserError
-from autosqueeze.metrics import Metric, call_model, resolve_metric, to_device
+from autosqueeze.metrics import Metric, call_model, pooled, resolve_metric, to_device
 from autosqueeze.recovery import Recovery
 from autosqueeze.techniques import Target
 from autosqueeze.user_code import call_user, describe, load_callable
@@ -106,6 +106,31 @@ def load_task(config: StudyConfig) -> Task:
         ref=config.task.metric,
     )
     return Task(config, model, data, example, metric, device, _load_calibration(config))
+
+
+def degenerate_warnings(task: Task, metric: float) -> list[str]:
+    """What makes the original a poor reference: a metric of 0, or the same output for every
+    sample (a randomly initialised or collapsed model), against which any drop budget is
+    meaningless."""
+    warnings = []
+    if metric == 0:
+        warnings.append(
+            f"task.metric: the original model scores 0 ({task.config.task.metric}): every "
+            "compressed model is then 'within budget'; check the metric and the data"
+        )
+    with torch.inference_mode():
+        outputs = torch.cat(
+            [
+                pooled(call_model(task.model, to_device(x, task.device)), x).cpu()
+                for x, _ in task.data[:2]
+            ]
+        )
+    if len(outputs) > 1 and bool((outputs - outputs[0]).abs().max() == 0):
+        warnings.append(
+            "the original model gives the same output for every sample: a metric comparing "
+            "outputs cannot tell a good compressed model from a broken one"
+        )
+    return warnings
 
 
 def samples_in(inputs: Any) -> int:

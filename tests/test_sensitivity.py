@@ -51,7 +51,7 @@ def random_plans(model, space_file, target, count, seed=0):
     [
         (pretrained_cnn, example_input(), DEFAULT_SPACE),
         (ResidualCNN, residual_input(), DEFAULT_SPACE),  # BatchNorm: an int64 counter too
-        (tiny_bert, None, REPO / "search_spaces" / "transformer.yaml"),
+        (tiny_bert, None, REPO / "search_spaces" / "bert.yaml"),
     ],
 )
 def test_the_predicted_artifact_size_is_the_artifacts_length(make, example, space_file):

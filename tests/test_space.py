@@ -81,7 +81,7 @@ def test_rules_match_in_order_with_fixed_values_and_exclusions(tmp_path):
 @pytest.mark.parametrize(
     ("rules", "message"),
     [
-        ([{"types": ["Linaer"]}], "'Linaer' is not a torch.nn layer type"),
+        ([{"types": ["nn.Linear"]}], "'nn.Linear' is not a class name"),
         ([{"knobs": {"bitz": [4]}}], "unknown knob 'bitz'"),
         ([{"knobs": {"bits": [1, 4]}}], "bits must be among"),
         ([{"knobs": {"prune": {"low": 0, "high": 1.5}}}], "prune is a fraction"),
@@ -92,6 +92,12 @@ def test_rules_match_in_order_with_fixed_values_and_exclusions(tmp_path):
 def test_bad_space_files_name_the_problem(tmp_path, rules, message):
     with pytest.raises(UserError, match=message):
         load_space_file(space_file(tmp_path, rules))
+
+
+def test_a_type_neither_torchs_nor_the_models_is_a_typo(tmp_path):
+    path = space_file(tmp_path, [{"types": ["Linaer"], "knobs": {"bits": [4, 8]}}])
+    with pytest.raises(UserError, match=r"rules\[0\].types: 'Linaer' is neither a torch.nn"):
+        build_space(pretrained_cnn(), path)
 
 
 def test_a_space_that_matches_nothing_says_what_the_model_has(tmp_path):

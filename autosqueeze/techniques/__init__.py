@@ -78,7 +78,8 @@ def applied(model: nn.Module, plan: Plan, target: Target | None = None) -> Itera
         compressed = compress(model, plan, target)
         yield _round_trip(compressed).module
         return
-    saved = {name: copy.deepcopy(model.get_submodule(name)) for name in plan.layers}
+    originals = {name: model.get_submodule(name) for name in plan.layers}
+    saved = {name: _tensors_of(layer) for name, layer in originals.items()}
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # as compress does: the same weights whatever the caller uses
     try:
@@ -89,8 +90,26 @@ def applied(model: nn.Module, plan: Plan, target: Target | None = None) -> Itera
         yield _round_trip(compressed).module
     finally:
         torch.set_num_threads(previous)
-        for name, layer in saved.items():
+        for name, layer in originals.items():
             model.set_submodule(name, layer)
+            _restore(layer, saved[name])
+
+
+def _tensors_of(layer: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: t.detach().clone() for key, t in layer.state_dict(keep_vars=True).items()}
+
+
+def _restore(layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Put a layer's saved tensors back into the very parameter objects it holds (a deep copy
+    would untie a weight the layer shares with another: an embedding and its output head)."""
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            owner, _, leaf = key.rpartition(".")
+            module = layer.get_submodule(owner)
+            if leaf in module._parameters:  # noqa: SLF001 - the parameter object, not a copy
+                module._parameters[leaf].data = tensor  # noqa: SLF001
+            else:
+                module._buffers[leaf] = tensor  # noqa: SLF001
 
 
 def _round_trip(compressed: CompressedModel) -> CompressedModel:

@@ -60,6 +60,10 @@ class Technique(ABC):
     identity: ClassVar[Any]  # the value that leaves a layer untouched
     structural: ClassVar[bool] = False  # changes shapes: recovery training follows it
     reaches_neighbours: ClassVar[bool] = False  # changes layers other than the one it is on
+    # changes the weight where it is (or only how it is stored), so a layer whose weight is
+    # tied or whose attributes its parent reads stays what it was (``autosqueeze.anatomy``);
+    # techniques that replace or reshape the layer are not offered on one
+    keeps_layer: ClassVar[bool] = False
 
     def validate(self, values: KnobValues) -> None:
         """Raise ValueError when the space file gives this knob values it cannot take."""
@@ -70,7 +74,7 @@ class Technique(ABC):
         """Raise ValueError for one value this knob cannot take."""
 
     def offer(self, site: Site, values: KnobValues) -> BaseDistribution | Any | None:
-        return to_distribution(values) if isinstance(site.layer, WEIGHTED_LAYERS) else None
+        return to_distribution(values) if is_weighted(site.layer) else None
 
     @abstractmethod
     def most_compressed(self, values: list[Any]) -> Any:
@@ -87,11 +91,28 @@ class Technique(ABC):
         """Turn the loaded layer into the form it runs in (after its weights are loaded)."""
 
 
+def matrices(layer: nn.Module) -> dict[str, nn.Parameter]:
+    """A layer's own weight matrices (and convolution kernels): floating parameters of two or
+    more dimensions held by the layer itself, not its children. ``weight`` for torch's
+    layers and Hugging Face's ``Conv1D``; ``in_proj_weight`` for nn.MultiheadAttention."""
+    return {
+        name: p
+        for name, p in layer._parameters.items()  # noqa: SLF001 - its own, not its children's
+        if p is not None and p.dim() >= 2 and p.is_floating_point()
+    }
+
+
+def is_weighted(layer: nn.Module) -> bool:
+    """A layer whose matrices can be stored and pruned like a Linear's: torch's weighted
+    layers, and any other that holds weight matrices of its own."""
+    return isinstance(layer, WEIGHTED_LAYERS) or bool(matrices(layer))
+
+
 def weighted_parts(module: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
     """The weighted layers that layer ``name`` consists of now (two after factorization)."""
     layer = module.get_submodule(name)
     return [
         (f"{name}.{sub}" if sub else name, part)
         for sub, part in layer.named_modules()
-        if isinstance(part, WEIGHTED_LAYERS)
+        if is_weighted(part)
     ]

@@ -25,6 +25,7 @@ from autosqueeze.metrics import call_model
 from autosqueeze.plan import LayerPlan
 from autosqueeze.recovery import floating_tensors
 from autosqueeze.techniques.base import CompressedModel, Site, Technique
+from autosqueeze.user_code import describe
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -114,15 +115,24 @@ def _graph(compressed: CompressedModel) -> tuple[Any, dict[str, int]]:
     return compressed.scratch["dependency_graph"]
 
 
-_PRUNABLE_CACHE: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+_PRUNABLE_CACHE: weakref.WeakKeyDictionary[nn.Module, set[str] | str] = weakref.WeakKeyDictionary()
 
 
 def _prunable_layers(site: Site) -> set[str]:
     """Layers of the model whose output channels can go without changing what the model
-    outputs: found once per model from its dependency graph."""
+    outputs: found once per model from its dependency graph. Torch-Pruning failing to trace
+    the model (it raises on some, e.g. a channel shuffle) is remembered too, and raised for
+    every layer, so the space withholds the knob and says why."""
     if site.model not in _PRUNABLE_CACHE:
-        _PRUNABLE_CACHE[site.model] = _find_prunable(site.model, site.target.example_input)
-    return _PRUNABLE_CACHE[site.model]
+        try:
+            found: set[str] | str = _find_prunable(site.model, site.target.example_input)
+        except Exception as exc:  # noqa: BLE001 - a third-party graph analysis
+            found = f"Torch-Pruning cannot trace the model: {describe(exc)}"
+        _PRUNABLE_CACHE[site.model] = found
+    found = _PRUNABLE_CACHE[site.model]
+    if isinstance(found, str):
+        raise RuntimeError(found)
+    return found
 
 
 def _find_prunable(model: nn.Module, example_input: Any) -> set[str]:
@@ -142,7 +152,10 @@ def _find_prunable(model: nn.Module, example_input: Any) -> set[str]:
     prunable = set()
     for name in candidates:
         layer = model.get_submodule(name)
-        group = graph.get_pruning_group(layer, _out_channels(layer), idxs=[0])
+        try:
+            group = graph.get_pruning_group(layer, _out_channels(layer), idxs=[0])
+        except Exception:  # noqa: BLE001 - Torch-Pruning cannot group this layer: not prunable
+            continue
         key = frozenset(id(dep.target.module) for dep, _ in group)
         if key not in verdicts:
             verdicts[key] = _prunes_cleanly(model, name, example_input, shapes)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from autosqueeze.plan import LayerPlan
-from autosqueeze.techniques.base import CompressedModel, Technique, weighted_parts
+from autosqueeze.techniques.base import CompressedModel, Technique, matrices, weighted_parts
 
 
 def prune_by_magnitude(weight: torch.Tensor, ratio: float) -> None:
@@ -38,6 +38,7 @@ def prune_by_magnitude(weight: torch.Tensor, ratio: float) -> None:
 
 class Prune(Technique):
     knob = "prune"
+    keeps_layer = True
     identity = 0.0
 
     def check_value(self, value: float) -> None:
@@ -49,4 +50,5 @@ class Prune(Technique):
 
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
         for _, part in weighted_parts(compressed.module, name):
-            prune_by_magnitude(part.weight, layer_plan.prune)
+            for matrix in matrices(part).values():
+                prune_by_magnitude(matrix, layer_plan.prune)

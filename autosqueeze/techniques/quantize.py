@@ -10,11 +10,12 @@ from typing import Any
 
 from autosqueeze.codecs import SUPPORTED_BITS, TensorCodec
 from autosqueeze.plan import LayerPlan
-from autosqueeze.techniques.base import CompressedModel, Technique, weighted_parts
+from autosqueeze.techniques.base import CompressedModel, Technique, matrices, weighted_parts
 
 
 class Quantize(Technique):
     knob = "bits"
+    keeps_layer = True
     identity = 32
 
     def check_value(self, value: float) -> None:
@@ -26,5 +27,6 @@ class Quantize(Technique):
 
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
         codec = TensorCodec(int(layer_plan.bits), layer_plan.group_size)
-        for part_name, _ in weighted_parts(compressed.module, name):
-            compressed.codecs[f"{part_name}.weight"] = codec
+        for part_name, part in weighted_parts(compressed.module, name):
+            for matrix in matrices(part):
+                compressed.codecs[f"{part_name}.{matrix}"] = codec

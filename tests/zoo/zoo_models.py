@@ -1,0 +1,296 @@
+"""Models nobody here wrote: architectures built from torch's, transformers' and
+torchvision's own classes, tiny configs, random weights under a seed, with seeded inputs to
+judge them on.
+
+``ZOO[name]`` is the space file a user would pick for model ``name``; its factory and data are
+``zoo_models:build_<name>`` and ``zoo_models:data_<name>``, as a config names them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+SEED = 0
+BATCHES, BATCH = 4, 8
+VOCAB, LENGTH = 256, 16
+
+
+def _torchvision() -> Any:
+    """torchvision's model code. The registries here only carry torchvision wheels built for
+    CUDA; their compiled operators (detection's nms) fail to load beside a CPU torch, and
+    importing the package then fails on registering those operators. Declaring the two whose
+    registration is unguarded lets the pure-Python model classes import; no model here calls
+    them."""
+    import importlib
+
+    if not hasattr(torch.ops.torchvision, "nms"):
+        try:
+            return importlib.import_module("torchvision")
+        except RuntimeError:
+            library = torch.library.Library("torchvision", "DEF")  # noqa: TID251
+            library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            _LIBRARIES.append(library)  # dropping it would remove the definitions
+    return importlib.import_module("torchvision")
+
+
+_LIBRARIES: list[Any] = []
+
+
+def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
+    torch.manual_seed(SEED)
+    return build().eval()
+
+
+def _images(size: int = 32) -> list[tuple[torch.Tensor, None]]:
+    generator = torch.Generator().manual_seed(SEED + 1)
+    return [(torch.randn(BATCH, 3, size, size, generator=generator), None) for _ in range(BATCHES)]
+
+
+def _with_statistics(model: nn.Module, size: int = 32) -> nn.Module:
+    """BatchNorm running statistics from seeded images, as training would leave them."""
+    model.train()
+    generator = torch.Generator().manual_seed(SEED + 2)
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(16, 3, size, size, generator=generator))
+    return model.eval()
+
+
+def _tokens(**extra: Any) -> list[tuple[dict[str, torch.Tensor], None]]:
+    generator = torch.Generator().manual_seed(SEED + 1)
+    batches = []
+    for _ in range(BATCHES):
+        ids = torch.randint(4, VOCAB, (BATCH, LENGTH), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[: BATCH // 2, LENGTH * 3 // 4 :] = 0  # some padded sentences
+        batches.append(({"input_ids": ids, "attention_mask": mask, **extra}, None))
+    return batches
+
+
+# --- torchvision -----------------------------------------------------------------------------
+
+
+def build_resnet18() -> nn.Module:
+    tv = _torchvision()
+    return _with_statistics(_seeded(lambda: tv.models.resnet18(num_classes=10)))
+
+
+def build_mobilenet_v2() -> nn.Module:
+    tv = _torchvision()
+    return _with_statistics(_seeded(lambda: tv.models.mobilenet_v2(num_classes=10)))
+
+
+def build_shufflenet() -> nn.Module:
+    tv = _torchvision()
+    return _with_statistics(_seeded(lambda: tv.models.shufflenet_v2_x0_5(num_classes=10)))
+
+
+def build_vit() -> nn.Module:
+    tv = _torchvision()
+    return _seeded(
+        lambda: tv.models.VisionTransformer(
+            image_size=32,
+            patch_size=8,
+            num_layers=2,
+            num_heads=4,
+            hidden_dim=64,
+            mlp_dim=128,
+            num_classes=10,
+        )
+    )
+
+
+data_resnet18 = data_mobilenet_v2 = data_shufflenet = data_vit = _images
+
+
+# --- torch's own layers ------------------------------------------------------------------------
+
+
+def build_torch_vit() -> nn.Module:
+    """A ViT from ``nn.TransformerEncoder``: ``nn.MultiheadAttention`` reads its ``out_proj``'s
+    weight instead of calling it, and the encoder's fast path reads every layer's."""
+
+    class TorchViT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patches = nn.Conv2d(3, 64, kernel_size=8, stride=8)
+            self.position = nn.Parameter(torch.randn(1, 16, 64) * 0.02)
+            layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tokens = self.patches(x).flatten(2).transpose(1, 2) + self.position
+            return self.head(self.encoder(tokens).mean(dim=1))
+
+    return _seeded(TorchViT)
+
+
+data_torch_vit = _images
+
+
+# --- transformers ----------------------------------------------------------------------------
+
+
+def build_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return _seeded(lambda: GPT2LMHeadModel(config))
+
+
+def build_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return _seeded(lambda: LlamaForCausalLM(config))
+
+
+def build_bert() -> nn.Module:
+    from transformers import BertModel
+
+    return _seeded(lambda: BertModel(_bert_config(), add_pooling_layer=False))
+
+
+def build_bert_mlm() -> nn.Module:
+    from transformers import BertForMaskedLM
+
+    return _seeded(lambda: BertForMaskedLM(_bert_config()))
+
+
+def _bert_config() -> Any:
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
+
+
+def build_distilbert() -> nn.Module:
+    from transformers import DistilBertConfig, DistilBertModel
+
+    config = DistilBertConfig(
+        vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64
+    )
+    return _seeded(lambda: DistilBertModel(config))
+
+
+def build_t5() -> nn.Module:
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+    return _seeded(lambda: T5EncoderModel(config))
+
+
+def build_bart() -> nn.Module:
+    from transformers import BartConfig, BartModel
+
+    config = BartConfig(
+        vocab_size=VOCAB,
+        d_model=64,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=64,
+    )
+    return _seeded(lambda: BartModel(config))
+
+
+def build_hf_vit() -> nn.Module:
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+    )
+    return _seeded(lambda: ViTModel(config, add_pooling_layer=False))
+
+
+def build_whisper() -> nn.Module:
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    config = WhisperConfig(
+        num_mel_bins=16,
+        d_model=64,
+        encoder_layers=2,
+        encoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        max_source_positions=32,
+        vocab_size=VOCAB,
+    )
+    return _seeded(lambda: WhisperEncoder(config))
+
+
+data_gpt2 = data_llama = data_bert = data_bert_mlm = data_distilbert = data_t5 = _tokens
+data_bart = _tokens
+
+
+def data_hf_vit() -> list[tuple[dict[str, torch.Tensor], None]]:
+    return [({"pixel_values": x}, None) for x, _ in _images()]
+
+
+def data_whisper() -> list[tuple[dict[str, torch.Tensor], None]]:
+    generator = torch.Generator().manual_seed(SEED + 1)
+    return [
+        ({"input_features": torch.randn(BATCH, 16, 64, generator=generator)}, None)
+        for _ in range(BATCHES)
+    ]
+
+
+CNN, TRANSFORMER = "default.yaml", "transformer.yaml"
+TORCHVISION: dict[str, str] = {
+    "resnet18": CNN,
+    "mobilenet_v2": CNN,
+    "shufflenet": CNN,
+    "vit": TRANSFORMER,
+}
+"""torchvision's models: for ``benchmarks/zoo.py`` where torchvision imports (not in the
+tests: no CPU build of torchvision is on the registries here, and the CUDA build breaks
+``import transformers`` beside a CPU torch)."""
+ZOO: dict[str, str] = {
+    "torch_vit": TRANSFORMER,
+    "gpt2": TRANSFORMER,
+    "llama": TRANSFORMER,
+    "bert": TRANSFORMER,
+    "bert_mlm": TRANSFORMER,
+    "distilbert": TRANSFORMER,
+    "t5": TRANSFORMER,
+    "bart": TRANSFORMER,
+    "hf_vit": TRANSFORMER,
+    "whisper": TRANSFORMER,
+}
+"""model name -> the space file (in ``search_spaces/``) a user would pick for it."""
