@@ -241,11 +241,13 @@ def _enqueue_baselines(
     table: SensitivityTable | None,
     task: Task,
 ) -> list[str]:
-    """The baselines, then the knapsack plans (or, without a table, the warm starts), queued
-    once per study: no more than ``search.trials``, so a short study leaves none waiting."""
-    if study.user_attrs.get(BASELINES_QUEUED):
+    """The baselines, then the knapsack plans (or, without a table, the warm starts): no more
+    than ``search.trials``, so a short study leaves none waiting. A study resumed with more
+    trials queues those its first run had no room for (Optuna skips the ones it has)."""
+    queued_for = study.user_attrs.get(BASELINES_QUEUED)
+    if type(queued_for) is int and queued_for >= config.search.trials:
         return []
-    study.set_user_attr(BASELINES_QUEUED, True)
+    study.set_user_attr(BASELINES_QUEUED, config.search.trials)
     notes = []
     queue = _queue(study, room=config.search.trials)
 

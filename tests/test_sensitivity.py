@@ -248,6 +248,23 @@ def test_a_short_search_uses_the_table_and_tries_the_knapsack_plans_first(tmp_pa
     assert resumed.sensitivity.seconds == pytest.approx(result.sensitivity.seconds, abs=0.01)
 
 
+def test_a_study_resumed_with_more_trials_queues_the_plans_its_first_run_had_no_room_for(
+    tmp_path,
+):
+    config = load_config(
+        write_yaml(tmp_path / "s.yaml", study_config(tmp_path, search={"trials": 4}))
+    )
+    first = run_search(config, progress=False)
+    before = [t for t in first.study.trials if t.user_attrs.get(BASELINE)]
+    assert len(first.study.trials) == len(before) == 4  # the baselines, then knapsack plans
+    more = run_search(config.with_overrides(trials=12), progress=False)
+    queued = [t for t in more.study.trials if t.user_attrs.get(BASELINE)]
+    knapsack = [t for t in queued if t.user_attrs[BASELINE] == KNAPSACK]
+    assert len(knapsack) > sum(t.user_attrs[BASELINE] == KNAPSACK for t in before)
+    plans = [t.user_attrs["plan"] for t in queued]
+    assert len(plans) == len(set(plans))  # none of the first run's plans twice
+
+
 def test_a_trial_clearly_past_the_budget_stops_on_its_first_samples_with_a_reason(tmp_path):
     config = load_config(write_yaml(tmp_path / "s.yaml", study_config(tmp_path)))
     task = load_task(config)

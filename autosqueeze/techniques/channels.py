@@ -12,8 +12,13 @@ transformer's hidden size) are never offered.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import signal
+import threading
+import time
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -135,14 +140,21 @@ def _prunable_layers(site: Site) -> set[str]:
     return found
 
 
+ANALYSIS_LIMIT_S = 120.0  # Torch-Pruning on one model (on a tiny LLaMA it ran past 5 minutes)
+LAYER_LIMIT_S = 20.0  # ... and on one of its layers
+
+
 def _find_prunable(model: nn.Module, example_input: Any) -> set[str]:
     """The layers from which one channel can be removed, on a copy, with the model still
     running and every output keeping its shape. That rules out a classifier's logits, a
     transformer's hidden size (coupled to its outputs) and attention projections whose width
-    must stay a multiple of the head count."""
+    must stay a multiple of the head count. A layer whose analysis raises or runs past
+    ``LAYER_LIMIT_S`` is not prunable; past ``ANALYSIS_LIMIT_S`` in all, no more are tried."""
+    deadline = time.monotonic() + ANALYSIS_LIMIT_S
     with torch.inference_mode():
         shapes = [t.shape for t in floating_tensors(call_model(model, example_input))]
-    graph = _build_graph(model, example_input)
+    with time_limit(ANALYSIS_LIMIT_S):
+        graph = _build_graph(model, example_input)
     candidates = [
         name
         for name, layer in model.named_modules()
@@ -151,17 +163,42 @@ def _find_prunable(model: nn.Module, example_input: Any) -> set[str]:
     verdicts: dict[frozenset[int], bool] = {}  # layers coupled in one group share a verdict
     prunable = set()
     for name in candidates:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
         layer = model.get_submodule(name)
         try:
-            group = graph.get_pruning_group(layer, _out_channels(layer), idxs=[0])
+            with time_limit(min(LAYER_LIMIT_S, left)):
+                group = graph.get_pruning_group(layer, _out_channels(layer), idxs=[0])
+                key = frozenset(id(dep.target.module) for dep, _ in group)
+                if key not in verdicts:
+                    verdicts[key] = _prunes_cleanly(model, name, example_input, shapes)
         except Exception:  # noqa: BLE001 - Torch-Pruning cannot group this layer: not prunable
             continue
-        key = frozenset(id(dep.target.module) for dep, _ in group)
-        if key not in verdicts:
-            verdicts[key] = _prunes_cleanly(model, name, example_input, shapes)
         if verdicts[key]:
             prunable.add(name)
     return prunable
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise TimeoutError in the block once it has run ``seconds`` (a SIGALRM timer: Python
+    code is stopped between two bytecodes). Only the main thread gets signals; elsewhere the
+    block runs unlimited."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(_signum: int, _frame: Any) -> None:
+        raise TimeoutError(f"took over {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _prunes_cleanly(model: nn.Module, name: str, example_input: Any, shapes: list[Any]) -> bool:

@@ -91,8 +91,10 @@ def build_shufflenet() -> nn.Module:
 
 
 def build_vit() -> nn.Module:
+    """torchvision's ViT; its head starts at zero (every output the same), so it is drawn
+    at random like the rest."""
     tv = _torchvision()
-    return _seeded(
+    model = _seeded(
         lambda: tv.models.VisionTransformer(
             image_size=32,
             patch_size=8,
@@ -103,6 +105,8 @@ def build_vit() -> nn.Module:
             num_classes=10,
         )
     )
+    nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model
 
 
 data_resnet18 = data_mobilenet_v2 = data_shufflenet = data_vit = _images

@@ -1,0 +1,119 @@
+"""Models nobody here wrote, searched as a user would: per architecture, its parameters, the
+share of them the space can compress, and the best model within a 0.02 fidelity budget.
+
+    python benchmarks/zoo.py [NAME ...] [--trials 24] [--workers 0]
+
+Models: ``tests/zoo/zoo_models.py`` (torch's and transformers' classes, tiny configs, random
+weights under a seed, judged by ``fidelity``), plus torchvision's where torchvision imports.
+Each runs ``autosqueeze validate`` and ``autosqueeze search`` in a fresh process on a fresh
+study in a temporary folder, in-process by default (``--workers``). Columns: parameters;
+knobs' reach (share of parameters with knobs, from ``validate``); failed trials; the smallest
+model within budget (size / fp32 artifact) and the fastest (speedup timed beside the
+original); wall seconds of the search. Prints one markdown table (kept in docs/results.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+ZOO_DIR = REPO / "tests" / "zoo"
+sys.path.insert(0, str(ZOO_DIR))
+from zoo_models import TORCHVISION, ZOO  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*")
+    parser.add_argument("--trials", type=int, default=24)
+    parser.add_argument("--workers", type=int, default=0)
+    args = parser.parse_args()
+    models = {**ZOO, **(TORCHVISION if _torchvision_imports() else {})}
+    names = args.names or list(models)
+    print(
+        "| model | space | parameters | knobs reach | trials failed | smallest within budget "
+        "| fastest within budget | search s |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for name in names:
+        print(_row(name, models[name], args.trials, args.workers), flush=True)
+
+
+def _row(name: str, space: str, trials: int, workers: int) -> str:
+    with tempfile.TemporaryDirectory() as folder:
+        config = Path(folder) / "study.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "name": name,
+                    "model": {"factory": f"zoo_models:build_{name}"},
+                    "task": {"data": f"zoo_models:data_{name}", "metric": "fidelity"},
+                    "space": str(REPO / "search_spaces" / space),
+                    "budgets": {"max_metric_drop": 0.02, "device": "cpu"},
+                    "search": {"trials": trials, "seed": 0, "output_dir": f"{folder}/run"},
+                    "compute": {"workers": workers},
+                }
+            )
+        )
+        validate = _autosqueeze("validate", config)
+        params = re.search(r"knobs reach [\d,]+ of ([\d,]+) parameters \((\d+)%\)", validate)
+        start = time.monotonic()
+        _autosqueeze("search", config, "--no-progress")
+        seconds = time.monotonic() - start
+        from autosqueeze.config import load_config
+        from autosqueeze.study import open_study
+
+        study = open_study(load_config(config), create=False)
+        failed = sum(t.state.name == "FAIL" for t in study.trials)
+        with open(Path(folder) / "run" / "front.csv") as f:
+            front = [row for row in csv.DictReader(f) if row["feasible"] == "True"]
+    smallest = max((float(r["compression"]) for r in front), default=1.0)
+    fastest = max((float(r["speedup"]) for r in front), default=1.0)
+    reach = f"{params.group(2)}%" if params else "?"
+    total = params.group(1) if params else "?"
+    return (
+        f"| {name} | {space} | {total} | {reach} | {failed} | {smallest:.1f}x | {fastest:.2f}x "
+        f"| {seconds:.0f} |"
+    )
+
+
+def _autosqueeze(*args: object) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "autosqueeze", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ZOO_DIR), "PATH": "/usr/bin:/bin"},
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"autosqueeze {args[0]} failed:\n{done.stderr}")
+    return done.stdout
+
+
+def _torchvision_imports() -> bool:
+    if importlib.util.find_spec("torchvision") is None:
+        return False
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, sys.argv[1]); "
+            "import zoo_models; zoo_models.build_resnet18()",
+            str(ZOO_DIR),
+        ],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+if __name__ == "__main__":
+    main()
