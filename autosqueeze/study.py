@@ -19,13 +19,14 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
 
 try:  # private, so guarded: without it the journal stays Optuna's fsync-per-append writer
     from optuna.storages.journal._file import get_lock_file as _get_lock_file
@@ -51,22 +52,39 @@ STOPPED = "stopped"  # trial attr: why a PRUNED trial stopped before it was time
 REQUEUED = "requeued"  # trial attr: failed by an interruption, its params queued again
 
 
-def open_storage(config: StudyConfig) -> optuna.storages.BaseStorage:
+def open_storage(config: StudyConfig, *, writable: bool = True) -> optuna.storages.BaseStorage:
     """A database URL (``sqlite:///``, ``postgresql://``) or a journal file path.
 
     The default is Optuna's journal file in the study folder: at 300 trials it costs the
-    driver ~18 ms per trial against ~110 ms for SQLite (``benchmarks/scaling.py``).
+    driver ~18 ms per trial against ~110 ms for SQLite (``benchmarks/scaling.py``). A
+    command that only reads (``writable=False``) creates nothing, repairs nothing and never
+    opens the file for writing: another user's study, or a file given by mistake, is left
+    exactly as it was.
     """
     target = config.storage
     try:
         if "://" in target:
             if target.startswith("sqlite:///"):
-                Path(target[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+                database = Path(target[len("sqlite:///") :])
+                if not writable and not database.is_file():
+                    raise UserError(_missing(config, database))
+                database.parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.get_storage(target)
         path = Path(target)
+        if path.exists() and not path.is_file():
+            raise UserError(f"search.storage: {path} is not a regular file (a journal file)")
+        if path.is_file():
+            _check_journal(path)
+        if not writable:
+            if not path.is_file():
+                raise UserError(_missing(config, path))
+            return JournalStorage(_JournalReader(str(path)))
         path.parent.mkdir(parents=True, exist_ok=True)
-        _drop_torn_tail(path)
-        return JournalStorage(_JournalFile(str(path)))
+        backend = _JournalFile(str(path))
+        backend.drop_torn_tail()
+        return JournalStorage(backend)
+    except UserError:
+        raise
     except ImportError:
         raise UserError(
             f"search.storage: {target!r} needs a database driver that is not installed; "
@@ -76,6 +94,31 @@ def open_storage(config: StudyConfig) -> optuna.storages.BaseStorage:
         raise UserError(
             f"search.storage: cannot open {target!r}: {type(exc).__name__}: {exc}"
         ) from None
+
+
+def _missing(config: StudyConfig, path: Path) -> str:
+    return (
+        f"no study named {config.name!r}: {path} does not exist; run 'autosqueeze search' "
+        "first (or check --study-dir / --storage)."
+    )
+
+
+def _check_journal(path: Path) -> None:
+    """A file that does not start with an Optuna journal record is not one: refuse it before
+    anything is read from or written to it (a model file given as --storage by mistake)."""
+    with path.open("rb") as f:
+        head = f.read(64 * 1024)
+    if not head:
+        return
+    first = head.split(b"\n", 1)[0]
+    try:
+        record = json.loads(first)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or "op_code" not in record:
+        raise UserError(
+            f"search.storage: {path} is not an Optuna journal file; nothing was changed"
+        )
 
 
 class _JournalFile(JournalFileBackend):
@@ -94,9 +137,42 @@ class _JournalFile(JournalFileBackend):
         with _get_lock_file(self._lock), open(self._file_path, "ab") as f:
             f.write(text.encode("utf-8"))
 
+    def drop_torn_tail(self) -> None:
+        """A run killed mid-append can leave half a line; it was never acknowledged: drop it,
+        holding the writers' lock (another search may be appending to the same file)."""
+        if _get_lock_file is None:
+            _drop_torn_tail(Path(self._file_path))
+            return
+        with _get_lock_file(self._lock):
+            _drop_torn_tail(Path(self._file_path))
+
+
+class _JournalReader(BaseJournalBackend):
+    """A journal file read, never written: no file created, no torn tail cut (a record being
+    appended is simply not read yet). Reads resume where the last read ended."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._offsets = {0: 0}  # record number -> byte offset, for the complete lines seen
+
+    def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
+        number = max(n for n in self._offsets if n <= log_number_from)
+        offset = self._offsets[number]
+        with open(self._path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+        for line in data[: data.rfind(b"\n") + 1].splitlines(keepends=True):
+            if number >= log_number_from:
+                yield json.loads(line)
+            number += 1
+            offset += len(line)
+            self._offsets[number] = offset
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        raise RuntimeError("a command that only reads the study tried to write to it")
+
 
 def _drop_torn_tail(path: Path) -> None:
-    """A run killed mid-append can leave half a line; it was never acknowledged, drop it."""
     if not path.is_file() or path.stat().st_size == 0:
         return
     with path.open("rb+") as f:
@@ -108,8 +184,8 @@ def _drop_torn_tail(path: Path) -> None:
 
 
 def open_study(config: StudyConfig, *, create: bool) -> optuna.Study:
-    """The config's study; ``create=False`` for readers, which must not make an empty one."""
-    storage = open_storage(config)
+    """The config's study; ``create=False`` for readers, which create and write nothing."""
+    storage = open_storage(config, writable=create)
     directions = [DIRECTIONS[o] for o in config.objectives]
     if not create:
         try:

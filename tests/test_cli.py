@@ -296,3 +296,34 @@ def test_two_drivers_share_one_study_without_failing_each_other(tmp_path, make_c
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)  # nobody failed a live trial
     assert 10 <= len(trials) <= 11  # the budget is shared (two asks may race for the last)
     assert len({t.user_attrs["driver"] for t in trials}) == 2
+
+
+def test_commands_that_read_never_write_the_storage(tmp_path, make_config, capsys):
+    """front, export, report read a journal with a torn last record (a search killed while
+    appending) and leave it byte for byte; a file that is not a journal is refused by readers
+    and writers alike, untouched."""
+    config = make_config(search={"trials": 3})
+    assert run(capsys, "search", config, "--no-progress")[0] == 0
+    journal = tmp_path / "run" / "study.log"
+    with journal.open("ab") as f:
+        f.write(b'{"op_code":5,"worker_id":"x","trial_id":0,"user_attr')  # torn mid-append
+    torn = journal.read_bytes()
+    journal.chmod(0o444)  # another user's study: readable, not writable
+    try:
+        assert run(capsys, "front", config)[0] == 0
+        assert run(capsys, "report", config, "-o", tmp_path / "r.html")[0] == 0
+        assert (
+            run(capsys, "export", config, "--trial", "0", "-o", tmp_path / "m.safetensors")[0] == 0
+        )
+    finally:
+        journal.chmod(0o644)
+    assert journal.read_bytes() == torn
+
+    stranger = tmp_path / "notes.txt"
+    stranger.write_bytes(b"not a journal, 30 bytes long.\n")
+    for command in (["front", config], ["search", config, "--no-progress"]):
+        code, _, err = run(capsys, *command, "--storage", stranger)
+        assert code == 2 and "is not an Optuna journal file; nothing was changed" in err
+    assert stranger.read_bytes() == b"not a journal, 30 bytes long.\n"
+    code, _, err = run(capsys, "front", config, "--storage", tmp_path / "absent.log")
+    assert code == 2 and "does not exist" in err and not (tmp_path / "absent.log").exists()
