@@ -1,7 +1,8 @@
 """``autosqueeze``: search, inspect and export compressed models.
 
 Exit status: 0 on success, 2 on a user error (the message names the field or file),
-1 on an internal error (a bug: please report it with the traceback), 130 on Ctrl-C.
+1 on an internal error (a bug: please report it with the traceback), 130 on Ctrl-C, 143 on
+SIGTERM (both stop a search cleanly: running trials failed and re-queued).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ import argparse
 import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
 from autosqueeze.config import StudyConfig, load_config
-from autosqueeze.errors import UserError
+from autosqueeze.errors import Terminated, UserError, terminate
 
 EPILOG = """\
 examples:
@@ -35,11 +38,16 @@ Every command finds the study from CONFIG (search.output_dir, search.storage);
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)
     try:
         return int(args.run(args) or 0)
     except UserError as exc:
         print(f"autosqueeze: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("autosqueeze: terminated (SIGTERM).", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("autosqueeze: interrupted.", file=sys.stderr)
         return 130
@@ -163,7 +171,7 @@ def _search(args: argparse.Namespace) -> int:
             f"Interrupted after {result.ran} trial(s); the study is kept in {config.storage}. "
             "Run the same command again to resume."
         )
-        return 130
+        return 143 if result.terminated else 130
     if not result.front.members:
         raise UserError(explain_empty_front(config, result.front))
     print(

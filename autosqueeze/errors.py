@@ -9,3 +9,12 @@ class UserError(Exception):
 
 class TrialError(Exception):
     """A trial that cannot produce valid measurements (NaN metric, a technique that fails)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, Slurm, Kubernetes, systemd): stop as Ctrl-C does, exit 143."""
+
+
+def terminate(_signum: int, _frame: object) -> None:
+    """The SIGTERM handler the CLI installs."""
+    raise Terminated

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from autosqueeze.config import StudyConfig
 from autosqueeze.device_lock import DeviceLock
-from autosqueeze.errors import UserError
+from autosqueeze.errors import Terminated, UserError
 from autosqueeze.executors import Executor, Outcome, create_executor, evaluate_now
 from autosqueeze.front import Front, compute_front, write_front
 from autosqueeze.measure import Limits, Measurements, robust_latency
@@ -78,6 +78,7 @@ class SearchResult:
     front_csv: Path | None = None  # written unless interrupted or empty
     sensitivity: SensitivityTable | None = None
     searched: SearchSpace | None = None  # the space the sampler searched (shaped by the table)
+    terminated: bool = False  # interrupted by SIGTERM rather than Ctrl-C
 
 
 def run_search(
@@ -103,15 +104,25 @@ def run_search(
                 notes += shaping_notes
             notes += _enqueue_baselines(study, searched, config, table, task)
             refine = functools.partial(_refine, study, config, searched, table, task)
-            ran, interrupted = _loop(study, config, searched, executor, ref, progress, refine)
+            ran, stop = _loop(study, config, searched, executor, ref, progress, refine)
         front = compute_front(study, config.objectives)
-        if front.members and not interrupted:  # rebuilt on the evaluators, in parallel
+        if front.members and stop is None:  # rebuilt on the evaluators, in parallel
             plans = {m.number: m.plan for m in front.members if m.plan is not None}
             front_csv = write_front(front, config.output_dir, executor.artifacts(plans))
     finally:
         executor.close()
     return SearchResult(
-        study, task, space, front, ran, interrupted, notes, front_csv, table, searched
+        study,
+        task,
+        space,
+        front,
+        ran,
+        stop is not None,
+        notes,
+        front_csv,
+        table,
+        searched,
+        terminated=stop == signal.SIGTERM,
     )
 
 
@@ -331,7 +342,8 @@ def _loop(
     ref: Measurements,
     progress: bool,
     refine: Callable[[Limits], None],
-) -> tuple[int, bool]:
+) -> tuple[int, int | None]:
+    """Trials run; the signal that stopped the loop, if one did."""
     target = config.search.trials
     deadline = time.monotonic() + config.search.timeout_s if config.search.timeout_s else None
     distributions = space.distributions
@@ -351,56 +363,95 @@ def _loop(
     lock = DeviceLock(torch.device(config.budgets.device))
     asked: dict[int, optuna.Trial] = {}
     ran = 0
+    signals = _StopSignals()
     try:
-        while True:
-            out_of_time = deadline is not None and time.monotonic() > deadline
-            # sampling computes too: never beside a latency timing
-            with lock.shared(), _recording():
-                refine(limits)
-                while (
-                    not out_of_time
-                    and len(executor.in_flight) < executor.slots
-                    and taken_count(study) < target  # counts other drivers' trials too
-                ):
-                    trial = study.ask(distributions)
-                    plan = space.plan(trial.params)
-                    trial.set_user_attr(DRIVER, DRIVER_ID)
-                    trial.set_user_attr(PLAN, plan.to_json())
-                    asked[trial.number] = trial
-                    executor.submit(trial.number, plan, limits)
-            if not executor.in_flight:
-                break
-            outcomes = executor.wait()
-            with lock.shared(), _recording():
-                for outcome in outcomes:
-                    _tell(study, config, ref, timings, asked.pop(outcome.key), outcome, stats)
-                    ran += 1
-                    bar.update(min(finished_count(study), target) - bar.n)
-                    bar.set_postfix_str(stats.summary())
-    except KeyboardInterrupt:
+        with signals:
+            while True:
+                out_of_time = deadline is not None and time.monotonic() > deadline
+                # sampling computes too: never beside a latency timing
+                with lock.shared(), signals.held():
+                    refine(limits)
+                    while (
+                        not out_of_time
+                        and len(executor.in_flight) < executor.slots
+                        and taken_count(study) < target  # counts other drivers' trials too
+                    ):
+                        trial = study.ask(distributions)
+                        plan = space.plan(trial.params)
+                        trial.set_user_attr(DRIVER, DRIVER_ID)
+                        trial.set_user_attr(PLAN, plan.to_json())
+                        asked[trial.number] = trial
+                        executor.submit(trial.number, plan, limits)
+                if not executor.in_flight:
+                    break
+                outcomes = executor.wait(timeout=_POLL_S)
+                signals.check()
+                with lock.shared(), signals.held():
+                    for outcome in outcomes:
+                        _tell(study, config, ref, timings, asked.pop(outcome.key), outcome, stats)
+                        ran += 1
+                        bar.update(min(finished_count(study), target) - bar.n)
+                        bar.set_postfix_str(stats.summary())
+    except KeyboardInterrupt as stop:
+        # by the signal that came first: Ray re-raises what it caught as a KeyboardInterrupt
+        by = signals.caught[0] if signals.caught else signal.SIGINT
+        if isinstance(stop, Terminated):
+            by = signal.SIGTERM
+        why = "by SIGTERM" if by == signal.SIGTERM else "by the user (Ctrl-C)"
         for number in asked:  # submitted or only just asked: none is left RUNNING
-            fail_trial(study, number, "interrupted by the user (Ctrl-C)", requeue=True)
-        return ran, True
+            fail_trial(study, number, f"interrupted {why}", requeue=True)
+        return ran, by
     finally:
         bar.close()
-    return ran, False
+    return ran, None
 
 
-@contextlib.contextmanager
-def _recording() -> Iterator[None]:
-    """Ctrl-C waits while the driver records trials, then interrupts: a trial asked but not
-    yet in ``asked``, or taken from it but not yet told, would otherwise stay RUNNING."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers are the main thread's; elsewhere Ctrl-C never arrives
-        return
-    pressed: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: pressed.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if pressed:
-            raise KeyboardInterrupt
+_POLL_S = 1.0  # how often the driver looks up from waiting on Ray for a remembered signal
+
+
+class _StopSignals:
+    """Ctrl-C and SIGTERM while the loop runs. Each reaches its usual handler where it lands
+    (KeyboardInterrupt; the CLI's Terminated) and is remembered: Ray's wait can swallow an
+    exception raised inside its own frames (seen in CI: a Ctrl-C lost, the search went on),
+    so the loop ``check``s after each wait. While the driver records trials (``held``) a
+    signal is only remembered, and raised after: a trial asked but not yet in ``asked``, or
+    taken from the executor but not yet told, would otherwise stay RUNNING."""
+
+    def __init__(self) -> None:
+        self.caught: list[int] = []
+        self._handlers: dict[int, Callable[..., Any]] = {}
+        self._holding = False
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():  # only it gets signals
+            for number in (signal.SIGINT, signal.SIGTERM):
+                handler = signal.getsignal(number)
+                if callable(handler):  # not SIG_DFL or SIG_IGN: nothing of ours to deliver
+                    self._handlers[number] = handler
+                    signal.signal(number, self._on_signal)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for number, handler in self._handlers.items():
+            signal.signal(number, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.caught.append(signum)
+        if not self._holding:
+            self._handlers[signum](signum, frame)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+        self.check()
+
+    def check(self) -> None:
+        if self.caught:
+            self._handlers[self.caught[0]](self.caught[0], None)
 
 
 def _tell(

@@ -43,8 +43,9 @@ class Executor(ABC):
         """Start evaluating ``plan``; one that misses ``limits`` stops before it is timed."""
 
     @abstractmethod
-    def wait(self) -> list[Outcome]:
-        """Block until at least one submitted evaluation has finished; return those that have."""
+    def wait(self, timeout: float | None = None) -> list[Outcome]:
+        """Block until at least one submitted evaluation has finished, or ``timeout`` seconds
+        pass where the executor can stop waiting; return those that have (maybe none)."""
 
     @property
     @abstractmethod

@@ -32,7 +32,8 @@ class InProcessExecutor(Executor):
     def in_flight(self) -> list[int]:
         return [key for key, _, _ in self._pending]
 
-    def wait(self) -> list[Outcome]:
+    def wait(self, timeout: float | None = None) -> list[Outcome]:
+        """Runs the next evaluation here and now: ``timeout`` cannot cut it short (Ctrl-C can)."""
         key, plan, limits = self._pending[0]
         outcome = evaluate_safely(self.evaluator, key, plan, limits, self._worker)
         self._pending.pop(0)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -139,15 +141,16 @@ class RayExecutor(Executor):
         ref = actor.evaluate.remote(key, plan.to_json(), limits)
         self._running[ref] = (key, actor, time.monotonic())
 
-    def wait(self) -> list[Outcome]:
+    def wait(self, timeout: float | None = None) -> list[Outcome]:
+        until = None if timeout is None else time.monotonic() + timeout
         while True:
-            timeout = None
+            limits = [] if until is None else [until]
             if self._timeout is not None:
-                oldest = min(start for _, _, start in self._running.values())
-                timeout = max(0.0, oldest + self._timeout - time.monotonic())
-            ready, _ = self._ray.wait(list(self._running), num_returns=1, timeout=timeout)
+                limits.append(min(start for _, _, start in self._running.values()) + self._timeout)
+            left = max(0.0, min(limits) - time.monotonic()) if limits else None
+            ready, _ = self._ray.wait(list(self._running), num_returns=1, timeout=left)
             outcomes = [self._collect(ref) for ref in ready] + self._expire()
-            if outcomes:
+            if outcomes or (until is not None and time.monotonic() >= until):
                 return outcomes
 
     def artifacts(self, plans: dict[int, Plan]) -> Iterator[tuple[int, bytes]]:
@@ -254,12 +257,17 @@ def _init(ray: Any, address: str | None) -> None:
         options["include_dashboard"] = False
     else:
         _probe(address)
+    on_term = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(address=address, **options)
     except Exception as exc:  # ConnectionError, RuntimeError, ValueError depending on version
         raise UserError(
             f"compute.ray_address: cannot join the Ray cluster at {address!r}: {_reason(exc)}"
         ) from None
+    if callable(on_term) and threading.current_thread() is threading.main_thread():
+        # Ray's core worker replaces the SIGTERM handler with one that prints C++ frames and
+        # aborts; the CLI's stops the search as Ctrl-C does (trials failed and re-queued)
+        signal.signal(signal.SIGTERM, on_term)
 
 
 def _probe(address: str, timeout_s: float = 5.0) -> None:
