@@ -66,7 +66,7 @@ def explain_empty_front(config: StudyConfig, front: Front) -> str:
         listed = "; ".join(f"{n}x {r}" for r, n in reasons)
         return (
             f"no trial completed ({len(failed)} failed: {listed}). "
-            f"The study is kept in {config.storage}."
+            f"The study is kept in {config.storage_shown}."
         )
     missed = Counter(k for t in completed for k, v in t.constraints.items() if v > 0)
     names = {
@@ -80,5 +80,5 @@ def explain_empty_front(config: StudyConfig, front: Front) -> str:
     )
     return (
         f"no model met every budget after {len(completed)} completed trials ({listed}). "
-        f"Relax those budgets or run more trials; the study is kept in {config.storage}."
+        f"Relax those budgets or run more trials; the study is kept in {config.storage_shown}."
     )

@@ -168,8 +168,8 @@ def _search(args: argparse.Namespace) -> int:
     print(front_table(result.front, name))
     if result.interrupted:
         print(
-            f"Interrupted after {result.ran} trial(s); the study is kept in {config.storage}. "
-            "Run the same command again to resume."
+            f"Interrupted after {result.ran} trial(s); the study is kept in "
+            f"{config.storage_shown}. Run the same command again to resume."
         )
         return 143 if result.terminated else 130
     if not result.front.members:
@@ -321,7 +321,7 @@ def _validate(args: argparse.Namespace) -> int:
         f"{len(space.distributions)} searched knobs"
     )
     print(f"budgets   smallest model the space allows: {floor:,} bytes")
-    print(f"study     {config.name} in {config.storage}")
+    print(f"study     {config.name} in {config.storage_shown}")
     rows = coverage(task.model, space)
     print()
     print(coverage_table(rows))

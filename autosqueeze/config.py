@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -159,6 +160,11 @@ class StudyConfig(_Strict):
         """A database URL, or the path of an Optuna journal file (the default)."""
         return self.search.storage or str((self.output_dir / "study.log").resolve())
 
+    @property
+    def storage_shown(self) -> str:
+        """``storage`` as messages, the dashboard and reports show it: secrets masked."""
+        return masked(self.storage)
+
     def with_overrides(
         self,
         *,
@@ -248,3 +254,13 @@ def _explain(exc: ValidationError) -> str:
             message += f" (got {error['input']!r})"
         parts.append(f"field '{field}': {message}")
     return "; ".join(parts) + "."
+
+
+_URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*(@)")
+_QUERY_SECRET = re.compile(r"([?&][^=&]*(?:pass|secret|token|key)[^=&]*=)[^&]*", re.IGNORECASE)
+
+
+def masked(text: str) -> str:
+    """``text`` with a URL's password and secret-looking query values replaced by ``***``:
+    storage URLs are shown in terminals, on the dashboard and in reports that get shared."""
+    return _QUERY_SECRET.sub(r"\1***", _URL_PASSWORD.sub(r"\1***\2", text))

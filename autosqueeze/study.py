@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover
     _get_lock_file = None
 from optuna.trial import FrozenTrial, TrialState
 
-from autosqueeze.config import DIRECTIONS, StudyConfig
+from autosqueeze.config import DIRECTIONS, StudyConfig, masked
 from autosqueeze.errors import UserError
 from autosqueeze.measure import Measurements, robust_latency
 from autosqueeze.plan import Plan
@@ -87,12 +87,13 @@ def open_storage(config: StudyConfig, *, writable: bool = True) -> optuna.storag
         raise
     except ImportError:
         raise UserError(
-            f"search.storage: {target!r} needs a database driver that is not installed; "
+            f"search.storage: {masked(target)!r} needs a database driver that is not installed; "
             "for PostgreSQL: pip install 'autosqueeze[postgres]'."
         ) from None
     except Exception as exc:
         raise UserError(
-            f"search.storage: cannot open {target!r}: {type(exc).__name__}: {exc}"
+            f"search.storage: cannot open {masked(target)!r}: {type(exc).__name__}: "
+            f"{masked(str(exc))}"
         ) from None
 
 
@@ -192,7 +193,7 @@ def open_study(config: StudyConfig, *, create: bool) -> optuna.Study:
             return optuna.load_study(study_name=config.name, storage=storage)
         except KeyError:
             raise UserError(
-                f"no study named {config.name!r} in {config.storage}; "
+                f"no study named {config.name!r} in {config.storage_shown}; "
                 "run 'autosqueeze search' first (or check --study-dir / --storage)."
             ) from None
     study = optuna.create_study(
@@ -205,7 +206,7 @@ def open_study(config: StudyConfig, *, create: bool) -> optuna.Study:
     existing = [d.name.lower() for d in study.directions]
     if existing != directions:
         raise UserError(
-            f"objectives: the study {config.name!r} in {config.storage} was created with "
+            f"objectives: the study {config.name!r} in {config.storage_shown} was created with "
             f"objectives of directions {existing}, the config asks for {config.objectives}; "
             "use another name or --study-dir for a different set of objectives."
         )

@@ -107,7 +107,7 @@ def study_view(
     """Everything a view needs; ``config_arg`` is the CONFIG to print in CLI lines."""
     base: dict[str, Any] = {
         "name": config.name,
-        "storage": config.storage,
+        "storage": config.storage_shown,
         "objectives": list(config.objectives),
         "metric_name": config.task.metric.rpartition(":")[2],
         "budgets": config.budgets.model_dump(),
@@ -200,6 +200,6 @@ def _plan(record: TrialRecord) -> dict[str, Any]:
 
 def _missing(config: StudyConfig, config_arg: str | Path) -> str:
     return (
-        f"No study named '{config.name}' in {config.storage} yet. Start one with "
+        f"No study named '{config.name}' in {config.storage_shown} yet. Start one with "
         f"'autosqueeze search {config_arg}'; this page shows it as soon as it exists."
     )

@@ -4,7 +4,9 @@ share of them the space can compress, and the best model within a 0.02 fidelity 
     python benchmarks/zoo.py [NAME ...] [--trials 24] [--workers 0]
 
 Models: ``tests/zoo/zoo_models.py`` (torch's and transformers' classes, tiny configs, random
-weights under a seed, judged by ``fidelity``), plus torchvision's where torchvision imports.
+weights under a seed, judged by ``fidelity``), plus torchvision's where torchvision imports
+(name them, e.g. ``PYTHONPATH=/tmp/tv python benchmarks/zoo.py resnet18``, with a torchvision
+installed apart: its CUDA-only wheel breaks ``import transformers`` beside a CPU torch).
 Each runs ``autosqueeze validate`` and ``autosqueeze search`` in a fresh process on a fresh
 study in a temporary folder, in-process by default (``--workers``). Columns: parameters;
 knobs' reach (share of parameters with knobs, from ``validate``); failed trials; the smallest
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -38,7 +40,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--workers", type=int, default=0)
     args = parser.parse_args()
-    models = {**ZOO, **(TORCHVISION if _torchvision_imports() else {})}
+    models = {**ZOO, **TORCHVISION}
+    if not args.names:
+        models = {**ZOO, **(TORCHVISION if _torchvision_imports() else {})}
     names = args.names or list(models)
     print(
         "| model | space | parameters | knobs reach | trials failed | smallest within budget "
@@ -92,16 +96,22 @@ def _autosqueeze(*args: object) -> str:
         [sys.executable, "-m", "autosqueeze", *map(str, args)],
         capture_output=True,
         text=True,
-        env={"PYTHONPATH": str(ZOO_DIR), "PATH": "/usr/bin:/bin"},
+        env=_ENV,
     )
     if done.returncode != 0:
         raise SystemExit(f"autosqueeze {args[0]} failed:\n{done.stderr}")
     return done.stdout
 
 
+# the zoo's folder first; a PYTHONPATH given to this script follows (e.g. a folder holding a
+# torchvision that must stay out of the environment's own site-packages)
+_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(ZOO_DIR), os.environ.get("PYTHONPATH")])),
+}
+
+
 def _torchvision_imports() -> bool:
-    if importlib.util.find_spec("torchvision") is None:
-        return False
     probe = subprocess.run(
         [
             sys.executable,
@@ -111,6 +121,7 @@ def _torchvision_imports() -> bool:
             str(ZOO_DIR),
         ],
         capture_output=True,
+        env=_ENV,
     )
     return probe.returncode == 0
 

@@ -135,3 +135,18 @@ def test_export_of_an_unknown_trial(tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
     err = fails(capsys, "export", path, "--trial", 0, "-o", tmp_path / "a-file" / "x.safetensors")
     assert "-o/--output: cannot write" in err
+
+
+def test_a_storage_password_is_never_shown(make_config, capsys):
+    from autosqueeze.config import load_config
+    from autosqueeze.study_view import study_view
+
+    url = "postgresql://alice:s3cretPW@127.0.0.1:9/studies?sslpassword=alsoSecret"
+    config = make_config(search={"storage": url})
+    err = fails(capsys, "front", config)  # nothing listens on port 9
+    assert "alice:***@127.0.0.1:9" in err and "s3cretPW" not in err and "alsoSecret" not in err
+    assert main(["validate", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "alice:***@" in out and "s3cretPW" not in out and "alsoSecret" not in out
+    view = str(study_view(load_config(config), config, None))
+    assert "alice:***@" in view and "s3cretPW" not in view and "alsoSecret" not in view
