@@ -20,10 +20,10 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as serialize
 from torch import nn
 
-from autosqueeze.codecs import FLOAT_BITS, Encoded, TensorCodec, decode, encode
+from autosqueeze.codecs import FLOAT_BITS, Encoded, TensorCodec, check_encoding, decode, encode
 from autosqueeze.content_cache import ContentCache, content_key
 from autosqueeze.plan import Plan
-from autosqueeze.techniques import CompressedModel, Target, deploy, rebuild
+from autosqueeze.techniques import CompressedModel, Target, check_plan, deploy, rebuild
 
 ARTIFACT_FORMAT = "1"
 _SEP = "::"
@@ -146,9 +146,15 @@ def save_artifact(compressed: CompressedModel | bytes, path: str | Path) -> int:
 
 
 def read_plan(path: str | Path) -> Plan:
-    """The plan an artifact was made from (reads only the header)."""
-    with safe_open(_existing(path), framework="pt") as f:
-        return Plan.from_json(_metadata(f, path)["plan"])
+    """The plan an artifact was made from (reads only the header); ValueError when the file
+    is not an artifact or its plan is malformed."""
+    try:
+        with safe_open(_existing(path), framework="pt") as f:
+            plan = Plan.from_json(_metadata(f, path)["plan"])
+        check_plan(plan)
+    except (SafetensorError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a readable autosqueeze artifact: {exc}") from None
+    return plan
 
 
 def load_artifact(
@@ -158,23 +164,51 @@ def load_artifact(
     factory; changed in place) and return it on ``target``'s device in its execution form.
     A plan with structured pruning needs ``target.example_input`` to trace the model."""
     target = target or Target()
+    where = "the artifact" if isinstance(source, bytes) else source
     metadata, tensors = _read(source)
-    encodings = json.loads(metadata["encodings"])
-    parts: dict[str, dict[str, object]] = {key: {} for key in encodings}
-    for name, tensor in tensors.items():
-        key, _, part = name.partition(_SEP)
-        parts[key][part] = tensor
-    plan = Plan.from_json(metadata["plan"])
-    state = {key: _decode(parts[key], meta) for key, meta in encodings.items()}
-    for alias, owner in _ties(metadata, encodings, source).items():
+    plan, state = _checked_contents(metadata, tensors, where)
+    for alias, owner in _ties(metadata, state, source).items():
         state[alias] = state[owner]
     try:
         rebuild(model, plan, target)
+        expected = model.state_dict()
+        for key, tensor in state.items():
+            held = expected.get(key)
+            if held is not None and held.is_floating_point() != tensor.is_floating_point():
+                raise ValueError(f"{key} is stored as {tensor.dtype}, the model holds {held.dtype}")
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as exc:
-        where = "the artifact" if isinstance(source, bytes) else source
         raise ValueError(f"{where} does not fit this model: {str(exc).splitlines()[0]}") from None
     return deploy(model.eval().to(target.device), plan)
+
+
+def _checked_contents(
+    metadata: dict[str, str], tensors: dict[str, torch.Tensor], where: object
+) -> tuple[Plan, dict[str, torch.Tensor]]:
+    """The plan and the decoded state of an artifact whose every part was checked against
+    what its metadata says before anything is decoded (the file is untrusted)."""
+    try:
+        plan = Plan.from_json(metadata["plan"])
+        check_plan(plan)
+        encodings = json.loads(metadata["encodings"])
+        if not isinstance(encodings, dict):
+            raise ValueError("its encodings are not a mapping")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: its plan or encodings are malformed: {exc}") from None
+    parts: dict[str, dict[str, torch.Tensor]] = {key: {} for key in encodings}
+    for name, tensor in tensors.items():
+        key, _, part = name.partition(_SEP)
+        if key not in parts:
+            raise ValueError(f"{where}: tensor {name!r} is not described by its encodings")
+        parts[key][part] = tensor
+    state = {}
+    for key, meta in encodings.items():
+        try:
+            check_encoding(parts[key], meta)
+            state[key] = _decode(parts[key], meta)
+        except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: tensor {key!r} is malformed: {exc}") from None
+    return plan, state
 
 
 def _ties(metadata: dict[str, str], encodings: dict[str, object], where: object) -> dict[str, str]:

@@ -107,6 +107,70 @@ def _sparse_is_smaller(count: int, nonzero: int, bits: int) -> bool:
     return -(-nonzero * bits // 8) + -(-count // 8) < -(-count * bits // 8)
 
 
+def check_encoding(parts: dict[str, torch.Tensor], meta: Any) -> None:
+    """Raise ValueError unless ``parts`` are exactly what ``meta`` says ``encode`` stored:
+    a known codec, and each part of the dtype and size its shape implies. An artifact is
+    untrusted: this runs before ``decode`` allocates anything from those numbers."""
+    if not isinstance(meta, dict):
+        raise ValueError("its encoding is not a mapping")
+    shape, codec = meta.get("shape"), meta.get("codec")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"its shape {shape!r} is not a list of sizes")
+    n = math.prod(shape)
+    if codec == "raw":
+        _expect(parts, {"": None}, n)
+        return
+    layout = meta.get("layout")
+    floats = {f"fp{bits}": dtype for bits, dtype in FLOAT_BITS.items()}
+    ints = {f"int{bits}": bits for bits in INT_BITS}
+    if codec not in floats and codec not in ints:
+        raise ValueError(f"its codec {codec!r} is none of {['raw', *floats, *ints]}")
+    if layout not in ("dense", "bitmap"):
+        raise ValueError(f"its layout {layout!r} is neither dense nor bitmap")
+    mask = -(-n // 8)
+    if codec in floats:
+        if layout == "dense":
+            _expect(parts, {"": floats[codec]}, n)
+        else:
+            kept = parts.get("values")
+            _expect(parts, {"values": floats[codec], "mask": torch.uint8})
+            if kept is None or kept.dim() != 1 or kept.numel() > n or parts["mask"].numel() != mask:
+                raise ValueError("its bitmap and values do not match its shape")
+        return
+    count, group = meta.get("count"), meta.get("group_size")
+    if type(count) is not int or not 0 <= count <= n:
+        raise ValueError(f"its count {count!r} is not a number of values up to {n}")
+    if group is not None and (type(group) is not int or group < 1):
+        raise ValueError(f"its group_size {group!r} is not a positive integer")
+    bitmap = {"mask": torch.uint8} if layout == "bitmap" else {}
+    _expect(parts, {"q": torch.uint8, "scale": torch.float16, **bitmap})
+    if parts["q"].dim() != 1 or parts["q"].numel() != -(-count * ints[codec] // 8):
+        raise ValueError("its packed values do not match its count")
+    if layout == "bitmap" and parts["mask"].numel() != mask:
+        raise ValueError("its bitmap does not match its shape")
+    if layout == "dense" and count != n:
+        raise ValueError("its count does not match its shape")
+    rows = shape[0] if len(shape) > 1 else 1
+    width = n // rows if rows else 0
+    groups = -(-width // min(group or width, width)) if width else 0
+    if parts["scale"].numel() != rows * groups:
+        raise ValueError("its scales do not match its shape and group size")
+
+
+def _expect(
+    parts: dict[str, torch.Tensor], wanted: dict[str, torch.dtype | None], n: int | None = None
+) -> None:
+    """``parts`` are the ``wanted`` names and dtypes (None: any); the first holds ``n`` values."""
+    if set(parts) != set(wanted):
+        raise ValueError(f"its parts are {sorted(parts)}, its codec stores {sorted(wanted)}")
+    for name, dtype in wanted.items():
+        if dtype is not None and parts[name].dtype != dtype:
+            raise ValueError(f"its part {name!r} is {parts[name].dtype}, its codec stores {dtype}")
+    first = parts[next(iter(wanted))]
+    if n is not None and first.numel() != n:
+        raise ValueError(f"it holds {first.numel()} values where its shape needs {n}")
+
+
 def decode(parts: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor:
     """The fp32 tensor an encoding stands for (raw tensors come back unchanged)."""
     shape = meta["shape"]

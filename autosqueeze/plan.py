@@ -44,23 +44,48 @@ class Plan:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Plan:
-        if data.get("format") != PLAN_FORMAT:
-            raise ValueError(f"unsupported plan format {data.get('format')!r}")
-        known = {f.name for f in fields(LayerPlan)}
+    def from_dict(cls, data: Any) -> Plan:
+        """A plan from its dict form, every field checked for its type (a plan may come from
+        an untrusted artifact); values a technique cannot take are its own to refuse."""
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"unsupported plan format {found!r}")
+        if not isinstance(data.get("layers"), dict):
+            raise ValueError("a plan's layers are not a mapping of layer names")
+        types = {f.name: _FIELD_TYPES[f.name] for f in fields(LayerPlan)}
         layers = {}
         for name, values in data["layers"].items():
-            unknown = set(values) - known
+            if not isinstance(values, dict):
+                raise ValueError(f"layer {name!r}: its plan is not a mapping")
+            unknown = set(values) - set(types)
             if unknown:
                 raise ValueError(f"layer {name!r}: unknown plan fields {sorted(unknown)}")
+            for key, value in values.items():
+                if type(value) not in types[key]:
+                    kind = types[key][0].__name__
+                    raise ValueError(f"layer {name!r}: {key} is {value!r}, not a {kind}")
             layers[name] = LayerPlan(**values)
         return cls(layers)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except RecursionError:
+            raise ValueError("the plan is nested too deeply to be a plan") from None
+        return cls.from_dict(data)
 
     @classmethod
     def uniform(cls, layer_names: list[str], **choices: Any) -> Plan:
         """The same choice for every named layer, e.g. ``Plan.uniform(names, bits=8)``."""
         return cls({name: LayerPlan(**choices) for name in layer_names})
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "bits": (int, float),  # a whole number; 16.0 from a YAML list is 16
+    "prune": (float, int),
+    "rank": (float, int),
+    "group_size": (int, type(None)),
+    "prune_channels": (float, int),
+    "kernel": (str,),
+}

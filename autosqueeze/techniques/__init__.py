@@ -157,6 +157,19 @@ def _steps(plan: Plan, model: nn.Module) -> list[tuple[Technique, str, LayerPlan
     ]
 
 
+def check_plan(plan: Plan) -> None:
+    """Raise ValueError for a choice no technique can take (a plan read from an artifact is
+    untrusted: bits 1, a negative prune, an unknown kernel)."""
+    for name, layer_plan in plan.layers.items():
+        for technique in TECHNIQUES.values():
+            try:
+                technique.validate(getattr(layer_plan, technique.knob))
+            except ValueError as exc:
+                raise ValueError(f"layer {name!r}: {exc}") from None
+        if layer_plan.group_size is not None and layer_plan.group_size < 1:
+            raise ValueError(f"layer {name!r}: group_size {layer_plan.group_size} is not positive")
+
+
 def _check_layers(model: nn.Module, plan: Plan) -> None:
     names = dict(model.named_modules())
     missing = [name for name in plan.layers if name not in names]
@@ -171,6 +184,7 @@ __all__ = [
     "Target",
     "Technique",
     "applied",
+    "check_plan",
     "compress",
     "deploy",
     "rebuild",

@@ -1,0 +1,105 @@
+"""An artifact is untrusted: every corrupt or forged variant of a real one is refused by
+``evaluate`` with exit 2 and a message naming the file, never a traceback or a wrong answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+from conftest import study_config, write_yaml
+
+from autosqueeze.artifact import save_artifact
+from autosqueeze.cli import main
+from autosqueeze.examples.digits import pretrained_cnn
+from autosqueeze.plan import Plan
+from autosqueeze.techniques import compress
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile")
+    model = pretrained_cnn()
+    names = [n for n, m in model.named_modules() if type(m).__name__ in ("Conv2d", "Linear")]
+    path = folder / "good.safetensors"
+    save_artifact(compress(model, Plan.uniform(names, bits=4, prune=0.5)), path)
+    return path.read_bytes()
+
+
+def _variants(data: bytes) -> dict[str, bytes]:
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+
+    def with_header(h: dict) -> bytes:
+        text = json.dumps(h).encode()
+        return (
+            struct.pack("<Q", len(text) + -len(text) % 8)
+            + text
+            + b" " * (-len(text) % 8)
+            + data[8 + n :]
+        )
+
+    def changed(**metadata: str) -> bytes:
+        return with_header({**header, "__metadata__": {**header["__metadata__"], **metadata}})
+
+    plan = json.loads(header["__metadata__"]["plan"])
+    layer = next(iter(plan["layers"]))
+    encodings = json.loads(header["__metadata__"]["encodings"])
+    weight = f"{layer}.weight"
+
+    def planned(**values: object) -> bytes:
+        layers = {**plan["layers"], layer: {**plan["layers"][layer], **values}}
+        return changed(plan=json.dumps({**plan, "layers": layers}))
+
+    def encoded(**values: object) -> bytes:
+        return changed(encodings=json.dumps({**encodings, weight: {**encodings[weight], **values}}))
+
+    tensor = next(k for k in header if k != "__metadata__" and header[k]["dtype"] == "F32")
+    relabelled = json.loads(json.dumps(header))
+    relabelled[tensor]["dtype"] = "I32"
+    giant = json.loads(json.dumps(header))
+    giant[tensor]["shape"] = [1 << 40, 1 << 20]
+    return {
+        "truncated": data[: len(data) // 2],
+        "empty": b"",
+        "random": os.urandom(4096),
+        "header length 2^62": struct.pack("<Q", 1 << 62) + data[8:],
+        "header past the end": struct.pack("<Q", len(data)) + data[8:],
+        "giant shape": with_header(giant),
+        "F32 relabelled I32": with_header(relabelled),
+        "not an autosqueeze artifact": changed(autosqueeze_format="0"),
+        "bits 'eight'": planned(bits="eight"),
+        "bits 1": planned(bits=1),
+        "unknown kernel": planned(kernel="warp9"),
+        "negative prune": planned(prune=-0.5),
+        "layers a list": changed(plan=json.dumps({**plan, "layers": [1, 2]})),
+        "plan nested 20,000 deep": changed(plan="[" * 20000 + "]" * 20000),
+        "plan not JSON": changed(plan="{bits: 4"),
+        "codec int99": encoded(codec="int99"),
+        "count beyond the shape": encoded(count=1 << 40),
+        "shape of a terabyte": encoded(shape=[1 << 40]),
+        "a part missing": changed(
+            encodings=json.dumps({k: v for k, v in encodings.items() if k != weight})
+        ),
+        "ties to nothing": changed(ties=json.dumps({"x": "nowhere"})),
+    }
+
+
+def test_every_forged_or_corrupt_artifact_exits_2_naming_the_file(tmp_path, artifact, capsys):
+    config = write_yaml(tmp_path / "study.yaml", study_config(tmp_path))
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(artifact)
+    assert main(["evaluate", str(config), "--artifact", str(good)]) == 0
+    capsys.readouterr()
+    outcomes = {}
+    for name, data in _variants(artifact).items():
+        path = tmp_path / "forged.safetensors"
+        path.write_bytes(data)
+        code = main(["evaluate", str(config), "--artifact", str(path)])
+        err = capsys.readouterr().err
+        outcomes[name] = (code, "Traceback" not in err and str(path) in err)
+    assert outcomes == {name: (2, True) for name in outcomes}
+    folder = tmp_path / "a-folder.safetensors"
+    folder.mkdir()
+    assert main(["evaluate", str(config), "--artifact", str(folder)]) == 2
