@@ -23,6 +23,13 @@ DIRECTIONS: dict[str, str] = {
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_nul(cls, value: object) -> object:
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("contains a NUL character")
+        return value
+
 
 class ModelConfig(_Strict):
     factory: str = Field(description="'module:callable' returning the trained torch.nn.Module")
@@ -61,13 +68,13 @@ class Budgets(_Strict):
         None, gt=0, description="peak memory of one forward at batch_size, weights included"
     )
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
-    batch_size: int = Field(1, ge=1)
+    batch_size: int = Field(1, ge=1, le=65536)
 
 
 class MeasureConfig(_Strict):
     warmup: int = Field(20, ge=0)
     repeats: int = Field(100, ge=1)
-    threads: int | None = Field(None, ge=1, description="CPU threads; default: all usable")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads; default: all usable")
     attempts: int = Field(3, ge=1, description="timings taken at most when one is disturbed")
     max_spread: float = Field(
         0.5, gt=0, description="rounds disagreeing more than this mark a timing disturbed"
@@ -107,8 +114,8 @@ class SensitivityConfig(_Strict):
 
 
 class SearchConfig(_Strict):
-    trials: int = Field(150, ge=1)
-    seed: int | None = 0
+    trials: int = Field(150, ge=1, le=1_000_000)
+    seed: int | None = Field(0, ge=0, lt=2**32, description="NumPy's seeds are 32-bit")
     timeout_s: float | None = Field(None, gt=0)
     sampler: str = "tpe"
     output_dir: Path | None = Field(None, description="default: runs/<name> beside the config")
@@ -116,6 +123,13 @@ class SearchConfig(_Strict):
         None, description="database URL or journal file; default: output_dir/study.log"
     )
     trial_timeout_s: float | None = Field(None, gt=0, description="fail a trial that runs longer")
+
+    @field_validator("storage")
+    @classmethod
+    def _keeps_the_study(cls, storage: str | None) -> str | None:
+        if storage is not None and ":memory:" in storage:
+            raise ValueError("an in-memory database keeps nothing: the study would be lost")
+        return storage
 
 
 class ComputeConfig(_Strict):
@@ -202,7 +216,11 @@ def load_config(path: str | Path) -> StudyConfig:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist.")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        _check_bounded(text, path)
+        raw = yaml.safe_load(text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"config file {path} is not a text file: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -241,6 +259,52 @@ def _relative_to(folder: Path, storage: str | None) -> str | None:
     return str(folder / storage)
 
 
+MAX_CONFIG_BYTES = 1 << 20
+MAX_NODES = 100_000  # values once YAML aliases are expanded
+MAX_DEPTH = 64
+
+
+def _check_bounded(text: str, path: Path) -> None:
+    """What a config can cost is bounded before it is built: its size, the values its YAML
+    aliases expand to (a 'billion laughs' turns ten lines into billions of values) and its
+    nesting (deep nesting overflows the parser's recursion)."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise UserError(
+            f"config file {path} is {len(text):,} characters; a config is at most 1 MB."
+        )
+    sizes: dict[str, int] = {}  # anchor -> values it expands to
+    open_: list[tuple[str | None, int]] = [(None, 0)]  # collections being read: anchor, values
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                open_.append((event.anchor, 1))
+            elif isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)):
+                size = sizes.get(event.anchor, 1) if isinstance(event, yaml.AliasEvent) else 1
+                if isinstance(event, yaml.ScalarEvent) and event.anchor:
+                    sizes[event.anchor] = 1
+                open_[-1] = (open_[-1][0], open_[-1][1] + size)
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                anchor, size = open_.pop()
+                if anchor:
+                    sizes[anchor] = size
+                open_[-1] = (open_[-1][0], open_[-1][1] + size)
+            if len(open_) - 1 > MAX_DEPTH or open_[-1][1] > MAX_NODES:
+                what = (
+                    f"nesting deeper than {MAX_DEPTH} levels"
+                    if len(open_) - 1 > MAX_DEPTH
+                    else f"more than {MAX_NODES:,} values once its aliases are expanded"
+                )
+                raise UserError(f"config file {path} has {what}; a study config is far smaller.")
+    except yaml.YAMLError:
+        return  # reported with its line by the loader
+
+
+def _excerpt(value: object, limit: int = 80) -> str:
+    """A short quote of a wrong value: a message must not grow with the input."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def _explain(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors():
@@ -251,7 +315,7 @@ def _explain(exc: ValidationError) -> str:
         elif error["type"] == "missing":
             message = "required field is missing"
         elif "input" in error and not isinstance(error["input"], dict):
-            message += f" (got {error['input']!r})"
+            message += f" (got {_excerpt(error['input'])})"
         parts.append(f"field '{field}': {message}")
     return "; ".join(parts) + "."
 

@@ -31,6 +31,10 @@ def load_callable(ref: str, *, field: str, search_dir: Path | None = None) -> Ca
         raise UserError(f"{field}: importing {module_name!r} failed: {describe(exc)}") from None
     except Exception as exc:  # the user's module raised while importing
         raise UserError(f"{field}: importing {module_name!r} failed: {describe(exc)}") from None
+    except SystemExit as exc:
+        raise UserError(
+            f"{field}: importing {module_name!r} called sys.exit({exc.code!r})"
+        ) from None
     finally:
         if added:
             sys.path.remove(str(search_dir))
@@ -52,6 +56,8 @@ def call_user(fn: Callable[..., Any], *args: Any, field: str, ref: str) -> Any:
         raise
     except Exception as exc:
         raise UserError(f"{field}: {ref!r} raised {describe(exc)}") from None
+    except SystemExit as exc:
+        raise UserError(f"{field}: {ref!r} called sys.exit({exc.code!r})") from None
 
 
 def describe(exc: BaseException) -> str:

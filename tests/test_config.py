@@ -150,3 +150,44 @@ def test_a_storage_password_is_never_shown(make_config, capsys):
     assert "alice:***@" in out and "s3cretPW" not in out and "alsoSecret" not in out
     view = str(study_view(load_config(config), config, None))
     assert "alice:***@" in view and "s3cretPW" not in view and "alsoSecret" not in view
+
+
+BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
+    for p, c in zip("abcdefgh", "bcdefghi")
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("alias bomb", BOMB + "name: *i\n", "values once its aliases are expanded"),
+        ("deep nesting", "name: " + "[" * 50_000 + "]" * 50_000 + "\n", "nesting deeper than 64"),
+        ("huge value", "name: x\nbudgets: {max_size_mb: '" + "x" * 100_000 + "'}\n", "characters)"),
+    ],
+)
+def test_a_config_cannot_cost_more_than_a_config(tmp_path, capsys, name, text, expected):
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    err = fails(capsys, "validate", path)
+    assert expected in err and len(err) < 2000, name
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"search": {"seed": -1}}, "search.seed"),
+        ({"search": {"seed": 2**80}}, "search.seed"),
+        ({"budgets": {"batch_size": 10**9}}, "budgets.batch_size"),
+        ({"measure": {"threads": 10**6}}, "measure.threads"),
+        ({"search": {"output_dir": "runs/a\x00b"}}, "search.output_dir"),
+        ({"search": {"storage": "sqlite:///:memory:"}}, "search.storage"),
+        ({"model": {"factory": "builtins:exit"}}, "model.factory"),
+        ({"model": {"factory": "exits_on_import:build"}}, "model.factory"),
+    ],
+)
+def test_hostile_config_values_are_named_errors(tmp_path, capsys, override, field):
+    (tmp_path / "exits_on_import.py").write_text("import sys\nsys.exit(3)\n")
+    config = write_yaml(tmp_path / "study.yaml", study_config(tmp_path, **override))
+    err = fails(capsys, "validate", config)
+    assert field in err, err
