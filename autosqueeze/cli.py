@@ -122,7 +122,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     command("validate", _validate, "Check a config, its model factory and data; no search.")
     p = command("dashboard", _dashboard, "Serve live Pareto plots of the study (read-only).")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1); beyond loopback needs --allow-remote",
+    )
+    p.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="serve on a non-loopback --host; requests must carry the printed URL's token",
+    )
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 = any free)")
     p = command("report", _report, "Write the dashboard's figures as one self-contained HTML.")
     p.add_argument("-o", "--output", type=Path, required=True, help="the HTML file to write")
@@ -343,7 +352,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _dashboard(args: argparse.Namespace) -> int:
     from autosqueeze.dashboard import serve
 
-    serve(_config(args), args.config, args.host, args.port)
+    serve(_config(args), args.config, args.host, args.port, remote=args.allow_remote)
     return 0
 
 

@@ -240,3 +240,51 @@ def test_a_cached_view_equals_a_fresh_one_as_the_study_grows(tmp_path, capsys):
         t["number"] for t in later["trials"] if t["feasible"]
     )
     capsys.readouterr()
+
+
+def _raw(port: int, request: bytes) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(request)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_the_dashboard_answers_only_loopback_names_and_tokens(searched, tmp_path, capsys):
+    server, url = start(searched)
+    port = server.server_port
+    try:
+        ok = _raw(port, b"GET /api/study HTTP/1.0\r\nHost: 127.0.0.1:%d\r\n\r\n" % port)
+        assert ok.startswith(b"HTTP/1.0 200") and b'"trials"' in ok
+        rebound = _raw(port, b"GET /api/study HTTP/1.0\r\nHost: evil.example:%d\r\n\r\n" % port)
+        assert rebound.startswith(b"HTTP/1.0 403") and b"trials" not in rebound
+        head = _raw(port, b"HEAD / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200") and head.endswith(b"\r\n\r\n")  # no body
+        import socket
+
+        idle = socket.create_connection(("127.0.0.1", port))  # sends half a request, stays
+        idle.sendall(b"GET / HTTP/1.1\r\n")
+        assert get(url)[0] == 200  # others are still answered meanwhile
+        idle.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "Traceback" not in capsys.readouterr().err  # a client that left is not an error
+
+    token_server = make_server(load_config(searched), searched, "127.0.0.1", 0, token="s3cret")
+    threading.Thread(target=token_server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{token_server.server_port}/"
+    try:
+        assert get(base + "api/study")[0] == 403
+        assert get(base + "api/study?token=wrong")[0] == 403
+        status, page = get(base + "?token=s3cret")
+        assert status == 200 and b'src="plotly.min.js?token=s3cret"' in page
+        assert get(base + "api/study?token=s3cret")[0] == 200
+    finally:
+        token_server.shutdown()
+        token_server.server_close()
+    code = main(["dashboard", str(searched), "--host", "0.0.0.0", "--port", "0"])
+    assert code == 2 and "--allow-remote" in capsys.readouterr().err

@@ -215,7 +215,7 @@
 
   async function poll() {
     try {
-      const response = await fetch("api/study", { cache: "no-store" });
+      const response = await fetch("api/study" + location.search, { cache: "no-store" });
       view = await response.json();
       render();
     } catch (err) {
