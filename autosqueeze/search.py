@@ -384,7 +384,9 @@ def _loop(
                         executor.submit(trial.number, plan, limits)
                 if not executor.in_flight:
                     break
-                outcomes = executor.wait(timeout=_POLL_S)
+                # signals wait for Ray's wait to return: one raised inside it can be lost
+                with signals.held() if executor.evaluates_elsewhere else contextlib.nullcontext():
+                    outcomes = executor.wait(timeout=_POLL_S)
                 signals.check()
                 with lock.shared(), signals.held():
                     for outcome in outcomes:
@@ -411,11 +413,12 @@ _POLL_S = 1.0  # how often the driver looks up from waiting on Ray for a remembe
 
 class _StopSignals:
     """Ctrl-C and SIGTERM while the loop runs. Each reaches its usual handler where it lands
-    (KeyboardInterrupt; the CLI's Terminated) and is remembered: Ray's wait can swallow an
-    exception raised inside its own frames (seen in CI: a Ctrl-C lost, the search went on),
-    so the loop ``check``s after each wait. While the driver records trials (``held``) a
-    signal is only remembered, and raised after: a trial asked but not yet in ``asked``, or
-    taken from the executor but not yet told, would otherwise stay RUNNING."""
+    (KeyboardInterrupt; the CLI's Terminated), except while ``held``: then it is only
+    remembered and raised when the block ends. The driver holds them while it records trials
+    (a trial asked but not yet in ``asked``, or taken from the executor but not yet told,
+    would otherwise stay RUNNING) and while it waits on Ray (an exception raised inside
+    Ray's wait can be lost: seen in CI, the search went on or hung); ``check`` raises one
+    remembered since."""
 
     def __init__(self) -> None:
         self.caught: list[int] = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -89,10 +91,17 @@ def stop_midway(
     its metric call held; then ``sig`` is sent (SIGKILL: a crash; SIGINT: Ctrl-C) and the
     gate opened for good. Returns the exit status and stderr."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "autosqueeze", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-m", "autosqueeze", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # so a search that outlives the test can be killed, Ray too
     )
     allowed: set[str] = set()
+    deadline = time.monotonic() + 900  # a search that stalls fails the test, never hangs it
     while proc.poll() is None:
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"the search stalled: {proc.communicate()[1][-2000:]!r}")
         time.sleep(0.1)
         held = sorted(
             (int(p.name.split("-")[1]) for p in gate.glob("wait-*") if p.name not in allowed),
@@ -108,7 +117,15 @@ def stop_midway(
             break
         (gate / f"allow-{held[0]}").touch()
         allowed.add(f"wait-{held[0]}")
-    _, err = proc.communicate(timeout=120)
-    gate.mkdir(exist_ok=True)
-    (gate / "open").touch()  # for the run that resumes
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # it ignored the signal: fail, leaving nothing behind
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        raise AssertionError(
+            f"the search outlived signal {sig} by 120 s: {err[-2000:]!r}"
+        ) from None
+    finally:
+        gate.mkdir(exist_ok=True)
+        (gate / "open").touch()  # for the run that resumes (and evaluators still waiting)
     return proc.returncode, err

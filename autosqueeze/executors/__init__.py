@@ -37,6 +37,9 @@ T = TypeVar("T")
 
 class Executor(ABC):
     slots: int
+    # evaluations run in other processes: a wait can stop at any moment and lose nothing, so
+    # the driver takes a signal only between waits (an in-process wait is the evaluation)
+    evaluates_elsewhere: bool = False
 
     @abstractmethod
     def submit(self, key: int, plan: Plan, limits: Limits | None = None) -> None:

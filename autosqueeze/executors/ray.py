@@ -79,6 +79,8 @@ class EvaluatorActor:
 
 
 class RayExecutor(Executor):
+    evaluates_elsewhere = True
+
     def __init__(
         self,
         task: Task,
