@@ -95,6 +95,10 @@ def stop_midway(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,  # so a search that outlives the test can be killed, Ray too
+        # a test run started in the background (as CI starts it) inherits SIGINT ignored,
+        # and a search started that way rightly keeps ignoring Ctrl-C: this one is a
+        # foreground search, as a user's in a terminal is
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     allowed: set[str] = set()
     deadline = time.monotonic() + 900  # a search that stalls fails the test, never hangs it
