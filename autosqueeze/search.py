@@ -368,14 +368,21 @@ def _loop(
         with signals:
             while True:
                 out_of_time = deadline is not None and time.monotonic() > deadline
-                # sampling computes too: never beside a latency timing
-                with lock.shared(), signals.held():
-                    refine(limits)
-                    while (
+
+                def room(out_of_time: bool = out_of_time) -> bool:
+                    return (
                         not out_of_time
                         and len(executor.in_flight) < executor.slots
                         and taken_count(study) < target  # counts other drivers' trials too
-                    ):
+                    )
+
+                # sampling computes too: never beside a latency timing. Only taken when there
+                # is room: an evaluator hung while holding the device lock is killed in
+                # ``wait``, which the driver must reach without waiting for that lock
+                with lock.shared() if room() else contextlib.nullcontext(), signals.held():
+                    if room():
+                        refine(limits)
+                    while room():
                         trial = study.ask(distributions)
                         plan = space.plan(trial.params)
                         trial.set_user_attr(DRIVER, DRIVER_ID)
@@ -388,7 +395,7 @@ def _loop(
                 with signals.held() if executor.evaluates_elsewhere else contextlib.nullcontext():
                     outcomes = executor.wait(timeout=_POLL_S)
                 signals.check()
-                with lock.shared(), signals.held():
+                with lock.shared() if outcomes else contextlib.nullcontext(), signals.held():
                     for outcome in outcomes:
                         _tell(study, config, ref, timings, asked.pop(outcome.key), outcome, stats)
                         ran += 1
