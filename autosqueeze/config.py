@@ -99,6 +99,12 @@ class SensitivityConfig(_Strict):
     candidates: int = Field(
         6, ge=0, description="knapsack plans tried first, on a ladder of predicted distortion"
     )
+    speed_candidates: int = Field(
+        3,
+        ge=0,
+        description="knapsack plans that weigh the latency model's time over bytes, on the "
+        "same ladder's middle levels (in place of the kernel warm starts)",
+    )
     refine: int = Field(
         4,
         ge=0,

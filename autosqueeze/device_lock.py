@@ -15,7 +15,7 @@ from __future__ import annotations
 import fcntl
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,10 +29,11 @@ class DeviceLock:
         self._paths = (folder / f"autosqueeze-{name}.gate", folder / f"autosqueeze-{name}.lock")
 
     @contextmanager
-    def shared(self) -> Iterator[Callable[[], None]]:
-        """Held shared; yields ``pause()``, which lets a waiting exclusive holder go first."""
-        with self._held(fcntl.LOCK_SH) as pause:
-            yield pause
+    def shared(self) -> Iterator[Held]:
+        """Held shared; yields a ``Held``: calling it lets a waiting exclusive holder go
+        first, and ``held.exclusive()`` steps up for a short timing inside shared work."""
+        with self._held(fcntl.LOCK_SH) as held:
+            yield held
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -40,24 +41,44 @@ class DeviceLock:
             yield
 
     @contextmanager
-    def _held(self, mode: int) -> Iterator[Callable[[], None]]:
+    def _held(self, mode: int) -> Iterator[Held]:
         gate_fd = os.open(self._paths[0], os.O_RDWR | os.O_CREAT, 0o666)
         lock_fd = os.open(self._paths[1], os.O_RDWR | os.O_CREAT, 0o666)
-
-        def acquire() -> None:
-            fcntl.flock(gate_fd, fcntl.LOCK_EX)  # queue at the gate...
-            try:
-                fcntl.flock(lock_fd, mode)  # ...until the device lock is ours
-            finally:
-                fcntl.flock(gate_fd, fcntl.LOCK_UN)
-
-        def pause() -> None:
-            fcntl.flock(lock_fd, fcntl.LOCK_UN)
-            acquire()  # behind whoever queued meanwhile
-
         try:
-            acquire()
-            yield pause
+            held = Held(gate_fd, lock_fd, mode)
+            held.acquire(mode)
+            yield held
         finally:
             os.close(lock_fd)  # closing releases the flock
             os.close(gate_fd)
+
+
+class Held:
+    """The lock as one holder holds it."""
+
+    def __init__(self, gate_fd: int, lock_fd: int, mode: int) -> None:
+        self._gate_fd, self._lock_fd, self._mode = gate_fd, lock_fd, mode
+
+    def acquire(self, mode: int) -> None:
+        fcntl.flock(self._gate_fd, fcntl.LOCK_EX)  # queue at the gate...
+        try:
+            fcntl.flock(self._lock_fd, mode)  # ...until the device lock is ours
+        finally:
+            fcntl.flock(self._gate_fd, fcntl.LOCK_UN)
+
+    def __call__(self) -> None:
+        """Pause: let whoever queued meanwhile go first, then hold it again."""
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        self.acquire(self._mode)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Held exclusive for a while (a timing inside shared work), then as before. The
+        step is not atomic: the lock is let go and queued for again."""
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        self.acquire(fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            self.acquire(self._mode)

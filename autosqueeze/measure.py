@@ -30,12 +30,12 @@ from torch import nn
 
 from autosqueeze.artifact import artifact_bytes, load_artifact, save_artifact
 from autosqueeze.config import Budgets
-from autosqueeze.device_lock import DeviceLock
+from autosqueeze.device_lock import DeviceLock, Held
 from autosqueeze.errors import TrialError
 from autosqueeze.metrics import call_model, distortion, recorded_outputs, to_device
 from autosqueeze.plan import Plan
 from autosqueeze.task import Task
-from autosqueeze.techniques import applied, compress
+from autosqueeze.techniques import applied, compress, runs_differently
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,16 @@ class Measurements:
 @dataclass(frozen=True)
 class ProbeResult:
     """A sensitivity probe: the metric on the first samples and the outputs' distortion
-    (None where they cannot be compared), or why it could not be measured."""
+    (None where they cannot be compared), or why it could not be measured. A timing probe
+    (``Evaluator.time_probe``) instead gives ``layer_ms``, (original, probed) milliseconds
+    of the layers whose execution form it changes, timed side by side on their own inputs,
+    and ``model_ms``, the whole original model's as this evaluator times it."""
 
     metric: float | None = None
     distortion: float | None = None
     error: str | None = None
+    layer_ms: tuple[float, float] | None = None
+    model_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -270,6 +275,37 @@ def _timed(
     return times
 
 
+def _side_by_side(
+    first: nn.Module,
+    second: nn.Module,
+    args: Any,
+    kwargs: Any,
+    sync: Callable[[], None],
+    rounds: int = 5,
+    per_round: int = 5,
+) -> tuple[float, float]:
+    """Seconds of one call of each of two layers on the same inputs: the first's median,
+    and that times the median over interleaved rounds of the ratio of their round medians
+    (a layer takes microseconds: a slow moment spans a round, and the median of the rounds
+    leaves it out, as ``measure_latency_beside`` does for whole models)."""
+    medians: tuple[list[float], list[float]] = ([], [])
+    with torch.inference_mode():
+        for layer in (first, second):
+            layer(*args, **kwargs)
+        for _ in range(rounds):
+            for layer, found in zip((first, second), medians, strict=True):
+                taken = []
+                sync()
+                for _ in range(per_round):
+                    start = time.perf_counter()
+                    layer(*args, **kwargs)
+                    sync()
+                    taken.append(time.perf_counter() - start)
+                found.append(statistics.median(taken))
+    base = statistics.median(medians[0])
+    return base, base * statistics.median(b / a for a, b in zip(*medians, strict=True))
+
+
 def measure_memory(model: nn.Module, inputs: Any, device: torch.device) -> float:
     """Peak megabytes (1e6 bytes) of one forward pass: the model's weights in their execution
     form, the inputs, and the most memory the pass holds at once.
@@ -358,6 +394,7 @@ class Evaluator:
         self._original_outputs: list[torch.Tensor] = []
         self._first_look: Task | None = None
         self._first_look_base: float | None = None  # the original's metric on them
+        self._model_ms: float | None = None  # the original, timed by the first time_probe
 
     @property
     def first_look(self) -> Task:
@@ -372,18 +409,85 @@ class Evaluator:
         model is numerically the one the plan's artifact loads). The distortion is the
         outputs' squared error relative to the original's (``metrics.distortion``)."""
         with self.lock.shared():
-            if self._probe_model is None:
-                self._probe_model = copy.deepcopy(self.task.model).to(self.task.device).eval()
-                with recorded_outputs(self._probe_model) as outputs:
-                    self.first_look.evaluate_metric(self._probe_model)
-                self._original_outputs = outputs
+            base = self._probe_base()
             try:
-                with applied(self._probe_model, plan, self.task.target) as model:
+                with applied(base, plan, self.task.target) as model:
                     with recorded_outputs(model) as outputs:
                         metric = float(self.first_look.evaluate_metric(model))
             except ValueError as exc:
                 raise TrialError(str(exc)) from exc
             return ProbeResult(metric, distortion(outputs, self._original_outputs))
+
+    def time_probe(self, plan: Plan) -> ProbeResult:
+        """The latency model's probe: the layers whose execution form ``plan`` changes (a
+        kernel, a rank) timed beside the original layers, with the lock held exclusive for
+        those milliseconds only, and the whole original model (once per evaluator). None
+        for a plan that reshapes neighbours (built as a copy) or whose layers never run."""
+        with self.lock.shared() as held:
+            base = self._probe_base()
+            if self._model_ms is None:
+                with held.exclusive():
+                    self._model_ms = self._time_model(base)
+            try:
+                with applied(base, plan, self.task.target) as model:
+                    timed = [n for n, lp in plan.layers.items() if runs_differently(lp)]
+                    layer_ms = None
+                    if timed and model is base:
+                        layer_ms = self._time_layers(model, timed, held)
+            except ValueError as exc:
+                raise TrialError(str(exc)) from exc
+            return ProbeResult(layer_ms=layer_ms, model_ms=self._model_ms)
+
+    def _probe_base(self) -> nn.Module:
+        """The working copy probes change in place (and the original's outputs on it)."""
+        if self._probe_model is None:
+            self._probe_model = copy.deepcopy(self.task.model).to(self.task.device).eval()
+            with recorded_outputs(self._probe_model) as outputs:
+                self.first_look.evaluate_metric(self._probe_model)
+            self._original_outputs = outputs
+        return self._probe_model
+
+    def _time_model(self, model: nn.Module) -> float:
+        measure = self.task.config.measure
+        return measure_latency(
+            model,
+            self.task.example_input,
+            self.task.device,
+            warmup=measure.warmup,
+            repeats=measure.repeats,
+            threads=measure.threads,
+        )
+
+    def _time_layers(
+        self, model: nn.Module, names: list[str], held: Held
+    ) -> tuple[float, float] | None:
+        """(original, probed) milliseconds of layers ``names``, each pair timed side by side
+        in interleaved rounds on the inputs the layer gets from the example input."""
+        inputs: dict[str, tuple[Any, Any]] = {}
+        hooks = [
+            model.get_submodule(name).register_forward_pre_hook(
+                lambda _m, args, kwargs, name=name: inputs.setdefault(name, (args, kwargs)),
+                with_kwargs=True,
+            )
+            for name in names
+        ]
+        try:
+            with torch.inference_mode():
+                call_model(model, to_device(self.task.example_input, self.task.device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if not inputs:
+            return None
+        original = self._reference()
+        base = probed = 0.0
+        with held.exclusive(), _timing(self.task.device, self.task.config.measure.threads) as sync:
+            for name, (args, kwargs) in inputs.items():
+                b, p = _side_by_side(
+                    original.get_submodule(name), model.get_submodule(name), args, kwargs, sync
+                )
+                base, probed = base + b, probed + p
+        return base * 1000.0, probed * 1000.0
 
     def artifact(self, plan: Plan) -> bytes:
         """Compress the base model by ``plan``: the artifact file's exact bytes."""

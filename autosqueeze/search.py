@@ -28,6 +28,7 @@ from autosqueeze.executors import Executor, Outcome, create_executor, evaluate_n
 from autosqueeze.front import Front, compute_front, write_front
 from autosqueeze.measure import Limits, Measurements, robust_latency
 from autosqueeze.sensitivity import (
+    SPEED_FIRST,
     Candidate,
     SensitivityTable,
     budget_level,
@@ -47,6 +48,7 @@ from autosqueeze.study import (
     FINISHED,
     PLAN,
     PREDICTED_DISTORTION,
+    PREDICTED_LATENCY,
     REFERENCE,
     REFINED,
     SENSITIVITY,
@@ -166,6 +168,7 @@ def sensitivity_table(
             executor.probes,
             table,
             lambda t: study.set_user_attr(SENSITIVITY, t.to_dict()),
+            timings=executor.timings,
             progress=advance,
         )
     finally:
@@ -239,10 +242,12 @@ knob or kernel a layer is not offered stays as it is): anchors along the size an
 (on MiniLM, int6 holds cosine 0.99 at 1/5 of the size, a region random start-up trials in 57
 dimensions rarely hit; int6 stored and run as bf16 is also 1.5x faster there)."""
 SPEED_STARTS = ("int6-bf16", "int8-dynamic", "int4-kernel", "channels-0.5", "channels-0.625")
-"""With a sensitivity pass, the knapsack plans take the uniform size anchors' place; the
-knapsack prices bytes, not time, so the kernel and channel anchors stay for the latency
-axis (on the digits CNN at 24 trials, the fastest model within budget was 0.73x the
-original's latency with the channel anchors and 0.95x without them)."""
+"""With a sensitivity pass, the knapsack plans take the uniform size anchors' place. Where
+the pass timed layers, the speed-first knapsack plans take the kernel anchors' place too;
+the latency model does not price channel pruning (it reshapes the neighbours), so the
+channel anchors stay (on the digits CNN at 24 trials, the fastest model within budget was
+0.73x the original's latency with them and 0.95x without)."""
+CHANNEL_STARTS = ("channels-0.5", "channels-0.625")
 
 
 def _enqueue_baselines(
@@ -268,11 +273,17 @@ def _enqueue_baselines(
             notes.append(f"baseline {name!r} skipped: the space cannot express it")
         else:
             queue(params, {BASELINE: name})
+    starts: tuple[str, ...] = tuple(WARM_STARTS)
     if table is not None:
-        levels = ladder(table, config.sensitivity.candidates, config.budgets.max_metric_drop)
-        for candidate in candidate_plans(space, table, task.model, levels):
+        drop, count = config.budgets.max_metric_drop, config.sensitivity.candidates
+        for candidate in candidate_plans(space, table, task.model, ladder(table, count, drop)):
             _queue_candidate(space, candidate, queue)
-    starts = SPEED_STARTS if table is not None else WARM_STARTS
+        starts = SPEED_STARTS
+        if table.model_ms and config.sensitivity.speed_candidates:
+            levels = ladder(table, config.sensitivity.speed_candidates, drop)
+            for candidate in candidate_plans(space, table, task.model, levels, SPEED_FIRST):
+                _queue_candidate(space, candidate, queue)
+            starts = CHANNEL_STARTS
     for name in starts:  # the nearest plan the space can express
         queue(space.nearest_params(**WARM_STARTS[name]), {BASELINE: name})
     return notes
@@ -281,24 +292,35 @@ def _enqueue_baselines(
 KNAPSACK = "knapsack"
 
 
-def _queue(study: optuna.Study, *, room: int) -> Callable[[dict[str, Any], dict[str, Any]], None]:
+def _queue(study: optuna.Study, *, room: int) -> Callable[[dict[str, Any], dict[str, Any]], bool]:
     """``queue(params, attrs)``: enqueue a plan unless it is queued already or ``room``
-    plans are (the trial budget: a short study leaves none waiting)."""
+    plans are (the trial budget: a short study leaves none waiting); whether it was."""
     queued: list[dict[str, Any]] = []
 
-    def queue(params: dict[str, Any], attrs: dict[str, Any]) -> None:
-        if params not in queued and len(queued) < room:
-            queued.append(params)
-            study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=True)
+    def queue(params: dict[str, Any], attrs: dict[str, Any]) -> bool:
+        if params in queued or len(queued) >= room:
+            return False
+        queued.append(params)
+        before = len(study.get_trials(deepcopy=False))
+        study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=True)
+        return len(study.get_trials(deepcopy=False)) > before  # skipped: tried before
 
     return queue
 
 
-def _queue_candidate(space: SearchSpace, candidate: Candidate, queue: Callable) -> None:
+def _queue_candidate(space: SearchSpace, candidate: Candidate, queue: Callable) -> bool:
+    """Queue a knapsack plan; whether it was new (not queued before, and there was room)."""
     params = space.params_for(candidate.plan)
-    if params is not None:
-        attrs = {BASELINE: KNAPSACK, PREDICTED_DISTORTION: candidate.level}
-        queue(params, attrs)
+    if params is None:
+        return False
+    attrs = {BASELINE: KNAPSACK, PREDICTED_DISTORTION: candidate.level}
+    if candidate.latency is not None:
+        attrs[PREDICTED_LATENCY] = round(candidate.latency, 4)
+    return queue(params, attrs)
+
+
+REFINE_STEP = 2
+"""Knapsack plans queued per round of refinement: the interval in thirds (in log)."""
 
 
 def _refine(
@@ -309,25 +331,32 @@ def _refine(
     task: Task,
     limits: Limits,
 ) -> None:
-    """Once every ladder plan has been measured, queue plans between the last that met the
-    metric budget and the first that did not: the additive model misjudges interactions,
-    and those measurements place the budget on its scale."""
-    if table is None or study.user_attrs.get(REFINED) or config.sensitivity.refine < 1:
+    """Once every knapsack plan so far has been measured, queue plans between the largest
+    predicted distortion that met the metric budget and the smallest above it that did not,
+    ``REFINE_STEP`` a round, up to ``sensitivity.refine`` in all: a bisection that closes
+    in on where the budget really falls on the additive model's scale (which misjudges
+    interactions), and so on the smallest plan within it."""
+    done = study.user_attrs.get(REFINED, 0)
+    done = config.sensitivity.refine if type(done) is not int else done  # True: an old study
+    if table is None or done >= config.sensitivity.refine:
         return
     trials = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(BASELINE) == KNAPSACK]
     if not trials or any(t.state not in FINISHED for t in trials):
         return
-    study.set_user_attr(REFINED, True)
     tried = [
         (t.user_attrs[PREDICTED_DISTORTION], _met(t.user_attrs.get("metric"), limits))
         for t in trials
         if t.state != optuna.trial.TrialState.FAIL and PREDICTED_DISTORTION in t.user_attrs
     ]
-    levels = refined_levels(tried, config.sensitivity.refine)
+    step = min(REFINE_STEP, config.sensitivity.refine - done)
     queue = _queue(study, room=config.search.trials - taken_count(study, waiting=True))
-
-    for candidate in candidate_plans(space, table, task.model, levels):
+    queued = [
         _queue_candidate(space, candidate, queue)
+        for candidate in candidate_plans(space, table, task.model, refined_levels(tried, step))
+    ]
+    # a round that finds no new plan would find none again: the interval is as fine as
+    # the options allow
+    study.set_user_attr(REFINED, done + step if any(queued) else config.sensitivity.refine)
 
 
 def _met(metric: float | None, limits: Limits) -> bool:

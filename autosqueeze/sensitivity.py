@@ -8,11 +8,12 @@ the study, so a resumed or second driver reuses it. From it the search
 - drops, per layer, values whose effect alone already passes the metric budget by a margin
   (``shaped_space``): random or TPE sampling in 50-100 dimensions otherwise almost always
   breaks some layer;
-- solves a multiple-choice knapsack (``candidate_plans``): per layer, the choice that
-  minimises predicted bytes + lambda x predicted metric loss, lambda swept so the predicted
-  loss (the sum of the layers' losses) lands at several points across the budget. These
-  plans are tried first, as HAWQ-V3, Sony MCT and ModelOpt's auto_quantize do once; the
-  sampler then searches around them with real measurements.
+- solves a multiple-choice knapsack exactly (``candidate_plans``): one choice per layer,
+  the fewest predicted bytes (or, speed first, the least predicted time, from the layers'
+  timings) whose predicted distortion (the sum of the layers') is within each of several
+  levels across the budget. These plans are tried first, as HAWQ-V3, Sony MCT and
+  ModelOpt's auto_quantize do once; the sampler then searches around them with real
+  measurements.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
+from scipy.optimize import Bounds, LinearConstraint, milp
 from torch import nn
 
 from autosqueeze.codecs import FLOAT_BITS, TensorCodec, encoded_nbytes, quantize
@@ -43,9 +45,10 @@ from autosqueeze.techniques import technique_for
 from autosqueeze.techniques.base import matrices
 from autosqueeze.techniques.factorize import full_rank, rank_for
 
-TABLE_FORMAT = 1
+TABLE_FORMAT = 2  # 2: layer timings (the latency model)
 MAX_RANGE_PROBES = 10  # a range knob is probed at this many points at most
 SIZE_KNOBS = ("bits", "prune", "rank")  # the knobs the size model prices (docs/search.md)
+SPEED_KNOBS = ("kernel", "rank")  # the knobs the latency model prices: they keep the neighbours
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,12 @@ class SensitivityTable:
     distortions: dict[str, float] = field(default_factory=dict)  # probe key -> distortion
     failed: dict[str, str] = field(default_factory=dict)  # probe key -> why
     seconds: float = 0.0
+    # the latency model: per probe that changes how its layers run, those layers' probed
+    # time over their original time (timed side by side), and their original milliseconds
+    speeds: dict[str, float] = field(default_factory=dict)
+    layer_ms: dict[str, float] = field(default_factory=dict)
+    model_ms: float | None = None  # the whole original model, as the evaluators time it
+    untimed: dict[str, str] = field(default_factory=dict)  # probe key -> why not timed
 
     def done(self, key: str) -> bool:
         return key == BASE and self.base is not None or key in self.drops or key in self.failed
@@ -90,6 +99,38 @@ class SensitivityTable:
     def distortion(self, probe: Probe) -> float:
         return _lookup(self.distortions, self.failed, probe)
 
+    def speed(self, probe: Probe) -> float:
+        """The probed layers' time over their original time (1.0 where not timed)."""
+        value = _lookup(self.speeds, {}, probe)
+        return value if math.isfinite(value) else 1.0
+
+    def group_ms(self, group: str) -> float | None:
+        """The original milliseconds of a group's layers: the median over its probes."""
+        found = [ms for key, ms in self.layer_ms.items() if _group_of(key) == group]
+        return float(np.median(found)) if found else None
+
+    def predicted_latency(self, space: SearchSpace, plan: Plan) -> float | None:
+        """The plan's latency as a fraction of the original's, by the additive latency
+        model: the original's, plus each group's change (its original milliseconds times
+        the product of its values' speeds, less its original milliseconds). None without
+        timings."""
+        if not self.model_ms:
+            return None
+        change = 0.0
+        for prefix, layer in _first_layers(space).items():
+            lp = plan.layers.get(layer.name)
+            ms = self.group_ms(prefix)
+            if lp is None or ms is None:
+                continue
+            ratio = math.prod(
+                self.speed(Probe(prefix, knob, getattr(lp, knob)))
+                for knob in layer.searched
+                if technique_for(knob).changes_speed
+                and getattr(lp, knob) != technique_for(knob).identity
+            )
+            change += ms * (ratio - 1.0)
+        return max(0.0, 1.0 + change / self.model_ms)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": TABLE_FORMAT,
@@ -99,6 +140,10 @@ class SensitivityTable:
             "distortions": self.distortions,
             "failed": self.failed,
             "seconds": round(self.seconds, 3),
+            "speeds": self.speeds,
+            "layer_ms": self.layer_ms,
+            "model_ms": self.model_ms,
+            "untimed": self.untimed,
         }
 
     @classmethod
@@ -109,15 +154,17 @@ class SensitivityTable:
         if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
             return cls(samples)
         parts = [data.get(k) for k in ("drops", "distortions", "failed")]
-        base, seconds = data.get("base"), data.get("seconds")
+        timings = [data.get(k) for k in ("speeds", "layer_ms", "untimed")]
+        base, seconds, model_ms = data.get("base"), data.get("seconds"), data.get("model_ms")
         if (
             data.get("samples") != samples
-            or not all(isinstance(p, dict) for p in parts)
-            or not (base is None or isinstance(base, (int, float)))
+            or not all(isinstance(p, dict) for p in parts + timings)
+            or not all(_number_or_none(x) for x in (base, model_ms))
             or not isinstance(seconds, (int, float))
         ):
             return cls(samples)
-        return cls(samples, base, *parts, seconds)
+        speeds, layer_ms, untimed = timings
+        return cls(samples, base, *parts, seconds, speeds, layer_ms, model_ms, untimed)
 
     def report(self, space: SearchSpace) -> dict[str, Any]:
         """What ``autosqueeze sensitivity --json`` prints."""
@@ -125,6 +172,7 @@ class SensitivityTable:
             "samples": self.samples,
             "base": self.base,
             "seconds": round(self.seconds, 3),
+            "model_ms": self.model_ms,
             "rows": self.rows(space),
         }
 
@@ -137,10 +185,29 @@ class SensitivityTable:
                 "value": p.value,
                 "drop": self.drops.get(p.key),
                 "distortion": self.distortions.get(p.key),
+                "speed": self.speeds.get(p.key),
+                "layer_ms": self.layer_ms.get(p.key),
                 "error": self.failed.get(p.key),
             }
             for p in probes_of(space)
         ]
+
+
+def _number_or_none(value: Any) -> bool:
+    return value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _group_of(key: str) -> str:
+    """A probe key's group: ``encoder.layer.0.kernel="bf16"`` -> ``encoder.layer.0``."""
+    return key.partition("=")[0].rpartition(".")[0]
+
+
+def _first_layers(space: SearchSpace) -> dict[str, LayerKnobs]:
+    """Each group's first layer (a group's layers share its knobs)."""
+    seen: dict[str, LayerKnobs] = {}
+    for layer in space.layers.values():
+        seen.setdefault(layer.prefix, layer)
+    return seen
 
 
 def _lookup(values: dict[str, float], failed: dict[str, str], probe: Probe) -> float:
@@ -161,12 +228,9 @@ def _lookup(values: dict[str, float], failed: dict[str, str], probe: Probe) -> f
 
 def probes_of(space: SearchSpace) -> list[Probe]:
     """Every searched (group, knob, value) but the value that leaves the layer alone."""
-    seen: dict[str, LayerKnobs] = {}
-    for layer in space.layers.values():
-        seen.setdefault(layer.prefix, layer)
     return [
         Probe(layer.prefix, knob, value)
-        for layer in seen.values()
+        for layer in _first_layers(space).values()
         for knob, dist in layer.searched.items()
         for value in probe_values(dist)
         if value != technique_for(knob).identity
@@ -206,42 +270,71 @@ def measure_sensitivity(
     table: SensitivityTable,
     save: Callable[[SensitivityTable], None],
     *,
+    timings: Callable[[dict[str, Plan]], Iterator[tuple[str, ProbeResult]]] | None = None,
     save_every_s: float = 10.0,
     progress: Callable[[int, int], None] | None = None,
 ) -> SensitivityTable:
-    """Run the probes ``table`` lacks through ``run`` (an executor's ``probes``), saving the
-    table as results arrive (so an interrupted pass resumes where it stopped)."""
+    """Run the probes ``table`` lacks through ``run`` (an executor's ``probes``), then the
+    timings it lacks through ``timings`` (its ``timings``: apart, so that a timing, which
+    holds the device alone, never waits for another evaluator's probe), saving the table
+    as results arrive (so an interrupted pass resumes where it stopped)."""
     wanted = {BASE: probe_plan(space, None)} | {
         p.key: probe_plan(space, p) for p in probes_of(space)
     }
     todo = {key: plan for key, plan in wanted.items() if not table.done(key)}
+    timed = {
+        p.key: wanted[p.key]
+        for p in probes_of(space)
+        if technique_for(p.knob).changes_speed and not technique_for(p.knob).reaches_neighbours
+    }
+    if timings is None:
+        timed = {}
+    untimed = {k: plan for k, plan in timed.items() if k not in table.speeds | table.untimed}
+    total = len(wanted) + len(timed)
     results: dict[str, float] = {}
     start = last_save = time.monotonic()
-    done = len(wanted) - len(todo)
+    done = total - len(todo) - len(untimed)
+
+    def record(key: str, got: ProbeResult) -> None:
+        if got.error is not None or got.metric is None or not math.isfinite(got.metric):
+            table.failed[key] = got.error or f"the metric is {got.metric}"
+        elif key == BASE:
+            table.base = got.metric
+        else:
+            results[key] = got.metric
+            if got.distortion is not None and math.isfinite(got.distortion):
+                table.distortions[key] = got.distortion
+        if table.base is not None:  # drops are against the base, which is probed first
+            table.drops.update({k: table.base - m for k, m in results.items()})
+            results.clear()
+
+    def record_timing(key: str, got: ProbeResult) -> None:
+        if got.layer_ms is not None and min(got.layer_ms) > 0:
+            table.layer_ms[key] = got.layer_ms[0]
+            table.speeds[key] = got.layer_ms[1] / got.layer_ms[0]
+        else:
+            table.untimed[key] = got.error or "its layers did not run on the example input"
+        if got.model_ms is not None and got.model_ms > 0:  # a disturbance only slows it
+            table.model_ms = min(table.model_ms or math.inf, got.model_ms)
+
+    phases = [(run(todo), record)]
+    if untimed and timings is not None:
+        phases.append((timings(untimed), record_timing))
     try:
-        for key, got in run(todo):
-            done += 1
-            if got.error is not None or got.metric is None or not math.isfinite(got.metric):
-                table.failed[key] = got.error or f"the metric is {got.metric}"
-            elif key == BASE:
-                table.base = got.metric
-            else:
-                results[key] = got.metric
-                if got.distortion is not None and math.isfinite(got.distortion):
-                    table.distortions[key] = got.distortion
-            if table.base is not None:  # drops are against the base, which is probed first
-                table.drops.update({k: table.base - m for k, m in results.items()})
-                results.clear()
-            if progress:
-                progress(done, len(wanted))
-            if time.monotonic() - last_save > save_every_s:
-                table.seconds += time.monotonic() - start
-                start = last_save = time.monotonic()
-                save(table)
+        for phase, step in phases:
+            for key, got in phase:
+                step(key, got)
+                done += 1
+                if progress:
+                    progress(done, total)
+                if time.monotonic() - last_save > save_every_s:
+                    table.seconds += time.monotonic() - start
+                    start = last_save = time.monotonic()
+                    save(table)
     finally:
         table.seconds += time.monotonic() - start
-        for name in ("drops", "distortions", "failed"):  # in model order, for the reports
-            found = getattr(table, name)
+        for name in ("drops", "distortions", "failed", "speeds", "layer_ms", "untimed"):
+            found = getattr(table, name)  # in model order, for the reports
             setattr(table, name, {k: found[k] for k in wanted if k in found})
         save(table)
     return table
@@ -325,19 +418,24 @@ def replace_range(
 
 @dataclass(frozen=True)
 class Option:
-    """One group's choice for the knapsack: its knob values, predicted distortion and bytes."""
+    """One group's choice for the knapsack: its knob values, predicted distortion, bytes,
+    and change in milliseconds (negative: faster; 0 without timings)."""
 
     values: dict[str, Any]
     distortion: float
     nbytes: int
+    ms: float = 0.0
 
 
 def group_options(
     space: SearchSpace, table: SensitivityTable, model: nn.Module
 ) -> dict[str, list[Option]]:
-    """Per group, every combination of its size knobs' values (the rest left as they are),
-    with the predicted distortion (the sum of its values' own, none below zero) and the
-    predicted bytes of its weights (``layer_bytes``)."""
+    """Per group, every combination of its size knobs' values and, where the table has
+    timings, of the knobs that change its speed but not its shape's neighbours (kernel,
+    rank); the rest left as they are. Each with the predicted distortion (the sum of its
+    values' own, none below zero), the predicted bytes of its weights (``layer_bytes``) and
+    the predicted change in milliseconds (its original time times the product of its
+    values' speeds, less its original time)."""
     modules = dict(model.named_modules())
     members: dict[str, list[LayerKnobs]] = {}
     for layer in space.layers.values():
@@ -345,7 +443,12 @@ def group_options(
     options = {}
     zeros: dict[tuple[str, int], float] = {}
     for prefix, layers in members.items():
-        knobs = {k: d for k, d in layers[0].searched.items() if k in SIZE_KNOBS}
+        ms = table.group_ms(prefix) if table.model_ms else None
+        knobs = {
+            k: d
+            for k, d in layers[0].searched.items()
+            if k in SIZE_KNOBS or ms is not None and k in SPEED_KNOBS
+        }
         choices = {k: probe_values(d) for k, d in knobs.items()}
         found = []
         for combo in itertools.product(*choices.values()):
@@ -365,7 +468,10 @@ def group_options(
                 if key not in zeros:
                     zeros[key] = rounded_to_zero(layer, bits, m.group_size)
                 nbytes += layer_bytes(layer, m.group_size, **settings, zeros=zeros[key])
-            found.append(Option(values, harm, nbytes))
+            speed = math.prod(
+                table.speed(Probe(prefix, k, v)) for k, v in values.items() if k in SPEED_KNOBS
+            )
+            found.append(Option(values, harm, nbytes, (ms or 0.0) * (speed - 1.0)))
         if found:
             options[prefix] = found
     return options
@@ -427,22 +533,36 @@ class Candidate:
     plan: Plan
     distortion: float  # predicted: the sum of its groups'
     nbytes: int  # predicted bytes of the searched layers' weights
+    latency: float | None = None  # predicted, as a fraction of the original's
+
+
+SIZE_FIRST = 0.02
+"""The weight of time in the size-first plans: among plans of equal bytes, the faster."""
+SPEED_FIRST = 0.8
+"""The weight of time in the speed-first plans (bytes keep the rest)."""
 
 
 def candidate_plans(
-    space: SearchSpace, table: SensitivityTable, model: nn.Module, levels: list[float]
+    space: SearchSpace,
+    table: SensitivityTable,
+    model: nn.Module,
+    levels: list[float],
+    speed: float = SIZE_FIRST,
 ) -> list[Candidate]:
-    """One plan per distortion level (fewer when two levels give the same plan)."""
+    """One plan per distortion level (fewer when two levels give the same plan), each the
+    least ``(1 - speed) x bytes + speed x time`` (both as fractions of the original's)
+    whose predicted distortion is within its level."""
     options = group_options(space, table, model)
     found: list[Candidate] = []
     for level in levels:
-        choice = _solve(options, level)
+        choice = _solve(options, level, speed, table.model_ms)
         params = {f"{prefix}.{k}": v for prefix, o in choice.items() for k, v in o.values.items()}
         plan = space.plan(params)
         if choice and all(plan != c.plan for c in found):
             harm = sum(o.distortion for o in choice.values())
             nbytes = sum(o.nbytes for o in choice.values())
-            found.append(Candidate(level, plan, harm, nbytes))
+            latency = table.predicted_latency(space, plan)
+            found.append(Candidate(level, plan, harm, nbytes, latency))
     return found
 
 
@@ -457,7 +577,7 @@ def ladder(table: SensitivityTable, count: int, max_drop: float | None = None) -
     out, and ``refined_levels`` fills in the step that crosses it."""
     worst: dict[str, float] = {}
     for key, d in table.distortions.items():
-        group = key.partition("=")[0].rpartition(".")[0]
+        group = _group_of(key)
         if math.isfinite(d) and d > 0:
             worst[group] = max(worst.get(group, 0.0), d)
     if not worst or count < 1:
@@ -503,31 +623,62 @@ def refined_levels(tried: list[tuple[float, bool]], count: int) -> list[float]:
     return [float(x) for x in np.geomspace(low, high, count + 2)[1:-1]]
 
 
-def _solve(options: dict[str, list[Option]], level: float) -> dict[str, Option]:
-    """The Lagrangian relaxation of the multiple-choice knapsack: each group takes the option
-    minimising bytes + lam * distortion, with the smallest lam (bisected in log space) whose
-    total is within ``level``. It finds the plans on each group's lower convex hull, which
-    is all an additive model can claim anyway, in milliseconds."""
-    nbytes = {g: np.array([o.nbytes for o in opts], dtype=float) for g, opts in options.items()}
-    harms = {g: np.array([o.distortion for o in opts]) for g, opts in options.items()}
+def _solve(
+    options: dict[str, list[Option]], level: float, speed: float, model_ms: float | None
+) -> dict[str, Option]:
+    """The multiple-choice knapsack, solved exactly (``scipy.optimize.milp``): one option
+    per group, the least total cost whose total distortion is within ``level``; cost is
+    ``(1 - speed)`` x its share of the original bytes plus ``speed`` x its change as a share
+    of the original time. Exact, not the Lagrangian relaxation's convex hull: a group as
+    large as MiniLM's word embeddings (half its bytes) leaves wide gaps between hull
+    points, and the best plan within a level often lies in one. Below the least distortion
+    any plan has, each group takes its least distorting option."""
+    total_bytes = sum(max(o.nbytes for o in opts) for opts in options.values()) or 1
+    time_weight = speed / model_ms if model_ms else 0.0
+    kept = {g: _undominated(opts, speed, total_bytes, time_weight) for g, opts in options.items()}
+    flat = [(g, o) for g, opts in kept.items() for o in opts]
+    if not flat:
+        return {}
+    cost = np.array([_cost(o, speed, total_bytes, time_weight) for _, o in flat])
+    harm = np.array([o.distortion for _, o in flat])
+    if harm.sum() == 0 or sum(min(o.distortion for o in opts) for opts in kept.values()) > level:
+        return {g: min(opts, key=lambda o: (o.distortion, o.nbytes)) for g, opts in kept.items()}
+    groups = list(kept)
+    member = np.zeros((len(groups), len(flat)))
+    for j, (g, _) in enumerate(flat):
+        member[groups.index(g), j] = 1
+    found = milp(
+        cost,
+        constraints=[
+            LinearConstraint(member, 1, 1),
+            LinearConstraint(harm[None, :], -np.inf, level),
+        ],
+        integrality=np.ones(len(flat)),
+        bounds=Bounds(0, 1),
+        options={"time_limit": 30.0, "mip_rel_gap": 1e-6},
+    )
+    if found.x is None:  # no solution in time: the least distorting plan is still a plan
+        return {g: min(opts, key=lambda o: (o.distortion, o.nbytes)) for g, opts in kept.items()}
+    return {flat[j][0]: flat[j][1] for j in np.flatnonzero(found.x > 0.5)}
 
-    def pick(lam: float) -> dict[str, int]:
-        return {g: int(np.argmin(nbytes[g] + lam * harms[g])) for g in options}
 
-    def total(lam: float) -> float:
-        return float(sum(harms[g][i] for g, i in pick(lam).items()))
+def _cost(option: Option, speed: float, total_bytes: int, time_weight: float) -> float:
+    return (1 - speed) * option.nbytes / total_bytes + time_weight * option.ms
 
-    low = high = 1.0
-    while total(low) <= level and low > 1e-30:
-        low /= 10
-    while total(high) > level and high < 1e30:
-        high *= 10
-    for _ in range(60):
-        if high / low < 1.001:
-            break
-        middle = math.sqrt(low * high)
-        low, high = (low, middle) if total(middle) <= level else (middle, high)
-    return {g: options[g][i] for g, i in pick(high).items()}
+
+def _undominated(
+    options: list[Option], speed: float, total_bytes: int, time_weight: float
+) -> list[Option]:
+    """The options no other beats on both cost and distortion (the rest can never be
+    chosen): MiniLM's 540 combinations per feed-forward layer shrink to a few dozen."""
+    ranked = sorted(
+        options, key=lambda o: (_cost(o, speed, total_bytes, time_weight), o.distortion)
+    )
+    kept: list[Option] = []
+    for option in ranked:
+        if not kept or option.distortion < kept[-1].distortion:
+            kept.append(option)
+    return kept
 
 
 __all__ = [
@@ -536,6 +687,8 @@ __all__ = [
     "Probe",
     "SensitivityTable",
     "candidate_plans",
+    "SIZE_FIRST",
+    "SPEED_FIRST",
     "grid",
     "budget_level",
     "ladder",

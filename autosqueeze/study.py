@@ -43,7 +43,8 @@ from autosqueeze.samplers import create_sampler
 REFERENCE = "reference"  # study attr: measurements of the uncompressed model
 SENSITIVITY = "sensitivity"  # study attr: the sensitivity table (autosqueeze.sensitivity)
 PREDICTED_DISTORTION = "predicted_distortion"  # trial attr: a knapsack plan's level
-REFINED = "refined"  # study attr: set once the knapsack plans between the ladder's were queued
+PREDICTED_LATENCY = "predicted_latency"  # trial attr: its latency model's, vs the original's
+REFINED = "refined"  # study attr: refining knapsack plans queued so far (sensitivity.refine)
 BASELINES_QUEUED = "baselines_queued"  # study attr: the trial budget the baselines were queued for
 BASELINE = "baseline"  # trial attr: "original" / "int8" for the enqueued baselines
 PLAN = "plan"  # trial attr: the plan as JSON
@@ -358,7 +359,8 @@ def fail_trial(study: optuna.Study, number: int, reason: str, *, requeue: bool =
         storage.set_trial_user_attr(trial._trial_id, REQUEUED, True)  # noqa: SLF001
     study.tell(number, state=TrialState.FAIL)
     if requeue and trial.params:
-        attrs = {k: v for k, v in trial.user_attrs.items() if k in (BASELINE, PREDICTED_DISTORTION)}
+        kept = (BASELINE, PREDICTED_DISTORTION, PREDICTED_LATENCY)
+        attrs = {k: v for k, v in trial.user_attrs.items() if k in kept}
         study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": number})
 
 

@@ -68,10 +68,12 @@ def summary(front: Front, metric_name: str, max_drop: float | None) -> str:
 
 def sensitivity_text(table_: SensitivityTable, space: SearchSpace, metric_name: str) -> str:
     """The sensitivity table, one line per layer (or group) and knob: each value with the
-    metric it lost alone (and, after the slash, its output distortion)."""
+    metric it lost alone, its output distortion and, where timed, its layers' time as a
+    multiple of the original's."""
     head = (
         f"{metric_name} on the first {table_.samples} samples: {table_.base:.6g} "
-        f"(probes took {table_.seconds:.0f} s). Each value: {metric_name} lost / distortion."
+        f"(probes took {table_.seconds:.0f} s). Each value: {metric_name} lost / distortion"
+        " [/ x its layers' time, where it changes how they run]."
         if table_.base is not None
         else "The model could not be judged on its first samples."
     )
@@ -80,6 +82,8 @@ def sensitivity_text(table_: SensitivityTable, space: SearchSpace, metric_name: 
         cell = (
             "failed" if row["drop"] is None else f"{row['drop']:+.4f}/{_short(row['distortion'])}"
         )
+        if row["speed"] is not None:
+            cell += f"/x{row['speed']:.2f}"
         rows.setdefault((row["group"], row["knob"]), []).append(f"{row['value']}:{cell}")
     lines = [
         {"layer": group, "knob": knob, "values": "  ".join(cells)}

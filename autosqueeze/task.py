@@ -46,17 +46,20 @@ class Task:
         return Target(self.device.type, self.example_input)
 
     def subset(self, samples: int) -> Task:
-        """The task judged on its first batches holding at least ``samples`` samples: what a
-        sensitivity probe and a trial's first look are judged on. A metric that compares with
-        the original's outputs (``fidelity``) is set up again on those batches."""
+        """The task judged on its first ``samples`` samples (the last batch cut to fit): what
+        a sensitivity probe and a trial's first look are judged on. A metric that compares
+        with the original's outputs (``fidelity``) is set up again on those samples."""
         batches: list[tuple[Any, Any]] = []
         count = 0
-        for batch in self.data:
+        for inputs, target in self.data:
             if count >= samples:
                 break
-            batches.append(batch)
-            count += samples_in(batch[0])
-        if len(batches) == len(self.data):
+            held = samples_in(inputs)
+            if count + held > samples:  # a probe costs a forward over what it is given
+                inputs, target = _first_samples(inputs, target, held, samples - count)
+            batches.append((inputs, target))
+            count += samples_in(inputs)
+        if count >= sum(samples_in(inputs) for inputs, _ in self.data):
             return self
         ref = self.config.task.metric
         metric = call_user(
@@ -131,6 +134,24 @@ def degenerate_warnings(task: Task, metric: float) -> list[str]:
             "outputs cannot tell a good compressed model from a broken one"
         )
     return warnings
+
+
+def _first_samples(inputs: Any, target: Any, held: int, wanted: int) -> tuple[Any, Any]:
+    """The first ``wanted`` of a batch's ``held`` samples, where every tensor in it has them
+    along dim 0 (otherwise the whole batch: its layout is the user's)."""
+    if not all(t.dim() and t.shape[0] == held for t in _tensors(inputs) + _tensors(target)):
+        return inputs, target
+    return batch_of(inputs, wanted), batch_of(target, wanted) if target is not None else None
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 def samples_in(inputs: Any) -> int:

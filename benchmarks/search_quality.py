@@ -16,6 +16,9 @@ Columns, per (model, trials, mode):
 - best uniform plan within budget (the smallest of the uniform baselines and warm starts
   that any run measured) and the knapsack plans alone (the default's knapsack trials);
 - the share of *sampled* trials (not queued plans) within the metric budget;
+- the latency model's error: the median of |predicted - measured| / measured latency
+  (relative to the original's) over the timed trials, and the share of pairs of timed
+  trials it orders as measured (rank agreement);
 - the sensitivity pass's seconds and the whole run's wall seconds.
 Prints one markdown table (kept in docs/results.md).
 """
@@ -137,18 +140,46 @@ def _summary(config, mode, trials, result, seconds) -> dict:
         "uniform": min(uniform, default=None),
         "knapsack": min(knapsack, default=None),
         "sampled_ok": f"{len(within_metric)}/{len(sampled)}",
+        "latency_model": _latency_model_error(result, feasible + pruned_timed(everything)),
         "sensitivity_s": result.sensitivity.seconds if result.sensitivity else None,
         "wall_s": seconds,
     }
+
+
+def pruned_timed(records: list) -> list:
+    """Trials that were timed but missed a budget other than the metric's (size)."""
+    return [r for r in records if not r.feasible and r.measurements and r.measurements.speedup]
+
+
+def _latency_model_error(result, records: list) -> tuple[float, float] | None:
+    """(median relative error, rank agreement) of the latency model over ``records``."""
+    table = result.sensitivity
+    if table is None or not table.model_ms:
+        return None
+    pairs = [
+        (table.predicted_latency(result.space, r.plan), r.measurements.relative_latency)
+        for r in records
+        if r.plan is not None and r.measurements and r.measurements.relative_latency
+    ]
+    if len(pairs) < 2:
+        return None
+    errors = sorted(abs(p - m) / m for p, m in pairs)
+    agree = total = 0
+    for i, (p1, m1) in enumerate(pairs):
+        for p2, m2 in pairs[i + 1 :]:
+            if abs(m1 - m2) > 0.05 * max(m1, m2):  # pairs measured clearly apart
+                total += 1
+                agree += (p1 - p2) * (m1 - m2) > 0
+    return errors[len(errors) // 2], agree / total if total else float("nan")
 
 
 def table(rows: list[dict]) -> str:
     head = (
         "| model | trials | mode | hypervolume | smallest within budget | fastest (x original) "
         "| best uniform | knapsack plans alone | sampled within metric budget "
-        "| sensitivity s | wall s |"
+        "| latency model: error, order | sensitivity s | wall s |"
     )
-    lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         cells = [
             r["model"],
@@ -160,6 +191,7 @@ def table(rows: list[dict]) -> str:
             _size(r.get("best_uniform"), r["original_bytes"]),
             _size(r["knapsack"], r["original_bytes"]),
             r["sampled_ok"],
+            "-" if r["latency_model"] is None else "{:.0%}, {:.0%}".format(*r["latency_model"]),
             "-" if r["sensitivity_s"] is None else f"{r['sensitivity_s']:.0f}",
             f"{r['wall_s']:.0f}",
         ]

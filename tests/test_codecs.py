@@ -8,16 +8,34 @@ from autosqueeze.codecs import SUPPORTED_BITS, TensorCodec, decode, encode, quan
 
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("group_size", [None, 16, 100])
-def test_quantization_error_is_at_most_half_a_scale(bits, group_size):
+def test_quantization_error_is_at_most_half_a_scale_inside_the_grid_and_clipping_only_helps(
+    bits, group_size
+):
     torch.manual_seed(bits)
     weight = torch.randn(12, 80) * 0.3
+    weight[0, 3] = 4.0  # an outlier: its group gains from clipping it
     encoded = encode(weight, TensorCodec(bits, group_size))
     restored = decode(encoded.parts, encoded.meta)
     _, scale = quantize(weight, bits, group_size)
     size = min(group_size or 80, 80)
     per_element = scale.float().repeat_interleave(size, dim=1)[:, :80]
-    assert torch.all((weight - restored).abs() <= per_element / 2 + 1e-7)
+    inside = weight.abs() <= per_element * (2 ** (bits - 1) - 1)
+    error = (weight - restored).abs()
+    assert torch.all(error[inside] <= per_element[inside] / 2 + 1e-7)
     assert scale.dtype == torch.float16 and scale.shape == (12, math.ceil(80 / size))
+    # per group, no more squared error than the unclipped grid (largest magnitude / qmax)
+    groups = weight.reshape(12, -1, size) if 80 % size == 0 else None
+    if groups is not None:
+        qmax = 2 ** (bits - 1) - 1
+        exact = groups.abs().amax(-1, keepdim=True) / qmax
+        half = exact.half()
+        half.view(torch.int16)[half.float() < exact] += 1  # rounded up to fp16, as stored
+        plain = half.float()
+        unclipped = (torch.round(groups / plain).clamp(-qmax, qmax) * plain - groups).square()
+        clipped = (restored.reshape(12, -1, size) - groups).square()
+        assert torch.all(clipped.sum(-1) <= unclipped.sum(-1))
+        if bits <= 4:  # where the grid is coarse, the outlier's group gains
+            assert clipped.sum() < unclipped.sum()
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,8 @@ from autosqueeze.plan import LayerPlan, Plan
 from autosqueeze.search import BASELINE, KNAPSACK, run_search, sensitivity_table
 from autosqueeze.sensitivity import (
     BASE,
+    SPEED_FIRST,
+    Probe,
     SensitivityTable,
     budget_level,
     candidate_plans,
@@ -36,7 +38,7 @@ from autosqueeze.sensitivity import (
 )
 from autosqueeze.space import build_space
 from autosqueeze.study import SENSITIVITY, open_study
-from autosqueeze.task import load_task
+from autosqueeze.task import load_task, samples_in
 from autosqueeze.techniques import Target, applied, compress
 
 
@@ -135,6 +137,9 @@ def test_the_pass_resumes_where_it_stopped_and_a_second_run_reuses_it(tmp_path):
                     raise Interrupted
                 yield item
 
+        def timings(self, plans):
+            return executor.timings(plans)
+
     study = open_study(config, create=True)
     with pytest.raises(Interrupted):
         sensitivity_table(study, config, space, Counting(stop=10), progress=False)
@@ -190,7 +195,7 @@ def test_knapsack_plans_keep_within_their_predicted_distortion_and_trade_it_for_
     centred = ladder(table, 5, 0.02)  # from the budget's estimate outwards, safer side first
     assert centred[0] == pytest.approx(budget_level(table, 0.02))
     assert centred[1] < centred[0] < centred[2] and centred[3] < centred[1]
-    candidates = candidate_plans(space, table, task.model, levels)
+    candidates = candidate_plans(space, table, task.model, levels, speed=0.0)  # bytes alone
     assert len(candidates) >= 4
     for c in candidates:
         assert c.distortion <= c.level * (1 + 1e-9)
@@ -204,6 +209,73 @@ def test_knapsack_plans_keep_within_their_predicted_distortion_and_trade_it_for_
     assert refined_levels([(1.0, False), (0.1, False), (0.01, True)], 2) == pytest.approx(
         [0.01 * 10 ** (1 / 3), 0.01 * 10 ** (2 / 3)]
     )
+
+
+def test_the_pass_times_the_layers_whose_execution_form_a_probe_changes(tmp_path):
+    config = load_config(write_yaml(tmp_path / "s.yaml", study_config(tmp_path)))
+    task = load_task(config)
+    space = build_space(task.model, config.space, task.target)
+    study = open_study(config, create=True)
+    table = sensitivity_table(study, config, space, InProcessExecutor(task), progress=False)
+    # a kernel or a rank changes how the layer runs; bits and pruning change what it stores;
+    # channel pruning reshapes the neighbours (a copy of the model, not timed)
+    timed = {p.key for p in probes_of(space) if p.knob in ("kernel", "rank")}
+    assert timed and set(table.speeds) == timed and set(table.layer_ms) == timed
+    assert all(math.isfinite(v) and v > 0 for v in table.speeds.values())
+    assert table.model_ms is not None and table.model_ms > 0
+    stored = SensitivityTable.from_dict(study.user_attrs[SENSITIVITY], 64)
+    assert stored.speeds == table.speeds and stored.model_ms == table.model_ms
+
+
+def _timed_table(space, speeds: dict[str, float]) -> SensitivityTable:
+    """A made-up table: every probe harmless but for a little distortion (a kernel a little
+    more), each group's layers 1 ms of a 10 ms model, the kernels in ``speeds`` that much of
+    their time."""
+    table = SensitivityTable(64, base=1.0, model_ms=10.0)
+    for probe in probes_of(space):
+        table.drops[probe.key] = 0.0
+        table.distortions[probe.key] = 1e-4
+        if probe.knob == "kernel":
+            table.layer_ms[probe.key] = 1.0
+            table.speeds[probe.key] = speeds.get(probe.value, 1.0)
+            table.distortions[probe.key] = 3e-4  # speed costs accuracy the bits could use
+    return table
+
+
+def test_the_latency_model_adds_each_groups_change_to_the_original():
+    model = pretrained_cnn()
+    space = build_space(model, DEFAULT_SPACE, Target("cpu", example_input()))
+    table = SensitivityTable(64, base=1.0, model_ms=10.0)
+    group = "classifier.1"
+    for probe, ms, speed in [
+        (Probe(group, "kernel", "int8_dynamic"), 2.0, 0.5),
+        (Probe(group, "rank", 0.5), 2.0, 0.8),
+    ]:
+        table.layer_ms[probe.key], table.speeds[probe.key] = ms, speed
+    assert table.predicted_latency(space, space.plan({})) == pytest.approx(1.0)
+    plan = space.plan({f"{group}.kernel": "int8_dynamic", f"{group}.rank": 0.5})
+    assert table.predicted_latency(space, plan) == pytest.approx(1 + 2.0 * (0.5 * 0.8 - 1) / 10)
+    # bits change what is stored, not how it runs
+    assert table.predicted_latency(space, space.plan({f"{group}.bits": 4})) == pytest.approx(1.0)
+    assert SensitivityTable(64).predicted_latency(space, plan) is None  # no timings
+
+
+def test_speed_first_knapsack_plans_trade_bytes_for_the_kernels_the_timings_favour():
+    model = pretrained_cnn()
+    space = build_space(model, DEFAULT_SPACE, Target("cpu", example_input()))
+    table = _timed_table(space, {"int8_dynamic": 0.3, "bf16": 2.0})
+    level = [1e-3]
+    (size,) = candidate_plans(space, table, model, level)
+    (speed,) = candidate_plans(space, table, model, level, SPEED_FIRST)
+    assert speed.latency < size.latency <= 1.0 and speed.nbytes >= size.nbytes
+    assert speed.distortion <= 1e-3 and size.distortion <= 1e-3
+    offered = {
+        name
+        for name, layer in space.layers.items()
+        if "int8_dynamic" in getattr(layer.searched.get("kernel"), "choices", ())
+    }
+    assert offered and all(speed.plan.layers[n].kernel == "int8_dynamic" for n in offered)
+    assert not any(lp.kernel == "bf16" for lp in speed.plan.layers.values())
 
 
 def test_values_that_alone_break_the_model_leave_the_space():
@@ -237,6 +309,11 @@ def test_a_short_search_uses_the_table_and_tries_the_knapsack_plans_first(tmp_pa
     assert len(knapsack) >= 3
     assert knapsack[0].number == 2  # right after the two baselines
     assert all(t.user_attrs["predicted_distortion"] > 0 for t in knapsack)
+    # the pass timed the layers: the plans carry the latency model's prediction, and the
+    # speed-first plans take the kernel warm starts' place
+    assert all(0 < t.user_attrs["predicted_latency"] for t in knapsack)
+    baselines = {t.user_attrs.get(BASELINE) for t in result.study.trials}
+    assert not baselines & {"int6-bf16", "int8-dynamic", "int4-kernel"}
     # the searched space is the shaped one: each sampled trial stays inside it
     for trial in result.study.trials:
         for name, value in trial.params.items():
@@ -272,7 +349,7 @@ def test_a_trial_clearly_past_the_budget_stops_on_its_first_samples_with_a_reaso
     names = [
         n for n, m in task.model.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)
     ]
-    ruined = Plan.uniform(names, bits=2)
+    ruined = Plan.uniform(names, bits=2, prune=0.9)
     limits = Limits.of(config.budgets, 0.98, early_stop=3.0)
     got = evaluator.evaluate(ruined, limits)
     assert got.stopped and "on the first 64 samples" in got.stopped
@@ -281,3 +358,51 @@ def test_a_trial_clearly_past_the_budget_stops_on_its_first_samples_with_a_reaso
     fine = evaluator.evaluate(Plan.uniform(names, bits=8), limits)
     assert fine.stopped is None and "metric" in fine.seconds
     assert BASE == "(base)"
+
+
+def test_a_probe_is_judged_on_exactly_the_first_samples_the_last_batch_cut_to_fit(tmp_path):
+    config = load_config(write_yaml(tmp_path / "s.yaml", study_config(tmp_path)))
+    task = load_task(config)
+    held = [samples_in(inputs) for inputs, _ in task.data]
+    assert held[0] > 20  # the cut falls inside the first batch
+    first = task.subset(20)
+    assert [samples_in(inputs) for inputs, _ in first.data] == [20]
+    (inputs, target), (all_inputs, all_targets) = first.data[0], task.data[0]
+    assert torch.equal(inputs, all_inputs[:20]) and torch.equal(target, all_targets[:20])
+    with torch.inference_mode():
+        right = (task.model(all_inputs[:20]).argmax(-1) == all_targets[:20]).float().mean()
+    assert first.evaluate_metric(task.model) == pytest.approx(float(right))
+    assert task.subset(sum(held)) is task
+
+
+def test_refinement_closes_in_on_where_the_budget_falls_between_measured_plans(tmp_path):
+    config = load_config(
+        write_yaml(
+            tmp_path / "s.yaml",
+            study_config(
+                tmp_path,
+                search={"trials": 20},
+                budgets={"max_metric_drop": 0.005},
+                sensitivity={"speed_candidates": 0},
+            ),
+        )
+    )
+    study = run_search(config, progress=False).study
+    limits_min = study.user_attrs["reference"]["metric"] - 0.005
+    knapsack = [t for t in study.trials if t.user_attrs.get(BASELINE) == KNAPSACK]
+    levels = ladder(
+        SensitivityTable.from_dict(study.user_attrs[SENSITIVITY], 64), 6, 0.005
+    )  # the first round
+    ladder_trials = [t for t in knapsack if t.user_attrs["predicted_distortion"] in levels]
+    refined = [t for t in knapsack if t not in ladder_trials]
+    met, missed = [], []
+    for t in ladder_trials:
+        ok = t.user_attrs.get("metric", -1) >= limits_min
+        (met if ok else missed).append(t.user_attrs["predicted_distortion"])
+    assert 0 < len(refined) <= config.sensitivity.refine
+    assert study.user_attrs["refined"] <= config.sensitivity.refine
+    low = max(met, default=0.0)
+    high = min((d for d in missed if d > low), default=math.inf)
+    for trial in refined:  # each round splits what the rounds before left
+        assert low < trial.user_attrs["predicted_distortion"] < high
+    assert refined[0].number > max(t.number for t in ladder_trials)

@@ -64,12 +64,16 @@ class Executor(ABC):
         """Each plan's sensitivity probe (``Evaluator.probe``), spread over the evaluators;
         yields (key, result) as they are done, in any order."""
 
+    @abstractmethod
+    def timings(self, plans: dict[K, Plan]) -> Iterator[tuple[K, ProbeResult]]:
+        """Each plan's latency-model probe (``Evaluator.time_probe``), as ``probes``."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
 
-def probe_safely(evaluator: Evaluator, plan: Plan) -> ProbeResult:
-    got = _safely(lambda: evaluator.probe(plan))
+def probe_safely(evaluator: Evaluator, plan: Plan, timed: bool = False) -> ProbeResult:
+    got = _safely(lambda: evaluator.time_probe(plan) if timed else evaluator.probe(plan))
     return ProbeResult(error=got.error) if isinstance(got, _Failure) else got
 
 

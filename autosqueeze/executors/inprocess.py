@@ -47,5 +47,9 @@ class InProcessExecutor(Executor):
         for key, plan in plans.items():
             yield key, probe_safely(self.evaluator, plan)
 
+    def timings(self, plans: dict[K, Plan]) -> Iterator[tuple[K, ProbeResult]]:
+        for key, plan in plans.items():
+            yield key, probe_safely(self.evaluator, plan, timed=True)
+
     def close(self) -> None:
         self.evaluator.close()

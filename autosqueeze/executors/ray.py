@@ -73,6 +73,9 @@ class EvaluatorActor:
     def probe(self, plan_json: str) -> ProbeResult:
         return probe_safely(self.evaluator, Plan.from_json(plan_json))
 
+    def time_probe(self, plan_json: str) -> ProbeResult:
+        return probe_safely(self.evaluator, Plan.from_json(plan_json), timed=True)
+
     def evaluate(self, key: int, plan_json: str, limits: Limits | None) -> Outcome:
         plan = Plan.from_json(plan_json)
         return evaluate_safely(self.evaluator, key, plan, limits, self.worker)
@@ -162,6 +165,12 @@ class RayExecutor(Executor):
         for key, got in self._spread("probe", plans):
             yield key, (got if isinstance(got, ProbeResult) else ProbeResult(error=got))
 
+    def timings(self, plans: dict[K, Plan]) -> Iterator[tuple[K, ProbeResult]]:
+        for key, got in self._spread("time_probe", plans):
+            yield key, (got if isinstance(got, ProbeResult) else ProbeResult(error=got))
+
+    PROBES = ("probe", "time_probe")  # a probe's failure is its result; an artifact's, an error
+
     def _spread(self, method: str, plans: dict[K, Plan]) -> Iterator[tuple[K, Any]]:
         """Call an actor method on each plan, spread over the idle evaluators, one plan each
         at a time. An evaluator that dies or overruns ``search.trial_timeout_s`` is replaced;
@@ -184,7 +193,7 @@ class RayExecutor(Executor):
                 del running[ref]
                 self._replace(actor)
                 reason = f"timed out after {self._timeout:g} s (search.trial_timeout_s)"
-                if method != "probe":
+                if method not in self.PROBES:
                     raise UserError(f"building an artifact {reason}")
                 yield key, reason
                 continue
@@ -193,7 +202,7 @@ class RayExecutor(Executor):
                 value = self._ray.get(ready[0])
             except self._ray.exceptions.RayActorError as exc:
                 self._replace(actor)
-                if method != "probe":
+                if method not in self.PROBES:
                     raise
                 yield key, f"the evaluator process died: {_reason(exc)}; replaced it"
                 continue

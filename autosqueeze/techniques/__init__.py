@@ -36,6 +36,14 @@ def technique_for(knob: str) -> Technique:
     return TECHNIQUES[knob]
 
 
+def runs_differently(layer_plan: LayerPlan) -> bool:
+    """Whether ``layer_plan`` changes how its layer runs (its kernel or shapes), not only
+    what it stores: the sensitivity pass times such layers."""
+    return any(
+        t.changes_speed and getattr(layer_plan, t.knob) != t.identity for t in TECHNIQUES.values()
+    )
+
+
 def compress(
     model: nn.Module,
     plan: Plan,
@@ -187,6 +195,7 @@ __all__ = [
     "check_plan",
     "compress",
     "deploy",
+    "runs_differently",
     "rebuild",
     "technique_for",
     "weighted_parts",

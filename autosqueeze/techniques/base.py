@@ -64,6 +64,9 @@ class Technique(ABC):
     # tied or whose attributes its parent reads stays what it was (``autosqueeze.anatomy``);
     # techniques that replace or reshape the layer are not offered on one
     keeps_layer: ClassVar[bool] = False
+    # changes how the layer runs (its kernel or its shapes), not only what it stores: the
+    # sensitivity pass times the layer with each of its values (``Evaluator.probe``)
+    changes_speed: ClassVar[bool] = False
 
     def validate(self, values: KnobValues) -> None:
         """Raise ValueError when the space file gives this knob values it cannot take."""

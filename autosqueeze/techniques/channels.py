@@ -40,6 +40,7 @@ class PruneChannels(Technique):
     structural = True
     reaches_neighbours = True  # the coupled layers lose their matching inputs
     identity = 0.0
+    changes_speed = True
 
     def check_value(self, value: float) -> None:
         if not 0 <= value < 1:

@@ -42,6 +42,7 @@ class Factorize(Technique):
     knob = "rank"
     structural = True
     identity = 1.0
+    changes_speed = True
 
     def validate(self, values: KnobValues) -> None:
         if isinstance(values, Range):

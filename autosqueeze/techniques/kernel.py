@@ -24,6 +24,7 @@ _COMPACTNESS = ["int4_weight_only", "int8_weight_only", "int8_dynamic", "fp16", 
 class KernelChoice(Technique):
     knob = "kernel"
     identity = "fp32"
+    changes_speed = True
 
     def validate(self, values: KnobValues) -> None:
         if isinstance(values, Range):
