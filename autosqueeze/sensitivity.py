@@ -366,13 +366,13 @@ def shaped_space(
     for name, layer in space.layers.items():
         searched, fixed = {}, dict(layer.fixed)
         for knob, dist in layer.searched.items():
-            kept = {
+            forced = {v for v in probe_values(dist) if (knob, v) in keep}
+            kept = forced | {
                 v
                 for v in probe_values(dist)
-                if (knob, v) in keep
-                or _harmless(table, Probe(layer.prefix, knob, v), limit, max_distortion)
+                if _harmless(table, Probe(layer.prefix, knob, v), limit, max_distortion)
             }
-            shaped = _shaped(dist, technique_for(knob).identity, kept)
+            shaped = _shaped(dist, technique_for(knob).identity, kept, forced)
             if isinstance(shaped, BaseDistribution):
                 searched[knob] = shaped
             else:
@@ -389,9 +389,12 @@ def _harmless(
     return max_distortion is None or table.distortion(probe) <= max_distortion
 
 
-def _shaped(dist: BaseDistribution, identity: Any, kept: set) -> BaseDistribution | Any:
+def _shaped(
+    dist: BaseDistribution, identity: Any, kept: set, forced: set
+) -> BaseDistribution | Any:
     """``dist`` keeping the identity and the ``kept`` values: a range keeps the stretch from
-    the identity up to the first probed value not kept."""
+    the identity up to the first probed value not kept, or to the farthest ``forced`` one
+    (a value the queued plans use) if that is farther."""
     if isinstance(dist, CategoricalDistribution):
         choices = [c for c in dist.choices if c == identity or c in kept]
         return CategoricalDistribution(choices) if len(choices) > 1 else choices[0]
@@ -401,6 +404,7 @@ def _shaped(dist: BaseDistribution, identity: Any, kept: set) -> BaseDistributio
         if value != identity and value not in kept:
             break
         reach = value
+    reach = max([reach, *forced], key=lambda v: abs(v - identity))
     low, high = sorted((identity, reach))
     low, high = max(low, dist.low), min(high, dist.high)
     return replace_range(dist, low, high) if high > low else low

@@ -406,3 +406,26 @@ def test_refinement_closes_in_on_where_the_budget_falls_between_measured_plans(t
     for trial in refined:  # each round splits what the rounds before left
         assert low < trial.user_attrs["predicted_distortion"] < high
     assert refined[0].number > max(t.number for t in ladder_trials)
+
+
+def test_the_values_the_queued_plans_use_stay_in_the_shaped_space():
+    """Channel pruning probed without the recovery training that follows it looks harmful;
+    with calibration data the search keeps the values its channel anchors use."""
+    model = pretrained_cnn()
+    space = build_space(model, DEFAULT_SPACE, Target("cpu", example_input()))
+    table = SensitivityTable(64, base=0.98)
+    for probe in probes_of(space):
+        harmful = probe.knob == "prune_channels" and probe.value >= 0.25
+        table.drops[probe.key] = 0.5 if harmful else 0.0
+    keep = {("prune_channels", 0.5), ("prune_channels", 0.625)}
+    shaped = shaped_space(space, table, 0.01, 1.5, keep=keep)
+    bare = shaped_space(space, table, 0.01, 1.5, keep=set())
+    checked = 0
+    for name, layer in shaped.layers.items():
+        offered = space.layers[name].searched.get("prune_channels")
+        if offered is None or offered.high < 0.625:
+            continue
+        assert layer.searched["prune_channels"].high == pytest.approx(0.625)
+        assert bare.layers[name].searched["prune_channels"].high == pytest.approx(0.125)
+        checked += 1
+    assert checked >= 2
