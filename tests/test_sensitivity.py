@@ -184,12 +184,18 @@ def test_a_stored_table_that_is_not_ours_is_measured_again_not_believed(stored):
     assert table.base is None and not table.drops and not table.failed
 
 
-def test_knapsack_plans_keep_within_their_predicted_distortion_and_trade_it_for_bytes(tmp_path):
+def measured_table(tmp_path):
+    """The digits test study's sensitivity table, measured in-process."""
     config = load_config(write_yaml(tmp_path / "s.yaml", study_config(tmp_path)))
     task = load_task(config)
     space = build_space(task.model, config.space, task.target)
     study = open_study(config, create=True)
     table = sensitivity_table(study, config, space, InProcessExecutor(task), progress=False)
+    return task, space, study, table
+
+
+def test_knapsack_plans_keep_within_their_predicted_distortion_and_trade_it_for_bytes(tmp_path):
+    task, space, _, table = measured_table(tmp_path)
     levels = ladder(table, 6)  # without a budget: from the top down
     assert levels == sorted(levels, reverse=True) and len(levels) == 6
     centred = ladder(table, 5, 0.02)  # from the budget's estimate outwards, safer side first
@@ -212,11 +218,7 @@ def test_knapsack_plans_keep_within_their_predicted_distortion_and_trade_it_for_
 
 
 def test_the_pass_times_the_layers_whose_execution_form_a_probe_changes(tmp_path):
-    config = load_config(write_yaml(tmp_path / "s.yaml", study_config(tmp_path)))
-    task = load_task(config)
-    space = build_space(task.model, config.space, task.target)
-    study = open_study(config, create=True)
-    table = sensitivity_table(study, config, space, InProcessExecutor(task), progress=False)
+    _, space, study, table = measured_table(tmp_path)
     # a kernel or a rank changes how the layer runs; bits and pruning change what it stores;
     # channel pruning reshapes the neighbours (a copy of the model, not timed)
     timed = {p.key for p in probes_of(space) if p.knob in ("kernel", "rank")}
