@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -97,6 +99,7 @@ def run_search(
     executor = create_executor(config, task)
     front_csv = table = None
     searched = space
+    handlers = _current_handlers()
     try:
         with Heartbeat(study):
             ref = _reference(study, executor, space)
@@ -111,8 +114,12 @@ def run_search(
         if front.members and stop is None:  # rebuilt on the evaluators, in parallel
             plans = {m.number: m.plan for m in front.members if m.plan is not None}
             front_csv = write_front(front, config.output_dir, executor.artifacts(plans))
+    except KeyboardInterrupt:  # in the pass or the reference: wind down as the loop does
+        _exit_on_another_signal()
+        raise
     finally:
         executor.close()
+        _restore_handlers(handlers)
     return SearchResult(
         study,
         task,
@@ -437,6 +444,7 @@ def _loop(
                         bar.update(min(finished_count(study), target) - bar.n)
                         bar.set_postfix_str(stats.summary())
     except KeyboardInterrupt as stop:
+        _exit_on_another_signal()
         # by the signal that came first: Ray re-raises what it caught as a KeyboardInterrupt
         by = signals.caught[0] if signals.caught else signal.SIGINT
         if isinstance(stop, Terminated):
@@ -451,6 +459,39 @@ def _loop(
 
 
 _POLL_S = 1.0  # how often the driver looks up from waiting on Ray for a remembered signal
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _exit_on_another_signal() -> None:
+    """After a first Ctrl-C or SIGTERM the search winds down (its running trials failed and
+    re-queued, Ray shut down); a second one exits at once, with 128 + its number. Nothing
+    is lost: a trial left RUNNING is re-queued by the next run (``recover_interrupted``)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def now(signum: int, _frame: Any) -> None:
+        print(
+            "autosqueeze: stopped at once (a second signal); trials left running are "
+            "re-queued by the next run.",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(128 + signum)
+
+    for number in _SIGNALS:
+        signal.signal(number, now)
+
+
+def _current_handlers() -> dict[int, Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {number: signal.getsignal(number) for number in _SIGNALS}
+
+
+def _restore_handlers(handlers: dict[int, Any]) -> None:
+    for number, handler in handlers.items():
+        if handler is not None:
+            signal.signal(number, handler)
 
 
 class _StopSignals:

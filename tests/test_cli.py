@@ -334,3 +334,23 @@ def test_commands_that_read_never_write_the_storage(tmp_path, make_config, capsy
     assert stranger.read_bytes() == b"not a journal, 30 bytes long.\n"
     code, _, err = run(capsys, "front", config, "--storage", tmp_path / "absent.log")
     assert code == 2 and "does not exist" in err and not (tmp_path / "absent.log").exists()
+
+
+@pytest.mark.parametrize("second", ["SIGINT", "SIGTERM"])
+def test_a_second_signal_while_a_search_winds_down_exits_at_once(second):
+    """What the search installs once a first signal stopped it (trials being re-queued, Ray
+    shutting down): the next signal ends the process there and then, 128 + its number."""
+    winding_down = (
+        "import os, signal, time\n"
+        "from autosqueeze.search import _exit_on_another_signal\n"
+        "_exit_on_another_signal()\n"
+        f"os.kill(os.getpid(), signal.{second})\n"
+        "time.sleep(600)\n"
+        "print('still winding down')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", winding_down], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 128 + {"SIGINT": 2, "SIGTERM": 15}[second]
+    assert "stopped at once" in done.stderr and "re-queued by the next run" in done.stderr
+    assert "still winding down" not in done.stdout and "Traceback" not in done.stderr
