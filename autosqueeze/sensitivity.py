@@ -473,7 +473,9 @@ def group_options(
                     zeros[key] = rounded_to_zero(layer, bits, m.group_size)
                 nbytes += layer_bytes(layer, m.group_size, **settings, zeros=zeros[key])
             speed = math.prod(
-                table.speed(Probe(prefix, k, v)) for k, v in values.items() if k in SPEED_KNOBS
+                table.speed(Probe(prefix, k, v))
+                for k, v in values.items()
+                if k in SPEED_KNOBS and v != technique_for(k).identity  # untouched: as it was
             )
             found.append(Option(values, harm, nbytes, (ms or 0.0) * (speed - 1.0)))
         if found:

@@ -260,6 +260,17 @@ def test_the_latency_model_adds_each_groups_change_to_the_original():
     # bits change what is stored, not how it runs
     assert table.predicted_latency(space, space.plan({f"{group}.bits": 4})) == pytest.approx(1.0)
     assert SensitivityTable(64).predicted_latency(space, plan) is None  # no timings
+    # the knapsack's options price the same: a layer left as it is costs no time
+    for probe in probes_of(space):
+        table.distortions.setdefault(probe.key, 1e-4)
+    options = {
+        (o.values.get("kernel"), o.values.get("rank")): o.ms
+        for o in group_options(space, table, model)[group]
+        if o.values.get("bits", 32) == 32 and not o.values.get("prune")
+    }
+    assert options[("fp32", 1.0)] == 0.0
+    assert options[("int8_dynamic", 1.0)] == pytest.approx(2.0 * (0.5 - 1))
+    assert options[("int8_dynamic", 0.5)] == pytest.approx(2.0 * (0.5 * 0.8 - 1))
 
 
 def test_speed_first_knapsack_plans_trade_bytes_for_the_kernels_the_timings_favour():
