@@ -30,6 +30,7 @@ from autosqueeze.executors import Executor, Outcome, create_executor, evaluate_n
 from autosqueeze.front import Front, compute_front, write_front
 from autosqueeze.measure import Limits, Measurements, robust_latency
 from autosqueeze.sensitivity import (
+    SIZE_FIRST,
     SPEED_FIRST,
     Candidate,
     SensitivityTable,
@@ -175,11 +176,22 @@ def sensitivity_table(
             executor.probes,
             table,
             lambda t: study.set_user_attr(SENSITIVITY, t.to_dict()),
-            timings=executor.timings,
+            timings=executor.timings if prices_time(config) else None,
             progress=advance,
         )
     finally:
         bar.close()
+
+
+def prices_time(config: StudyConfig) -> bool:
+    """Whether the study cares about latency (an objective or a budget): only then does the
+    pass time layers and the knapsack weigh time. Otherwise the plans queued depend on
+    nothing measured in time, and a seeded study repeats itself."""
+    return "latency_ms" in config.objectives or config.budgets.max_latency_ms is not None
+
+
+def _size_first(config: StudyConfig) -> float:
+    return SIZE_FIRST if prices_time(config) else 0.0
 
 
 def _shaped(
@@ -289,10 +301,11 @@ def _enqueue_baselines(
     starts: tuple[str, ...] = tuple(WARM_STARTS)
     if table is not None:
         drop, count = config.budgets.max_metric_drop, config.sensitivity.candidates
-        for candidate in candidate_plans(space, table, task.model, ladder(table, count, drop)):
+        levels = ladder(table, count, drop)
+        for candidate in candidate_plans(space, table, task.model, levels, _size_first(config)):
             _queue_candidate(space, candidate, queue)
         starts = SPEED_STARTS
-        if table.model_ms and config.sensitivity.speed_candidates:
+        if prices_time(config) and table.model_ms and config.sensitivity.speed_candidates:
             levels = ladder(table, config.sensitivity.speed_candidates, drop)
             for candidate in candidate_plans(space, table, task.model, levels, SPEED_FIRST):
                 _queue_candidate(space, candidate, queue)
@@ -365,7 +378,9 @@ def _refine(
     queue = _queue(study, room=config.search.trials - taken_count(study, waiting=True))
     queued = [
         _queue_candidate(space, candidate, queue)
-        for candidate in candidate_plans(space, table, task.model, refined_levels(tried, step))
+        for candidate in candidate_plans(
+            space, table, task.model, refined_levels(tried, step), _size_first(config)
+        )
     ]
     # a round that finds no new plan would find none again: the interval is as fine as
     # the options allow
