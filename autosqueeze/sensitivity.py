@@ -155,10 +155,12 @@ class SensitivityTable:
             return cls(samples)
         parts = [data.get(k) for k in ("drops", "distortions", "failed")]
         timings = [data.get(k) for k in ("speeds", "layer_ms", "untimed")]
+        numbers = [parts[0], parts[1], timings[0], timings[1]]
         base, seconds, model_ms = data.get("base"), data.get("seconds"), data.get("model_ms")
         if (
             data.get("samples") != samples
             or not all(isinstance(p, dict) for p in parts + timings)
+            or not all(_number_or_none(v) for d in numbers for v in d.values())
             or not all(_number_or_none(x) for x in (base, model_ms))
             or not isinstance(seconds, (int, float))
         ):

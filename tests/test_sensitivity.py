@@ -177,6 +177,19 @@ def test_the_pass_resumes_where_it_stopped_and_a_second_run_reuses_it(tmp_path):
             "base": 1.0,
             "seconds": 1.0,
         },
+        {  # ours but for a speed that is not a number
+            "format": 2,
+            "samples": 64,
+            "drops": {"a.bits=4": 0.0},
+            "distortions": {},
+            "failed": {},
+            "speeds": {'a.kernel="bf16"': "fast"},
+            "layer_ms": {},
+            "untimed": {},
+            "model_ms": 1.0,
+            "base": 1.0,
+            "seconds": 1.0,
+        },
     ],
 )
 def test_a_stored_table_that_is_not_ours_is_measured_again_not_believed(stored):
@@ -396,7 +409,7 @@ def test_refinement_closes_in_on_where_the_budget_falls_between_measured_plans(t
                 tmp_path,
                 search={"trials": 20},
                 budgets={"max_metric_drop": 0.005},
-                sensitivity={"speed_candidates": 0},
+                objectives=["metric", "size_bytes"],  # nothing timed decides the plans
             ),
         )
     )
