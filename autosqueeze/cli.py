@@ -133,6 +133,18 @@ def _parser() -> argparse.ArgumentParser:
         help="serve on a non-loopback --host; requests must carry the printed URL's token",
     )
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 = any free)")
+    p = command(
+        "doctor",
+        _doctor,
+        "Check the study's journal file for lines Optuna cannot replay (a foreign line, a "
+        "record cut by a killed writer) and count its trials; changes nothing unless --repair.",
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="move the bad lines out of the journal, keeping the whole original as a backup "
+        "beside it (safe while a search runs: it holds the writers' lock)",
+    )
     p = command("report", _report, "Write the dashboard's figures as one self-contained HTML.")
     p.add_argument("-o", "--output", type=Path, required=True, help="the HTML file to write")
     return parser
@@ -347,6 +359,48 @@ def _validate(args: argparse.Namespace) -> int:
     for warning in warnings:
         print(f"warning: {warning}")
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from optuna.trial import TrialState
+
+    from autosqueeze.journal import diagnose, repair
+    from autosqueeze.study import open_study
+
+    config = _config(args)
+    path = Path(config.storage)
+    if "://" not in config.storage:
+        if not path.is_file():
+            raise UserError(f"search.storage: {path} does not exist or is not a file.")
+        try:
+            found, backup = repair(path) if args.repair else (diagnose(path), None)
+        except OSError as exc:
+            why = exc.strerror or exc
+            raise UserError(f"search.storage: cannot repair {path}: {why}") from None
+        print(f"{path}: {found.records} records")
+        for skipped in found.skipped:
+            kept = " (the whole record after it is kept)" if skipped.recovered else ""
+            print(f"  line {skipped.line}: {skipped.why}{kept}: {skipped.excerpt!r}")
+        if found.torn_tail:
+            print("  last line: cut short (a writer killed mid-append; never acknowledged)")
+        if backup is not None:
+            print(f"Repaired: moved the bad lines out; the original is kept as {backup}.")
+        elif not found.healthy:
+            print(
+                "Commands skip these lines. To move them out: autosqueeze doctor CONFIG "
+                "--repair (the original is kept as a backup)."
+            )
+    study = open_study(config, create=False)
+    trials = study.get_trials(deepcopy=False)
+    counts = {state.name.lower(): 0 for state in TrialState}
+    for trial in trials:
+        counts[trial.state.name.lower()] += 1
+    shown = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
+    print(f"study {config.name!r}: {len(trials)} trials ({shown or 'none yet'})")
+    if counts["running"]:
+        print("  running trials of a driver that is gone are queued again by the next search.")
+    healthy = "://" in config.storage or args.repair or found.healthy
+    return 0 if healthy else 1
 
 
 def _dashboard(args: argparse.Namespace) -> int:

@@ -12,30 +12,24 @@ The Optuna objective is the relative latency (1 / speedup), which no later timin
 
 from __future__ import annotations
 
-import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.storages import JournalStorage
-from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
-
-try:  # private, so guarded: without it the journal stays Optuna's fsync-per-append writer
-    from optuna.storages.journal._file import get_lock_file as _get_lock_file
-except ImportError:  # pragma: no cover
-    _get_lock_file = None
 from optuna.trial import FrozenTrial, TrialState
 
 from autosqueeze.config import DIRECTIONS, StudyConfig, masked
 from autosqueeze.errors import UserError
+from autosqueeze.journal import JournalReader, JournalWriter, check_is_journal, skipped_warning
 from autosqueeze.measure import Measurements, robust_latency
 from autosqueeze.plan import Plan
 from autosqueeze.samplers import create_sampler
@@ -75,15 +69,18 @@ def open_storage(config: StudyConfig, *, writable: bool = True) -> optuna.storag
         if path.exists() and not path.is_file():
             raise UserError(f"search.storage: {path} is not a regular file (a journal file)")
         if path.is_file():
-            _check_journal(path)
-        if not writable:
-            if not path.is_file():
-                raise UserError(_missing(config, path))
-            return JournalStorage(_JournalReader(str(path)))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        backend = _JournalFile(str(path))
-        backend.drop_torn_tail()
-        return JournalStorage(backend)
+            check_is_journal(path)
+        if not writable and not path.is_file():
+            raise UserError(_missing(config, path))
+        if writable:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            backend: JournalReader | JournalWriter = JournalWriter(str(path))
+            backend.drop_torn_tail()
+        else:
+            backend = JournalReader(str(path))
+        storage = JournalStorage(backend)
+        _warn_once(skipped_warning(path, backend.skipped))
+        return storage
     except UserError:
         raise
     except ImportError:
@@ -98,91 +95,21 @@ def open_storage(config: StudyConfig, *, writable: bool = True) -> optuna.storag
         ) from None
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(warning: str | None) -> None:
+    """A skipped journal line is told once per process, not at every dashboard poll."""
+    if warning and warning not in _warned:
+        _warned.add(warning)
+        print(f"autosqueeze: warning: {warning}", file=sys.stderr)
+
+
 def _missing(config: StudyConfig, path: Path) -> str:
     return (
         f"no study named {config.name!r}: {path} does not exist; run 'autosqueeze search' "
         "first (or check --study-dir / --storage)."
     )
-
-
-def _check_journal(path: Path) -> None:
-    """A file that does not start with an Optuna journal record is not one: refuse it before
-    anything is read from or written to it (a model file given as --storage by mistake)."""
-    with path.open("rb") as f:
-        head = f.read(64 * 1024)
-    if not head:
-        return
-    first = head.split(b"\n", 1)[0]
-    try:
-        record = json.loads(first)
-    except ValueError:
-        record = None
-    if not isinstance(record, dict) or "op_code" not in record:
-        raise UserError(
-            f"search.storage: {path} is not an Optuna journal file; nothing was changed"
-        )
-
-
-class _JournalFile(JournalFileBackend):
-    """Optuna's journal file, minus the fsync after every append.
-
-    The driver appends ~25 records per trial (one per parameter, attribute, state); syncing
-    each cost half of its time per trial (24 -> 13 ms at trial 320, benchmarks/scaling.py).
-    A killed process loses nothing (its writes are done); a power cut may lose the last trials.
-    """
-
-    def append_logs(self, logs: list[dict[str, Any]]) -> None:
-        if _get_lock_file is None:  # Optuna moved its internals: keep its own, synced writer
-            super().append_logs(logs)
-            return
-        text = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs)
-        with _get_lock_file(self._lock), open(self._file_path, "ab") as f:
-            f.write(text.encode("utf-8"))
-
-    def drop_torn_tail(self) -> None:
-        """A run killed mid-append can leave half a line; it was never acknowledged: drop it,
-        holding the writers' lock (another search may be appending to the same file)."""
-        if _get_lock_file is None:
-            _drop_torn_tail(Path(self._file_path))
-            return
-        with _get_lock_file(self._lock):
-            _drop_torn_tail(Path(self._file_path))
-
-
-class _JournalReader(BaseJournalBackend):
-    """A journal file read, never written: no file created, no torn tail cut (a record being
-    appended is simply not read yet). Reads resume where the last read ended."""
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._offsets = {0: 0}  # record number -> byte offset, for the complete lines seen
-
-    def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
-        number = max(n for n in self._offsets if n <= log_number_from)
-        offset = self._offsets[number]
-        with open(self._path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-        for line in data[: data.rfind(b"\n") + 1].splitlines(keepends=True):
-            if number >= log_number_from:
-                yield json.loads(line)
-            number += 1
-            offset += len(line)
-            self._offsets[number] = offset
-
-    def append_logs(self, logs: list[dict[str, Any]]) -> None:
-        raise RuntimeError("a command that only reads the study tried to write to it")
-
-
-def _drop_torn_tail(path: Path) -> None:
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with path.open("rb+") as f:
-        f.seek(-1, 2)
-        if f.read(1) == b"\n":
-            return
-        f.seek(0)
-        f.truncate(f.read().rfind(b"\n") + 1)
 
 
 def open_study(config: StudyConfig, *, create: bool) -> optuna.Study:
