@@ -2,14 +2,57 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from autosqueeze.errors import UserError
+
+IMPORT_TIME_LIMIT_S = 300.0
+"""How long importing a config's module may take (AUTOSQUEEZE_IMPORT_TIMEOUT overrides): an
+import that builds a model or waits on a network that is not there should fail, named."""
+
+
+class _TimeLimit(BaseException):  # not an Exception: user code's `except Exception` passes it
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise _TimeLimit in this (main) thread after ``seconds``; elsewhere, no limit."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+        signal, "setitimer"
+    ):
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise _TimeLimit
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _import_time_limit() -> float:
+    text = os.environ.get("AUTOSQUEEZE_IMPORT_TIMEOUT", "")
+    try:
+        return max(float(text), 0.1) if text else IMPORT_TIME_LIMIT_S
+    except ValueError:
+        raise UserError(
+            f"AUTOSQUEEZE_IMPORT_TIMEOUT: expected seconds, got {text[:40]!r}"
+        ) from None
 
 
 def load_callable(ref: str, *, field: str, search_dir: Path | None = None) -> Callable[..., Any]:
@@ -20,8 +63,17 @@ def load_callable(ref: str, *, field: str, search_dir: Path | None = None) -> Ca
     added = search_dir is not None and str(search_dir) not in sys.path
     if added:
         sys.path.insert(0, str(search_dir))
+    limit = _import_time_limit()
     try:
-        module = importlib.import_module(module_name)
+        with _time_limit(limit):
+            module = importlib.import_module(module_name)
+    except _TimeLimit:
+        raise UserError(
+            f"{field}: importing {module_name!r} took more than {limit:g} s "
+            "(AUTOSQUEEZE_IMPORT_TIMEOUT); does the module do slow work when imported?"
+        ) from None
+    except KeyboardInterrupt:
+        raise UserError(f"{field}: importing {module_name!r} was interrupted") from None
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
             where = f"the config's folder {search_dir} or " if search_dir else ""

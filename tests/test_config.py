@@ -68,6 +68,24 @@ def test_user_code_errors_name_the_field_and_the_line(tmp_path, make_config, cap
     assert "model.factory: expected 'module:callable'" in err
 
 
+def test_user_code_that_hangs_exits_or_interrupts_at_import_is_named(
+    tmp_path, make_config, capsys, monkeypatch
+):
+    (tmp_path / "hangs.py").write_text("import time\nwhile True:\n    time.sleep(0.05)\n")
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(3)\n")
+    (tmp_path / "interrupts.py").write_text("raise KeyboardInterrupt\n")
+    monkeypatch.setenv("AUTOSQUEEZE_IMPORT_TIMEOUT", "1")
+    err = fails(capsys, "validate", make_config(model={"factory": "hangs:build"}))
+    assert "model.factory: importing 'hangs' took more than 1 s" in err
+    err = fails(capsys, "validate", make_config(model={"factory": "exits:build"}))
+    assert "model.factory: importing 'exits' called sys.exit(3)" in err
+    err = fails(capsys, "validate", make_config(task={"metric": "interrupts:metric"}))
+    assert "task.metric: importing 'interrupts' was interrupted" in err
+    monkeypatch.setenv("AUTOSQUEEZE_IMPORT_TIMEOUT", "soon")
+    err = fails(capsys, "validate", make_config())
+    assert "AUTOSQUEEZE_IMPORT_TIMEOUT: expected seconds, got 'soon'" in err
+
+
 def test_missing_files_are_named(tmp_path, make_config, capsys):
     err = fails(capsys, "validate", make_config(space="nowhere.yaml"))
     assert "space: file" in err and "nowhere.yaml does not exist" in err
