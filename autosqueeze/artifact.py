@@ -10,6 +10,7 @@ plan chose, so the loaded model is the one that was measured.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -27,6 +28,17 @@ from autosqueeze.techniques import CompressedModel, Target, check_plan, deploy, 
 
 ARTIFACT_FORMAT = "1"
 _SEP = "::"
+_DIGEST = "sha256"  # metadata: of every stored tensor, so a damaged payload is never believed
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over each stored tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def artifact_bytes(compressed: CompressedModel) -> bytes:
@@ -34,7 +46,7 @@ def artifact_bytes(compressed: CompressedModel) -> bytes:
     and ``load_artifact`` takes it as it would the file (a trial measures it without a disk
     round trip; ``save_artifact`` writes these very bytes)."""
     tensors, metadata = _contents(compressed)
-    return serialize(tensors, metadata=metadata)
+    return serialize(tensors, metadata={**metadata, _DIGEST: _digest(tensors)})
 
 
 def artifact_size(compressed: CompressedModel) -> int:
@@ -42,6 +54,7 @@ def artifact_size(compressed: CompressedModel) -> int:
     (JSON, padded to 8 bytes, after its 8-byte length) is laid out as the library lays it
     out, tensors sorted by dtype (widest first) then name, and the data follows."""
     tensors, metadata = _contents(compressed)
+    metadata = {**metadata, _DIGEST: "0" * 64}  # a SHA-256 in hex: its length is known
     ordered = sorted(tensors.items(), key=lambda kv: (-_DTYPE_RANK[kv[1].dtype], kv[0]))
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
@@ -195,6 +208,8 @@ def _checked_contents(
             raise ValueError("its encodings are not a mapping")
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{where}: its plan or encodings are malformed: {exc}") from None
+    if _DIGEST in metadata and metadata[_DIGEST] != _digest(tensors):
+        raise ValueError(f"{where}: its contents do not match their SHA-256 (damaged in transit?)")
     parts: dict[str, dict[str, torch.Tensor]] = {key: {} for key in encodings}
     for name, tensor in tensors.items():
         key, _, part = name.partition(_SEP)

@@ -311,10 +311,14 @@ def _excerpt(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
+MAX_PROBLEMS = 8  # listed in one message; the rest are counted
+
+
 def _explain(exc: ValidationError) -> str:
     parts = []
-    for error in exc.errors():
-        field = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    errors = exc.errors()
+    for error in errors[:MAX_PROBLEMS]:
+        field = ".".join(_short(str(p)) for p in error["loc"]) or "(top level)"
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "unknown field (check its spelling; docs/config.md lists the fields)"
@@ -323,7 +327,13 @@ def _explain(exc: ValidationError) -> str:
         elif "input" in error and not isinstance(error["input"], dict):
             message += f" (got {_excerpt(error['input'])})"
         parts.append(f"field '{field}': {message}")
+    if len(errors) > MAX_PROBLEMS:
+        parts.append(f"and {len(errors) - MAX_PROBLEMS} more problem(s)")
     return "; ".join(parts) + "."
+
+
+def _short(name: str, limit: int = 40) -> str:
+    return name if len(name) <= limit else f"{name[:limit]}..."
 
 
 _URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*(@)")

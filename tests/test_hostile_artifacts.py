@@ -60,7 +60,10 @@ def _variants(data: bytes) -> dict[str, bytes]:
     relabelled[tensor]["dtype"] = "I32"
     giant = json.loads(json.dumps(header))
     giant[tensor]["shape"] = [1 << 40, 1 << 20]
+    flipped = bytearray(data)
+    flipped[-100] ^= 0x10  # one bit of a stored weight
     return {
+        "a payload bit flipped": bytes(flipped),
         "truncated": data[: len(data) // 2],
         "empty": b"",
         "random": os.urandom(4096),
