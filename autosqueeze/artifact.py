@@ -273,7 +273,8 @@ def _read(source: str | Path | bytes) -> tuple[dict[str, str], dict[str, torch.T
 def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"artifact {path} does not exist")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"artifact {path} {what}")
     return path
 
 

@@ -284,7 +284,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     config = _config(args)
     if not args.artifact.is_file():
-        raise UserError(f"--artifact: file {args.artifact} does not exist.")
+        what = "is not a regular file" if args.artifact.exists() else "does not exist"
+        raise UserError(f"--artifact: {args.artifact} {what}.")
     evaluator = Evaluator(load_task(config))
     try:
         got = evaluator.measure_artifact(args.artifact)
@@ -320,10 +321,12 @@ def _validate(args: argparse.Namespace) -> int:
     from autosqueeze.budgets import check_reachable
     from autosqueeze.search import knob_warnings
     from autosqueeze.space import build_space, coverage
+    from autosqueeze.study import check_storage
     from autosqueeze.tables import coverage_table
     from autosqueeze.task import degenerate_warnings, load_task
 
     config = _config(args)
+    check_storage(config)
     task = load_task(config)
     metric = task.evaluate_metric(task.model)
     if not isinstance(metric, (int, float)) or not math.isfinite(metric):

@@ -21,7 +21,7 @@ DIRECTIONS: dict[str, str] = {
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -88,7 +88,10 @@ class SensitivityConfig(_Strict):
         True, description="false: search the whole space with the sampler alone, no candidates"
     )
     samples: int = Field(
-        64, ge=1, description="validation samples a probe (and a trial's first look) is judged on"
+        64,
+        ge=1,
+        le=1_000_000,
+        description="validation samples a probe (and a trial's first look) is judged on",
     )
     margin: float = Field(
         1.5,
@@ -152,7 +155,7 @@ class ComputeConfig(_Strict):
 
 
 class StudyConfig(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128)
     model: ModelConfig
     task: TaskConfig
     space: Path

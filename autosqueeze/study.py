@@ -105,6 +105,37 @@ def _warn_once(warning: str | None) -> None:
         print(f"autosqueeze: warning: {warning}", file=sys.stderr)
 
 
+STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")  # what Optuna's RDB storage supports
+
+
+def check_storage(config: StudyConfig) -> None:
+    """What ``validate`` can say about the storage without connecting or writing: a URL's
+    database is known, a journal path is a journal file or not there yet."""
+    target = config.storage
+    if "://" in target:
+        scheme = target.split("://", 1)[0].split("+", 1)[0]
+        if scheme not in STORAGE_SCHEMES:
+            raise UserError(
+                f"search.storage: {scheme!r} is not a database Optuna can use "
+                f"({', '.join(STORAGE_SCHEMES)}), nor a journal file path"
+            )
+        try:
+            from sqlalchemy.engine import make_url
+
+            make_url(target).get_dialect()
+        except Exception as exc:
+            raise UserError(
+                f"search.storage: {masked(target)!r} is not a usable database URL: "
+                f"{type(exc).__name__}: {masked(str(exc))[:200]}"
+            ) from None
+        return
+    path = Path(target)
+    if path.exists() and not path.is_file():
+        raise UserError(f"search.storage: {path} is not a regular file (a journal file)")
+    if path.is_file():
+        check_is_journal(path)
+
+
 def _missing(config: StudyConfig, path: Path) -> str:
     return (
         f"no study named {config.name!r}: {path} does not exist; run 'autosqueeze search' "

@@ -100,7 +100,7 @@ def test_missing_files_are_named(tmp_path, make_config, capsys):
     config = make_config()
     assert "no study named 'digits-test'" in fails(capsys, "front", config)
     err = fails(capsys, "evaluate", config, "--artifact", tmp_path / "none.safetensors")
-    assert "--artifact: file" in err
+    assert "--artifact: " in err and "none.safetensors does not exist" in err
 
 
 def test_budgets_no_model_can_meet_are_refused_before_searching(make_config, capsys):
@@ -202,6 +202,12 @@ def test_a_config_cannot_cost_more_than_a_config(tmp_path, capsys, name, text, e
         ({"search": {"storage": "sqlite:///:memory:"}}, "search.storage"),
         ({"model": {"factory": "builtins:exit"}}, "model.factory"),
         ({"model": {"factory": "exits_on_import:build"}}, "model.factory"),
+        ({"budgets": {"max_latency_ms": float("inf")}}, "budgets.max_latency_ms"),
+        ({"name": "n" * 1000}, "name"),
+        ({"sensitivity": {"samples": 10**9}}, "sensitivity.samples"),
+        ({"search": {"storage": "mysql+nothing://x"}}, "'mysql+nothing://x' is not a usable"),
+        ({"search": {"storage": "oracle://x"}}, "search.storage: 'oracle' is not a database"),
+        ({"search": {"storage": "/"}}, "search.storage: / is not a regular file"),
     ],
 )
 def test_hostile_config_values_are_named_errors(tmp_path, capsys, override, field):

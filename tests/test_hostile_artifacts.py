@@ -105,4 +105,10 @@ def test_every_forged_or_corrupt_artifact_exits_2_naming_the_file(tmp_path, arti
     assert outcomes == {name: (2, True) for name in outcomes}
     folder = tmp_path / "a-folder.safetensors"
     folder.mkdir()
-    assert main(["evaluate", str(config), "--artifact", str(folder)]) == 2
+    fifo = tmp_path / "a-fifo.safetensors"
+    os.mkfifo(fifo)  # opening it would block: it must never be opened
+    endless = tmp_path / "endless.safetensors"
+    endless.symlink_to("/dev/zero")
+    for odd in (folder, fifo, endless):
+        assert main(["evaluate", str(config), "--artifact", str(odd)]) == 2
+        assert f"{odd} is not a regular file" in capsys.readouterr().err
