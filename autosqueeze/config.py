@@ -40,6 +40,14 @@ class ModelConfig(_Strict):
 class TaskConfig(_Strict):
     data: str = Field(description="'module:callable' returning validation (inputs, targets)")
     metric: str = Field("accuracy", description="built-in name or 'module:callable'")
+    output: str | None = Field(
+        None,
+        max_length=200,
+        description="the part of the model's output that built-in metrics and the sensitivity "
+        "pass compare: a key, field or attribute (logits, last_hidden_state, pooler_output) or "
+        "a tuple index (0); default: sentence_embedding, last_hidden_state, logits, else the "
+        "first tensor",
+    )
     calibration: str | None = Field(
         None,
         description="'module:callable' returning unlabeled input batches (or (inputs, targets) "

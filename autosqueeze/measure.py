@@ -412,7 +412,7 @@ class Evaluator:
             base = self._probe_base()
             try:
                 with applied(base, plan, self.task.target) as model:
-                    with recorded_outputs(model) as outputs:
+                    with recorded_outputs(model, self.task.config.task.output) as outputs:
                         metric = float(self.first_look.evaluate_metric(model))
             except ValueError as exc:
                 raise TrialError(str(exc)) from exc
@@ -442,7 +442,7 @@ class Evaluator:
         """The working copy probes change in place (and the original's outputs on it)."""
         if self._probe_model is None:
             self._probe_model = copy.deepcopy(self.task.model).to(self.task.device).eval()
-            with recorded_outputs(self._probe_model) as outputs:
+            with recorded_outputs(self._probe_model, self.task.config.task.output) as outputs:
                 self.first_look.evaluate_metric(self._probe_model)
             self._original_outputs = outputs
         return self._probe_model

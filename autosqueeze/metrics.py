@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,21 +39,37 @@ def to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def accuracy(model: nn.Module, data: Iterable[tuple[Any, Any]], device: torch.device) -> float:
+def accuracy(
+    model: nn.Module,
+    data: Iterable[tuple[Any, Any]],
+    device: torch.device,
+    output: str | None = None,
+) -> float:
     """Fraction of samples whose arg-max logit is the target class."""
     correct = total = 0
     with torch.inference_mode():
         for inputs, targets in data:
-            logits = primary_output(call_model(model, to_device(inputs, device)))
+            logits = primary_output(call_model(model, to_device(inputs, device)), output)
             targets = to_device(targets, device)
             correct += (logits.argmax(dim=-1) == targets).sum().item()
             total += targets.numel()
     return correct / total if total else float("nan")
 
 
-def primary_output(output: Any) -> torch.Tensor:
-    """The tensor a model's output stands for: itself, a dict's ``last_hidden_state`` /
-    ``logits`` / ``sentence_embedding`` (or first tensor), a tuple's first tensor."""
+def primary_output(output: Any, key: str | None = None) -> torch.Tensor:
+    """The tensor a model's output stands for: the part ``key`` names (``task.output``: a
+    key, field or attribute such as ``logits``, or a tuple index such as ``0``); by default
+    itself, a dict's ``sentence_embedding`` / ``last_hidden_state`` / ``logits`` (or first
+    tensor), a tuple's first tensor."""
+    if key is not None:
+        parts = _parts(output)
+        if isinstance(parts.get(key), torch.Tensor):
+            return parts[key]
+        tensors = [name for name, value in parts.items() if isinstance(value, torch.Tensor)]
+        raise TypeError(
+            f"task.output {key!r}: the model's output ({type(output).__name__}) holds no "
+            f"tensor there; its tensors: {', '.join(tensors) or 'none by name'}"
+        )
     if isinstance(output, torch.Tensor):
         return output
     if dataclasses.is_dataclass(output) and not isinstance(output, type):
@@ -69,9 +86,28 @@ def primary_output(output: Any) -> torch.Tensor:
     raise TypeError(f"no tensor in the model's output ({type(output).__name__})")
 
 
-def pooled(output: Any, inputs: Any) -> torch.Tensor:
+def _parts(output: Any) -> dict[str, Any]:
+    """An output's named parts: a dict's (a Hugging Face ``ModelOutput`` is one) or a
+    dataclass's fields, a named tuple's fields and a tuple's indices, an object's attributes."""
+    if isinstance(output, torch.Tensor):
+        return {}
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        return {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
+    if isinstance(output, dict):
+        return {str(k): v for k, v in output.items()}
+    if isinstance(output, (tuple, list)):
+        named = output._asdict() if hasattr(output, "_asdict") else {}
+        return {**{str(i): v for i, v in enumerate(output)}, **named}
+    return (
+        {k: v for k, v in vars(output).items() if not k.startswith("_")}
+        if hasattr(output, "__dict__")
+        else {}
+    )
+
+
+def pooled(output: Any, inputs: Any, key: str | None = None) -> torch.Tensor:
     """One vector per sample: token outputs (B, T, H) averaged over the attention mask."""
-    tensor = primary_output(output).float()
+    tensor = primary_output(output, key).float()
     if tensor.dim() == 3:
         mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
         if mask is None:
@@ -82,7 +118,7 @@ def pooled(output: Any, inputs: Any) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def recorded_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+def recorded_outputs(model: nn.Module, key: str | None = None) -> Iterator[list[torch.Tensor]]:
     """The model's outputs while the block runs, one float tensor per call, averaged over
     tokens when there are tokens: what ``distortion`` compares, caught as the metric runs
     (a probe pays for one pass over its samples, not two)."""
@@ -90,7 +126,7 @@ def recorded_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 
     def keep(_module: nn.Module, _args: Any, output: Any) -> None:
         try:
-            tensor = primary_output(output).detach().float()
+            tensor = primary_output(output, key).detach().float()
         except TypeError:
             return
         outputs.append((tensor.mean(dim=1) if tensor.dim() == 3 else tensor).cpu())
@@ -114,33 +150,38 @@ def distortion(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float |
     return error / scale if scale > 0 else None
 
 
-def embed(model: nn.Module, data: Iterable[tuple[Any, Any]], device: torch.device) -> torch.Tensor:
+def embed(
+    model: nn.Module,
+    data: Iterable[tuple[Any, Any]],
+    device: torch.device,
+    output: str | None = None,
+) -> torch.Tensor:
     """The pooled outputs of every sample, on the CPU."""
     with torch.inference_mode():
         parts = [
-            pooled(call_model(model, to_device(x, device)), to_device(x, device)).cpu()
+            pooled(call_model(model, to_device(x, device)), to_device(x, device), output).cpu()
             for x, _ in data
         ]
     return torch.cat(parts)
 
 
-def fidelity(reference: torch.Tensor) -> Metric:
+def fidelity(reference: torch.Tensor, output: str | None = None) -> Metric:
     """Mean cosine similarity to the original model's pooled outputs (1.0 = identical)."""
 
     def metric(model: nn.Module, data: Iterable[tuple[Any, Any]], device: torch.device) -> float:
-        got = embed(model, data, device)
+        got = embed(model, data, device, output)
         return torch.nn.functional.cosine_similarity(got, reference, dim=1).mean().item()
 
     return metric
 
 
-def neighbour_overlap(reference: torch.Tensor, k: int = 10) -> Metric:
+def neighbour_overlap(reference: torch.Tensor, output: str | None = None, k: int = 10) -> Metric:
     """Mean share of each sample's top-k nearest neighbours (cosine) kept from the original."""
     k = min(k, len(reference) - 1)
     expected = _neighbours(reference, k)
 
     def metric(model: nn.Module, data: Iterable[tuple[Any, Any]], device: torch.device) -> float:
-        found = _neighbours(embed(model, data, device), k)
+        found = _neighbours(embed(model, data, device, output), k)
         shared = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, expected)]
         return sum(shared) / (k * len(shared))
 
@@ -155,7 +196,7 @@ def _neighbours(vectors: torch.Tensor, k: int) -> torch.Tensor:
 
 
 METRICS: dict[str, Metric] = {"accuracy": accuracy}
-REFERENCE_METRICS: dict[str, Callable[[torch.Tensor], Metric]] = {
+REFERENCE_METRICS: dict[str, Callable[[torch.Tensor, str | None], Metric]] = {
     "fidelity": fidelity,
     "neighbour_overlap": neighbour_overlap,
 }
@@ -168,13 +209,16 @@ def resolve_metric(
     search_dir: Path | None = None,
     original: nn.Module | None = None,
     data: Iterable[tuple[Any, Any]] = (),
+    output: str | None = None,
 ) -> Metric:
     """A built-in metric by name, or the user's ``"module:callable"``. Reference metrics
-    (``fidelity``, ``neighbour_overlap``) compute the original model's outputs once here."""
+    (``fidelity``, ``neighbour_overlap``) compute the original model's outputs once here.
+    ``output`` (``task.output``) is the part of the model's output built-ins compare."""
     if ref in METRICS:
-        return METRICS[ref]
+        return functools.partial(METRICS[ref], output=output)
     if ref in REFERENCE_METRICS and original is not None:
-        return REFERENCE_METRICS[ref](embed(original, data, torch.device("cpu")))
+        reference = embed(original, data, torch.device("cpu"), output)
+        return REFERENCE_METRICS[ref](reference, output)
     if ":" not in ref:
         from autosqueeze.errors import UserError
 

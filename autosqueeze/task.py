@@ -64,7 +64,11 @@ class Task:
         ref = self.config.task.metric
         metric = call_user(
             lambda: resolve_metric(
-                ref, search_dir=self.config.folder, original=self.model, data=batches
+                ref,
+                search_dir=self.config.folder,
+                original=self.model,
+                data=batches,
+                output=self.config.task.output,
             ),
             field="task.metric",
             ref=ref,
@@ -104,7 +108,13 @@ def load_task(config: StudyConfig) -> Task:
             f"model.factory: the model fails on its example input ({source}): {describe(exc)}"
         ) from None
     metric = call_user(
-        lambda: resolve_metric(config.task.metric, search_dir=folder, original=model, data=data),
+        lambda: resolve_metric(
+            config.task.metric,
+            search_dir=folder,
+            original=model,
+            data=data,
+            output=config.task.output,
+        ),
         field="task.metric",
         ref=config.task.metric,
     )
@@ -121,10 +131,11 @@ def degenerate_warnings(task: Task, metric: float) -> list[str]:
             f"task.metric: the original model scores 0 ({task.config.task.metric}): every "
             "compressed model is then 'within budget'; check the metric and the data"
         )
+    key = task.config.task.output
     with torch.inference_mode():
         outputs = torch.cat(
             [
-                pooled(call_model(task.model, to_device(x, task.device)), x).cpu()
+                pooled(call_model(task.model, to_device(x, task.device)), x, key).cpu()
                 for x, _ in task.data[:2]
             ]
         )
