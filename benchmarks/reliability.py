@@ -70,6 +70,13 @@ def _ours() -> set[int]:
     return {int(line.split()[0]) for line in out.splitlines() if any(m in line for m in marks)}
 
 
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:80]
+    except OSError:
+        return f"pid {pid} (gone)"
+
+
 def kill_cycles(folder: Path, cycles: int, rng: random.Random) -> dict[str, int]:
     config = write_yaml(
         folder / "study.yaml",
@@ -77,6 +84,8 @@ def kill_cycles(folder: Path, cycles: int, rng: random.Random) -> dict[str, int]
     )
     before = _ours()
     lost = left = 0
+    names: list[str] = []
+    slowest = 0.0  # seconds the last of a search's processes outlived it
     finished: set[int] = set()
     signals = [signal.SIGKILL, signal.SIGTERM, signal.SIGINT]
     for cycle in range(cycles):
@@ -95,9 +104,18 @@ def kill_cycles(folder: Path, cycles: int, rng: random.Random) -> dict[str, int]
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        time.sleep(5)  # Ray's processes end on their own once their driver is gone
-        leftovers = _ours() - before
+        gone = time.monotonic()
+        while True:  # Ray's processes end on their own once their driver is gone
+            leftovers = _ours() - before
+            if not leftovers or time.monotonic() - gone > 120:
+                break
+            time.sleep(1)
+        slowest = max(slowest, time.monotonic() - gone)
         left += len(leftovers)
+        names += [
+            f"{_command(pid)} (cycle {cycle}, signal {signals[cycle % 3].name})"
+            for pid in leftovers
+        ]
         for pid in leftovers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -118,6 +136,8 @@ def kill_cycles(folder: Path, cycles: int, rng: random.Random) -> dict[str, int]
         "processes left": left,
         "final search exit": code,
         "finished": sum(t.state.is_finished() for t in trials),
+        "left": names,
+        "slowest exit s": slowest,
         "config": config,
     }
 
@@ -322,8 +342,13 @@ def dashboard_probes(config: Path) -> dict[str, int]:
         with contextlib.suppress(OSError):
             raw(b"GET /api/study HTTP/1.0\r\n" + host + b"\r\n", wait=False)
     time.sleep(1)
-    server.send_signal(signal.SIGINT)
-    _, err = server.communicate(timeout=60)
+    server.send_signal(signal.SIGTERM)  # what a service manager sends (SIGINT may be ignored)
+    try:
+        _, err = server.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        _, err = server.communicate()
+        err += "\n(did not stop on SIGTERM within 60 s)"
     remote, _, remote_err = autosqueeze("dashboard", config, "--host", "0.0.0.0")
     return {
         "probes": len(probes) + 2,
@@ -366,38 +391,46 @@ def main() -> None:
         for name in ("kill", "artifacts", "configs", "journal", "secrets"):
             (root / name).mkdir()
         started = time.monotonic()
+        print("| check | tried | outcome | target |\n|---|---|---|---|", flush=True)
         kills = kill_cycles(root / "kill", args.cycles, rng)
-        artifacts = hostile_artifacts(root / "artifacts", args.random_artifacts, rng)
-        configs = hostile_configs(root / "configs")
-        journal = journal_appends(root / "journal")
-        dashboard = dashboard_probes(kills["config"])
-        secrets = secrets_shown(root / "secrets", kills["config"])
-        print("| check | tried | outcome | target |\n|---|---|---|---|")
         print(
             f"| kill cycles (SIGKILL/SIGTERM/SIGINT, in-process and 2 Ray evaluators) | "
             f"{kills['cycles']} | {kills['trials lost']} finished trials lost, "
-            f"{kills['left RUNNING']} left RUNNING, {kills['processes left']} processes left; "
-            f"resumed to {kills['finished']} finished (exit {kills['final search exit']}) | 0 |"
+            f"{kills['left RUNNING']} left RUNNING, {kills['processes left']} processes left "
+            f"after 120 s (the last gone {kills['slowest exit s']:.0f} s after the search); "
+            f"resumed to {kills['finished']} finished (exit {kills['final search exit']}) | 0 |",
+            flush=True,
         )
+        for name in kills["left"]:
+            print(f"left: {name}", file=sys.stderr)
+        artifacts = hostile_artifacts(root / "artifacts", args.random_artifacts, rng)
         print(
             f"| hostile artifacts through `evaluate` | {artifacts['tried']} | "
             f"{artifacts['exit 2']} exit 2, {artifacts['traceback']} tracebacks, "
-            f"{artifacts['wrong answer']} wrong answers | all exit 2 |"
+            f"{artifacts['wrong answer']} wrong answers | all exit 2 |",
+            flush=True,
         )
+        configs = hostile_configs(root / "configs")
         other = "; ".join(configs["other"]) or "none"
         print(
             f"| hostile configs through `validate` | {configs['tried']} | {configs['exit 2']} "
-            f"exit 2, {configs['traceback']} tracebacks (not exit 2: {other}) | all exit 2 |"
+            f"exit 2, {configs['traceback']} tracebacks (not exit 2: {other}) | all exit 2 |",
+            flush=True,
         )
+        journal = journal_appends(root / "journal")
         print(
             f"| journal appends with 2 readers and 3 repairs beside the writer | "
-            f"{journal['appends']} | {journal['lost']} lost | 0 |"
+            f"{journal['appends']} | {journal['lost']} lost | 0 |",
+            flush=True,
         )
+        dashboard = dashboard_probes(kills["config"])
         print(
             f"| dashboard probes (rebinding, traversal, methods, oversized, 300 half-sent, "
             f"disconnects, remote bind) | {dashboard['probes']} | {dashboard['handled']} "
-            f"refused or answered as they should, {dashboard['tracebacks']} tracebacks | all |"
+            f"refused or answered as they should, {dashboard['tracebacks']} tracebacks | all |",
+            flush=True,
         )
+        secrets = secrets_shown(root / "secrets", kills["config"])
         print(
             f"| storage password through validate, front, report, doctor, search | "
             f"{secrets['places']} | shown {secrets['shown']} times | 0 |"

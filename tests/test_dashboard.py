@@ -263,6 +263,7 @@ def test_the_dashboard_answers_only_loopback_names_and_tokens(searched, tmp_path
         assert rebound.startswith(b"HTTP/1.0 403") and b"trials" not in rebound
         head = _raw(port, b"HEAD / HTTP/1.0\r\nHost: localhost\r\n\r\n")
         assert head.startswith(b"HTTP/1.0 200") and head.endswith(b"\r\n\r\n")  # no body
+        assert _raw(port, b"GARBAGE\r\n\r\n").startswith(b"HTTP/1.0 400")
         import socket
 
         idle = socket.create_connection(("127.0.0.1", port))  # sends half a request, stays

@@ -74,6 +74,7 @@ def make_server(
 
     class Handler(BaseHTTPRequestHandler):
         timeout = REQUEST_TIMEOUT_S
+        default_request_version = "HTTP/1.0"  # a malformed request's error has a status line
 
         def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
             self._answer(with_body=False)

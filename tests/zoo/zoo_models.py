@@ -90,6 +90,26 @@ def build_shufflenet() -> nn.Module:
     return _with_statistics(_seeded(lambda: tv.models.shufflenet_v2_x0_5(num_classes=10)))
 
 
+def build_mobilenet_v3() -> nn.Module:
+    tv = _torchvision()
+    return _with_statistics(_seeded(lambda: tv.models.mobilenet_v3_small(num_classes=10)))
+
+
+def build_efficientnet() -> nn.Module:
+    tv = _torchvision()
+    return _with_statistics(_seeded(lambda: tv.models.efficientnet_b0(num_classes=10)))
+
+
+def build_squeezenet() -> nn.Module:
+    tv = _torchvision()
+    return _with_statistics(_seeded(lambda: tv.models.squeezenet1_1(num_classes=10)))
+
+
+def build_regnet() -> nn.Module:
+    tv = _torchvision()
+    return _with_statistics(_seeded(lambda: tv.models.regnet_y_400mf(num_classes=10)))
+
+
 def build_vit() -> nn.Module:
     """torchvision's ViT; its head starts at zero (every output the same), so it is drawn
     at random like the rest."""
@@ -110,6 +130,7 @@ def build_vit() -> nn.Module:
 
 
 data_resnet18 = data_mobilenet_v2 = data_shufflenet = data_vit = _images
+data_mobilenet_v3 = data_efficientnet = data_squeezenet = data_regnet = _images
 
 
 # --- torch's own layers ------------------------------------------------------------------------
@@ -280,6 +301,10 @@ TORCHVISION: dict[str, str] = {
     "resnet18": CNN,
     "mobilenet_v2": CNN,
     "shufflenet": CNN,
+    "mobilenet_v3": CNN,
+    "efficientnet": CNN,
+    "squeezenet": CNN,
+    "regnet": CNN,
     "vit": TRANSFORMER,
 }
 """torchvision's models: for ``benchmarks/zoo.py`` where torchvision imports (not in the
