@@ -31,7 +31,12 @@ class Kernel(ABC):
 
     def fits(self, layer: nn.Module, device: str) -> bool:
         """Whether this kernel can run ``layer`` on ``device`` (type and shape constraints)."""
-        return device in self.devices and isinstance(layer, self.layers)
+        linear_like = nn.Linear in self.layers and is_conv1d(layer)
+        return device in self.devices and (isinstance(layer, self.layers) or linear_like)
+
+    def deploy(self, layer: nn.Module) -> nn.Module:
+        """``convert``, a Hugging Face ``Conv1D`` first turned into the Linear it is."""
+        return self.convert(as_linear(layer))
 
     @abstractmethod
     def convert(self, layer: nn.Module) -> nn.Module:
@@ -44,6 +49,9 @@ class Float32(Kernel):
     name = "fp32"
     devices = frozenset({"cpu", "cuda"})
     layers = (nn.Linear, *_CONVS, nn.Embedding)
+
+    def deploy(self, layer: nn.Module) -> nn.Module:
+        return layer  # as the model wrote it, Conv1D included
 
     def convert(self, layer: nn.Module) -> nn.Module:
         return layer
@@ -124,6 +132,34 @@ KERNELS: dict[str, Kernel] = {
     for k in (Float32(), BFloat16(), Float16(), DynamicInt8(), WeightOnlyInt8(), WeightOnlyInt4())
 }
 """kernel name -> kernel; the names a space file's ``kernel`` knob may list."""
+
+
+def is_conv1d(layer: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2's projections): a Linear whose weight is stored
+    transposed, (in, out), computing ``x @ weight + bias``."""
+    weight = getattr(layer, "weight", None)
+    return (
+        type(layer).__name__ == "Conv1D"
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and getattr(layer, "nf", None) == weight.shape[1]
+    )
+
+
+def as_linear(layer: nn.Module) -> nn.Module:
+    """A ``Conv1D`` as the ``nn.Linear`` that computes the same; any other layer as it is."""
+    if not is_conv1d(layer):
+        return layer
+    weight = layer.weight.detach()
+    linear = nn.Linear(
+        weight.shape[0], weight.shape[1], bias=layer.bias is not None,
+        device=weight.device, dtype=weight.dtype,
+    )  # fmt: skip
+    with torch.no_grad():
+        linear.weight.copy_(weight.T)
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias.detach())
+    return linear.train(layer.training)
 
 
 def kernel_for(name: str) -> Kernel:

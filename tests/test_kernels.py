@@ -124,3 +124,31 @@ def _copy(module: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(module)
+
+
+@pytest.mark.parametrize("kernel_name", ["int8_dynamic", "int8_weight_only", "int4_weight_only"])
+def test_gpt2_conv1d_projections_run_the_linear_kernels(tmp_path, kernel_name):
+    """Hugging Face's Conv1D (all of GPT-2's projections) is a Linear stored transposed: the
+    Linear kernels are offered on it, and its artifact loads into them and scores as measured."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(config).eval()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=ids).last_hidden_state
+    names = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    assert len(names) == 4 and all(
+        KERNELS[kernel_name].fits(model.get_submodule(n), "cpu") for n in names
+    )
+    path = tmp_path / "gpt2.safetensors"
+    save_artifact(compress(model, Plan.uniform(names, bits=8, kernel=kernel_name)), path)
+    fresh = transformers.GPT2Model(config).eval()
+    loaded = load_artifact(path, fresh, Target(example_input={"input_ids": ids}))
+    assert all(type(loaded.get_submodule(n)).__name__ != "Conv1D" for n in names)
+    with torch.no_grad():
+        got = loaded(input_ids=ids).last_hidden_state
+    assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.99

@@ -48,4 +48,4 @@ class KernelChoice(Technique):
     def deploy(self, module: nn.Module, name: str, layer_plan: LayerPlan) -> None:
         kernel = kernel_for(layer_plan.kernel)
         for part_name, part in weighted_parts(module, name):
-            module.set_submodule(part_name, kernel.convert(part))
+            module.set_submodule(part_name, kernel.deploy(part))
