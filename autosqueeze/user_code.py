@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
-import signal
 import sys
-import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from autosqueeze.errors import UserError
+from autosqueeze.time_limit import time_limit
 
 IMPORT_TIME_LIMIT_S = 300.0
 """How long importing a config's module may take (AUTOSQUEEZE_IMPORT_TIMEOUT overrides): an
@@ -22,27 +20,6 @@ import that builds a model or waits on a network that is not there should fail, 
 
 class _TimeLimit(BaseException):  # not an Exception: user code's `except Exception` passes it
     pass
-
-
-@contextlib.contextmanager
-def _time_limit(seconds: float) -> Iterator[None]:
-    """Raise _TimeLimit in this (main) thread after ``seconds``; elsewhere, no limit."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(
-        signal, "setitimer"
-    ):
-        yield
-        return
-
-    def expire(signum: int, frame: object) -> None:
-        raise _TimeLimit
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _import_time_limit() -> float:
@@ -65,7 +42,7 @@ def load_callable(ref: str, *, field: str, search_dir: Path | None = None) -> Ca
         sys.path.insert(0, str(search_dir))
     limit = _import_time_limit()
     try:
-        with _time_limit(limit):
+        with time_limit(limit, _TimeLimit):
             module = importlib.import_module(module_name)
     except _TimeLimit:
         raise UserError(

@@ -174,7 +174,7 @@ def test_a_failing_analysis_withholds_its_knob_and_validate_says_why(tmp_path, c
 def test_an_analysis_that_runs_on_is_stopped():
     import pytest
 
-    from autosqueeze.techniques.channels import time_limit
+    from autosqueeze.time_limit import time_limit
 
     with pytest.raises(TimeoutError, match="took over 0.2 s"), time_limit(0.2):
         while True:  # as Torch-Pruning's grouping ran on a tiny LLaMA

@@ -12,13 +12,9 @@ transformer's hidden size) are never offered.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import signal
-import threading
 import time
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -30,6 +26,7 @@ from autosqueeze.metrics import call_model
 from autosqueeze.plan import LayerPlan
 from autosqueeze.recovery import floating_tensors
 from autosqueeze.techniques.base import CompressedModel, Site, Technique
+from autosqueeze.time_limit import time_limit
 from autosqueeze.user_code import describe
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -179,27 +176,6 @@ def _find_prunable(model: nn.Module, example_input: Any) -> set[str]:
         if verdicts[key]:
             prunable.add(name)
     return prunable
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Raise TimeoutError in the block once it has run ``seconds`` (a SIGALRM timer: Python
-    code is stopped between two bytecodes). Only the main thread gets signals; elsewhere the
-    block runs unlimited."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(_signum: int, _frame: Any) -> None:
-        raise TimeoutError(f"took over {seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, stop)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _prunes_cleanly(model: nn.Module, name: str, example_input: Any, shapes: list[Any]) -> bool:
