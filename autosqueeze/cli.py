@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from autosqueeze import __version__
+
+    parser.add_argument("--version", action="version", version=f"autosqueeze {__version__}")
     sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     def command(name: str, run: object, help: str) -> argparse.ArgumentParser:
@@ -90,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=_workers,
         help="Ray evaluators (default: compute.workers, 'auto' = one per CPU or GPU); "
         "0 evaluates in this process",
     )
@@ -109,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
         "metric lost and the output distortion when one knob of one layer takes one value. "
         "The search measures it first and reuses it; this command stores it in the study.",
     )
-    p.add_argument("--workers", type=int, help="Ray evaluators, as for search; 0: in-process")
+    p.add_argument("--workers", type=_workers, help="Ray evaluators, as for search; 0: in-process")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = command("front", _front, "Print the Pareto front of a finished or running study.")
@@ -150,14 +153,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _workers(text: str) -> int | str:
+    """``--workers``: a count (0 = in-process) or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        workers = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or 'auto', got {text!r}") from None
+    if workers < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {workers}")
+    return workers
+
+
 def _config(args: argparse.Namespace) -> StudyConfig:
     config = load_config(args.config)
     trials = getattr(args, "trials", None)
     if trials is not None and trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}.")
     workers = getattr(args, "workers", None)
-    if workers is not None and workers < 0:
-        raise UserError(f"--workers must be 0 or more, got {workers}.")
     return config.with_overrides(
         trials=trials,
         study_dir=args.study_dir,

@@ -202,7 +202,7 @@ class StudyConfig(_Strict):
         trials: int | None = None,
         study_dir: Path | None = None,
         storage: str | None = None,
-        workers: int | None = None,
+        workers: int | str | None = None,
         ray_address: str | None = None,
         sensitivity: bool | None = None,
     ) -> StudyConfig:

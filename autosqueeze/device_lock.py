@@ -12,6 +12,7 @@ measurement stops new shared holders from cutting in.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import tempfile
@@ -42,8 +43,7 @@ class DeviceLock:
 
     @contextmanager
     def _held(self, mode: int) -> Iterator[Held]:
-        gate_fd = os.open(self._paths[0], os.O_RDWR | os.O_CREAT, 0o666)
-        lock_fd = os.open(self._paths[1], os.O_RDWR | os.O_CREAT, 0o666)
+        gate_fd, lock_fd = (_shared_file(path) for path in self._paths)
         try:
             held = Held(gate_fd, lock_fd, mode)
             held.acquire(mode)
@@ -82,3 +82,16 @@ class Held:
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             self.acquire(self._mode)
+
+
+def _shared_file(path: Path) -> int:
+    """The lock file, opened read-write; made writable for every user when this process
+    creates it (the umask would leave 0644, locking a second user out of the device)."""
+    try:  # an existing file without O_CREAT: Linux's protected_regular refuses O_CREAT on
+        return os.open(path, os.O_RDWR)  # another user's file in the sticky temp folder
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o666)
+    return fd

@@ -28,6 +28,7 @@ class Kernel(ABC):
     name: ClassVar[str]
     devices: ClassVar[frozenset[str]]
     layers: ClassVar[tuple[type[nn.Module], ...]]
+    weight_bits: ClassVar[int]  # bits a weight takes in memory while it runs (compactness)
 
     def fits(self, layer: nn.Module, device: str) -> bool:
         """Whether this kernel can run ``layer`` on ``device`` (type and shape constraints)."""
@@ -49,6 +50,7 @@ class Float32(Kernel):
     name = "fp32"
     devices = frozenset({"cpu", "cuda"})
     layers = (nn.Linear, *_CONVS, nn.Embedding)
+    weight_bits = 32
 
     def deploy(self, layer: nn.Module) -> nn.Module:
         return layer  # as the model wrote it, Conv1D included
@@ -63,6 +65,7 @@ class Cast(Kernel):
 
     dtype: ClassVar[torch.dtype]
     layers = (nn.Linear, *_CONVS, nn.Embedding)
+    weight_bits = 16
 
     def convert(self, layer: nn.Module) -> nn.Module:
         return CastLayer(layer.to(self.dtype), self.dtype)
@@ -87,6 +90,7 @@ class DynamicInt8(Kernel):
     name = "int8_dynamic"
     devices = frozenset({"cpu"})
     layers = (nn.Linear,)
+    weight_bits = 8
 
     def convert(self, layer: nn.Module) -> nn.Module:
         from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
@@ -105,6 +109,7 @@ class WeightOnlyInt8(Kernel):
     name = "int8_weight_only"
     devices = frozenset({"cpu", "cuda"})
     layers = (nn.Linear, nn.Embedding)
+    weight_bits = 8
 
     def convert(self, layer: nn.Module) -> nn.Module:
         if isinstance(layer, nn.Embedding):
@@ -122,6 +127,7 @@ class WeightOnlyInt4(Kernel):
     name = "int4_weight_only"
     devices = frozenset({"cpu", "cuda"})
     layers = (nn.Linear,)
+    weight_bits = 4
 
     def convert(self, layer: nn.Module) -> nn.Module:
         return Int4WeightOnlyLinear(layer, 32 if layer.weight.device.type == "cpu" else 128)

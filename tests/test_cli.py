@@ -285,6 +285,18 @@ def test_console_script_help_and_errors_without_traceback(tmp_path):
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "nope.yaml does not exist" in bad.stderr
+    version = subprocess.run(
+        [sys.executable, "-m", "autosqueeze", "--version"], capture_output=True, text=True
+    )
+    assert version.returncode == 0 and version.stdout.startswith("autosqueeze 0.")
+    for workers, code, said in (("auto", 2, "nope.yaml does not exist"), ("-1", 2, "must be 0")):
+        run = subprocess.run(
+            [sys.executable, "-m", "autosqueeze", "search", str(tmp_path / "nope.yaml")]
+            + ["--workers", workers],
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == code and said in run.stderr, run.stderr
 
 
 def test_two_drivers_share_one_study_without_failing_each_other(tmp_path, make_config):

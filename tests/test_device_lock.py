@@ -44,3 +44,12 @@ def test_a_timing_inside_shared_work_waits_for_the_others_and_then_holds_shared_
         release.set()
         other.join(60)
     assert other.exitcode == 0
+
+
+def test_the_lock_files_are_shared_by_every_user_of_the_machine(tmp_path):
+    """Made 0666 whatever the umask: a second user timing on the same device must be able to
+    open them (and is, without O_CREAT, where protected_regular forbids it on others' files)."""
+    with DeviceLock(torch.device("cpu"), tmp_path).exclusive():
+        pass
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.glob("autosqueeze-cpu.*")}
+    assert modes == {"autosqueeze-cpu.gate": 0o666, "autosqueeze-cpu.lock": 0o666}

@@ -17,9 +17,6 @@ from autosqueeze.knobs import KnobValues, Range
 from autosqueeze.plan import LayerPlan
 from autosqueeze.techniques.base import CompressedModel, Site, Technique, weighted_parts
 
-# Most compact in memory first: what "most compressed" means for an execution form.
-_COMPACTNESS = ["int4_weight_only", "int8_weight_only", "int8_dynamic", "fp16", "bf16", "fp32"]
-
 
 class KernelChoice(Technique):
     knob = "kernel"
@@ -40,7 +37,7 @@ class KernelChoice(Technique):
         return CategoricalDistribution(usable) if len(usable) > 1 else usable[0]
 
     def most_compressed(self, values: list[Any]) -> Any:
-        return min(values, key=_COMPACTNESS.index)
+        return min(values, key=lambda name: KERNELS[str(name)].weight_bits)  # most compact
 
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
         """Nothing to store: the kernel is chosen when the artifact is loaded."""
