@@ -18,6 +18,8 @@ the file, under the same lock.
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import json
 import os
 import shutil
@@ -29,16 +31,31 @@ from pathlib import Path
 from typing import Any
 
 from optuna.distributions import CategoricalDistribution, json_to_distribution
-from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
-from optuna.storages.journal._storage import JournalOperation
+from optuna.storages.journal import (
+    BaseJournalBackend,
+    JournalFileBackend,
+    JournalFileSymlinkLock,
+)
 from optuna.trial import TrialState
 
 from autosqueeze.errors import UserError
 
-try:  # private, so guarded: without it appends go through Optuna's own fsync-per-append writer
-    from optuna.storages.journal._file import get_lock_file as _get_lock_file
-except ImportError:  # pragma: no cover
-    _get_lock_file = None
+
+class JournalOperation(enum.IntEnum):
+    """The op codes of Optuna's journal format (a file format: they cannot change)."""
+
+    CREATE_STUDY = 0
+    DELETE_STUDY = 1
+    SET_STUDY_USER_ATTR = 2
+    SET_STUDY_SYSTEM_ATTR = 3
+    CREATE_TRIAL = 4
+    SET_TRIAL_PARAM = 5
+    SET_TRIAL_STATE_VALUES = 6
+    SET_TRIAL_INTERMEDIATE_VALUE = 7
+    SET_TRIAL_USER_ATTR = 8
+    SET_TRIAL_SYSTEM_ATTR = 9
+    DISCARD_TRIALS = 10
+
 
 RECORD_START = b'{"op_code"'  # how every record Optuna (and this module) writes begins
 EXCERPT = 60  # characters of a skipped line shown
@@ -113,29 +130,29 @@ class JournalWriter(_Lines, JournalFileBackend):
     """
 
     def __init__(self, path: str) -> None:
-        JournalFileBackend.__init__(self, path)
+        self._writers_lock = JournalFileSymlinkLock(path)  # the lock Optuna's writers take
+        JournalFileBackend.__init__(self, path, lock_obj=self._writers_lock)
         _Lines.__init__(self, path)
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
-        if _get_lock_file is None:  # Optuna moved its internals: keep its own, synced writer
-            super().append_logs(logs)
-            return
         text = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs)
-        with _get_lock_file(self._lock), open(self._file_path, "ab") as f:
+        with self.locked(), open(self._path, "ab") as f:
             f.write(text.encode("utf-8"))
 
     def drop_torn_tail(self) -> None:
         """A run killed mid-append can leave half a line; it was never acknowledged: drop it,
         holding the writers' lock (another search may be appending to the same file)."""
         with self.locked():
-            _drop_torn_tail(Path(self._file_path))
+            _drop_torn_tail(Path(self._path))
 
-    def locked(self) -> Any:
-        if _get_lock_file is None:  # pragma: no cover
-            import contextlib
-
-            return contextlib.nullcontext()
-        return _get_lock_file(self._lock)
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Held as Optuna's own writers hold it, for appends and repairs alike."""
+        self._writers_lock.acquire()
+        try:
+            yield
+        finally:
+            self._writers_lock.release()
 
 
 class JournalReader(_Lines, BaseJournalBackend):
