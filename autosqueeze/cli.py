@@ -99,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
     p.add_argument(
+        "--sampler",
+        help="tpe, nsga2, gp, random or 'module:callable' (default: search.sampler); "
+        "its options come from search.sampler_options",
+    )
+    p.add_argument(
         "--no-sensitivity",
         action="store_true",
         help="no sensitivity pass: the sampler alone over the whole space, after the fixed "
@@ -178,6 +183,7 @@ def _config(args: argparse.Namespace) -> StudyConfig:
         storage=args.storage,
         workers=workers,
         ray_address=getattr(args, "ray_address", None),
+        sampler=getattr(args, "sampler", None),
         sensitivity=False if getattr(args, "no_sensitivity", False) else None,
     )
 
@@ -335,12 +341,13 @@ def _validate(args: argparse.Namespace) -> int:
     from autosqueeze.budgets import check_reachable
     from autosqueeze.search import knob_warnings
     from autosqueeze.space import build_space, coverage
-    from autosqueeze.study import check_storage
+    from autosqueeze.study import check_storage, sampler_of
     from autosqueeze.tables import coverage_table
     from autosqueeze.task import degenerate_warnings, load_task
 
     config = _config(args)
     check_storage(config)
+    sampler = type(sampler_of(config)).__name__
     task = load_task(config)
     metric = task.evaluate_metric(task.model)
     if not isinstance(metric, (int, float)) or not math.isfinite(metric):
@@ -359,7 +366,7 @@ def _validate(args: argparse.Namespace) -> int:
         f"{len(space.distributions)} searched knobs"
     )
     print(f"budgets   smallest model the space allows: {floor:,} bytes")
-    print(f"study     {config.name} in {config.storage_shown}")
+    print(f"study     {config.name} in {config.storage_shown}, sampled by {sampler}")
     rows = coverage(task.model, space)
     print()
     print(coverage_table(rows))

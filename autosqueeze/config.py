@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -134,7 +134,15 @@ class SearchConfig(_Strict):
     trials: int = Field(150, ge=1, le=1_000_000)
     seed: int | None = Field(0, ge=0, lt=2**32, description="NumPy's seeds are 32-bit")
     timeout_s: float | None = Field(None, gt=0)
-    sampler: str = "tpe"
+    sampler: str = Field(
+        "tpe",
+        max_length=200,
+        description="tpe, nsga2, gp, random, or 'module:callable' returning an Optuna sampler "
+        "(called with seed=... and the options)",
+    )
+    sampler_options: dict[str, Any] = Field(
+        default_factory=dict, description="keywords for the sampler, e.g. {n_startup_trials: 20}"
+    )
     output_dir: Path | None = Field(None, description="default: runs/<name> beside the config")
     storage: str | None = Field(
         None, description="database URL or journal file; default: output_dir/study.log"
@@ -203,6 +211,7 @@ class StudyConfig(_Strict):
         study_dir: Path | None = None,
         storage: str | None = None,
         workers: int | str | None = None,
+        sampler: str | None = None,
         ray_address: str | None = None,
         sensitivity: bool | None = None,
     ) -> StudyConfig:
@@ -210,7 +219,12 @@ class StudyConfig(_Strict):
         search = self.search.model_copy(
             update={
                 k: v
-                for k, v in {"trials": trials, "output_dir": study_dir, "storage": storage}.items()
+                for k, v in {
+                    "trials": trials,
+                    "output_dir": study_dir,
+                    "storage": storage,
+                    "sampler": sampler,
+                }.items()
                 if v is not None
             }
         )

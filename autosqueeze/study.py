@@ -143,6 +143,13 @@ def _missing(config: StudyConfig, path: Path) -> str:
     )
 
 
+def sampler_of(config: StudyConfig) -> optuna.samplers.BaseSampler:
+    search = config.search
+    return create_sampler(
+        search.sampler, seed=search.seed, options=search.sampler_options, search_dir=config.folder
+    )
+
+
 def open_study(config: StudyConfig, *, create: bool) -> optuna.Study:
     """The config's study; ``create=False`` for readers, which create and write nothing."""
     storage = open_storage(config, writable=create)
@@ -159,7 +166,7 @@ def open_study(config: StudyConfig, *, create: bool) -> optuna.Study:
         study_name=config.name,
         storage=storage,
         directions=directions,
-        sampler=create_sampler(config.search.sampler, seed=config.search.seed),
+        sampler=sampler_of(config),
         load_if_exists=True,
     )
     existing = [d.name.lower() for d in study.directions]
