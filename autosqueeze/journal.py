@@ -72,8 +72,13 @@ class Skipped:
 
 
 def check_is_journal(path: Path) -> None:
-    """Refuse, untouched, a file whose first line is not a journal record (a model file given
-    as ``--storage`` by mistake). An empty file is a new journal."""
+    """Refuse, untouched, what cannot be a journal: something that is not a regular file, or
+    a file whose first line is not a journal record (a model file given as ``--storage`` by
+    mistake). An empty or absent file is a new journal."""
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise UserError(f"search.storage: {path} is not a regular file (a journal file)")
     with path.open("rb") as f:
         first = f.readline(64 * 1024)
     torn_first = not first.endswith(b"\n") and first.startswith(RECORD_START)
@@ -102,7 +107,11 @@ class _Lines:
             if (stat.st_dev, stat.st_ino) != self._identity:  # replaced: read it anew
                 self._identity = (stat.st_dev, stat.st_ino)
                 self._reset()
-            number = max(n for n in self._offsets if n <= log_number_from)
+            number = (  # read on from the last read (a dict hit), else the nearest before
+                log_number_from
+                if log_number_from in self._offsets
+                else max(n for n in self._offsets if n <= log_number_from)
+            )
             offset, line_number = self._offsets[number]
             f.seek(offset)
             data = f.read()

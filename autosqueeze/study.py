@@ -66,10 +66,7 @@ def open_storage(config: StudyConfig, *, writable: bool = True) -> optuna.storag
                 database.parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.get_storage(target)
         path = Path(target)
-        if path.exists() and not path.is_file():
-            raise UserError(f"search.storage: {path} is not a regular file (a journal file)")
-        if path.is_file():
-            check_is_journal(path)
+        check_is_journal(path)
         if not writable and not path.is_file():
             raise UserError(_missing(config, path))
         if writable:
@@ -130,10 +127,7 @@ def check_storage(config: StudyConfig) -> None:
             ) from None
         return
     path = Path(target)
-    if path.exists() and not path.is_file():
-        raise UserError(f"search.storage: {path} is not a regular file (a journal file)")
-    if path.is_file():
-        check_is_journal(path)
+    check_is_journal(path)
 
 
 def _missing(config: StudyConfig, path: Path) -> str:
