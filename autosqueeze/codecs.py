@@ -1,14 +1,25 @@
 """How one tensor is stored in an artifact: precision, scales, and dense or sparse layout.
 
 Integer codecs (2-8 bits) are symmetric, so a pruned zero stays exactly zero, with one fp16
-scale per output row (or per ``group_size`` weights of a row). Values are bit-packed: n
-values at b bits take ceil(n*b/8) bytes. Any tensor with zeros may instead be stored as a
-bitmap of its nonzeros plus the nonzeros alone; the encoder picks whichever is smaller.
+scale per output row (or per ``group_size`` weights of a row). Values are stored in whichever
+of three layouts is smallest, by exact byte count:
+
+- dense: bit-packed, n values at b bits in ceil(n*b/8) bytes;
+- bitmap: a bitmap of the nonzeros plus the nonzeros alone, bit-packed (sparse tensors);
+- coded: Huffman-coded (Deep Compression's entropy coding). Quantized weights crowd the
+  levels near zero, so a level takes fewer than b bits on average: on all-MiniLM-L6-v2,
+  12% fewer at 3 bits, 8% at 4, 4% at 8. The stream is raw DEFLATE with Huffman codes only
+  (``zlib``: C speed both ways, a standard any language reads), over bytes that hold
+  8 // b values each, so a byte is a whole number of values.
+
+Float tensors (fp16/fp32) are dense or bitmap.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,22 +71,30 @@ def encode(tensor: torch.Tensor, codec: TensorCodec = TensorCodec()) -> Encoded:
             {"": values}, {"codec": f"fp{codec.bits}", "layout": "dense", "shape": shape}
         )
     q, scale = quantize(tensor, codec.bits, codec.group_size)
-    meta = {"codec": f"int{codec.bits}", "group_size": codec.group_size, "shape": shape}
-    unsigned = (q.flatten() + _qmax(codec.bits)).to(torch.uint8)
+    return encode_quantized(q, scale, codec)
+
+
+def encode_quantized(q: torch.Tensor, scale: torch.Tensor, codec: TensorCodec) -> Encoded:
+    """The smallest layout of ``quantize``'s output: the Huffman-coded stream where it beats
+    the bit-packed one (dense or bitmap, whichever is smaller, decided before packing)."""
+    bits, n = codec.bits, q.numel()
+    meta = {"codec": f"int{bits}", "group_size": codec.group_size, "shape": list(q.shape)}
+    unsigned = (q.flatten() + _qmax(bits)).to(torch.uint8)
     nonzero = q.flatten() != 0
     kept = int(torch.count_nonzero(nonzero))
-    if _sparse_is_smaller(n, kept, codec.bits):
+    sparse = _sparse_is_smaller(n, kept, bits)
+    packed_bytes = -(-kept * bits // 8) + -(-n // 8) if sparse else -(-n * bits // 8)
+    coded = _huffman(_joined(unsigned.numpy(), bits))
+    if len(coded) < packed_bytes:
+        stream = torch.frombuffer(bytearray(coded), dtype=torch.uint8)
+        return Encoded({"q": stream, "scale": scale}, {**meta, "layout": "coded", "count": n})
+    if sparse:
         return Encoded(
-            {
-                "q": _pack(unsigned[nonzero], codec.bits),
-                "scale": scale,
-                "mask": _pack_mask(nonzero),
-            },
+            {"q": _pack(unsigned[nonzero], bits), "scale": scale, "mask": _pack_mask(nonzero)},
             {**meta, "layout": "bitmap", "count": kept},
         )
     return Encoded(
-        {"q": _pack(unsigned, codec.bits), "scale": scale},
-        {**meta, "layout": "dense", "count": n},
+        {"q": _pack(unsigned, bits), "scale": scale}, {**meta, "layout": "dense", "count": n}
     )
 
 
@@ -83,8 +102,9 @@ def encoded_nbytes(
     shape: tuple[int, ...] | list[int], codec: TensorCodec, nonzero: int | None = None
 ) -> int:
     """The bytes ``encode`` stores for a float tensor of ``shape`` with ``nonzero`` nonzero
-    values after quantization (all, when None): what the size model predicts from, exact
-    for a given count of nonzeros."""
+    values after quantization (all, when None) in the bit-packed layouts: exact for a given
+    count of nonzeros, and the most an integer tensor takes (Huffman coding is used only
+    where it is smaller)."""
     n = math.prod(shape)
     nonzero = n if nonzero is None else nonzero
     if codec.bits in FLOAT_BITS:
@@ -125,8 +145,8 @@ def check_encoding(parts: dict[str, torch.Tensor], meta: Any) -> None:
     ints = {f"int{bits}": bits for bits in INT_BITS}
     if codec not in floats and codec not in ints:
         raise ValueError(f"its codec {codec!r} is none of {['raw', *floats, *ints]}")
-    if layout not in ("dense", "bitmap"):
-        raise ValueError(f"its layout {layout!r} is neither dense nor bitmap")
+    if layout not in ("dense", "bitmap") and not (layout == "coded" and codec in ints):
+        raise ValueError(f"its layout {layout!r} is none of dense, bitmap, coded (integers)")
     mask = -(-n // 8)
     if codec in floats:
         if layout == "dense":
@@ -144,11 +164,13 @@ def check_encoding(parts: dict[str, torch.Tensor], meta: Any) -> None:
         raise ValueError(f"its group_size {group!r} is not a positive integer")
     bitmap = {"mask": torch.uint8} if layout == "bitmap" else {}
     _expect(parts, {"q": torch.uint8, "scale": torch.float16, **bitmap})
-    if parts["q"].dim() != 1 or parts["q"].numel() != -(-count * ints[codec] // 8):
+    if parts["q"].dim() != 1:
+        raise ValueError("its packed values are not a flat stream")
+    if layout != "coded" and parts["q"].numel() != -(-count * ints[codec] // 8):
         raise ValueError("its packed values do not match its count")
     if layout == "bitmap" and parts["mask"].numel() != mask:
         raise ValueError("its bitmap does not match its shape")
-    if layout == "dense" and count != n:
+    if layout != "bitmap" and count != n:
         raise ValueError("its count does not match its shape")
     rows = shape[0] if len(shape) > 1 else 1
     width = n // rows if rows else 0
@@ -183,7 +205,10 @@ def decode(parts: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor
         values = parts["values" if mask is not None else ""].float().flatten()
     else:
         bits = int(codec[3:])
-        unsigned = _unpack(parts["q"], bits, meta["count"])
+        if meta["layout"] == "coded":
+            unsigned = _split(_unhuffman(parts["q"], -(-n // _per_byte(bits))), bits, n)
+        else:
+            unsigned = _unpack(parts["q"], bits, meta["count"])
         values = unsigned.to(torch.int16) - _qmax(bits)
     if mask is not None:
         full = torch.zeros(n, dtype=values.dtype)
@@ -297,6 +322,54 @@ def _unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return torch.from_numpy(lanes.reshape(-1)[:count].astype(np.uint8))
 
 
+def _per_byte(bits: int) -> int:
+    """Values per byte of the coded stream: whole values only, so a byte's code stands for
+    a fixed set of them (two 4-bit values, four 2-bit ones)."""
+    return 8 // bits
+
+
+def _joined(unsigned: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned ``bits``-bit values, ``_per_byte(bits)`` to a byte (value i of a byte in bits
+    i*b and up); the last byte padded with zeros."""
+    k = _per_byte(bits)
+    if k == 1:
+        return unsigned.astype(np.uint8)
+    rows = np.zeros((-(-len(unsigned) // k), k), dtype=np.uint8)
+    rows.reshape(-1)[: len(unsigned)] = unsigned
+    shifted = rows.astype(np.uint16) << (np.arange(k, dtype=np.uint16) * bits)
+    return shifted.sum(axis=1).astype(np.uint8)
+
+
+def _split(joined: np.ndarray, bits: int, count: int) -> torch.Tensor:
+    k = _per_byte(bits)
+    if k == 1:
+        return torch.from_numpy(joined[:count].copy())
+    lanes = (joined[:, None] >> (np.arange(k, dtype=np.uint8) * bits)) & ((1 << bits) - 1)
+    return torch.from_numpy(lanes.reshape(-1)[:count].astype(np.uint8))
+
+
+def _huffman(data: np.ndarray) -> bytes:
+    """Raw DEFLATE, Huffman codes only (no string matching, which finds nothing in weights
+    and costs time): each block of ~64K bytes gets the code of its own byte frequencies."""
+    coder = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)
+    return coder.compress(data.tobytes()) + coder.flush()
+
+
+def _unhuffman(stream: torch.Tensor, size: int) -> np.ndarray:
+    """The ``size`` bytes a coded stream stands for. The stream is untrusted: inflating stops
+    at ``size`` bytes, and anything but exactly ``size`` bytes then the stream's end is a
+    ValueError."""
+    inflater = zlib.decompressobj(-15)
+    try:
+        data = inflater.decompress(stream.numpy().tobytes(), size)
+        extra = inflater.decompress(inflater.unconsumed_tail, 1)
+    except zlib.error as exc:
+        raise ValueError(f"its coded values are not a Huffman stream: {exc}") from None
+    if len(data) != size or extra or not inflater.eof or inflater.unused_data:
+        raise ValueError(f"its coded values do not decode to the {size} bytes its shape needs")
+    return np.frombuffer(data, dtype=np.uint8)
+
+
 def _pack_mask(mask: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.packbits(mask.numpy(), bitorder="little"))
 
@@ -313,3 +386,28 @@ def _bitmap(
         {"values": flat[nonzero].contiguous(), "mask": _pack_mask(nonzero)},
         {**meta, "layout": "bitmap", "shape": shape},
     )
+
+
+def huffman_bits(counts: np.ndarray, bits: int) -> float:
+    """The bits a Huffman code built for values with these ``counts`` (per unsigned level)
+    takes to code them, joined ``8 // bits`` to a byte as the coded layout stores them
+    (independent values: a byte's frequency is the product of its values'). The size model
+    prices pruned layers from it; the coded layout's own stream differs from it by the
+    headers and per-block codes of DEFLATE."""
+    total = float(counts.sum())
+    if total == 0:
+        return 0.0
+    k = _per_byte(bits)
+    joint = counts / total
+    for _ in range(k - 1):
+        joint = np.outer(joint, counts / total).ravel()
+    weights = [float(w) * total / k for w in joint if w > 0]
+    if len(weights) == 1:
+        return weights[0]  # DEFLATE gives a lone symbol a one-bit code
+    heapq.heapify(weights)
+    cost = 0.0
+    while len(weights) > 1:  # each merge lengthens every code below it by one bit
+        merged = heapq.heappop(weights) + heapq.heappop(weights)
+        cost += merged
+        heapq.heappush(weights, merged)
+    return cost

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import torch
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
@@ -37,13 +36,11 @@ from optuna.distributions import (
 from scipy.optimize import Bounds, LinearConstraint, milp
 from torch import nn
 
-from autosqueeze.codecs import FLOAT_BITS, TensorCodec, encoded_nbytes, quantize
 from autosqueeze.measure import ProbeResult
 from autosqueeze.plan import Plan
+from autosqueeze.size_model import StoredWeights, layer_bytes, stored_weights
 from autosqueeze.space import LayerKnobs, SearchSpace
 from autosqueeze.techniques import technique_for
-from autosqueeze.techniques.base import matrices
-from autosqueeze.techniques.factorize import full_rank, rank_for
 
 TABLE_FORMAT = 2  # 2: layer timings (the latency model)
 MAX_RANGE_PROBES = 10  # a range knob is probed at this many points at most
@@ -447,7 +444,7 @@ def group_options(
     for layer in space.layers.values():
         members.setdefault(layer.prefix, []).append(layer)
     options = {}
-    zeros: dict[tuple[str, int], float] = {}
+    stored: dict[tuple[str, int], StoredWeights] = {}
     for prefix, layers in members.items():
         ms = table.group_ms(prefix) if table.model_ms else None
         knobs = {
@@ -467,13 +464,12 @@ def group_options(
             if not math.isfinite(harm):
                 continue
             settings = _size_settings({**layers[0].fixed, **values})
-            nbytes = 0
+            bits, nbytes = int(settings.pop("bits", 32)), 0
             for m in layers:
-                layer, bits = modules[m.name], int(settings.get("bits", 32))
-                key = (m.name, bits)
-                if key not in zeros:
-                    zeros[key] = rounded_to_zero(layer, bits, m.group_size)
-                nbytes += layer_bytes(layer, m.group_size, **settings, zeros=zeros[key])
+                layer, key = modules[m.name], (m.name, bits)
+                if key not in stored:
+                    stored[key] = stored_weights(layer, bits, m.group_size)
+                nbytes += layer_bytes(layer, stored[key], **settings)
             speed = math.prod(
                 table.speed(Probe(prefix, k, v))
                 for k, v in values.items()
@@ -487,49 +483,6 @@ def group_options(
 
 def _size_settings(values: dict[str, Any]) -> dict[str, Any]:
     return {k: values[k] for k in SIZE_KNOBS if k in values}
-
-
-def layer_bytes(
-    layer: nn.Module,
-    group_size: int | None,
-    bits: int = 32,
-    prune: float = 0.0,
-    rank: float = 1.0,
-    zeros: float = 0.0,
-) -> int:
-    """Predicted bytes of a layer's weight in the artifact (``encoded_nbytes``), where
-    ``zeros`` is the fraction of its weights quantization alone rounds to zero
-    (``rounded_to_zero``). Pruning takes the smallest weights, which are those quantization
-    zeroes too: the nonzeros are taken to be what the larger of the two leaves. Exact
-    without pruning or factorization; with them, off by what quantization zeroes beyond
-    the pruned weights (a few percent at 4 bits or more)."""
-    codec = TensorCodec(int(bits), group_size if int(bits) < 16 else None)
-    if rank < 1:  # the factors are other matrices: their own zeros are not known here
-        out, inp = full_rank(layer)
-        r = rank_for(layer, rank)
-        shapes, zeros = [(r, inp), (out, r)], 0.0
-    else:
-        shapes = [tuple(m.shape) for m in matrices(layer).values()]
-    total = 0
-    for shape in shapes:
-        n = math.prod(shape)
-        total += encoded_nbytes(shape, codec, n - max(round(prune * n), round(zeros * n)))
-    return total
-
-
-def rounded_to_zero(layer: nn.Module, bits: int, group_size: int | None) -> float:
-    """The fraction of a layer's weights that quantizing to ``bits`` rounds to zero (with
-    one scale per row, a row's outlier sends many of its small weights there)."""
-    zero = total = 0
-    for matrix in matrices(layer).values():
-        weight = matrix.detach().cpu()
-        if bits in FLOAT_BITS:  # tiny weights underflow in fp16
-            q = weight.to(FLOAT_BITS[bits])
-        else:
-            q, _ = quantize(weight, bits, group_size)
-        zero += q.numel() - int(torch.count_nonzero(q))
-        total += q.numel()
-    return zero / total if total else 0.0
 
 
 @dataclass(frozen=True)
@@ -701,8 +654,6 @@ __all__ = [
     "budget_level",
     "ladder",
     "refined_levels",
-    "rounded_to_zero",
-    "layer_bytes",
     "measure_sensitivity",
     "probe_plan",
     "probes_of",

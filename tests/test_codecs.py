@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 
-from autosqueeze.codecs import SUPPORTED_BITS, TensorCodec, decode, encode, quantize
+from autosqueeze.codecs import (
+    SUPPORTED_BITS,
+    TensorCodec,
+    check_encoding,
+    decode,
+    dequantize,
+    encode,
+    encoded_nbytes,
+    quantize,
+)
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -51,21 +60,30 @@ def test_quantization_error_is_at_most_half_a_scale_inside_the_grid_and_clipping
 )
 def test_dense_packed_sizes_are_exact(bits, group_size, expected):
     weight = torch.linspace(-1, 1, 1000).reshape(10, 100) + 0.001  # no exact zeros
-    encoded = encode(weight, TensorCodec(bits, group_size))
-    assert encoded.meta["layout"] == "dense"
-    assert encoded.nbytes == expected
+    codec = TensorCodec(bits, group_size)
+    encoded = encode(weight, codec)
+    assert encoded_nbytes(weight.shape, codec) == expected
+    assert encoded.meta["layout"] in ("dense", "coded")  # coded only where it is smaller
+    assert (
+        encoded.nbytes == expected
+        if encoded.meta["layout"] == "dense"
+        else expected > encoded.nbytes
+    )
 
 
 def test_sparse_layout_is_chosen_only_when_smaller():
     weight = torch.linspace(0.1, 1, 1000).reshape(10, 100)
     half = weight.clone()
     half[:, ::2] = 0
-    encoded = encode(half, TensorCodec(8))
+    codec = TensorCodec(8)
     # bitmap of 1000 bits + 500 nonzero bytes + scales, instead of 1000 bytes + scales
-    assert encoded.meta["layout"] == "bitmap"
-    assert encoded.nbytes == 125 + 500 + 20
+    assert encoded_nbytes(half.shape, codec, nonzero=500) == 125 + 500 + 20
+    encoded = encode(half, codec)
+    assert encoded.meta["layout"] in ("bitmap", "coded")  # coded only where it is smaller
+    assert encoded.nbytes <= 125 + 500 + 20
     # at 2 bits, a bitmap (1 bit a weight) costs more than it saves for 50 % zeros
-    assert encode(half, TensorCodec(2)).meta["layout"] == "dense"
+    assert encoded_nbytes(half.shape, TensorCodec(2), nonzero=500) == 250 + 20
+    assert encode(half, TensorCodec(2)).meta["layout"] != "bitmap"
     assert torch.equal(decode(encoded.parts, encoded.meta) == 0, half == 0)
 
 
@@ -106,3 +124,42 @@ def test_packing_keeps_the_bit_plane_layout_of_earlier_artifacts(bits):
         layout = np.packbits(planes.reshape(-1), bitorder="little")  # value i, bit j at i*b+j
         assert np.array_equal(_pack(values.to(torch.uint8), bits).numpy(), layout)
         assert torch.equal(_unpack(torch.from_numpy(layout), bits, count), values.to(torch.uint8))
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_huffman_coding_is_lossless_and_used_where_it_is_smaller(bits):
+    """Bell-shaped weights crowd the levels near zero: coding them beats bit-packing, and
+    decoding gives exactly the values bit-packing would."""
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(bits))
+    weight[:, :10] *= 6  # a few outliers per row, as trained weights have
+    codec = TensorCodec(bits, 32)
+    encoded = encode(weight, codec)
+    q, scale = quantize(weight, bits, 32)
+    assert encoded.meta["layout"] == "coded"
+    assert encoded.nbytes < encoded_nbytes(weight.shape, codec)
+    check_encoding(encoded.parts, encoded.meta)
+    assert torch.equal(decode(encoded.parts, encoded.meta), dequantize(q, scale, 32))
+
+
+def test_a_coded_stream_that_does_not_decode_to_its_shape_is_refused():
+    import zlib
+
+    encoded = encode(
+        torch.randn(64, 256, generator=torch.Generator().manual_seed(0)), TensorCodec(4)
+    )
+    assert encoded.meta["layout"] == "coded"
+    stream = encoded.parts["q"]
+    coder = zlib.compressobj(9, zlib.DEFLATED, -15)
+    bomb = coder.compress(bytes(1 << 24)) + coder.flush()  # 16 MiB of zeros in ~16 KiB
+    cases = {
+        "truncated": stream[: len(stream) // 2],
+        "garbage": torch.full((100,), 0xFF, dtype=torch.uint8),
+        "too long": torch.frombuffer(bytearray(bomb), dtype=torch.uint8),
+        "trailing bytes": torch.cat([stream, torch.tensor([1, 2, 3], dtype=torch.uint8)]),
+    }
+    for case, q in cases.items():
+        parts = {**encoded.parts, "q": q}
+        check_encoding(parts, encoded.meta)  # sizes alone cannot tell: decoding must
+        with pytest.raises(ValueError, match="coded values"):
+            decode(parts, encoded.meta)
+        assert case

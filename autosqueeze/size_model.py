@@ -1,0 +1,147 @@
+"""The size model: a layer's bytes in the artifact, predicted from a plan without building it.
+
+The knapsack weighs every combination of a layer's bits, pruning and rank, so each must be
+priced without compressing the model. A layer's weights are quantized once per bit width
+(``stored_weights``); that gives their exact stored bytes, and the census of their levels
+that prices pruning: magnitude pruning takes the smallest weights, which are the ones on
+the levels nearest zero, so a pruned layer is its census with that many values moved to
+level zero, coded as the codec would code it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from autosqueeze.codecs import (
+    FLOAT_BITS,
+    TensorCodec,
+    encode_quantized,
+    encoded_nbytes,
+    huffman_bits,
+    quantize,
+)
+from autosqueeze.techniques.base import matrices
+from autosqueeze.techniques.factorize import full_rank, rank_for
+
+
+@dataclass(frozen=True)
+class StoredMatrix:
+    """One weight matrix quantized at one bit width, as the artifact stores it."""
+
+    shape: tuple[int, ...]
+    nbytes: int  # exactly what ``encode`` stores
+    zeros: int  # values that quantization alone sends to zero
+    counts: np.ndarray | None = None  # integers: values per unsigned level (0 .. 2 qmax)
+    scale_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class StoredWeights:
+    """A layer's matrices at one bit width and group size."""
+
+    bits: int
+    group_size: int | None
+    matrices: tuple[StoredMatrix, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.matrices)
+
+    @property
+    def zeros(self) -> float:
+        """The fraction of the layer's weights that quantizing alone rounds to zero (with one
+        scale per row, a row's outlier sends many of its small weights there)."""
+        total = sum(math.prod(m.shape) for m in self.matrices)
+        return sum(m.zeros for m in self.matrices) / total if total else 0.0
+
+
+def stored_weights(layer: nn.Module, bits: int, group_size: int | None) -> StoredWeights:
+    """Quantize ``layer``'s matrices to ``bits`` (fp16/fp32: cast) and take their census."""
+    codec = TensorCodec(int(bits), group_size if int(bits) < 16 else None)
+    found = []
+    for matrix in matrices(layer).values():
+        weight = matrix.detach().cpu()
+        shape = tuple(weight.shape)
+        if bits in FLOAT_BITS:  # tiny weights underflow in fp16
+            zeros = weight.numel() - int(torch.count_nonzero(weight.to(FLOAT_BITS[bits])))
+            nbytes = encoded_nbytes(shape, codec, weight.numel() - zeros)
+            found.append(StoredMatrix(shape, nbytes, zeros))
+            continue
+        q, scale = quantize(weight, bits, codec.group_size)
+        counts = np.bincount(
+            q.flatten().long().numpy() + 2 ** (bits - 1) - 1, minlength=2**bits - 1
+        )
+        encoded = encode_quantized(q, scale, codec)
+        zeros = q.numel() - int(torch.count_nonzero(q))
+        found.append(StoredMatrix(shape, encoded.nbytes, zeros, counts, 2 * scale.numel()))
+    return StoredWeights(bits, codec.group_size, tuple(found))
+
+
+def layer_bytes(
+    layer: nn.Module, stored: StoredWeights, prune: float = 0.0, rank: float = 1.0
+) -> int:
+    """Predicted bytes of ``layer``'s weights at ``stored``'s bits with ``prune`` and ``rank``.
+
+    Exact with neither. Pruned: the census with the pruned share moved to level zero, in the
+    bit-packed layouts' exact bytes for that many nonzeros or the Huffman estimate of the
+    coded one (scaled by how the real stream compared with the estimate unpruned),
+    whichever is smaller, as the encoder chooses. Factorized: the factors' bit-packed bytes,
+    times the share coding saved on the layer itself (their values are not known here)."""
+    if prune == 0 and rank >= 1:
+        return stored.nbytes
+    codec = TensorCodec(stored.bits, stored.group_size if stored.bits < 16 else None)
+    if rank < 1:
+        out, inp = full_rank(layer)
+        r = rank_for(layer, rank)
+        packed = sum(
+            encoded_nbytes(m.shape, codec, math.prod(m.shape) - m.zeros) for m in stored.matrices
+        )
+        saved = min(1.0, stored.nbytes / packed) if packed else 1.0
+        factors = [math.prod(s) for s in [(r, inp), (out, r)]]
+        return round(
+            saved
+            * sum(
+                encoded_nbytes(s, codec, n - round(prune * n))
+                for s, n in zip([(r, inp), (out, r)], factors, strict=True)
+            )
+        )
+    return sum(_pruned_bytes(m, codec, prune) for m in stored.matrices)
+
+
+def _pruned_bytes(matrix: StoredMatrix, codec: TensorCodec, prune: float) -> int:
+    n = math.prod(matrix.shape)
+    zeros = max(round(prune * n), matrix.zeros)
+    packed = encoded_nbytes(matrix.shape, codec, n - zeros)
+    if matrix.counts is None:
+        return packed
+    unpruned_packed = encoded_nbytes(matrix.shape, codec, n - matrix.zeros)
+    if matrix.nbytes >= unpruned_packed:  # coding did not pay unpruned: price by packing
+        return packed
+    coded = matrix.nbytes - matrix.scale_bytes
+    estimate = huffman_bits(matrix.counts, codec.bits)
+    pruned = huffman_bits(_moved_to_zero(matrix.counts, zeros), codec.bits)
+    return min(packed, matrix.scale_bytes + round(coded * pruned / estimate))
+
+
+def _moved_to_zero(counts: np.ndarray, zeros: int) -> np.ndarray:
+    """The census after magnitude pruning leaves ``zeros`` values at zero: values leave the
+    levels nearest zero first (both signs in proportion)."""
+    counts = counts.astype(np.float64).copy()
+    centre = len(counts) // 2
+    need = zeros - counts[centre]
+    for step in range(1, centre + 1):
+        if need <= 0:
+            break
+        pair = counts[centre - step] + counts[centre + step]
+        take = min(need, pair)
+        if pair:
+            counts[centre - step] -= take * counts[centre - step] / pair
+            counts[centre + step] -= take * counts[centre + step] / pair
+        counts[centre] += take
+        need -= take
+    return counts
