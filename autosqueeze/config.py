@@ -122,6 +122,13 @@ class SensitivityConfig(_Strict):
         description="knapsack plans tried next, between the ladder's last that met "
         "the metric budget and its first that did not",
     )
+    knapsack_share: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="the share of sampled trials proposed as knapsack plans on perturbed "
+        "distortions, at levels the measured trials calibrate (the rest: search.sampler)",
+    )
     early_stop: float = Field(
         3.0,
         gt=0,

@@ -29,13 +29,13 @@ from autosqueeze.errors import Terminated, UserError
 from autosqueeze.executors import Executor, Outcome, create_executor, evaluate_now
 from autosqueeze.front import Front, compute_front, write_front
 from autosqueeze.measure import Limits, Measurements, robust_latency
+from autosqueeze.proposals import PROPOSED, Knapsack, KnapsackSampler
 from autosqueeze.sensitivity import (
     SIZE_FIRST,
     SPEED_FIRST,
     Candidate,
     SensitivityTable,
     budget_level,
-    candidate_plans,
     grid,
     ladder,
     measure_sensitivity,
@@ -98,7 +98,7 @@ def run_search(
     if stale:
         notes.append(f"re-queued {len(stale)} trial(s) left running by an earlier run: {stale}")
     executor = create_executor(config, task)
-    front_csv = table = None
+    front_csv = table = knapsack = None
     searched = space
     handlers = _current_handlers()
     try:
@@ -108,8 +108,23 @@ def run_search(
                 table = sensitivity_table(study, config, space, executor, progress=progress)
                 searched, shaping_notes = _shaped(config, space, table, task)
                 notes += shaping_notes
-            notes += _enqueue_baselines(study, searched, config, table, task)
-            refine = functools.partial(_refine, study, config, searched, table, task)
+                knapsack = Knapsack(
+                    searched,
+                    table,
+                    task.model,
+                    min_metric=Limits.of(config.budgets, ref.metric).min_metric,
+                    max_drop=config.budgets.max_metric_drop,
+                    prices_time=prices_time(config),
+                )
+                if config.sensitivity.knapsack_share > 0:
+                    study.sampler = KnapsackSampler(
+                        study.sampler,
+                        knapsack,
+                        config.sensitivity.knapsack_share,
+                        config.search.seed,
+                    )
+            notes += _enqueue_baselines(study, searched, config, knapsack)
+            refine = functools.partial(_refine, study, config, searched, knapsack)
             ran, stop = _loop(study, config, searched, executor, ref, progress, refine)
         front = compute_front(study, config.objectives)
         if front.members and stop is None:  # rebuilt on the evaluators, in parallel
@@ -279,8 +294,7 @@ def _enqueue_baselines(
     study: optuna.Study,
     space: SearchSpace,
     config: StudyConfig,
-    table: SensitivityTable | None,
-    task: Task,
+    knapsack: Knapsack | None,
 ) -> list[str]:
     """The baselines, then the knapsack plans (or, without a table, the warm starts): no more
     than ``search.trials``, so a short study leaves none waiting. A study resumed with more
@@ -299,15 +313,15 @@ def _enqueue_baselines(
         else:
             queue(params, {BASELINE: name})
     starts: tuple[str, ...] = tuple(WARM_STARTS)
-    if table is not None:
+    if knapsack is not None:
+        table = knapsack.table
         drop, count = config.budgets.max_metric_drop, config.sensitivity.candidates
-        levels = ladder(table, count, drop)
-        for candidate in candidate_plans(space, table, task.model, levels, _size_first(config)):
+        for candidate in knapsack.plans(ladder(table, count, drop), _size_first(config)):
             _queue_candidate(space, candidate, queue)
         starts = SPEED_STARTS
         if prices_time(config) and table.model_ms and config.sensitivity.speed_candidates:
             levels = ladder(table, config.sensitivity.speed_candidates, drop)
-            for candidate in candidate_plans(space, table, task.model, levels, SPEED_FIRST):
+            for candidate in knapsack.plans(levels, SPEED_FIRST):
                 _queue_candidate(space, candidate, queue)
             starts = CHANNEL_STARTS
     for name in starts:  # the nearest plan the space can express
@@ -353,8 +367,7 @@ def _refine(
     study: optuna.Study,
     config: StudyConfig,
     space: SearchSpace,
-    table: SensitivityTable | None,
-    task: Task,
+    knapsack: Knapsack | None,
     limits: Limits,
 ) -> None:
     """Once every knapsack plan so far has been measured, queue plans between the largest
@@ -364,7 +377,7 @@ def _refine(
     interactions), and so on the smallest plan within it."""
     done = study.user_attrs.get(REFINED, 0)
     done = config.sensitivity.refine if type(done) is not int else done  # True: an old study
-    if table is None or done >= config.sensitivity.refine:
+    if knapsack is None or done >= config.sensitivity.refine:
         return
     trials = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(BASELINE) == KNAPSACK]
     if not trials or any(t.state not in FINISHED for t in trials):
@@ -378,9 +391,7 @@ def _refine(
     queue = _queue(study, room=config.search.trials - taken_count(study, waiting=True))
     queued = [
         _queue_candidate(space, candidate, queue)
-        for candidate in candidate_plans(
-            space, table, task.model, refined_levels(tried, step), _size_first(config)
-        )
+        for candidate in knapsack.plans(refined_levels(tried, step), _size_first(config))
     ]
     # a round that finds no new plan would find none again: the interval is as fine as
     # the options allow
@@ -442,6 +453,9 @@ def _loop(
                     while room():
                         trial = study.ask(distributions)
                         plan = space.plan(trial.params)
+                        if isinstance(study.sampler, KnapsackSampler):
+                            if study.sampler.proposal(trial.number) is not None:
+                                trial.set_user_attr(PROPOSED, KNAPSACK)
                         trial.set_user_attr(DRIVER, DRIVER_ID)
                         trial.set_user_attr(PLAN, plan.to_json())
                         asked[trial.number] = trial

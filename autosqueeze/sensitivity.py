@@ -18,9 +18,12 @@ the study, so a resumed or second driver reuses it. From it the search
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -127,6 +130,27 @@ class SensitivityTable:
             )
             change += ms * (ratio - 1.0)
         return max(0.0, 1.0 + change / self.model_ms)
+
+    def predicted_distortion(self, space: SearchSpace, plan: Plan) -> float | None:
+        """The plan's distortion by the additive model: the sum of its values' own (none
+        below zero). None when it uses a knob the knapsack does not price (channel pruning:
+        recovery training wins back what its probe loses) or a value whose probe failed."""
+        total = 0.0
+        for prefix, layer in _first_layers(space).items():
+            lp = plan.layers.get(layer.name)
+            if lp is None:
+                continue
+            for knob in layer.searched:
+                value = getattr(lp, knob)
+                if value == technique_for(knob).identity:
+                    continue
+                if knob not in (*SIZE_KNOBS, *SPEED_KNOBS):
+                    return None
+                harm = self.distortion(Probe(prefix, knob, value))
+                if not math.isfinite(harm):
+                    return None
+                total += max(0.0, harm)
+        return total
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -509,11 +533,13 @@ def candidate_plans(
     model: nn.Module,
     levels: list[float],
     speed: float = SIZE_FIRST,
+    options: dict[str, list[Option]] | None = None,
 ) -> list[Candidate]:
     """One plan per distortion level (fewer when two levels give the same plan), each the
     least ``(1 - speed) x bytes + speed x time`` (both as fractions of the original's)
-    whose predicted distortion is within its level."""
-    options = group_options(space, table, model)
+    whose predicted distortion is within its level. ``options``: ``group_options``'s, when
+    already at hand (they quantize every layer at every bit-width)."""
+    options = group_options(space, table, model) if options is None else options
     found: list[Candidate] = []
     for level in levels:
         choice = _solve(options, level, speed, table.model_ms)
@@ -608,19 +634,40 @@ def _solve(
     member = np.zeros((len(groups), len(flat)))
     for j, (g, _) in enumerate(flat):
         member[groups.index(g), j] = 1
-    found = milp(
-        cost,
-        constraints=[
-            LinearConstraint(member, 1, 1),
-            LinearConstraint(harm[None, :], -np.inf, level),
-        ],
-        integrality=np.ones(len(flat)),
-        bounds=Bounds(0, 1),
-        options={"time_limit": 30.0, "mip_rel_gap": 1e-6},
+    with _silenced_stdout():
+        found = milp(
+            cost,
+            constraints=[
+                LinearConstraint(member, 1, 1),
+                LinearConstraint(harm[None, :], -np.inf, level),
+            ],
+            integrality=np.ones(len(flat)),
+            bounds=Bounds(0, 1),
+            options={"time_limit": 30.0, "mip_rel_gap": 1e-6},
+        )
+    chosen = (
+        {} if found.x is None else {flat[j][0]: flat[j][1] for j in np.flatnonzero(found.x > 0.5)}
     )
-    if found.x is None:  # no solution in time: the least distorting plan is still a plan
+    within = sum(o.distortion for o in chosen.values()) <= level * (1 + 1e-6) + 1e-12
+    if len(chosen) != len(kept) or not within:  # none in time, or not a solution (HiGHS #312)
         return {g: min(opts, key=lambda o: (o.distortion, o.nbytes)) for g, opts in kept.items()}
-    return {flat[j][0]: flat[j][1] for j in np.flatnonzero(found.x > 0.5)}
+    return chosen
+
+
+@contextlib.contextmanager
+def _silenced_stdout() -> Iterator[None]:
+    """Standard output closed at the file descriptor: HiGHS (under ``milp``) prints debug
+    lines from C++ straight to it ("HighsMipSolverData::transformNewIntegerFeasibleSolution
+    tmpSolver.run();", HiGHS issue #312), into the middle of the search's output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _cost(option: Option, speed: float, total_bytes: int, time_weight: float) -> float:

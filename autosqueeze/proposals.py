@@ -1,0 +1,216 @@
+"""Sampled trials from the sensitivity table: knapsack plans on perturbed distortions.
+
+TPE or random sampling in 50-100 per-layer dimensions sends most trials past the metric
+budget: each dimension is drawn on its own, and a few bad draws break the model. The table
+already says what each choice costs; what it gets wrong is how choices add up (interactions
+make the additive model under-count). ``KnapsackSampler`` therefore proposes, for a share of
+the sampled trials (``search.knapsack_share``), the knapsack plan at a distortion level drawn
+around where the measured trials place the budget, with each option's distortion perturbed
+(so plans differ in what they spend it on) and, where the study prices time, a random weight
+of time against bytes (so they spread along the front). The measured trials move that level
+as they arrive: the additive model is recalibrated after every trial. The other asks go to
+the configured sampler, which learns from every trial, proposed ones included.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
+from torch import nn
+
+from autosqueeze.plan import Plan
+from autosqueeze.sensitivity import (
+    SIZE_FIRST,
+    SPEED_FIRST,
+    Candidate,
+    Option,
+    SensitivityTable,
+    budget_level,
+    candidate_plans,
+    group_options,
+)
+from autosqueeze.space import SearchSpace
+
+PROPOSED = "proposed_by"
+"""Trial attr: "knapsack" on the sampled trials ``KnapsackSampler`` proposed."""
+NOISE = 0.35
+"""The spread of each option's perturbed distortion: a log-normal factor (about x0.7-x1.4)."""
+BELOW = 3.0
+"""How far below the largest predicted distortion that met the budget a level may fall."""
+REACH = 0.25
+"""How far (in log) towards the smallest predicted distortion above it that missed."""
+
+
+class KnapsackSampler(BaseSampler):
+    """``base``, except that a ``share`` of the trials it is asked for are knapsack plans
+    (``knapsack.propose``) instead; each trial's draw is seeded by the study's seed and its number,
+    so a resumed study decides as the first run would have."""
+
+    def __init__(
+        self,
+        base: BaseSampler,
+        knapsack: Knapsack,
+        share: float,
+        seed: int | None = None,
+    ) -> None:
+        self.base = base
+        self.knapsack = knapsack
+        self.share = share
+        self.seed = seed
+        self._proposals: dict[int, dict[str, Any] | None] = {}
+
+    def proposal(self, number: int) -> dict[str, Any] | None:
+        """The params proposed for trial ``number`` (None: the base sampler's trial)."""
+        return self._proposals.get(number)
+
+    def _decide(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any] | None:
+        if trial.number not in self._proposals:
+            rng = np.random.default_rng([self.seed or 0, trial.number])
+            proposal = None
+            if rng.random() < self.share:
+                proposal = self.knapsack.propose(study.get_trials(deepcopy=False), rng)
+            self._proposals[trial.number] = proposal
+        return self._proposals[trial.number]
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        if self._decide(study, trial) is not None:
+            return dict(self.knapsack.space.distributions)
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        search_space: dict[str, BaseDistribution],
+    ) -> dict[str, Any]:
+        proposal = self._decide(study, trial)
+        if proposal is not None:
+            return dict(proposal)
+        return self.base.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+
+
+class Knapsack:
+    """Knapsack plans over ``space`` from ``table``: at given levels (the queued ones), or
+    proposed at levels the measured trials calibrate. Each layer's options are priced once."""
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        table: SensitivityTable,
+        model: nn.Module,
+        *,
+        min_metric: float | None,
+        max_drop: float | None,
+        prices_time: bool,
+    ) -> None:
+        self.space = space
+        self.table = table
+        self.model = model
+        self.min_metric = min_metric
+        self.max_drop = max_drop
+        self.prices_time = prices_time and bool(table.model_ms)
+        self._options: dict[str, list[Option]] | None = None
+
+    @property
+    def options(self) -> dict[str, list[Option]]:
+        if self._options is None:  # each layer quantized at each bit-width: once
+            self._options = group_options(self.space, self.table, self.model)
+        return self._options
+
+    def plans(self, levels: list[float], speed: float) -> list[Candidate]:
+        """``candidate_plans`` at ``levels``, the weight of time ``speed``."""
+        return candidate_plans(self.space, self.table, self.model, levels, speed, self.options)
+
+    def tried(self, trials: list[FrozenTrial]) -> list[tuple[float, bool]]:
+        """(predicted distortion, met the metric budget) of each measured trial whose plan
+        the additive model prices."""
+        found = []
+        for t in trials:
+            metric, plan = t.user_attrs.get("metric"), t.user_attrs.get("plan")
+            if t.state not in (TrialState.COMPLETE, TrialState.PRUNED) or plan is None:
+                continue
+            if not isinstance(metric, (int, float)) or not math.isfinite(metric):
+                continue
+            try:
+                predicted = self.table.predicted_distortion(self.space, Plan.from_json(plan))
+            except (ValueError, TypeError, KeyError):
+                continue
+            if predicted is not None:
+                met = t.state == TrialState.COMPLETE and (
+                    self.min_metric is None or metric >= self.min_metric
+                )
+                found.append((predicted, met))
+        return found
+
+    def level(self, tried: list[tuple[float, bool]], rng: np.random.Generator) -> float | None:
+        """A distortion level, log-uniform from ``BELOW`` times below the largest predicted
+        distortion that met the budget to ``REACH`` of the way (in log) to the smallest
+        above it that did not: mostly plans that meet it, some that find out how far it
+        reaches."""
+        met = [d for d, ok in tried if ok and d > 0]
+        missed = [d for d, ok in tried if not ok and (not met or d > max(met))]
+        if met:
+            low = max(met)
+            high = low * (min(missed) / low) ** REACH if missed else low * 2.0
+        elif missed:
+            low = high = min(missed) / 8.0
+        else:
+            guess = budget_level(self.table, self.max_drop) if self.max_drop else None
+            if guess is None:
+                return None
+            low = high = guess
+        return float(math.exp(rng.uniform(math.log(low / BELOW), math.log(high))))
+
+    def propose(self, trials: list[FrozenTrial], rng: np.random.Generator) -> dict[str, Any] | None:
+        """The params of a knapsack plan on perturbed distortions (None if there is none)."""
+        level = self.level(self.tried(trials), rng)
+        if level is None or not self.options:
+            return None
+        speed = 0.0  # bytes alone, unless the study prices time: then half size-first
+        if self.prices_time:
+            speed = (
+                SIZE_FIRST if rng.random() < 0.5 else float(rng.uniform(SIZE_FIRST, SPEED_FIRST))
+            )
+        perturbed = {
+            group: [
+                replace(o, distortion=o.distortion * float(np.exp(rng.normal(0.0, NOISE))))
+                for o in opts
+            ]
+            for group, opts in self.options.items()
+        }
+        found = candidate_plans(self.space, self.table, self.model, [level], speed, perturbed)
+        return self.space.params_for(found[0].plan) if found else None

@@ -1,0 +1,88 @@
+"""Sampled trials proposed as knapsack plans from the sensitivity table."""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import study_config, write_yaml
+
+from autosqueeze.config import load_config
+from autosqueeze.plan import Plan
+from autosqueeze.proposals import BELOW, PROPOSED, REACH, Knapsack
+from autosqueeze.search import BASELINE, KNAPSACK, run_search
+from autosqueeze.sensitivity import SensitivityTable
+
+
+def _knapsack(**kw):
+    return Knapsack(None, SensitivityTable(samples=1), None, min_metric=0.9, max_drop=0.01, **kw)
+
+
+def test_levels_are_drawn_between_what_met_the_budget_and_what_did_not():
+    knapsack, rng = _knapsack(prices_time=False), np.random.default_rng(0)
+    tried = [(0.0, True), (0.01, True), (0.04, True), (0.5, False), (0.02, False)]
+    levels = [knapsack.level(tried, rng) for _ in range(200)]
+    # from a third below the largest that met, a quarter of the way (in log) to the first
+    # miss above it
+    assert min(levels) >= 0.04 / BELOW and max(levels) <= 0.04 * (0.5 / 0.04) ** REACH
+    assert min(levels) < 0.04 < max(levels)  # both sides of what is known to work
+    below = [knapsack.level([(0.8, False)], rng) for _ in range(20)]  # nothing met: go lower
+    assert max(below) <= 0.1
+    assert knapsack.level([], rng) is None  # no trials and no probe losses: no guess
+
+
+def test_a_search_proposes_knapsack_plans_for_the_sampled_trials(tmp_path):
+    config = load_config(
+        write_yaml(
+            tmp_path / "s.yaml",
+            study_config(
+                tmp_path,
+                search={"trials": 14},
+                sensitivity={
+                    "knapsack_share": 1.0,
+                    "candidates": 2,
+                    "speed_candidates": 0,
+                    "refine": 0,
+                },
+            ),
+        )
+    )
+    result = run_search(config, progress=False)
+    sampled = [t for t in result.study.trials if not t.user_attrs.get(BASELINE)]
+    assert len(sampled) >= 5
+    assert all(t.user_attrs.get(PROPOSED) == KNAPSACK for t in sampled)
+    plans = {t.user_attrs["plan"] for t in sampled}
+    assert len(plans) >= 3  # perturbed: they differ in what they spend the budget on
+    table, searched = result.sensitivity, result.searched
+    queued = [t for t in result.study.trials if t.user_attrs.get(BASELINE) == KNAPSACK]
+    largest = max(t.user_attrs["predicted_distortion"] for t in queued)
+    for trial in sampled:
+        for name, value in trial.params.items():  # inside the shaped space
+            dist = searched.distributions[name]
+            assert dist._contains(dist.to_internal_repr(value))
+        predicted = table.predicted_distortion(searched, Plan.from_json(trial.user_attrs["plan"]))
+        assert predicted is not None and predicted <= 4 * largest
+    within = [
+        t
+        for t in sampled
+        if t.user_attrs["metric"] >= result.study.trials[0].user_attrs["metric"] - 0.02
+    ]
+    assert len(within) >= len(sampled) / 2
+
+
+def test_without_a_share_the_sampler_alone_samples(tmp_path):
+    config = load_config(
+        write_yaml(
+            tmp_path / "s.yaml",
+            study_config(
+                tmp_path,
+                search={"trials": 8},
+                sensitivity={
+                    "knapsack_share": 0.0,
+                    "candidates": 2,
+                    "speed_candidates": 0,
+                    "refine": 0,
+                },
+            ),
+        )
+    )
+    result = run_search(config, progress=False)
+    assert not any(t.user_attrs.get(PROPOSED) for t in result.study.trials)
