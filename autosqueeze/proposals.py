@@ -42,11 +42,45 @@ from autosqueeze.space import SearchSpace
 PROPOSED = "proposed_by"
 """Trial attr: "knapsack" on the sampled trials ``KnapsackSampler`` proposed."""
 NOISE = 0.35
-"""The spread of each option's perturbed distortion: a log-normal factor (about x0.7-x1.4)."""
+"""The spread of each option's perturbed cost: a log-normal factor (about x0.7-x1.4)."""
+CHANCES = (0.5, 0.9)
+"""The range of the chance of meeting the metric budget a proposal's level is drawn at."""
 BELOW = 3.0
-"""How far below the largest predicted distortion that met the budget a level may fall."""
-REACH = 0.25
-"""How far (in log) towards the smallest predicted distortion above it that missed."""
+"""Before the fit: how far below the largest predicted distortion that met the budget."""
+RIDGE = 0.1
+"""The logistic fit's ridge penalty: a finite slope when the trials separate cleanly."""
+
+
+def _chance_fit(tried: list[tuple[float, bool]]) -> tuple[float, float] | None:
+    """(a, b) of P(met) = sigmoid(a + b log d) over the trials of positive distortion, by
+    Newton's method with a ridge penalty; None unless both outcomes were seen and the
+    chance falls as distortion grows (b < 0)."""
+    points = [(math.log(d), 1.0 if ok else 0.0) for d, ok in tried if d > 0]
+    outcomes = {y for _, y in points}
+    if len(points) < 4 or outcomes != {0.0, 1.0}:
+        return None
+    x = np.array([p[0] for p in points])
+    y = np.array([p[1] for p in points])
+    centre, spread = float(x.mean()), float(x.std()) or 1.0
+    design = np.stack([np.ones_like(x), (x - centre) / spread], axis=1)
+    w = np.zeros(2)
+    for _ in range(50):
+        p = 1 / (1 + np.exp(-(design @ w)))
+        gradient = design.T @ (y - p) - RIDGE * w
+        hessian = design.T @ (design * (p * (1 - p))[:, None]) + RIDGE * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        w += step
+        if np.abs(step).max() < 1e-8:
+            break
+    if w[1] >= 0:
+        return None
+    return float(w[0] - w[1] * centre / spread), float(w[1] / spread)
+
+
+def _perturbed(option: Option, factor: float) -> Option:
+    """The option at ``factor`` times its bytes and its change in time: plans then differ
+    in what they spend the budget on, while the distortion they spend stays true."""
+    return replace(option, nbytes=max(0, round(option.nbytes * factor)), ms=option.ms * factor)
 
 
 class KnapsackSampler(BaseSampler):
@@ -177,23 +211,29 @@ class Knapsack:
         return found
 
     def level(self, tried: list[tuple[float, bool]], rng: np.random.Generator) -> float | None:
-        """A distortion level, log-uniform from ``BELOW`` times below the largest predicted
-        distortion that met the budget to ``REACH`` of the way (in log) to the smallest
-        above it that did not: mostly plans that meet it, some that find out how far it
-        reaches."""
+        """A distortion level at which a plan meets the metric budget with a chance drawn
+        from ``CHANCES``, by a logistic fit of met/missed against the log of the predicted
+        distortion over the measured trials (the additive model recalibrated). Until the
+        trials show both outcomes around a slope, from ``BELOW`` times below the largest
+        predicted distortion that met the budget up to it; before any, the probes'
+        estimate of the budget."""
+        fit = _chance_fit(tried)
+        if fit is not None:
+            a, b = fit
+            chance = rng.uniform(*CHANCES)
+            return float(math.exp((math.log(chance / (1 - chance)) - a) / b))
         met = [d for d, ok in tried if ok and d > 0]
-        missed = [d for d, ok in tried if not ok and (not met or d > max(met))]
+        missed = [d for d, ok in tried if not ok and d > 0]
         if met:
-            low = max(met)
-            high = low * (min(missed) / low) ** REACH if missed else low * 2.0
+            high = max(met)
         elif missed:
-            low = high = min(missed) / 8.0
+            high = min(missed) / 8.0
         else:
             guess = budget_level(self.table, self.max_drop) if self.max_drop else None
             if guess is None:
                 return None
-            low = high = guess
-        return float(math.exp(rng.uniform(math.log(low / BELOW), math.log(high))))
+            high = guess
+        return float(math.exp(rng.uniform(math.log(high / BELOW), math.log(high))))
 
     def propose(self, trials: list[FrozenTrial], rng: np.random.Generator) -> dict[str, Any] | None:
         """The params of a knapsack plan on perturbed distortions (None if there is none)."""
@@ -206,10 +246,7 @@ class Knapsack:
                 SIZE_FIRST if rng.random() < 0.5 else float(rng.uniform(SIZE_FIRST, SPEED_FIRST))
             )
         perturbed = {
-            group: [
-                replace(o, distortion=o.distortion * float(np.exp(rng.normal(0.0, NOISE))))
-                for o in opts
-            ]
+            group: [_perturbed(o, float(np.exp(rng.normal(0.0, NOISE)))) for o in opts]
             for group, opts in self.options.items()
         }
         found = candidate_plans(self.space, self.table, self.model, [level], speed, perturbed)
