@@ -366,7 +366,9 @@ def _validate(args: argparse.Namespace) -> int:
         f"{len(space.distributions)} searched knobs"
     )
     print(f"budgets   smallest model the space allows: {floor:,} bytes")
-    print(f"study     {config.name} in {config.storage_shown}, sampled by {sampler}")
+    share = config.sensitivity.knapsack_share if config.sensitivity.enabled else 0.0
+    proposed = f" ({share:.0%} of sampled trials: knapsack proposals)" if share else ""
+    print(f"study     {config.name} in {config.storage_shown}, sampled by {sampler}{proposed}")
     rows = coverage(task.model, space)
     print()
     print(coverage_table(rows))

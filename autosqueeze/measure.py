@@ -18,7 +18,6 @@ import copy
 import math
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -34,6 +33,7 @@ from autosqueeze.device_lock import DeviceLock, Held
 from autosqueeze.errors import TrialError
 from autosqueeze.metrics import call_model, distortion, recorded_outputs, to_device
 from autosqueeze.plan import Plan
+from autosqueeze.quiet import STDERR, silenced
 from autosqueeze.task import Task
 from autosqueeze.techniques import applied, compress, runs_differently
 
@@ -349,7 +349,7 @@ def _held_bytes(value: Any) -> int:
 def _peak_allocated_cpu(model: nn.Module, inputs: Any) -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet_stderr(), torch.inference_mode():
+    with silenced(STDERR), torch.inference_mode():
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             call_model(model, inputs)
     events = sorted(
@@ -362,20 +362,6 @@ def _peak_allocated_cpu(model: nn.Module, inputs: Any) -> int:
         current += nbytes
         peak = max(peak, current)
     return peak
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """The profiler's C++ side logs start/stop lines straight to file descriptor 2."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 class Evaluator:

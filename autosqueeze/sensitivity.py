@@ -18,12 +18,9 @@ the study, so a resumed or second driver reuses it. From it the search
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
-import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -41,6 +38,7 @@ from torch import nn
 
 from autosqueeze.measure import ProbeResult
 from autosqueeze.plan import Plan
+from autosqueeze.quiet import STDOUT, silenced
 from autosqueeze.size_model import StoredWeights, layer_bytes, stored_weights
 from autosqueeze.space import LayerKnobs, SearchSpace
 from autosqueeze.techniques import technique_for
@@ -634,7 +632,7 @@ def _solve(
     member = np.zeros((len(groups), len(flat)))
     for j, (g, _) in enumerate(flat):
         member[groups.index(g), j] = 1
-    with _silenced_stdout():
+    with silenced(STDOUT):  # HiGHS prints debug lines from C++ (its issue #312)
         found = milp(
             cost,
             constraints=[
@@ -652,22 +650,6 @@ def _solve(
     if len(chosen) != len(kept) or not within:  # none in time, or not a solution (HiGHS #312)
         return {g: min(opts, key=lambda o: (o.distortion, o.nbytes)) for g, opts in kept.items()}
     return chosen
-
-
-@contextlib.contextmanager
-def _silenced_stdout() -> Iterator[None]:
-    """Standard output closed at the file descriptor: HiGHS (under ``milp``) prints debug
-    lines from C++ straight to it ("HighsMipSolverData::transformNewIntegerFeasibleSolution
-    tmpSolver.run();", HiGHS issue #312), into the middle of the search's output."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 1)
-            yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def _cost(option: Option, speed: float, total_bytes: int, time_weight: float) -> float:

@@ -136,3 +136,19 @@ def test_a_busy_machine_at_the_first_timing_leaves_the_stored_figures_alone(tmp_
         if record.state == "COMPLETE":  # latency = the robust reference / its own speedup
             assert got.latency_ms == pytest.approx(ref.latency_ms / got.speedup)
     assert disturbed  # the disturbed timings are kept on the study, not thrown away
+
+
+def test_output_from_below_python_is_silenced_and_python_output_before_it_kept(capfd):
+    import os
+    import sys
+
+    from autosqueeze.quiet import STDERR, STDOUT, silenced
+
+    print("before", flush=False)
+    with silenced(STDOUT), silenced(STDERR):
+        os.write(1, b"from C++\n")
+        os.write(2, b"also from C++\n")
+    print("after")
+    sys.stderr.write("stderr after\n")
+    out, err = capfd.readouterr()
+    assert out == "before\nafter\n" and err == "stderr after\n"
