@@ -168,6 +168,9 @@ def check_encoding(parts: dict[str, torch.Tensor], meta: Any) -> None:
         raise ValueError("its packed values are not a flat stream")
     if layout != "coded" and parts["q"].numel() != -(-count * ints[codec] // 8):
         raise ValueError("its packed values do not match its count")
+    if layout == "coded" and -(-count // _per_byte(ints[codec])) > 8 * parts["q"].numel():
+        # a Huffman code spends at least one bit a byte: more is a stream built to inflate
+        raise ValueError("its coded values are too few bits for its shape")
     if layout == "bitmap" and parts["mask"].numel() != mask:
         raise ValueError("its bitmap does not match its shape")
     if layout != "bitmap" and count != n:
