@@ -31,23 +31,16 @@ def test_levels_are_drawn_where_the_measured_trials_place_the_budget():
     assert knapsack.level([], rng) is None  # no trials and no probe losses: no guess
 
 
+def _search(tmp_path, trials, share):
+    """A digits study whose queue is short (2 baselines, 2 knapsack plans, the channel
+    anchors), so most of its trials are sampled."""
+    sensitivity = {"knapsack_share": share, "candidates": 2, "speed_candidates": 0, "refine": 0}
+    config = study_config(tmp_path, search={"trials": trials}, sensitivity=sensitivity)
+    return run_search(load_config(write_yaml(tmp_path / "s.yaml", config)), progress=False)
+
+
 def test_a_search_proposes_knapsack_plans_for_the_sampled_trials(tmp_path):
-    config = load_config(
-        write_yaml(
-            tmp_path / "s.yaml",
-            study_config(
-                tmp_path,
-                search={"trials": 14},
-                sensitivity={
-                    "knapsack_share": 1.0,
-                    "candidates": 2,
-                    "speed_candidates": 0,
-                    "refine": 0,
-                },
-            ),
-        )
-    )
-    result = run_search(config, progress=False)
+    result = _search(tmp_path, 14, 1.0)
     sampled = [t for t in result.study.trials if not t.user_attrs.get(BASELINE)]
     assert len(sampled) >= 5
     assert all(t.user_attrs.get(PROPOSED) == KNAPSACK for t in sampled)
@@ -71,20 +64,5 @@ def test_a_search_proposes_knapsack_plans_for_the_sampled_trials(tmp_path):
 
 
 def test_without_a_share_the_sampler_alone_samples(tmp_path):
-    config = load_config(
-        write_yaml(
-            tmp_path / "s.yaml",
-            study_config(
-                tmp_path,
-                search={"trials": 8},
-                sensitivity={
-                    "knapsack_share": 0.0,
-                    "candidates": 2,
-                    "speed_candidates": 0,
-                    "refine": 0,
-                },
-            ),
-        )
-    )
-    result = run_search(config, progress=False)
+    result = _search(tmp_path, 8, 0.0)
     assert not any(t.user_attrs.get(PROPOSED) for t in result.study.trials)
