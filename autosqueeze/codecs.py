@@ -82,13 +82,11 @@ def encode_quantized(q: torch.Tensor, scale: torch.Tensor, codec: TensorCodec) -
     unsigned = (q.flatten() + _qmax(bits)).to(torch.uint8)
     nonzero = q.flatten() != 0
     kept = int(torch.count_nonzero(nonzero))
-    sparse = _sparse_is_smaller(n, kept, bits)
-    packed_bytes = -(-kept * bits // 8) + -(-n // 8) if sparse else -(-n * bits // 8)
     coded = _huffman(_joined(unsigned.numpy(), bits))
-    if len(coded) < packed_bytes:
+    if len(coded) < _packed_nbytes(n, kept, bits):
         stream = torch.frombuffer(bytearray(coded), dtype=torch.uint8)
         return Encoded({"q": stream, "scale": scale}, {**meta, "layout": "coded", "count": n})
-    if sparse:
+    if _sparse_is_smaller(n, kept, bits):
         return Encoded(
             {"q": _pack(unsigned[nonzero], bits), "scale": scale, "mask": _pack_mask(nonzero)},
             {**meta, "layout": "bitmap", "count": kept},
@@ -115,10 +113,15 @@ def encoded_nbytes(
     rows = shape[0] if len(shape) > 1 else 1
     width = n // rows if n else 0
     groups = -(-width // min(codec.group_size or width, width)) if width else 0
-    scales = 2 * rows * groups
-    if _sparse_is_smaller(n, nonzero, codec.bits):
-        return -(-nonzero * codec.bits // 8) + -(-n // 8) + scales
-    return -(-n * codec.bits // 8) + scales
+    return _packed_nbytes(n, nonzero, codec.bits) + 2 * rows * groups
+
+
+def _packed_nbytes(count: int, nonzero: int, bits: int) -> int:
+    """The bytes of ``count`` bit-packed ``bits``-bit values with ``nonzero`` nonzeros, in
+    the smaller of dense and bitmap (scales not counted)."""
+    if _sparse_is_smaller(count, nonzero, bits):
+        return -(-nonzero * bits // 8) + -(-count // 8)
+    return -(-count * bits // 8)
 
 
 def _sparse_is_smaller(count: int, nonzero: int, bits: int) -> bool:

@@ -1,16 +1,15 @@
-"""Sampled trials from the sensitivity table: knapsack plans on perturbed distortions.
+"""Sampled trials from the sensitivity table: knapsack plans at calibrated levels.
 
 TPE or random sampling in 50-100 per-layer dimensions sends most trials past the metric
 budget: each dimension is drawn on its own, and a few bad draws break the model. The table
 already says what each choice costs; what it gets wrong is how choices add up (interactions
 make the additive model under-count). ``KnapsackSampler`` therefore proposes, for a share of
-the sampled trials (``search.knapsack_share``), the knapsack plan at a distortion level drawn
-around where the measured trials place the budget, with each option's distortion perturbed
-(so plans differ in what they spend it on) and, where the study prices time, a random weight
-of time against bytes (so they spread along the front). The measured trials move that level
-as they arrive: the additive model is recalibrated after every trial. The other asks go to
-the configured sampler, which learns from every trial, proposed ones included.
-"""
+the sampled trials (``sensitivity.knapsack_share``), the knapsack plan at a distortion level
+where the measured trials say a plan meets the budget with a drawn chance (a logistic fit,
+refit at every ask), with each option's bytes and time perturbed (so plans differ in what
+they spend the budget on) and, where the study prices time, a random weight of time against
+bytes (so they spread along the front). The other asks go to the configured sampler, which
+learns from every trial, proposed ones included."""
 
 from __future__ import annotations
 
@@ -178,6 +177,7 @@ class Knapsack:
         self.max_drop = max_drop
         self.prices_time = prices_time and bool(table.model_ms)
         self._options: dict[str, list[Option]] | None = None
+        self._tried: dict[int, tuple[float, bool] | None] = {}  # finished trials never change
 
     @property
     def options(self) -> dict[str, list[Option]]:
@@ -192,23 +192,25 @@ class Knapsack:
     def tried(self, trials: list[FrozenTrial]) -> list[tuple[float, bool]]:
         """(predicted distortion, met the metric budget) of each measured trial whose plan
         the additive model prices."""
-        found = []
         for t in trials:
-            metric, plan = t.user_attrs.get("metric"), t.user_attrs.get("plan")
-            if t.state not in (TrialState.COMPLETE, TrialState.PRUNED) or plan is None:
-                continue
-            if not isinstance(metric, (int, float)) or not math.isfinite(metric):
-                continue
-            try:
-                predicted = self.table.predicted_distortion(self.space, Plan.from_json(plan))
-            except (ValueError, TypeError, KeyError):
-                continue
-            if predicted is not None:
-                met = t.state == TrialState.COMPLETE and (
-                    self.min_metric is None or metric >= self.min_metric
-                )
-                found.append((predicted, met))
-        return found
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.number not in self._tried:
+                self._tried[t.number] = self._judged(t)
+        return [found for found in self._tried.values() if found is not None]
+
+    def _judged(self, trial: FrozenTrial) -> tuple[float, bool] | None:
+        metric, plan = trial.user_attrs.get("metric"), trial.user_attrs.get("plan")
+        if plan is None or not isinstance(metric, (int, float)) or not math.isfinite(metric):
+            return None
+        try:
+            predicted = self.table.predicted_distortion(self.space, Plan.from_json(plan))
+        except (ValueError, TypeError, KeyError):
+            return None
+        if predicted is None:
+            return None
+        met = trial.state == TrialState.COMPLETE and (
+            self.min_metric is None or metric >= self.min_metric
+        )
+        return predicted, met
 
     def level(self, tried: list[tuple[float, bool]], rng: np.random.Generator) -> float | None:
         """A distortion level at which a plan meets the metric budget with a chance drawn
@@ -236,7 +238,8 @@ class Knapsack:
         return float(math.exp(rng.uniform(math.log(high / BELOW), math.log(high))))
 
     def propose(self, trials: list[FrozenTrial], rng: np.random.Generator) -> dict[str, Any] | None:
-        """The params of a knapsack plan on perturbed distortions (None if there is none)."""
+        """The params of a knapsack plan at a calibrated level, on perturbed costs (None if
+        there is none)."""
         level = self.level(self.tried(trials), rng)
         if level is None or not self.options:
             return None

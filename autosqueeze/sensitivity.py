@@ -138,17 +138,21 @@ class SensitivityTable:
             lp = plan.layers.get(layer.name)
             if lp is None:
                 continue
-            for knob in layer.searched:
-                value = getattr(lp, knob)
-                if value == technique_for(knob).identity:
-                    continue
-                if knob not in (*SIZE_KNOBS, *SPEED_KNOBS):
-                    return None
-                harm = self.distortion(Probe(prefix, knob, value))
-                if not math.isfinite(harm):
-                    return None
-                total += max(0.0, harm)
-        return total
+            values = {knob: getattr(lp, knob) for knob in layer.searched}
+            changed = {k for k, v in values.items() if v != technique_for(k).identity}
+            if changed - {*SIZE_KNOBS, *SPEED_KNOBS}:
+                return None
+            total += self.group_distortion(prefix, values)
+        return total if math.isfinite(total) else None
+
+    def group_distortion(self, group: str, values: dict[str, Any]) -> float:
+        """A group's distortion by the additive model: the sum of its changed values' own,
+        none below zero (inf where a probe failed)."""
+        return sum(
+            max(0.0, self.distortion(Probe(group, knob, value)))
+            for knob, value in values.items()
+            if value != technique_for(knob).identity
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -478,11 +482,7 @@ def group_options(
         found = []
         for combo in itertools.product(*choices.values()):
             values = dict(zip(choices, combo, strict=True))
-            harm = sum(
-                max(0.0, table.distortion(Probe(prefix, k, v)))
-                for k, v in values.items()
-                if v != technique_for(k).identity
-            )
+            harm = table.group_distortion(prefix, values)
             if not math.isfinite(harm):
                 continue
             settings = _size_settings({**layers[0].fixed, **values})
