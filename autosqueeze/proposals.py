@@ -48,6 +48,10 @@ BELOW = 3.0
 """Before the fit: how far below the largest predicted distortion that met the budget."""
 RIDGE = 0.1
 """The logistic fit's ridge penalty: a finite slope when the trials separate cleanly."""
+BELOW_BUDGET = 0.3
+"""The share of proposals that fill in the front below the budget: a level drawn up to
+``SPAN`` times below the calibrated one (the front is a curve, not its far end)."""
+SPAN = 100.0
 
 
 def _chance_fit(tried: list[tuple[float, bool]]) -> tuple[float, float] | None:
@@ -243,6 +247,8 @@ class Knapsack:
         level = self.level(self.tried(trials), rng)
         if level is None or not self.options:
             return None
+        if rng.random() < BELOW_BUDGET:
+            level /= float(np.exp(rng.uniform(0.0, math.log(SPAN))))
         speed = 0.0  # bytes alone, unless the study prices time: then half size-first
         if self.prices_time:
             speed = (
