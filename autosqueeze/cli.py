@@ -242,7 +242,9 @@ def _sensitivity(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         executor = create_executor(config, task)
         try:
-            table = sensitivity_table(study, config, space, executor, progress=not args.no_progress)
+            table = sensitivity_table(
+                study, config, space, executor, task=task, progress=not args.no_progress
+            )
         finally:
             executor.close()
     if args.json:

@@ -127,7 +127,12 @@ class SensitivityConfig(_Strict):
         ge=0,
         le=1,
         description="the share of sampled trials proposed as knapsack plans on perturbed "
-        "distortions, at levels the measured trials calibrate (the rest: search.sampler)",
+        "costs, at levels the measured trials calibrate (the rest: search.sampler)",
+    )
+    timing_cache: bool = Field(
+        True,
+        description="keep the layer timings in the user's cache folder, by layer shape and "
+        "device, and time only what it lacks (false: time every probe, keep nothing)",
     )
     early_stop: float = Field(
         3.0,

@@ -69,6 +69,15 @@ from autosqueeze.study import (
 )
 from autosqueeze.task import Task, load_task
 from autosqueeze.techniques import TECHNIQUES
+from autosqueeze.timing_cache import (
+    FILE,
+    TimingCache,
+    Timings,
+    cache_dir,
+    cached_timings,
+    device_signature,
+    probe_signatures,
+)
 
 
 @dataclass
@@ -105,7 +114,9 @@ def run_search(
         with Heartbeat(study):
             ref = _reference(study, executor, space)
             if config.sensitivity.enabled:
-                table = sensitivity_table(study, config, space, executor, progress=progress)
+                table = sensitivity_table(
+                    study, config, space, executor, task=task, progress=progress
+                )
                 searched, shaping_notes = _shaped(config, space, table, task)
                 notes += shaping_notes
                 knapsack = Knapsack(
@@ -173,10 +184,13 @@ def sensitivity_table(
     space: SearchSpace,
     executor: Executor,
     *,
+    task: Task | None = None,
     progress: bool = True,
 ) -> SensitivityTable:
     """The study's sensitivity table, measuring the probes it lacks on the executor (all of
-    them the first time; none when a run before finished the pass)."""
+    them the first time; none when a run before finished the pass). With the ``task``, and
+    ``sensitivity.timing_cache`` on, layer timings come from the user's cache where it has
+    them (``autosqueeze.timing_cache``)."""
     stored = study.user_attrs.get(SENSITIVITY)
     table = SensitivityTable.from_dict(stored, config.sensitivity.samples)
     bar = tqdm(unit="probe", disable=not progress or None, dynamic_ncols=True, desc="sensitivity")
@@ -191,11 +205,22 @@ def sensitivity_table(
             executor.probes,
             table,
             lambda t: study.set_user_attr(SENSITIVITY, t.to_dict()),
-            timings=executor.timings if prices_time(config) else None,
+            timings=_timings(config, executor, task) if prices_time(config) else None,
             progress=advance,
         )
     finally:
         bar.close()
+
+
+def _timings(config: StudyConfig, executor: Executor, task: Task | None) -> Timings:
+    if task is None or not config.sensitivity.timing_cache:
+        return executor.timings
+    device = device_signature(task.device, config.measure.threads)
+    return cached_timings(
+        executor.timings,
+        TimingCache(cache_dir() / FILE),
+        lambda plans: probe_signatures(task.model, task.example_input, plans, device),
+    )
 
 
 def prices_time(config: StudyConfig) -> bool:

@@ -18,6 +18,14 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SPACE = REPO / "search_spaces" / "default.yaml"
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test its own cache folder (layer timings): none reads another's, or the user's."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("AUTOSQUEEZE_CACHE_DIR", str(folder))
+    return folder
+
+
 def study_config(folder: Path, **overrides: Any) -> dict[str, Any]:
     """A digits-CNN study whose outputs go into ``folder``; fast latency, in-process."""
     config: dict[str, Any] = {
