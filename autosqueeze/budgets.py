@@ -8,6 +8,7 @@ from autosqueeze.artifact import artifact_bytes
 from autosqueeze.config import StudyConfig
 from autosqueeze.front import Front
 from autosqueeze.measure import Evaluator
+from autosqueeze.objectives import OBJECTIVES
 from autosqueeze.space import SearchSpace
 from autosqueeze.task import Task
 from autosqueeze.techniques import compress
@@ -69,12 +70,7 @@ def explain_empty_front(config: StudyConfig, front: Front) -> str:
             f"The study is kept in {config.storage_shown}."
         )
     missed = Counter(k for t in completed for k, v in t.constraints.items() if v > 0)
-    names = {
-        "metric_drop": "budgets.max_metric_drop",
-        "size_mb": "budgets.max_size_mb",
-        "latency_ms": "budgets.max_latency_ms",
-        "memory_mb": "budgets.max_memory_mb",
-    }
+    names = {o.constraint: f"budgets.{o.budget}" for o in OBJECTIVES.values()}
     listed = ", ".join(
         f"{names[k]} missed by {n} of {len(completed)}" for k, n in missed.most_common()
     )

@@ -188,10 +188,6 @@ def _config(args: argparse.Namespace) -> StudyConfig:
     )
 
 
-def _metric_name(config: StudyConfig) -> str:
-    return config.task.metric.rpartition(":")[2]
-
-
 def _search(args: argparse.Namespace) -> int:
     from autosqueeze.budgets import check_reachable, explain_empty_front
     from autosqueeze.search import run_search
@@ -205,7 +201,7 @@ def _search(args: argparse.Namespace) -> int:
     result = run_search(config, progress=not args.no_progress, task=task)
     for note in result.notes:
         print(f"note: {note}")
-    name = _metric_name(config)
+    name = config.metric_name
     print(front_table(result.front, name))
     if result.interrupted:
         print(
@@ -250,7 +246,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(table.report(space), indent=2))
     else:
-        print(sensitivity_text(table, space, _metric_name(config)))
+        print(sensitivity_text(table, space, config.metric_name))
     return 0
 
 
@@ -270,7 +266,7 @@ def _front(args: argparse.Namespace) -> int:
         ref = front.reference.to_dict() if front.reference else None
         print(json.dumps({"reference": ref, "front": rows}, indent=2))
     else:
-        print(front_table(front, _metric_name(config)))
+        print(front_table(front, config.metric_name))
     return 0
 
 
@@ -322,7 +318,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(json.dumps({**got.to_dict(), "study_latency_ms": at_study}))
         return 0
     print(
-        f"{_metric_name(config)}: {got.metric:.6f}\nsize_bytes: {got.size_bytes}\n"
+        f"{config.metric_name}: {got.metric:.6f}\nsize_bytes: {got.size_bytes}\n"
         f"latency_ms: {got.latency_ms:.4f}  (batch {config.budgets.batch_size} on "
         f"{config.budgets.device}, median of {config.measure.repeats})\n"
         f"speedup: {got.speedup:.2f}x  (over the original model, timed in interleaved rounds "

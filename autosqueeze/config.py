@@ -10,14 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from autosqueeze.errors import UserError
-
-Objective = Literal["metric", "size_bytes", "latency_ms", "memory_mb"]
-DIRECTIONS: dict[str, str] = {
-    "metric": "maximize",
-    "size_bytes": "minimize",
-    "latency_ms": "minimize",
-    "memory_mb": "minimize",
-}
+from autosqueeze.objectives import ObjectiveName
 
 
 class _Strict(BaseModel):
@@ -187,7 +180,7 @@ class StudyConfig(_Strict):
     model: ModelConfig
     task: TaskConfig
     space: Path
-    objectives: list[Objective] = Field(
+    objectives: list[ObjectiveName] = Field(
         default=["metric", "size_bytes", "latency_ms"], min_length=1
     )
     budgets: Budgets = Budgets()
@@ -210,6 +203,11 @@ class StudyConfig(_Strict):
     def storage(self) -> str:
         """A database URL, or the path of an Optuna journal file (the default)."""
         return self.search.storage or str((self.output_dir / "study.log").resolve())
+
+    @property
+    def metric_name(self) -> str:
+        """The metric as tables and axes name it: ``accuracy`` for ``...metrics:accuracy``."""
+        return self.task.metric.rpartition(":")[2]
 
     @property
     def storage_shown(self) -> str:

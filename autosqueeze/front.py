@@ -18,8 +18,8 @@ import optuna
 from optuna._hypervolume import compute_hypervolume  # Optuna's exact WFG; no public alias
 
 from autosqueeze.artifact import save_artifact
-from autosqueeze.config import DIRECTIONS
 from autosqueeze.measure import Measurements
+from autosqueeze.objectives import OBJECTIVES
 from autosqueeze.study import TrialRecord, records, reference
 
 FRONT_COLUMNS = [
@@ -81,7 +81,7 @@ def pareto(candidates: list[TrialRecord], objectives: list[str]) -> list[TrialRe
     """The candidates no other candidate dominates (at least as good on all, better on one)."""
     if not candidates:
         return []
-    signs = np.array([-1.0 if DIRECTIONS[o] == "maximize" else 1.0 for o in objectives])
+    signs = np.array([-1.0 if OBJECTIVES[o].direction == "maximize" else 1.0 for o in objectives])
     costs = signs * np.array(
         [[float(getattr(t.measurements, o) or 0.0) for o in objectives] for t in candidates]
     )
@@ -95,28 +95,20 @@ def pareto(candidates: list[TrialRecord], objectives: list[str]) -> list[TrialRe
 
 
 def normalized(got: Measurements, ref: Measurements, objectives: list[str]) -> list[float]:
-    """A trial as costs relative to the uncompressed model, all to be minimized:
-    metric drop (absolute), size / original size, latency / original latency (as timed side
-    by side), memory / original memory."""
-    costs = {
-        "metric": ref.metric - got.metric,
-        "size_bytes": got.size_bytes / ref.size_bytes,
-        "latency_ms": got.relative_latency or (got.latency_ms or 0.0) / (ref.latency_ms or 1.0),
-        "memory_mb": (got.memory_mb or 0.0) / (ref.memory_mb or 1.0),
-    }
-    return [costs[o] for o in objectives]
+    """A trial as costs relative to the uncompressed model, all to be minimized
+    (``Objective.cost``): metric drop (absolute), size / original size, latency / original
+    latency (as timed side by side), memory / original memory."""
+    return [OBJECTIVES[o].cost(got, ref) for o in objectives]
 
 
 def reference_point(objectives: list[str], max_metric_drop: float | None) -> list[float]:
-    """Where hypervolume is measured from: the metric budget (or 0.05), the original's
-    size, 1.5x the original's latency and memory. Only better models add volume."""
-    bounds = {
-        "metric": max_metric_drop or 0.05,
-        "size_bytes": 1.0,
-        "latency_ms": 1.5,
-        "memory_mb": 1.5,
-    }
-    return [bounds[o] for o in objectives]
+    """Where hypervolume is measured from (``Objective.hv_bound``): the metric budget (or
+    0.05), the original's size, 1.5x the original's latency and memory. Only better models
+    add volume."""
+    return [
+        (max_metric_drop or OBJECTIVES[o].hv_bound) if o == "metric" else OBJECTIVES[o].hv_bound
+        for o in objectives
+    ]
 
 
 def hypervolume(points: list[list[float]], ref_point: list[float]) -> float:

@@ -27,10 +27,11 @@ import optuna
 from optuna.storages import JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from autosqueeze.config import DIRECTIONS, StudyConfig, masked
+from autosqueeze.config import StudyConfig, masked
 from autosqueeze.errors import UserError
 from autosqueeze.journal import JournalReader, JournalWriter, check_is_journal, skipped_warning
 from autosqueeze.measure import Measurements, robust_latency
+from autosqueeze.objectives import OBJECTIVES
 from autosqueeze.plan import Plan
 from autosqueeze.samplers import create_sampler
 
@@ -147,7 +148,7 @@ def sampler_of(config: StudyConfig) -> optuna.samplers.BaseSampler:
 def open_study(config: StudyConfig, *, create: bool) -> optuna.Study:
     """The config's study; ``create=False`` for readers, which create and write nothing."""
     storage = open_storage(config, writable=create)
-    directions = [DIRECTIONS[o] for o in config.objectives]
+    directions = [OBJECTIVES[o].direction for o in config.objectives]
     if not create:
         try:
             return optuna.load_study(study_name=config.name, storage=storage)
@@ -171,8 +172,7 @@ def open_study(config: StudyConfig, *, create: bool) -> optuna.Study:
             "use another name or --study-dir for a different set of objectives."
         )
     study.set_user_attr("objectives", list(config.objectives))
-    metric_name = config.task.metric.rpartition(":")[2]
-    names = [OBJECTIVE_NAMES.get(o, metric_name) for o in config.objectives]
+    names = [OBJECTIVES[o].optuna_name or config.metric_name for o in config.objectives]
     if study.metric_names != names:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -258,35 +258,17 @@ def reference_timings(original: Measurements, trials: list[FrozenTrial]) -> list
 def constraints(config: StudyConfig, ref: Measurements, got: Measurements) -> dict[str, float]:
     """Budget slack per budget; <= 0 is within budget (Optuna's convention). A trial that
     stopped early has no latency or memory, and no slack for them."""
-    budgets = config.budgets
     out = {}
-    if budgets.max_metric_drop is not None:
-        out["metric_drop"] = (ref.metric - got.metric) - budgets.max_metric_drop
-    if budgets.max_size_mb is not None:
-        out["size_mb"] = got.size_bytes / 1e6 - budgets.max_size_mb
-    if budgets.max_latency_ms is not None and got.latency_ms is not None:
-        out["latency_ms"] = got.latency_ms - budgets.max_latency_ms
-    if budgets.max_memory_mb is not None and got.memory_mb is not None:
-        out["memory_mb"] = got.memory_mb - budgets.max_memory_mb
+    for objective in OBJECTIVES.values():
+        slack = objective.slack(config.budgets, ref, got)
+        if slack is not None:
+            out[objective.constraint] = slack
     return out
 
 
 def objective_values(config: StudyConfig, got: Measurements) -> list[float]:
-    """What Optuna optimizes: latency as a fraction of the original's (side by side)."""
-    values = {
-        "metric": got.metric,
-        "size_bytes": got.size_bytes,
-        "latency_ms": got.relative_latency or 1.0,
-        "memory_mb": got.memory_mb,
-    }
-    return [float(values[o]) for o in config.objectives]  # type: ignore[arg-type]
-
-
-OBJECTIVE_NAMES = {
-    "size_bytes": "size_bytes",
-    "latency_ms": "latency_vs_original",
-    "memory_mb": "memory_mb",
-}
+    """What Optuna optimizes, per objective (``Objective.study_value``)."""
+    return [float(OBJECTIVES[o].study_value(got)) for o in config.objectives]
 
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)

@@ -18,7 +18,10 @@ import optuna
 from autosqueeze.config import StudyConfig
 from autosqueeze.errors import UserError
 from autosqueeze.front import Front, front_of, hypervolume, normalized, reference_point
+from autosqueeze.measure import Measurements
+from autosqueeze.objectives import OBJECTIVES
 from autosqueeze.study import FINISHED, SENSITIVITY, TrialRecord, open_study, reference
+from autosqueeze.techniques import TECHNIQUES
 
 
 class StudyReader:
@@ -49,6 +52,10 @@ class ViewCache:
         self._series_of: list[int] = []  # feasible trial numbers the series covers, in order
         self._series: list[list[float]] = []
         self._nondominated: list[list[float]] = []
+        # per knob, each value seen in a plan and how hard it compresses (0-1,
+        # ``Technique.strength``): the plan heatmap's colours, keyed as JavaScript's
+        # ``String`` writes the value (1.0 as "1")
+        self.strengths: dict[str, dict[str, float]] = {knob: {} for knob in TECHNIQUES}
 
     def trial(self, frozen: optuna.trial.FrozenTrial) -> tuple[TrialRecord, dict[str, Any]]:
         """A trial's record (latency not yet derived) and its plan as the page shows it."""
@@ -57,6 +64,11 @@ class ViewCache:
             return cached[1], cached[2]
         record = TrialRecord.of(frozen)
         plan = _plan(record)
+        for values in plan.values():
+            for knob, value in values.items():
+                key = _js_string(value)
+                if key not in self.strengths[knob]:
+                    self.strengths[knob][key] = TECHNIQUES[knob].strength(value)
         if frozen.state in FINISHED:
             self._trials[frozen.number] = (frozen.state, record, plan)
         return record, plan
@@ -109,7 +121,8 @@ def study_view(
         "name": config.name,
         "storage": config.storage_shown,
         "objectives": list(config.objectives),
-        "metric_name": config.task.metric.rpartition(":")[2],
+        "objective_info": _objective_info(config, None),
+        "metric_name": config.metric_name,
         "budgets": config.budgets.model_dump(),
         "export_command": (
             f"autosqueeze export {config_arg} --trial {{n}} -o trial-{{n}}.safetensors"
@@ -138,12 +151,32 @@ def study_view(
         if trials
         else "The study has no trials yet; they appear here as the search runs.",
         "reference": ref.to_dict() if ref else None,
+        "objective_info": _objective_info(config, ref),
         "trials": trials,
         "front": sorted(on_front),
         "hypervolume": cache.hypervolume_series(front, config) if ref else [],
         "sensitivity": _sensitivity(study.user_attrs.get(SENSITIVITY)),
+        "knobs": list(TECHNIQUES),
+        "knob_strength": cache.strengths,
     }
     return view
+
+
+def _objective_info(config: StudyConfig, ref: Measurements | None) -> list[dict[str, Any]]:
+    """The study's objectives as the page draws them: label, scale to display units, log
+    axis, and where the budget puts a line (display units; None without one)."""
+    found = []
+    for name in config.objectives:
+        objective = OBJECTIVES[name]
+        limit = objective.limit(config.budgets, ref)
+        found.append(
+            {
+                **objective.describe(),
+                "label": config.metric_name if name == "metric" else objective.label,
+                "budget": None if limit is None else limit * objective.display_scale,
+            }
+        )
+    return found
 
 
 def _sensitivity(stored: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -187,15 +220,15 @@ def _plan(record: TrialRecord) -> dict[str, Any]:
     if record.plan is None:
         return {}
     return {
-        name: {
-            "bits": lp.bits,
-            "prune": lp.prune,
-            "rank": lp.rank,
-            "prune_channels": lp.prune_channels,
-            "kernel": lp.kernel,
-        }
+        name: {knob: getattr(lp, knob) for knob in TECHNIQUES}
         for name, lp in record.plan.layers.items()
     }
+
+
+def _js_string(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _missing(config: StudyConfig, config_arg: str | Path) -> str:

@@ -20,6 +20,7 @@ from autosqueeze.cli import main
 from autosqueeze.config import load_config
 from autosqueeze.dashboard import make_server
 from autosqueeze.study import open_study
+from autosqueeze.techniques import TECHNIQUES
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -184,10 +185,17 @@ def test_browser_renders_one_point_per_trial_and_click_shows_the_plan(searched):
                 timeout=10000,
             )
             assert f"Trial {number}" in page.inner_text("#selected-title")
-            z_text = page.evaluate("document.getElementById('plan-heatmap').data[0].text")
+            heatmap = page.evaluate(
+                "(() => { const d = document.getElementById('plan-heatmap').data[0];"
+                " return {x: d.x, z: d.z, text: d.text}; })()"
+            )
+            assert heatmap["x"] == list(TECHNIQUES)  # the knobs as registered, none copied
+            column = heatmap["x"].index("bits")
             plan = json.loads(trials[number].user_attrs["plan"])["layers"]
             bits = [str(plan.get(layer, {}).get("bits", 32)) for layer in sorted(plan)]
-            assert sorted(row[0] for row in z_text) == sorted(bits)  # the bits column
+            assert sorted(row[column] for row in heatmap["text"]) == sorted(bits)
+            strengths = {row[column]: z[column] for row, z in zip(heatmap["text"], heatmap["z"])}
+            assert all(s == pytest.approx(1 - int(b) / 32) for b, s in strengths.items())
             assert f"--trial {number} -o" in page.inner_text("#selected-cli")
             page.click("#trials th[data-key='size_bytes']")  # the table sorts
             first = page.inner_text("#trials tbody tr:first-child td:nth-child(1)")

@@ -2,22 +2,29 @@
 // Live: polls api/study every 2 s. Static report: the view is embedded, no polling.
 (function () {
   "use strict";
-  const LABEL = { metric: "metric", size_bytes: "size (kB)", latency_ms: "latency (ms)" };
-  const KNOBS = ["bits", "prune", "rank", "prune_channels", "kernel"];
-  const KERNEL_STRENGTH = { fp32: 0, bf16: 0.5, fp16: 0.5, int8_dynamic: 0.75, int8_weight_only: 0.75, int4_weight_only: 0.875 };
+  // the study's objectives as autosqueeze.objectives describes them: name, label, scale, log
+  const objective = key => view.objective_info.find(o => o.name === key);
+  const label = key => objective(key).label;
   let view = window.AUTOSQUEEZE_DATA;
   let selected = null;
   let sortKey = "number", sortUp = true;
 
-  const value = (t, key) => key === "size_bytes" ? (t.size_bytes === null ? null : t.size_bytes / 1e3) : t[key];
+  const value = (t, key) => t[key] === null || t[key] === undefined ? null : t[key] * objective(key).scale;
   const fmt = (x, d = 4) => x === null || x === undefined ? "" : (typeof x === "number" ? +x.toFixed(d) : x);
 
-  function budgetLine(key) {  // where a budget puts a line on an axis, in plotted units
-    const b = view.budgets, ref = view.reference;
-    if (key === "metric" && b.max_metric_drop !== null && ref) return ref.metric - b.max_metric_drop;
-    if (key === "size_bytes" && b.max_size_mb !== null) return b.max_size_mb * 1e3;
-    if (key === "latency_ms" && b.max_latency_ms !== null) return b.max_latency_ms;
-    return null;
+  const budgetLine = key => objective(key).budget;  // in plotted units; null: no budget
+
+  function pairs() {  // every two of the study's objectives, in order
+    const names = view.objective_info.map(o => o.name);
+    return names.flatMap((x, i) => names.slice(i + 1).map(y => [x, y]));
+  }
+
+  function pairCards() {  // one card per pair, made once
+    const row = document.getElementById("pairs");
+    const ids = pairs().map(([x, y]) => `pareto-${x}-${y}`);
+    if (row.dataset.ids === ids.join(",")) return;
+    row.innerHTML = ids.map(id => `<div class="card"><div class="plot" id="${id}"></div></div>`).join("");
+    row.dataset.ids = ids.join(",");
   }
 
   function metricRange(key) {
@@ -51,57 +58,60 @@
       x: g.rows.map(t => value(t, x)), y: g.rows.map(t => value(t, y)),
       text: g.text ? g.rows.map(t => t.baseline) : undefined, textposition: "top center",
       customdata: g.rows.map(t => t.number), marker: g.marker,
-      hovertemplate: "trial %{customdata}<br>" + LABEL[x] + " %{x}<br>" + LABEL[y] + " %{y}<extra></extra>",
+      hovertemplate: "trial %{customdata}<br>" + label(x) + " %{x}<br>" + label(y) + " %{y}<extra></extra>",
     }));
     const shapes = [];
     const bx = budgetLine(x), by = budgetLine(y);
     if (bx !== null) shapes.push({ type: "line", xref: "x", yref: "paper", x0: bx, x1: bx, y0: 0, y1: 1, line: { dash: "dash", color: "#d62728" } });
     if (by !== null) shapes.push({ type: "line", xref: "paper", yref: "y", x0: 0, x1: 1, y0: by, y1: by, line: { dash: "dash", color: "#d62728" } });
     Plotly.react(id, traces, {
-      title: { text: `${LABEL[x]} vs ${LABEL[y]}`, font: { size: 14 } }, margin: { t: 34, r: 10, b: 40, l: 50 },
-      xaxis: { title: { text: LABEL[x] }, type: x === "size_bytes" ? "log" : "linear", range: metricRange(x) },
-      yaxis: { title: { text: LABEL[y] }, range: metricRange(y) },
-      shapes, showlegend: x === "metric" && y === "size_bytes", legend: { orientation: "h", y: -0.25 },
+      title: { text: `${label(x)} vs ${label(y)}`, font: { size: 14 } }, margin: { t: 34, r: 10, b: 40, l: 50 },
+      xaxis: { title: { text: label(x) }, type: objective(x).log ? "log" : "linear", range: metricRange(x) },
+      yaxis: { title: { text: label(y) }, type: objective(y).log ? "log" : "linear", range: metricRange(y) },
+      shapes, showlegend: pairs()[0].join() === [x, y].join(), legend: { orientation: "h", y: -0.25 },
     }, { displaylogo: false, responsive: true });
     const el = document.getElementById(id);
     if (!el._clickBound) { el.on("plotly_click", e => select(e.points[0].customdata)); el._clickBound = true; }
   }
 
-  function draw3d() {
-    const timed = g => ({ ...g, rows: g.rows.filter(t => t.latency_ms !== null) });
-    const traces = groups().map(timed).map(g => ({
+  function draw3d() {  // the study's first three objectives, where it has three
+    const card = document.getElementById("pareto-3d").parentElement;
+    const keys = view.objective_info.slice(0, 3).map(o => o.name);
+    card.style.display = keys.length === 3 ? "block" : "none";
+    if (keys.length < 3) return;
+    const [kx, ky, kz] = keys;
+    const has = t => keys.every(k => value(t, k) !== null);
+    const traces = groups().map(g => ({ ...g, rows: g.rows.filter(has) })).map(g => ({
       type: "scatter3d", mode: "markers", name: g.name, customdata: g.rows.map(t => t.number),
-      x: g.rows.map(t => t.metric), y: g.rows.map(t => t.size_bytes / 1e3), z: g.rows.map(t => t.latency_ms),
+      x: g.rows.map(t => value(t, kx)), y: g.rows.map(t => value(t, ky)), z: g.rows.map(t => value(t, kz)),
       // scatter3d draws only some symbols as shapes: keep to diamond and circle there
       marker: { ...g.marker, symbol: g.marker.symbol === "diamond" ? "diamond" : "circle",
                 size: (g.marker.size || 7) / 2 },
       hovertemplate: "trial %{customdata}<extra></extra>",
     }));
-    traces.push(...budgetPlanes());
+    traces.push(...budgetPlanes(keys));
+    const axis = k => ({ title: { text: label(k) }, type: objective(k).log ? "log" : "linear" });
     Plotly.react("pareto-3d", traces, {
-      title: { text: "metric, size, latency", font: { size: 14 } }, margin: { t: 34, r: 0, b: 0, l: 0 }, showlegend: false,
-      scene: { xaxis: { title: { text: "metric" } }, yaxis: { title: { text: "size (kB)" }, type: "log" },
-               zaxis: { title: { text: "latency (ms)" } } },
+      title: { text: keys.map(label).join(", "), font: { size: 14 } }, margin: { t: 34, r: 0, b: 0, l: 0 }, showlegend: false,
+      scene: { xaxis: axis(kx), yaxis: axis(ky), zaxis: axis(kz) },
     }, { displaylogo: false, responsive: true });
     const el = document.getElementById("pareto-3d");
     if (!el._clickBound) { el.on("plotly_click", e => select(e.points[0].customdata)); el._clickBound = true; }
   }
 
-  function budgetPlanes() {
+  function budgetPlanes(keys) {
     // each budget as a translucent plane across the other two axes' span of the data
-    const done = view.trials.filter(t => t.state === "COMPLETE");
+    const done = view.trials.filter(t => t.state === "COMPLETE" && keys.every(k => value(t, k) !== null));
     if (!done.length) return [];
-    const axes = { metric: t => t.metric, size_bytes: t => t.size_bytes / 1e3, latency_ms: t => t.latency_ms };
-    const span = k => [Math.min(...done.map(axes[k])), Math.max(...done.map(axes[k]))];
-    const keys = ["metric", "size_bytes", "latency_ms"];
+    const span = k => [Math.min(...done.map(t => value(t, k))), Math.max(...done.map(t => value(t, k)))];
     return keys.filter(k => budgetLine(k) !== null).map(k => {
       const [a, b] = keys.filter(o => o !== k).map(span);
       const corners = [[a[0], b[0]], [a[1], b[0]], [a[1], b[1]], [a[0], b[1]]];
       const at = (i, key) => key === k ? budgetLine(k) : corners[i][keys.filter(o => o !== k).indexOf(key)];
       return {
-        type: "mesh3d", name: `budget: ${LABEL[k]}`, opacity: 0.18, color: "#d62728", hoverinfo: "name",
-        x: [0, 1, 2, 3].map(i => at(i, "metric")), y: [0, 1, 2, 3].map(i => at(i, "size_bytes")),
-        z: [0, 1, 2, 3].map(i => at(i, "latency_ms")), i: [0, 0], j: [1, 2], k: [2, 3],
+        type: "mesh3d", name: `budget: ${label(k)}`, opacity: 0.18, color: "#d62728", hoverinfo: "name",
+        x: [0, 1, 2, 3].map(i => at(i, keys[0])), y: [0, 1, 2, 3].map(i => at(i, keys[1])),
+        z: [0, 1, 2, 3].map(i => at(i, keys[2])), i: [0, 0], j: [1, 2], k: [2, 3],
       };
     });
   }
@@ -134,12 +144,12 @@
     document.getElementById("selected-measurements").innerHTML =
       rows.map(r => `<tr><td class="muted">${esc(r[0])}</td><td>${esc(r[1])}</td><td class="muted">${esc(r[2])}</td></tr>`).join("");
     document.getElementById("selected-cli").textContent = view.export_command.replaceAll("{n}", t.number);
-    const layers = Object.keys(t.plan);
-    const strength = { bits: v => 1 - v / 32, prune: v => v, rank: v => 1 - v, prune_channels: v => v ?? 0, kernel: v => KERNEL_STRENGTH[v] ?? 0 };
+    const layers = Object.keys(t.plan), knobs = view.knobs;  // as autosqueeze.techniques registers them
+    const strength = (k, v) => (view.knob_strength[k] || {})[String(v)] ?? 0;
     Plotly.react("plan-heatmap", [{
-      type: "heatmap", x: KNOBS, y: layers, colorscale: "YlOrRd", reversescale: true, zmin: 0, zmax: 1,
-      z: layers.map(l => KNOBS.map(k => strength[k](t.plan[l][k]))),
-      text: layers.map(l => KNOBS.map(k => String(fmt(t.plan[l][k] ?? "", 3)).replace("_weight_only", " w/o").replace("_dynamic", " dyn"))), texttemplate: "%{text}",
+      type: "heatmap", x: knobs, y: layers, colorscale: "YlOrRd", reversescale: true, zmin: 0, zmax: 1,
+      z: layers.map(l => knobs.map(k => strength(k, t.plan[l][k]))),
+      text: layers.map(l => knobs.map(k => String(fmt(t.plan[l][k] ?? "", 3)).replace("_weight_only", " w/o").replace("_dynamic", " dyn"))), texttemplate: "%{text}",
       hovertemplate: "%{y} %{x}: %{text}<extra></extra>", colorbar: { title: "compression" },
     }], {
       title: { text: `plan of trial ${t.number} (layers x knobs)`, font: { size: 14 } },
@@ -207,7 +217,7 @@
     const feasible = view.trials.filter(t => t.feasible).length;
     document.getElementById("status").textContent =
       `${view.trials.length} trials · ${done} complete · ${feasible} feasible · ${view.front.length} on the front · ${window.AUTOSQUEEZE_LIVE ? "live, updated " + view.updated : "report of " + view.updated}`;
-    drawPair("metric", "size_bytes"); drawPair("metric", "latency_ms"); drawPair("size_bytes", "latency_ms");
+    pairCards(); pairs().forEach(([x, y]) => drawPair(x, y));
     draw3d(); drawHypervolume(); drawSensitivity();
     if (selected === null && view.front.length) selected = view.front[0];
     if (selected !== null) select(selected); else drawTable();

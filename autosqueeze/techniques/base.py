@@ -80,8 +80,13 @@ class Technique(ABC):
         return to_distribution(values) if is_weighted(site.layer) else None
 
     @abstractmethod
+    def strength(self, value: Any) -> float:
+        """How hard ``value`` compresses, from 0 (the identity) to 1: what the search's
+        extremes and the dashboard's plan heatmap read."""
+
     def most_compressed(self, values: list[Any]) -> Any:
         """The value among ``values`` that compresses most."""
+        return max(values, key=self.strength)
 
     @abstractmethod
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:

@@ -51,8 +51,8 @@ class PruneChannels(Technique):
             return None
         return to_distribution(values)
 
-    def most_compressed(self, values: list[Any]) -> Any:
-        return max(values)
+    def strength(self, value: Any) -> float:
+        return float(value)  # the share of channels removed
 
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
         graph, widths = _graph(compressed)

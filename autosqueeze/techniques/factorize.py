@@ -64,8 +64,8 @@ class Factorize(Technique):
         options = tuple(useful) + ((1.0,) if 1.0 in choices or 1 in choices else ())
         return CategoricalDistribution(options) if len(options) > 1 else options[0]
 
-    def most_compressed(self, values: list[Any]) -> Any:
-        return min(values)
+    def strength(self, value: Any) -> float:
+        return 1.0 - float(value)  # the share of the rank dropped
 
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
         layer = compressed.module.get_submodule(name)

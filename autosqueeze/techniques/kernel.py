@@ -36,8 +36,8 @@ class KernelChoice(Technique):
             return None
         return CategoricalDistribution(usable) if len(usable) > 1 else usable[0]
 
-    def most_compressed(self, values: list[Any]) -> Any:
-        return min(values, key=lambda name: KERNELS[str(name)].weight_bits)  # most compact
+    def strength(self, value: Any) -> float:
+        return 1.0 - KERNELS[str(value)].weight_bits / 32  # bits a weight takes as it runs
 
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
         """Nothing to store: the kernel is chosen when the artifact is loaded."""

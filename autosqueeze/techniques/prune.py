@@ -45,8 +45,8 @@ class Prune(Technique):
         if not 0 <= value < 1:
             raise ValueError(f"prune is a fraction of weights in [0, 1), got {value}")
 
-    def most_compressed(self, values: list[Any]) -> Any:
-        return max(values)
+    def strength(self, value: Any) -> float:
+        return float(value)  # the share of weights zeroed
 
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
         for _, part in weighted_parts(compressed.module, name):

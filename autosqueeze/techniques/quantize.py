@@ -22,8 +22,8 @@ class Quantize(Technique):
         if value not in SUPPORTED_BITS:
             raise ValueError(f"bits must be among {list(SUPPORTED_BITS)}, got {value}")
 
-    def most_compressed(self, values: list[Any]) -> Any:
-        return min(values)
+    def strength(self, value: Any) -> float:
+        return 1.0 - int(value) / 32  # bits saved per weight
 
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
         codec = TensorCodec(int(layer_plan.bits), layer_plan.group_size)

@@ -1,0 +1,145 @@
+"""What a study can optimize and budget: each measured quantity's facts, written once.
+
+The config's choices, Optuna's directions and axis names, the budgets' constraint slack,
+the front's dominance and hypervolume, and the dashboard's axes all read ``OBJECTIVES``.
+A new objective is one entry here, a field of ``Measurements`` that measures it, and a
+``budgets.max_...`` field if it can be budgeted (docs/extending.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # the config imports this module, not the other way round
+    from autosqueeze.config import Budgets
+    from autosqueeze.measure import Measurements
+
+
+def _ratio(field: str) -> Callable[[Measurements, Measurements], float]:
+    return lambda got, ref: (getattr(got, field) or 0.0) / (getattr(ref, field) or 1.0)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One measured quantity: how it is optimized, budgeted, compared and shown."""
+
+    name: str  # in the config's objectives, and the ``Measurements`` field
+    direction: Literal["maximize", "minimize"]
+    label: str  # an axis's title, in display units
+    display_scale: float  # display units per measured unit (bytes -> kB: 1e-3)
+    budget: str  # the ``Budgets`` field that limits it
+    budget_scale: float  # measured units per budget unit (MB -> bytes: 1e6)
+    constraint: str  # its key in a trial's constraints (the slack, in budget units)
+    optuna_name: str | None  # its name for optuna-dashboard (None: the metric's own)
+    hv_bound: float  # the hypervolume's reference, as a cost relative to the original
+    log_axis: bool  # plotted on a log scale
+    study_value: Callable[[Measurements], float]  # what Optuna is told
+    cost: Callable[[Measurements, Measurements], float]  # (got, original) -> relative cost
+
+    def measured(self, got: Measurements) -> float | None:
+        value = getattr(got, self.name)
+        return None if value is None else float(value)
+
+    def limit(self, budgets: Budgets, ref: Measurements | None) -> float | None:
+        """The budget's bound in measured units (None: unbudgeted, or relative to an
+        original not measured yet)."""
+        bound = getattr(budgets, self.budget)
+        if bound is None:
+            return None
+        if self.name == "metric":  # a drop from the original's metric
+            return None if ref is None else ref.metric - bound
+        return bound * self.budget_scale
+
+    def slack(self, budgets: Budgets, ref: Measurements, got: Measurements) -> float | None:
+        """How far ``got`` is past the budget, in budget units (<= 0: within; Optuna's
+        convention). None: no budget, or not measured (a trial that stopped early)."""
+        limit, value = self.limit(budgets, ref), self.measured(got)
+        if limit is None or value is None:
+            return None
+        past = value - limit if self.direction == "minimize" else limit - value
+        return past / self.budget_scale
+
+    def describe(self) -> dict[str, Any]:
+        """What a page needs to draw it."""
+        return {
+            "name": self.name,
+            "label": self.label,
+            "scale": self.display_scale,
+            "log": self.log_axis,
+            "direction": self.direction,
+        }
+
+
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o
+    for o in [
+        Objective(
+            name="metric",
+            direction="maximize",
+            label="metric",
+            display_scale=1.0,
+            budget="max_metric_drop",
+            budget_scale=1.0,
+            constraint="metric_drop",
+            optuna_name=None,
+            hv_bound=0.05,  # without a metric budget
+            log_axis=False,
+            study_value=lambda got: got.metric,
+            cost=lambda got, ref: ref.metric - got.metric,  # the drop, absolute
+        ),
+        Objective(
+            name="size_bytes",
+            direction="minimize",
+            label="size (kB)",
+            display_scale=1e-3,
+            budget="max_size_mb",
+            budget_scale=1e6,
+            constraint="size_mb",
+            optuna_name="size_bytes",
+            hv_bound=1.0,
+            log_axis=True,
+            study_value=lambda got: got.size_bytes,
+            cost=_ratio("size_bytes"),
+        ),
+        Objective(
+            name="latency_ms",
+            direction="minimize",
+            label="latency (ms)",
+            display_scale=1.0,
+            budget="max_latency_ms",
+            budget_scale=1.0,
+            constraint="latency_ms",
+            optuna_name="latency_vs_original",
+            hv_bound=1.5,
+            log_axis=False,
+            # as a fraction of the original's, timed side by side: busy moments cancel
+            study_value=lambda got: got.relative_latency or 1.0,
+            cost=lambda got, ref: (
+                got.relative_latency or (got.latency_ms or 0.0) / (ref.latency_ms or 1.0)
+            ),
+        ),
+        Objective(
+            name="memory_mb",
+            direction="minimize",
+            label="memory (MB)",
+            display_scale=1.0,
+            budget="max_memory_mb",
+            budget_scale=1.0,
+            constraint="memory_mb",
+            optuna_name="memory_mb",
+            hv_bound=1.5,
+            log_axis=False,
+            study_value=lambda got: got.memory_mb or 0.0,
+            cost=_ratio("memory_mb"),
+        ),
+    ]
+}
+"""Every objective, by name, in the order tables and pages show them."""
+
+ObjectiveName = Literal[tuple(OBJECTIVES)]  # type: ignore[valid-type]
+"""The names, for the config's schema."""
+
+
+def objectives_of(names: list[str]) -> list[Objective]:
+    return [OBJECTIVES[n] for n in names]
