@@ -89,7 +89,11 @@ class TimingCache:
         return self._new.get(key) or self._entries.get(key)
 
     def put(self, key: str, original_ms: float, probed_ms: float) -> None:
-        if _valid([original_ms, probed_ms]):
+        """Keep a timing, unless one with a faster original is kept already: a disturbance
+        only slows a timing, so the fastest is the least disturbed, and one taken on a busy
+        day does not stay for good."""
+        kept = self.get(key)
+        if _valid([original_ms, probed_ms]) and (kept is None or original_ms < kept[0]):
             self._new[key] = (float(original_ms), float(probed_ms))
 
     def save(self) -> None:
@@ -97,7 +101,10 @@ class TimingCache:
         some) and swap it in whole: a reader never sees half a file."""
         if self.path is None or not self._new:
             return
-        merged = {**_read(self.path, quiet=True), **self._new}
+        merged = _read(self.path, quiet=True)
+        for key, timing in self._new.items():
+            if key not in merged or timing[0] < merged[key][0]:
+                merged[key] = timing
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, staging = tempfile.mkstemp(dir=self.path.parent, prefix=".timings-", suffix=".json")
         try:

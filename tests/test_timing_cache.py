@@ -14,7 +14,7 @@ from autosqueeze.config import load_config
 from autosqueeze.executors.inprocess import InProcessExecutor
 from autosqueeze.plan import LayerPlan, Plan
 from autosqueeze.search import sensitivity_table
-from autosqueeze.sensitivity import probes_of
+from autosqueeze.sensitivity import SensitivityTable, probes_of
 from autosqueeze.space import build_space
 from autosqueeze.study import open_study
 from autosqueeze.task import load_task
@@ -136,3 +136,25 @@ def test_entries_that_are_not_two_positive_numbers_are_never_believed(tmp_path):
     assert cache.get("f" * 64) is None
     path.write_text(json.dumps({"format": 0, "timings": {good: [2.0, 1.0]}}))
     assert TimingCache(path).get(good) is None  # what a timing meant then is not what it is
+
+
+def test_the_fastest_original_timing_of_a_signature_is_kept(tmp_path):
+    path, key = tmp_path / FILE, "a" * 64
+    first = TimingCache(path)
+    first.put(key, 2.0, 1.0)
+    first.save()
+    second = TimingCache(path)
+    second.put(key, 8.0, 1.0)  # taken on a busy day: slower, not kept
+    assert second.get(key) == (2.0, 1.0)
+    second.put(key, 1.5, 0.5)
+    second.save()
+    assert TimingCache(path).get(key) == (1.5, 0.5)
+
+
+def test_layers_timed_slower_than_their_model_are_scaled_into_it():
+    table = SensitivityTable(samples=1, model_ms=1.0)
+    table.layer_ms = {'a.kernel="bf16"': 3.0, 'b.kernel="bf16"': 1.0}  # 4 ms of a 1 ms model
+    table.speeds = {'a.kernel="bf16"': 0.1, 'b.kernel="bf16"': 0.1}
+    assert table.group_ms("a") == pytest.approx(0.75) and table.group_ms("b") == 0.25
+    table.model_ms = 10.0  # once the layers fit in the model, they are taken as timed
+    assert table.group_ms("a") == 3.0
