@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -16,9 +17,13 @@ import sys
 import threading
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from autosqueeze.config import StudyConfig, load_config
 from autosqueeze.errors import Terminated, UserError, terminate
+
+if TYPE_CHECKING:  # the commands import what they use, so --help starts fast
+    from autosqueeze.front import Front
 
 EPILOG = """\
 examples:
@@ -110,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
         "uniform warm starts (sensitivity.enabled: false)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object when the search ends (front, summary, notes) instead of "
+        "tables; the progress bar and messages go to stderr",
+    )
     p = command(
         "sensitivity",
         _sensitivity,
@@ -128,7 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     p = command("evaluate", _evaluate, "Measure an artifact: metric, size on disk, latency.")
     p.add_argument("--artifact", type=Path, required=True, help="an exported artifact")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    command("validate", _validate, "Check a config, its model factory and data; no search.")
+    p = command("validate", _validate, "Check a config, its model factory and data; no search.")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p = command("dashboard", _dashboard, "Serve live Pareto plots of the study (read-only).")
     p.add_argument(
         "--host",
@@ -196,26 +208,47 @@ def _search(args: argparse.Namespace) -> int:
     from autosqueeze.task import load_task
 
     config = _config(args)
-    task = load_task(config)
-    check_reachable(config, task, build_space(task.model, config.space, task.target))
-    result = run_search(config, progress=not args.no_progress, task=task)
-    for note in result.notes:
-        print(f"note: {note}")
+    # with --json, stdout holds the JSON alone (Ray reports a dead worker on stdout)
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        task = load_task(config)
+        check_reachable(config, task, build_space(task.model, config.space, task.target))
+        result = run_search(config, progress=not args.no_progress, task=task)
     name = config.metric_name
-    print(front_table(result.front, name))
-    if result.interrupted:
-        print(
-            f"Interrupted after {result.ran} trial(s); the study is kept in "
-            f"{config.storage_shown}. Run the same command again to resume."
-        )
-        return 143 if result.terminated else 130
-    if not result.front.members:
-        raise UserError(explain_empty_front(config, result.front))
-    print(
-        f"\nWrote {result.front_csv} and {len(result.front.members)} model folder(s) under "
-        f"{config.output_dir / 'front'}."
+    interrupted = (
+        f"Interrupted after {result.ran} trial(s); the study is kept in "
+        f"{config.storage_shown}. Run the same command again to resume."
     )
-    print(summary(result.front, name, config.budgets.max_metric_drop))
+    empty = None if result.front.members else explain_empty_front(config, result.front)
+    line = summary(result.front, name, config.budgets.max_metric_drop)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "trials_run": result.ran,
+                    "interrupted": result.interrupted,
+                    "notes": result.notes,
+                    "front_csv": str(result.front_csv) if result.front_csv else None,
+                    **_front_json(config, result.front),
+                    "summary": line,
+                },
+                indent=2,
+            )
+        )
+    else:
+        for note in result.notes:
+            print(f"note: {note}")
+        print(front_table(result.front, name))
+    if result.interrupted:
+        print(interrupted, file=sys.stderr if args.json else sys.stdout)
+        return 143 if result.terminated else 130
+    if empty is not None:
+        raise UserError(empty)
+    if not args.json:
+        print(
+            f"\nWrote {result.front_csv} and {len(result.front.members)} model folder(s) "
+            f"under {config.output_dir / 'front'}."
+        )
+        print(line)
     return 0
 
 
@@ -258,16 +291,21 @@ def _front(args: argparse.Namespace) -> int:
     config = _config(args)
     front = compute_front(open_study(config, create=False), config.objectives)
     if args.json:
-        folder = config.output_dir / "front"
-        rows = []
-        for member in front.members:
-            artifact = folder / f"trial-{member.number:04d}" / "model.safetensors"
-            rows.append(front.row(member, str(artifact) if artifact.exists() else ""))
-        ref = front.reference.to_dict() if front.reference else None
-        print(json.dumps({"reference": ref, "front": rows}, indent=2))
+        print(json.dumps(_front_json(config, front), indent=2))
     else:
         print(front_table(front, config.metric_name))
     return 0
+
+
+def _front_json(config: StudyConfig, front: Front) -> dict[str, Any]:
+    """The front as ``front --json`` and ``search --json`` print it: the original's
+    measurements, and a row per member with its artifact's path where it was written."""
+    folder = config.output_dir / "front"
+    rows = []
+    for member in front.members:
+        artifact = folder / f"trial-{member.number:04d}" / "model.safetensors"
+        rows.append(front.row(member, str(artifact) if artifact.exists() else ""))
+    return {"reference": front.reference.to_dict() if front.reference else None, "front": rows}
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -344,17 +382,55 @@ def _validate(args: argparse.Namespace) -> int:
     from autosqueeze.task import degenerate_warnings, load_task
 
     config = _config(args)
-    check_storage(config)
-    sampler = type(sampler_of(config)).__name__
-    task = load_task(config)
-    metric = task.evaluate_metric(task.model)
-    if not isinstance(metric, (int, float)) or not math.isfinite(metric):
-        raise UserError(
-            f"task.metric: returned {metric!r} for the original model, not a finite number."
-        )
-    space = build_space(task.model, config.space, task.target)
-    floor = check_reachable(config, task, space)
-    n_params = sum(p.numel() for p in task.model.parameters())
+    # with --json, stdout holds the JSON alone (a model factory may print)
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        check_storage(config)
+        sampler = type(sampler_of(config)).__name__
+        task = load_task(config)
+        metric = task.evaluate_metric(task.model)
+        if not isinstance(metric, (int, float)) or not math.isfinite(metric):
+            raise UserError(
+                f"task.metric: returned {metric!r} for the original model, not a finite number."
+            )
+        space = build_space(task.model, config.space, task.target)
+        floor = check_reachable(config, task, space)
+        n_params = sum(p.numel() for p in task.model.parameters())
+        share = config.sensitivity.knapsack_share if config.sensitivity.enabled else 0.0
+        rows = coverage(task.model, space)
+        total = sum(r.parameters for r in rows)
+        covered = sum(r.parameters for r in rows if r.knobs)
+        warnings = knob_warnings(space, task)
+        if covered < 0.9 * total:
+            warnings.append(
+                f"the space reaches only {covered / max(total, 1):.0%} of the parameters: the "
+                "rest stays fp32 whatever the search does (see the table for why)"
+            )
+        warnings += degenerate_warnings(task, metric)
+    if args.json:
+        found = {
+            "config": str(config.source),
+            "model": {"factory": config.model.factory, "parameters": n_params},
+            "data": {"source": config.task.data, "batches": len(task.data)},
+            "metric": {"name": config.task.metric, "original": metric},
+            "space": {
+                "file": str(config.space),
+                "layers": len(space.layers),
+                "searched_knobs": len(space.distributions),
+            },
+            "smallest_bytes": floor,
+            "study": {
+                "name": config.name,
+                "storage": config.storage_shown,
+                "sampler": sampler,
+                "knapsack_share": share,
+            },
+            "coverage": [dataclasses.asdict(r) for r in rows],
+            "parameters_reached": covered,
+            "parameters": total,
+            "warnings": warnings,
+        }
+        print(json.dumps(found, indent=2, default=str))
+        return 0
     print(f"config    {config.source}: ok")
     print(f"model     {config.model.factory}: {n_params:,} parameters")
     print(f"data      {config.task.data}: {len(task.data)} batches")
@@ -364,22 +440,11 @@ def _validate(args: argparse.Namespace) -> int:
         f"{len(space.distributions)} searched knobs"
     )
     print(f"budgets   smallest model the space allows: {floor:,} bytes")
-    share = config.sensitivity.knapsack_share if config.sensitivity.enabled else 0.0
     proposed = f" ({share:.0%} of sampled trials: knapsack proposals)" if share else ""
     print(f"study     {config.name} in {config.storage_shown}, sampled by {sampler}{proposed}")
-    rows = coverage(task.model, space)
     print()
     print(coverage_table(rows))
-    total = sum(r.parameters for r in rows)
-    covered = sum(r.parameters for r in rows if r.knobs)
     print(f"\nknobs reach {covered:,} of {total:,} parameters ({covered / max(total, 1):.0%})")
-    warnings = knob_warnings(space, task)
-    if covered < 0.9 * total:
-        warnings.append(
-            f"the space reaches only {covered / max(total, 1):.0%} of the parameters: the "
-            "rest stays fp32 whatever the search does (see the table for why)"
-        )
-    warnings += degenerate_warnings(task, metric)
     for warning in warnings:
         print(f"warning: {warning}")
     return 0

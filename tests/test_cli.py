@@ -107,6 +107,25 @@ def test_front_json_export_and_evaluate_reproduce_the_search(searched, capsys, t
     assert code == 0 and "accuracy" in out and "smaller" in out
 
 
+def test_search_and_validate_print_json_alone_on_stdout(make_config, capsys):
+    config = make_config(search={"trials": 4})
+    code, out, err = run(capsys, "search", config, "--no-progress", "--json")
+    assert code == 0
+    found = json.loads(out)  # nothing else on stdout
+    assert found["trials_run"] == 4 and found["interrupted"] is False
+    assert found["front"] and found["reference"]["size_bytes"] > 0
+    assert all(Path(row["artifact"]).is_file() for row in found["front"])
+    assert found["summary"].startswith("Smallest model within 0.02 accuracy")
+    code, out, _ = run(capsys, "validate", config, "--json")
+    assert code == 0
+    found = json.loads(out)
+    assert found["model"]["parameters"] == 188_234 and found["space"]["searched_knobs"] == 24
+    assert 0.9 < found["metric"]["original"] <= 1.0
+    assert found["parameters_reached"] <= found["parameters"]
+    assert any("task.calibration" in w for w in found["warnings"])
+    assert {"name", "kind", "parameters", "knobs", "why"} <= set(found["coverage"][0])
+
+
 def test_validate_reports_the_model_data_and_space(make_config, capsys):
     code, out, _ = run(capsys, "validate", make_config())
     assert code == 0
