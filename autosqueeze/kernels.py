@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +168,21 @@ def as_linear(layer: nn.Module) -> nn.Module:
     return linear.train(layer.training)
 
 
+K = TypeVar("K", bound=type[Kernel])
+
+
+def register(kernel_class: K) -> K:
+    """Add a kernel to ``KERNELS``, as a class decorator, from any module: put it in the
+    module the config's ``model.factory`` names, so every evaluator imports it with the
+    model (docs/extending.md). A name already taken by another kernel is refused."""
+    kernel = kernel_class()
+    taken = KERNELS.get(kernel.name)
+    if taken is not None and type(taken).__qualname__ != kernel_class.__qualname__:
+        raise ValueError(f"kernel {kernel.name!r} is registered already ({type(taken).__name__})")
+    KERNELS[kernel.name] = kernel
+    return kernel_class
+
+
 def kernel_for(name: str) -> Kernel:
     if name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r}; the kernels are {', '.join(KERNELS)}")
@@ -279,4 +294,4 @@ class Int4WeightOnlyLinear(_PackedLinear):
         return mm(flat, self.packed, self.group_size, self.scales_and_zeros)
 
 
-__all__ = ["KERNELS", "Kernel", "kernel_for"]
+__all__ = ["KERNELS", "Kernel", "kernel_for", "register"]

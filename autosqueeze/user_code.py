@@ -8,10 +8,13 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autosqueeze.errors import UserError
 from autosqueeze.time_limit import time_limit
+
+if TYPE_CHECKING:
+    from autosqueeze.config import StudyConfig
 
 IMPORT_TIME_LIMIT_S = 300.0
 """How long importing a config's module may take (AUTOSQUEEZE_IMPORT_TIMEOUT overrides): an
@@ -75,6 +78,23 @@ def load_callable(ref: str, *, field: str, search_dir: Path | None = None) -> Ca
     if not callable(target):
         raise UserError(f"{field}: {ref!r} is not callable.")
     return target
+
+
+def import_user_modules(config: StudyConfig) -> None:
+    """Import every module the config names (model, data, metric, calibration), as the
+    driver did when it loaded the task: what they register on import (a kernel, say:
+    docs/extending.md) is then known in this process too. An evaluator gets the model and
+    data pickled, which imports only the modules their classes live in."""
+    refs = {
+        "model.factory": config.model.factory,
+        "model.example_input": config.model.example_input,
+        "task.data": config.task.data,
+        "task.metric": config.task.metric,
+        "task.calibration": config.task.calibration,
+    }
+    for field, ref in refs.items():
+        if ref and ":" in ref:  # a built-in metric is a bare name
+            load_callable(ref, field=field, search_dir=config.folder)
 
 
 def call_user(fn: Callable[..., Any], *args: Any, field: str, ref: str) -> Any:

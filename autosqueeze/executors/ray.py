@@ -17,6 +17,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +30,7 @@ from autosqueeze.executors import Executor, K, Outcome, evaluate_safely, probe_s
 from autosqueeze.measure import Evaluator, Limits, ProbeResult
 from autosqueeze.plan import Plan
 from autosqueeze.task import Task
+from autosqueeze.user_code import import_user_modules
 
 
 def import_ray() -> Any:
@@ -59,6 +61,10 @@ class EvaluatorActor:
             device = "cuda"  # the GPU Ray assigned is this process's cuda:0
         with DeviceLock(torch.device(device)).shared():  # loading is work: not beside a timing
             task: Task = ray.get(task_ref[0])
+            try:
+                import_user_modules(task.config)
+            except UserError as exc:  # another node without the user's files: as before
+                warnings.warn(f"evaluator: {exc}", stacklevel=1)
             task.device = torch.device(device)
             self.evaluator = Evaluator(task)
         self.node_id = ray.get_runtime_context().get_node_id()

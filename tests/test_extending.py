@@ -1,0 +1,57 @@
+"""docs/extending.md's worked example, run: a kernel registered from a user's module (not
+the package) is offered by the space, probed and timed by Ray evaluators, stored in plans,
+and deployed when an artifact is loaded."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import torch
+import yaml
+from conftest import DEFAULT_SPACE, REPO, study_config, write_yaml
+from torch import nn
+
+from autosqueeze.artifact import artifact_bytes, load_artifact
+from autosqueeze.cli import main
+from autosqueeze.config import load_config
+from autosqueeze.kernels import KERNELS, CastLayer
+from autosqueeze.plan import Plan
+from autosqueeze.study import SENSITIVITY, open_study
+from autosqueeze.task import load_task
+from autosqueeze.techniques import compress
+
+EXAMPLE = REPO / "docs" / "examples" / "fp16_cpu_kernel.py"
+
+
+def test_a_kernel_registered_outside_the_package_is_searched_and_deployed(tmp_path, capsys):
+    shutil.copy(EXAMPLE, tmp_path / "fp16_cpu_kernel.py")  # the docs' file, as a user has it
+    space = yaml.safe_load(DEFAULT_SPACE.read_text())
+    space["rules"][0]["knobs"]["kernel"] = ["fp32", "fp16_cpu"]
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    config_path = write_yaml(
+        tmp_path / "study.yaml",
+        study_config(
+            tmp_path,
+            model={"factory": "fp16_cpu_kernel:model"},
+            space="space.yaml",
+            search={"trials": 4, "output_dir": str(tmp_path / "run")},
+            compute={"workers": 1},  # an evaluator process must know the kernel too
+        ),
+    )
+    assert main(["search", str(config_path), "--no-progress"]) == 0
+    capsys.readouterr()
+    config = load_config(config_path)
+    table = open_study(config, create=False).user_attrs[SENSITIVITY]
+    probed = [k for k in table["drops"] if k.endswith('kernel="fp16_cpu"')]
+    assert probed and not any("fp16_cpu" in k for k in table["failed"])
+    assert [k for k in table["speeds"] if "fp16_cpu" in k]  # timed in the evaluator
+
+    task = load_task(config)  # imports the module: the kernel is registered here too
+    assert "fp16_cpu" in KERNELS
+    layers = [n for n, m in task.model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    plan = Plan.uniform(layers, kernel="fp16_cpu")
+    data = artifact_bytes(compress(task.model, plan, task.target))
+    loaded = load_artifact(data, copy.deepcopy(task.model), task.target)
+    deployed = [loaded.get_submodule(n) for n in plan.layers]
+    assert deployed and all(isinstance(m, CastLayer) and m.dtype == torch.float16 for m in deployed)
