@@ -375,6 +375,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from autosqueeze.budgets import check_reachable
+    from autosqueeze.executors import executor_name
     from autosqueeze.search import knob_warnings
     from autosqueeze.space import build_space, coverage
     from autosqueeze.study import check_storage, sampler_of
@@ -385,6 +386,7 @@ def _validate(args: argparse.Namespace) -> int:
     # with --json, stdout holds the JSON alone (a model factory may print)
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         check_storage(config)
+        executor = executor_name(config)
         sampler = type(sampler_of(config)).__name__
         task = load_task(config)
         metric = task.evaluate_metric(task.model)
@@ -423,6 +425,7 @@ def _validate(args: argparse.Namespace) -> int:
                 "storage": config.storage_shown,
                 "sampler": sampler,
                 "knapsack_share": share,
+                "executor": executor,
             },
             "coverage": [dataclasses.asdict(r) for r in rows],
             "parameters_reached": covered,
@@ -442,6 +445,7 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"budgets   smallest model the space allows: {floor:,} bytes")
     proposed = f" ({share:.0%} of sampled trials: knapsack proposals)" if share else ""
     print(f"study     {config.name} in {config.storage_shown}, sampled by {sampler}{proposed}")
+    print(f"compute   {executor} executor, workers: {config.compute.workers}")
     print()
     print(coverage_table(rows))
     print(f"\nknobs reach {covered:,} of {total:,} parameters ({covered / max(total, 1):.0%})")

@@ -163,6 +163,12 @@ class SearchConfig(_Strict):
 
 
 class ComputeConfig(_Strict):
+    executor: str | None = Field(
+        None,
+        max_length=64,
+        description="where trials run: inprocess or ray (autosqueeze.executors.EXECUTORS); "
+        "default: inprocess when workers is 0, else ray",
+    )
     workers: int | Literal["auto"] = Field("auto", description="0: in-process; auto: from Ray")
     ray_address: str | None = Field(None, description="join this Ray cluster; default: local Ray")
     gpus_per_worker: float = Field(1.0, gt=0, le=1)

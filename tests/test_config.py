@@ -208,6 +208,8 @@ def test_a_config_cannot_cost_more_than_a_config(tmp_path, capsys, name, text, e
         ({"search": {"storage": "mysql+nothing://x"}}, "'mysql+nothing://x' is not a usable"),
         ({"search": {"storage": "oracle://x"}}, "search.storage: 'oracle' is not a database"),
         ({"search": {"storage": "/"}}, "search.storage: / is not a regular file"),
+        ({"compute": {"executor": "kubernetes"}}, "compute.executor: unknown executor"),
+        ({"compute": {"executor": "ray", "workers": 0}}, "compute.workers: 0 means in-process"),
     ],
 )
 def test_hostile_config_values_are_named_errors(tmp_path, capsys, override, field):
@@ -215,3 +217,18 @@ def test_hostile_config_values_are_named_errors(tmp_path, capsys, override, fiel
     config = write_yaml(tmp_path / "study.yaml", study_config(tmp_path, **override))
     err = fails(capsys, "validate", config)
     assert field in err, err
+
+
+def test_the_executor_is_chosen_through_its_registry(tmp_path):
+    from autosqueeze.config import load_config
+    from autosqueeze.executors import EXECUTORS, executor_name
+
+    def chosen(**compute):
+        config = study_config(tmp_path, compute=compute)
+        return executor_name(load_config(write_yaml(tmp_path / "c.yaml", config)))
+
+    assert set(EXECUTORS) == {"inprocess", "ray"}
+    assert chosen(workers=0) == "inprocess" and chosen(workers=2) == "ray"
+    assert chosen(workers="auto") == "ray"
+    assert chosen(executor="inprocess", workers="auto") == "inprocess"
+    assert chosen(executor="ray", workers=2) == "ray"

@@ -118,11 +118,29 @@ EXECUTORS: dict[str, str] = {
 }
 
 
+def executor_name(config: StudyConfig) -> str:
+    """``compute.executor``, or by default the in-process one for ``compute.workers: 0`` and
+    Ray for anything else."""
+    name = config.compute.executor
+    if name is None:
+        return "inprocess" if config.compute.workers == 0 else "ray"
+    if name not in EXECUTORS:
+        raise UserError(
+            f"compute.executor: unknown executor {name[:64]!r}; the executors are "
+            f"{', '.join(EXECUTORS)}."
+        )
+    if name == "ray" and config.compute.workers == 0:
+        raise UserError(
+            "compute.workers: 0 means in-process, but compute.executor is ray: give "
+            "compute.workers a count or 'auto', or drop compute.executor."
+        )
+    return name
+
+
 def create_executor(config: StudyConfig, task: Task) -> Executor:
-    """``compute.workers: 0`` runs in this process; anything else on a pool of Ray actors."""
-    name = "inprocess" if config.compute.workers == 0 else "ray"
-    module, _, cls = EXECUTORS[name].partition(":")
+    """The executor ``executor_name`` picks, from the ``EXECUTORS`` registry."""
+    module, _, cls = EXECUTORS[executor_name(config)].partition(":")
     return getattr(importlib.import_module(module), cls).create(config, task)
 
 
-__all__ = ["EXECUTORS", "Executor", "Outcome", "create_executor", "evaluate_now"]
+__all__ = ["EXECUTORS", "Executor", "Outcome", "create_executor", "evaluate_now", "executor_name"]
