@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from autosqueeze.measure import ProbeResult
+from autosqueeze.measure import ProbeResult, usable_cpus
 from autosqueeze.metrics import call_model
 from autosqueeze.plan import Plan
 from autosqueeze.techniques import runs_differently
@@ -61,9 +61,7 @@ def device_signature(device: torch.device, threads: int | None) -> str:
         name = torch.cuda.get_device_name(device)
     else:
         name = _cpu_model() or platform.processor() or platform.machine()
-    if threads is None:
-        affinity = getattr(os, "sched_getaffinity", None)  # not on macOS
-        threads = len(affinity(0)) if affinity else os.cpu_count()
+    threads = threads or usable_cpus()
     return f"{device.type}|{name}|threads={threads}|torch={torch.__version__}|format={FORMAT}"
 
 
