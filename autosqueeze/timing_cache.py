@@ -150,8 +150,9 @@ def probe_signatures(
     model: nn.Module, example_input: Any, plans: dict[str, Plan], device_sig: str
 ) -> dict[str, str | None]:
     """Per plan, the signature of the timing it asks for: a hash of the device and, for
-    each layer it runs differently, the layer's type, its tensors' shapes and dtypes, its
-    inputs' (from one forward pass on ``example_input``) and its plan. Equal signatures time
+    each layer it runs differently, the layer's type and settings (``extra_repr``: a
+    convolution's stride, padding, groups), its tensors' shapes and dtypes, its inputs'
+    (from one forward pass on ``example_input``) and its plan. Equal signatures time
     the same. None where a layer it changes never runs on the input (nothing to time)."""
     wanted = {n for p in plans.values() for n, lp in p.layers.items() if runs_differently(lp)}
     inputs: dict[str, str] = {}
@@ -182,8 +183,9 @@ def probe_signatures(
                 layers = None
                 break
             module = model.get_submodule(name)
+            kind = f"{type(module).__module__}.{type(module).__qualname__}({module.extra_repr()})"
             tensors = [(n, tuple(t.shape), str(t.dtype)) for n, t in module.state_dict().items()]
-            layers.append([type(module).__qualname__, tensors, inputs[name], asdict(lp)])
+            layers.append([kind, tensors, inputs[name], asdict(lp)])
         if not layers:
             found[key] = None
             continue

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import REPO, study_config, write_yaml
 from tiny_bert import build as tiny_bert
 from tiny_bert import data as tiny_data
+from torch import nn
 
 from autosqueeze.config import load_config
 from autosqueeze.executors.inprocess import InProcessExecutor
@@ -102,6 +104,14 @@ def test_a_signature_tells_shapes_plans_and_devices_apart():
     assert probe_signatures(model, batch, plans, "cpu|other")["q0"] != found["q0"]
     shorter = {k: v[:, :6] for k, v in batch.items()}
     assert probe_signatures(model, shorter, plans, DEVICE)["q0"] != found["q0"]  # other inputs
+
+
+def test_layers_alike_but_for_their_stride_are_timed_apart():
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1))
+    model[1].register_forward_pre_hook(lambda _m, args: (args[0][:, :, :16, :16],))
+    plans = {str(i): Plan({str(i): LayerPlan(kernel="bf16")}) for i in range(2)}
+    found = probe_signatures(model, torch.randn(1, 8, 16, 16), plans, DEVICE)
+    assert found["0"] is not None and found["0"] != found["1"]  # same weights, same input
 
 
 @pytest.mark.parametrize(
