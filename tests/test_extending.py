@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import copy
 import shutil
+import sys
 
+import pytest
 import torch
 import yaml
 from conftest import DEFAULT_SPACE, REPO, study_config, write_yaml
@@ -24,7 +26,19 @@ from autosqueeze.techniques import compress
 EXAMPLE = REPO / "docs" / "examples" / "fp16_cpu_kernel.py"
 
 
-def test_a_kernel_registered_outside_the_package_is_searched_and_deployed(tmp_path, capsys):
+@pytest.fixture
+def kernels_as_shipped():
+    """The example registers its kernel in this process too: gone again after the test."""
+    before = dict(KERNELS)
+    yield
+    KERNELS.clear()
+    KERNELS.update(before)
+    sys.modules.pop("fp16_cpu_kernel", None)
+
+
+def test_a_kernel_registered_outside_the_package_is_searched_and_deployed(
+    tmp_path, capsys, kernels_as_shipped
+):
     shutil.copy(EXAMPLE, tmp_path / "fp16_cpu_kernel.py")  # the docs' file, as a user has it
     space = yaml.safe_load(DEFAULT_SPACE.read_text())
     space["rules"][0]["knobs"]["kernel"] = ["fp32", "fp16_cpu"]
