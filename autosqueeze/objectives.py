@@ -60,14 +60,20 @@ class Objective:
         past = value - limit if self.direction == "minimize" else limit - value
         return past / self.budget_scale
 
-    def describe(self) -> dict[str, Any]:
-        """What a page needs to draw it."""
+    def describe(
+        self, metric_name: str, budgets: Budgets, ref: Measurements | None
+    ) -> dict[str, Any]:
+        """What a page needs to draw it: its label (the metric's own name for the metric),
+        the scale to display units, a log axis or not, and where its budget puts a line (in
+        display units; None without one)."""
+        limit = self.limit(budgets, ref)
         return {
             "name": self.name,
-            "label": self.label,
+            "label": metric_name if self.name == "metric" else self.label,
             "scale": self.display_scale,
             "log": self.log_axis,
             "direction": self.direction,
+            "budget": None if limit is None else limit * self.display_scale,
         }
 
 

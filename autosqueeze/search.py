@@ -69,15 +69,7 @@ from autosqueeze.study import (
 )
 from autosqueeze.task import Task, load_task
 from autosqueeze.techniques import TECHNIQUES
-from autosqueeze.timing_cache import (
-    FILE,
-    TimingCache,
-    Timings,
-    cache_dir,
-    cached_timings,
-    device_signature,
-    probe_signatures,
-)
+from autosqueeze.timing_cache import Timings, user_cached
 
 
 @dataclass
@@ -215,12 +207,7 @@ def sensitivity_table(
 def _timings(config: StudyConfig, executor: Executor, task: Task | None) -> Timings:
     if task is None or not config.sensitivity.timing_cache:
         return executor.timings
-    device = device_signature(task.device, config.measure.threads)
-    return cached_timings(
-        executor.timings,
-        TimingCache(cache_dir() / FILE),
-        lambda plans: probe_signatures(task.model, task.example_input, plans, device),
-    )
+    return user_cached(executor.timings, task, config.measure.threads)
 
 
 def prices_time(config: StudyConfig) -> bool:

@@ -85,8 +85,6 @@ class SensitivityTable:
     layer_ms: dict[str, float] = field(default_factory=dict)
     model_ms: float | None = None  # the whole original model, as the evaluators time it
     untimed: dict[str, str] = field(default_factory=dict)  # probe key -> why not timed
-    _medians: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
-    _medians_of: tuple[int, int] = field(default=(0, -1), init=False, repr=False, compare=False)
 
     def done(self, key: str) -> bool:
         return key == BASE and self.base is not None or key in self.drops or key in self.failed
@@ -117,13 +115,10 @@ class SensitivityTable:
         return medians[group] * scale
 
     def _group_medians(self) -> dict[str, float]:
-        if self._medians_of != (id(self.layer_ms), len(self.layer_ms)):  # the pass adds some
-            found: dict[str, list[float]] = {}
-            for key, ms in self.layer_ms.items():
-                found.setdefault(_group_of(key), []).append(ms)
-            self._medians = {g: float(np.median(v)) for g, v in found.items()}
-            self._medians_of = (id(self.layer_ms), len(self.layer_ms))
-        return self._medians
+        found: dict[str, list[float]] = {}
+        for key, ms in self.layer_ms.items():
+            found.setdefault(_group_of(key), []).append(ms)
+        return {g: float(np.median(v)) for g, v in found.items()}
 
     def predicted_latency(self, space: SearchSpace, plan: Plan) -> float | None:
         """The plan's latency as a fraction of the original's, by the additive latency

@@ -163,20 +163,11 @@ def study_view(
 
 
 def _objective_info(config: StudyConfig, ref: Measurements | None) -> list[dict[str, Any]]:
-    """The study's objectives as the page draws them: label, scale to display units, log
-    axis, and where the budget puts a line (display units; None without one)."""
-    found = []
-    for name in config.objectives:
-        objective = OBJECTIVES[name]
-        limit = objective.limit(config.budgets, ref)
-        found.append(
-            {
-                **objective.describe(),
-                "label": config.metric_name if name == "metric" else objective.label,
-                "budget": None if limit is None else limit * objective.display_scale,
-            }
-        )
-    return found
+    """The study's objectives as the page draws them (``Objective.describe``)."""
+    return [
+        OBJECTIVES[name].describe(config.metric_name, config.budgets, ref)
+        for name in config.objectives
+    ]
 
 
 def _sensitivity(stored: dict[str, Any] | None) -> dict[str, Any] | None:

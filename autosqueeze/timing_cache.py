@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -37,6 +37,9 @@ from autosqueeze.measure import ProbeResult, usable_cpus
 from autosqueeze.metrics import call_model
 from autosqueeze.plan import Plan
 from autosqueeze.techniques import runs_differently
+
+if TYPE_CHECKING:
+    from autosqueeze.task import Task
 
 FORMAT = 1
 """Bumped when what a timing means changes: older entries are then never matched."""
@@ -255,3 +258,13 @@ def cached_timings(
             yield key, ProbeResult(layer_ms=hit, model_ms=model_ms)
 
     return run
+
+
+def user_cached(timings: Timings, task: Task, threads: int | None) -> Timings:
+    """``timings`` through the user's cache file, for ``task``'s model on its device."""
+    device = device_signature(task.device, threads)
+    return cached_timings(
+        timings,
+        TimingCache(cache_dir() / FILE),
+        lambda plans: probe_signatures(task.model, task.example_input, plans, device),
+    )
