@@ -32,6 +32,7 @@ from autosqueeze.config import Budgets
 from autosqueeze.device_lock import DeviceLock, Held
 from autosqueeze.errors import TrialError
 from autosqueeze.metrics import call_model, distortion, recorded_outputs, to_device
+from autosqueeze.nested import tensors
 from autosqueeze.plan import Plan
 from autosqueeze.quiet import STDERR, silenced
 from autosqueeze.task import Task
@@ -328,22 +329,8 @@ def measure_memory(model: nn.Module, inputs: Any, device: torch.device) -> float
 
 def _held_bytes(value: Any) -> int:
     """Bytes of the tensors in a state dict or input structure, each storage counted once."""
-    seen: set[int] = set()
-
-    def walk(v: Any) -> int:
-        if isinstance(v, torch.Tensor):
-            key = v.data_ptr() if not v.is_quantized else id(v)
-            if key in seen:
-                return 0
-            seen.add(key)
-            return v.numel() * v.element_size()
-        if isinstance(v, dict):
-            return sum(walk(x) for x in v.values())
-        if isinstance(v, (list, tuple)):
-            return sum(walk(x) for x in v)
-        return 0
-
-    return walk(value)
+    held = {t.data_ptr() if not t.is_quantized else id(t): t for t in tensors(value)}
+    return sum(t.numel() * t.element_size() for t in held.values())
 
 
 def _peak_allocated_cpu(model: nn.Module, inputs: Any) -> int:

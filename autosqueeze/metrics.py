@@ -8,21 +8,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from autosqueeze.nested import map_tensors
 from autosqueeze.user_code import load_callable
 
 Metric = Callable[[nn.Module, Iterable[tuple[Any, Any]], torch.device], float]
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Run a model on one batch given as a tensor, a tuple of arguments or a dict of keywords."""
-    if isinstance(inputs, dict):
+    """Run a model on one batch given as a tensor, a tuple of arguments or a mapping of
+    keywords (a dict, a tokenizer's ``BatchEncoding``)."""
+    if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
@@ -30,13 +32,8 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
 
 
 def to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_device(v, device) for v in value)
-    return value
+    """``value`` (a batch: tensors, nested) with every tensor on ``device``."""
+    return map_tensors(lambda t: t.to(device), value)
 
 
 def accuracy(
@@ -109,7 +106,7 @@ def pooled(output: Any, inputs: Any, key: str | None = None) -> torch.Tensor:
     """One vector per sample: token outputs (B, T, H) averaged over the attention mask."""
     tensor = primary_output(output, key).float()
     if tensor.dim() == 3:
-        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
         if mask is None:
             return tensor.mean(dim=1)
         weights = mask.to(tensor.dtype).unsqueeze(-1)

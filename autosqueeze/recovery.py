@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from autosqueeze.metrics import call_model
+from autosqueeze.nested import tensors
 
 CHECK_BATCHES = 4  # calibration batches the kept weights are judged on
 
@@ -102,17 +103,7 @@ class Recovery:
 
 def floating_tensors(output: Any) -> list[torch.Tensor]:
     """Every floating tensor of a model output (tensor, tuple, dict, dataclass), in order."""
-    if isinstance(output, torch.Tensor):
-        return [output] if output.is_floating_point() else []
-    if isinstance(output, dict):
-        return [t for v in output.values() for t in floating_tensors(v)]
-    if isinstance(output, (list, tuple)):
-        return [t for v in output for t in floating_tensors(v)]
-    if hasattr(output, "__dataclass_fields__"):
-        return [
-            t for k in output.__dataclass_fields__ for t in floating_tensors(getattr(output, k))
-        ]
-    return []
+    return [t for t in tensors(output) if t.is_floating_point()]
 
 
 __all__ = ["Recovery", "floating_tensors"]

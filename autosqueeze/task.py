@@ -15,6 +15,7 @@ from torch import nn
 from autosqueeze.config import StudyConfig
 from autosqueeze.errors import UserError
 from autosqueeze.metrics import Metric, call_model, pooled, resolve_metric, to_device
+from autosqueeze.nested import map_tensors, tensors
 from autosqueeze.recovery import Recovery
 from autosqueeze.techniques import Target
 from autosqueeze.user_code import call_user, describe, load_callable
@@ -150,45 +151,27 @@ def degenerate_warnings(task: Task, metric: float) -> list[str]:
 def _first_samples(inputs: Any, target: Any, held: int, wanted: int) -> tuple[Any, Any]:
     """The first ``wanted`` of a batch's ``held`` samples, where every tensor in it has them
     along dim 0 (otherwise the whole batch: its layout is the user's)."""
-    if not all(t.dim() and t.shape[0] == held for t in _tensors(inputs) + _tensors(target)):
+    if not all(t.dim() and t.shape[0] == held for t in tensors(inputs) + tensors(target)):
         return inputs, target
     return batch_of(inputs, wanted), batch_of(target, wanted) if target is not None else None
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
 def samples_in(inputs: Any) -> int:
-    """How many samples a batch holds: the first dimension of its first tensor."""
-    if isinstance(inputs, torch.Tensor):
-        return int(inputs.shape[0]) if inputs.dim() else 1
-    values = inputs.values() if isinstance(inputs, dict) else inputs
-    if isinstance(values, (tuple, list)) or isinstance(inputs, dict):
-        for value in values:
-            if isinstance(value, torch.Tensor) and value.dim():
-                return int(value.shape[0])
-    return 1
+    """How many samples a batch holds: the first dimension of its first tensor that has
+    one (1 if none has)."""
+    return next((int(t.shape[0]) for t in tensors(inputs) if t.dim()), 1)
 
 
 def batch_of(inputs: Any, size: int) -> Any:
     """The first ``size`` samples of a batch along dim 0 (repeated when the batch is smaller)."""
-    if isinstance(inputs, torch.Tensor):
-        if inputs.dim() == 0:
-            return inputs
-        repeats = -(-size // inputs.shape[0])
-        return inputs.repeat(repeats, *([1] * (inputs.dim() - 1)))[:size].contiguous()
-    if isinstance(inputs, dict):
-        return {k: batch_of(v, size) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(batch_of(v, size) for v in inputs)
-    return inputs
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0 or t.shape[0] == 0:
+            return t
+        repeats = -(-size // t.shape[0])
+        return t.repeat(repeats, *([1] * (t.dim() - 1)))[:size].contiguous()
+
+    return map_tensors(cut, inputs)
 
 
 def _device(name: str) -> torch.device:

@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from autosqueeze.measure import ProbeResult, usable_cpus
 from autosqueeze.metrics import call_model
+from autosqueeze.nested import leaves
 from autosqueeze.plan import Plan
 from autosqueeze.techniques import runs_differently
 
@@ -198,11 +198,10 @@ def probe_signatures(
 
 
 def _shapes(value: Any) -> str:
-    leaves = pytree.tree_leaves(value)
     return json.dumps(
         [
             [list(v.shape), str(v.dtype)] if isinstance(v, torch.Tensor) else type(v).__name__
-            for v in leaves
+            for v in leaves(value)
         ]
     )
 

@@ -2,6 +2,7 @@
 against Optuna's TPE and RandomSampler over the whole space, at equal trial budgets.
 
     python benchmarks/search_quality.py [CONFIG ...] [--trials 24 60] [--modes default tpe random]
+                                        [--seeds 1]
 
 Default configs: the digits CNN, the residual CNN, a 4-layer BERT from transformers' classes
 (random weights, judged by fidelity) and MiniLM. ``tpe`` and ``random`` run with the
@@ -20,7 +21,11 @@ Columns, per (model, trials, mode):
   (relative to the original's) over the timed trials, and the share of pairs of timed
   trials it orders as measured (rank agreement);
 - the sensitivity pass's seconds and the whole run's wall seconds.
-Prints one markdown table (kept in docs/results.md).
+Prints one markdown table (kept in docs/results.md). With ``--seeds N``, every run is made
+under the study seeds 0..N-1 and a second table gives, per model, each mode's hypervolume
+as a share of RandomSampler's under the same seed, and their median: one run's volume can
+turn on a single lucky trial (a plan that happens to score above the original on the
+validation set, or a latency timed low).
 """
 
 from __future__ import annotations
@@ -53,14 +58,23 @@ def main() -> None:
     parser.add_argument("--trials", nargs="+", type=int, default=[24, 60])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--workers", type=int, default=None, help="default: the config's")
+    parser.add_argument("--seeds", type=int, default=1, help="study seeds 0..N-1 per run")
     args = parser.parse_args()
     rows = []
     for path in args.configs:
-        rows += measure(path, args.trials, args.modes, args.workers)
+        rows += measure(path, args.trials, args.modes, args.workers, range(args.seeds))
         print(table(rows), flush=True)  # so far: a long run shows its progress
+    if args.seeds > 1:
+        print(ratios(rows), flush=True)
 
 
-def measure(path: Path, trial_counts: list[int], modes: list[str], workers: int | None) -> list:
+def measure(
+    path: Path,
+    trial_counts: list[int],
+    modes: list[str],
+    workers: int | None,
+    seeds: range = range(1),
+) -> list:
     import optuna
 
     from autosqueeze.config import load_config
@@ -73,12 +87,14 @@ def measure(path: Path, trial_counts: list[int], modes: list[str], workers: int 
     task = load_task(base)
     runs = []
     for trials in trial_counts:
-        for mode in modes:
-            with tempfile.TemporaryDirectory() as folder:
-                config = _configured(base, MODES[mode], trials, Path(folder), workers)
-                start = time.monotonic()
-                result = _search(config, task)
-                runs.append(_summary(config, mode, trials, result, time.monotonic() - start))
+        for seed in seeds:
+            for mode in modes:
+                with tempfile.TemporaryDirectory() as folder:
+                    config = _configured(base, MODES[mode], trials, Path(folder), workers, seed)
+                    start = time.monotonic()
+                    result = _search(config, task)
+                    seconds = time.monotonic() - start
+                    runs.append(_summary(config, mode, trials, result, seconds) | {"seed": seed})
     best_uniform = {}
     for run in runs:
         key = run["trials"]
@@ -89,11 +105,13 @@ def measure(path: Path, trial_counts: list[int], modes: list[str], workers: int 
     return runs
 
 
-def _configured(base, overrides, trials, folder, workers):
+def _configured(base, overrides, trials, folder, workers, seed=None):
     data = base.model_dump()
     for section, values in overrides.items():
         data[section] = {**data[section], **values}
     data["search"]["trials"] = trials
+    if seed is not None:
+        data["search"]["seed"] = seed
     data["search"]["output_dir"] = folder
     data["search"]["storage"] = None
     if workers is not None:
@@ -173,17 +191,47 @@ def _latency_model_error(result, records: list) -> tuple[float, float] | None:
     return errors[len(errors) // 2], agree / total if total else float("nan")
 
 
+def ratios(rows: list[dict]) -> str:
+    """Each mode's hypervolume over RandomSampler's under the same seed, and the median."""
+    import statistics
+
+    lines = [
+        "| model | trials | mode | hypervolume / random's, per seed | median |",
+        "|---|---:|---|---|---:|",
+    ]
+    random = {
+        (r["model"], r["trials"], r["seed"]): r["hypervolume"]
+        for r in rows
+        if r["mode"] == "random"
+    }
+    keys = dict.fromkeys(
+        (r["model"], r["trials"], r["mode"]) for r in rows if r["mode"] != "random"
+    )
+    for model, trials, mode in keys:
+        got = [
+            r["hypervolume"] / random[model, trials, r["seed"]]
+            for r in rows
+            if (r["model"], r["trials"], r["mode"]) == (model, trials, mode)
+            and random.get((model, trials, r["seed"]))
+        ]
+        if got:
+            each = ", ".join(f"{g:.2f}" for g in got)
+            lines.append(f"| {model} | {trials} | {mode} | {each} | {statistics.median(got):.2f} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     head = (
-        "| model | trials | mode | hypervolume | smallest within budget | fastest (x original) "
-        "| best uniform | knapsack plans alone | sampled within metric budget "
-        "| latency model: error, order | sensitivity s | wall s |"
+        "| model | trials | seed | mode | hypervolume | smallest within budget "
+        "| fastest (x original) | best uniform | knapsack plans alone "
+        "| sampled within metric budget | latency model: error, order | sensitivity s | wall s |"
     )
-    lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         cells = [
             r["model"],
             str(r["trials"]),
+            str(r.get("seed", 0)),
             r["mode"],
             f"{r['hypervolume']:.5f}",
             _size(r["smallest"], r["original_bytes"]),
