@@ -13,6 +13,7 @@ learns from every trial, proposed ones included."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import replace
@@ -36,6 +37,7 @@ from autosqueeze.sensitivity import (
     candidate_plans,
     group_options,
 )
+from autosqueeze.size_model import SIZE_KNOBS
 from autosqueeze.space import SearchSpace
 
 PROPOSED = "proposed_by"
@@ -80,10 +82,20 @@ def _chance_fit(tried: list[tuple[float, bool]]) -> tuple[float, float] | None:
     return float(w[0] - w[1] * centre / spread), float(w[1] / spread)
 
 
-def _perturbed(option: Option, factor: float) -> Option:
-    """The option at ``factor`` times its bytes and its change in time: plans then differ
-    in what they spend the budget on, while the distortion they spend stays true."""
-    return replace(option, nbytes=max(0, round(option.nbytes * factor)), ms=option.ms * factor)
+def _perturbed_all(options: list[Option], rng: np.random.Generator) -> list[Option]:
+    """A group's options, each at a drawn factor times its bytes and its change in time:
+    plans then differ in what they spend the budget on, while the distortion they spend
+    stays true. Options that store the same (they differ in kernel alone) share a factor:
+    a kernel that only costs time must not look smaller in bytes than its fp32 twin (on
+    the digits CNN, a third of the proposals ran a slower kernel for that reason)."""
+    factors: dict[str, float] = {}
+    found = []
+    for option in options:
+        stored = json.dumps({k: option.values[k] for k in SIZE_KNOBS if k in option.values})
+        factor = factors.setdefault(stored, float(np.exp(rng.normal(0.0, NOISE))))
+        nbytes = max(0, round(option.nbytes * factor))
+        found.append(replace(option, nbytes=nbytes, ms=option.ms * factor))
+    return found
 
 
 class KnapsackSampler(BaseSampler):
@@ -254,9 +266,6 @@ class Knapsack:
             speed = (
                 SIZE_FIRST if rng.random() < 0.5 else float(rng.uniform(SIZE_FIRST, SPEED_FIRST))
             )
-        perturbed = {
-            group: [_perturbed(o, float(np.exp(rng.normal(0.0, NOISE)))) for o in opts]
-            for group, opts in self.options.items()
-        }
+        perturbed = {group: _perturbed_all(opts, rng) for group, opts in self.options.items()}
         found = candidate_plans(self.space, self.table, self.model, [level], speed, perturbed)
         return self.space.params_for(found[0].plan) if found else None
