@@ -7,7 +7,8 @@ written by hand, stored in JSON, and replayed to rebuild exactly the same artifa
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+import re
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 PLAN_FORMAT = 1
@@ -23,9 +24,40 @@ class LayerPlan:
     group_size: int | None = None  # weights per quantization scale; None = one per output row
     prune_channels: float = 0.0  # fraction of output channels/neurons removed (structured)
     kernel: str = "fp32"  # execution form once loaded (autosqueeze.kernels)
+    # the knobs of techniques registered from outside the package (``techniques.register``);
+    # read as attributes like the fields above, stored beside them in the plan's JSON
+    extra: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    def __getattr__(self, name: str) -> Any:
+        """A registered technique's knob: its value here, else its identity."""
+        if name.startswith("__"):
+            raise AttributeError(name)
+        extra = self.__dict__.get("extra", {})
+        if name in extra:
+            return extra[name]
+        from autosqueeze.techniques import TECHNIQUES
+
+        if name in TECHNIQUES:
+            return TECHNIQUES[name].identity
+        raise AttributeError(f"{type(self).__name__} has no knob {name!r}")
+
+    @classmethod
+    def of(cls, **values: Any) -> LayerPlan:
+        """A layer plan from knob values, the fields' and any registered technique's."""
+        own = {k: v for k, v in values.items() if k in _FIELD_TYPES}
+        return cls(**own, extra=_registered({k: v for k, v in values.items() if k not in own}))
 
     def replace(self, **changes: Any) -> LayerPlan:
-        return replace(self, **changes)
+        own = {k: v for k, v in changes.items() if k in _FIELD_TYPES}
+        extra = _registered({k: v for k, v in changes.items() if k not in own})
+        if extra:
+            own["extra"] = {**self.extra, **extra}
+        return replace(self, **own)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every knob's value, the registered techniques' beside the fields'."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**own, **dict(sorted(self.extra.items()))}
 
 
 @dataclass(frozen=True)
@@ -37,7 +69,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": PLAN_FORMAT,
-            "layers": {name: asdict(lp) for name, lp in sorted(self.layers.items())},
+            "layers": {name: lp.to_dict() for name, lp in sorted(self.layers.items())},
         }
 
     def to_json(self) -> str:
@@ -46,25 +78,28 @@ class Plan:
     @classmethod
     def from_dict(cls, data: Any) -> Plan:
         """A plan from its dict form, every field checked for its type (a plan may come from
-        an untrusted artifact); values a technique cannot take are its own to refuse."""
+        an untrusted artifact); values a technique cannot take, and knobs no registered
+        technique has, are refused where the plan is used (``techniques.check_plan``), so
+        a reader without the user's module still reads the study."""
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"unsupported plan format {found!r}")
         if not isinstance(data.get("layers"), dict):
             raise ValueError("a plan's layers are not a mapping of layer names")
-        types = {f.name: _FIELD_TYPES[f.name] for f in fields(LayerPlan)}
         layers = {}
         for name, values in data["layers"].items():
             if not isinstance(values, dict):
                 raise ValueError(f"layer {name!r}: its plan is not a mapping")
-            unknown = set(values) - set(types)
-            if unknown:
-                raise ValueError(f"layer {name!r}: unknown plan fields {sorted(unknown)}")
             for key, value in values.items():
-                if type(value) not in types[key]:
-                    kind = types[key][0].__name__
+                if key not in _FIELD_TYPES and not _KNOB_NAME.fullmatch(str(key)):
+                    raise ValueError(f"layer {name!r}: {str(key)[:80]!r} is not a knob name")
+                types = _FIELD_TYPES.get(key, _EXTRA_TYPES)
+                if type(value) not in types:
+                    kind = types[0].__name__
                     raise ValueError(f"layer {name!r}: {key} is {value!r}, not a {kind}")
-            layers[name] = LayerPlan(**values)
+            own = {k: v for k, v in values.items() if k in _FIELD_TYPES}
+            extra = {k: v for k, v in values.items() if k not in own}
+            layers[name] = LayerPlan(**own, extra=extra)  # its technique checks it when used
         return cls(layers)
 
     @classmethod
@@ -78,7 +113,7 @@ class Plan:
     @classmethod
     def uniform(cls, layer_names: list[str], **choices: Any) -> Plan:
         """The same choice for every named layer, e.g. ``Plan.uniform(names, bits=8)``."""
-        return cls({name: LayerPlan(**choices) for name in layer_names})
+        return cls({name: LayerPlan.of(**choices) for name in layer_names})
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -89,3 +124,15 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "prune_channels": (float, int),
     "kernel": (str,),
 }
+_EXTRA_TYPES: tuple[type, ...] = (float, int, str)  # a registered technique's: number or name
+_KNOB_NAME = re.compile(r"[a-z_][a-z0-9_]{0,63}")
+
+
+def _registered(values: dict[str, Any]) -> dict[str, Any]:
+    """``values``, each the knob of a registered technique (else a ValueError naming it)."""
+    if values:
+        from autosqueeze.techniques import technique_for
+
+        for knob in values:
+            technique_for(knob)
+    return values

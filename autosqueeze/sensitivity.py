@@ -39,14 +39,18 @@ from torch import nn
 from autosqueeze.measure import ProbeResult
 from autosqueeze.plan import Plan
 from autosqueeze.quiet import STDOUT, silenced
-from autosqueeze.size_model import StoredWeights, layer_bytes, stored_weights
+from autosqueeze.size_model import SIZE_KNOBS, StoredWeights, layer_bytes, stored_weights
 from autosqueeze.space import LayerKnobs, SearchSpace
-from autosqueeze.techniques import technique_for
+from autosqueeze.techniques import TECHNIQUES, technique_for
 
 TABLE_FORMAT = 2  # 2: layer timings (the latency model)
 MAX_RANGE_PROBES = 10  # a range knob is probed at this many points at most
-SIZE_KNOBS = ("bits", "prune", "rank")  # the knobs the size model prices (docs/search.md)
-SPEED_KNOBS = ("kernel", "rank")  # the knobs the latency model prices: they keep the neighbours
+
+
+def _speed_knobs() -> set[str]:
+    """The knobs the latency model prices: they change how a layer runs and leave its
+    neighbours alone (read when asked: a technique may be registered after import)."""
+    return {k for k, t in TECHNIQUES.items() if t.changes_speed and not t.reaches_neighbours}
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,7 @@ class SensitivityTable:
                 continue
             values = {knob: getattr(lp, knob) for knob in layer.searched}
             changed = {k for k, v in values.items() if v != technique_for(k).identity}
-            if changed - {*SIZE_KNOBS, *SPEED_KNOBS}:
+            if changed - {*SIZE_KNOBS, *_speed_knobs()}:
                 return None
             total += self.group_distortion(prefix, values)
         return total if math.isfinite(total) else None
@@ -484,12 +488,13 @@ def group_options(
         members.setdefault(layer.prefix, []).append(layer)
     options = {}
     stored: dict[tuple[str, int], StoredWeights] = {}
+    speed_knobs = _speed_knobs()
     for prefix, layers in members.items():
         ms = table.group_ms(prefix) if table.model_ms else None
         knobs = {
             k: d
             for k, d in layers[0].searched.items()
-            if k in SIZE_KNOBS or ms is not None and k in SPEED_KNOBS
+            if k in SIZE_KNOBS or ms is not None and k in speed_knobs
         }
         choices = {k: probe_values(d) for k, d in knobs.items()}
         found = []
@@ -508,7 +513,7 @@ def group_options(
             speed = math.prod(
                 table.speed(Probe(prefix, k, v))
                 for k, v in values.items()
-                if k in SPEED_KNOBS and v != technique_for(k).identity  # untouched: as it was
+                if k in speed_knobs and v != technique_for(k).identity  # untouched: as it was
             )
             found.append(Option(values, harm, nbytes, (ms or 0.0) * (speed - 1.0)))
         if found:

@@ -82,6 +82,10 @@ def stored_weights(layer: nn.Module, bits: int, group_size: int | None) -> Store
     return StoredWeights(bits, codec.group_size, tuple(found))
 
 
+SIZE_KNOBS = ("bits", "prune", "rank")
+"""The knobs whose bytes ``layer_bytes`` predicts (the knapsack prices these; docs/search.md)."""
+
+
 def layer_bytes(
     layer: nn.Module, stored: StoredWeights, prune: float = 0.0, rank: float = 1.0
 ) -> int:

@@ -122,13 +122,16 @@ class SearchSpace:
                 key = f"{layer.prefix}.{knob}"
                 if key in params:
                     values[knob] = params[key]
-            layers[layer.name] = LayerPlan(group_size=layer.group_size, **values)
+            layers[layer.name] = LayerPlan.of(group_size=layer.group_size, **values)
         return Plan(layers)
 
     def uniform_plan(self, **choices: Any) -> Plan:
         """One choice for every layer in the space (e.g. ``bits=8``), others untouched."""
         return Plan(
-            {name: LayerPlan(group_size=k.group_size, **choices) for name, k in self.layers.items()}
+            {
+                name: LayerPlan.of(group_size=k.group_size, **choices)
+                for name, k in self.layers.items()
+            }
         )
 
     def params_for(self, plan: Plan) -> dict[str, Any] | None:
@@ -160,7 +163,7 @@ class SearchSpace:
             values = dict(layer.fixed)
             for knob, dist in layer.searched.items():
                 values[knob] = technique_for(knob).most_compressed(values_of(dist))
-            layers[layer.name] = LayerPlan(group_size=layer.group_size, **values)
+            layers[layer.name] = LayerPlan.of(group_size=layer.group_size, **values)
         return Plan(layers)
 
 

@@ -25,7 +25,7 @@ import platform
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -188,7 +188,7 @@ def probe_signatures(
             module = model.get_submodule(name)
             kind = f"{type(module).__module__}.{type(module).__qualname__}({module.extra_repr()})"
             tensors = [(n, tuple(t.shape), str(t.dtype)) for n, t in module.state_dict().items()]
-            layers.append([kind, tensors, inputs[name], asdict(lp)])
+            layers.append([kind, tensors, inputs[name], lp.to_dict()])
         if not layers:
             found[key] = None
             continue

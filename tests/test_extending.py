@@ -1,6 +1,6 @@
-"""docs/extending.md's worked example, run: a kernel registered from a user's module (not
-the package) is offered by the space, probed and timed by Ray evaluators, stored in plans,
-and deployed when an artifact is loaded."""
+"""docs/extending.md's worked examples, run: a kernel and a technique registered from a
+user's module (not the package) are offered by the space, probed (and the kernel timed) by
+Ray evaluators, stored in plans, and rebuilt or deployed when an artifact is loaded."""
 
 from __future__ import annotations
 
@@ -18,12 +18,14 @@ from autosqueeze.artifact import artifact_bytes, load_artifact
 from autosqueeze.cli import main
 from autosqueeze.config import load_config
 from autosqueeze.kernels import KERNELS, CastLayer
-from autosqueeze.plan import Plan
+from autosqueeze.plan import LayerPlan, Plan
+from autosqueeze.records import records
 from autosqueeze.study import SENSITIVITY, open_study
 from autosqueeze.task import load_task
-from autosqueeze.techniques import compress
+from autosqueeze.techniques import TECHNIQUES, compress
 
 EXAMPLE = REPO / "docs" / "examples" / "fp16_cpu_kernel.py"
+TECHNIQUE_EXAMPLE = REPO / "docs" / "examples" / "weight_sharing.py"
 
 
 @pytest.fixture
@@ -69,3 +71,61 @@ def test_a_kernel_registered_outside_the_package_is_searched_and_deployed(
     loaded = load_artifact(data, copy.deepcopy(task.model), task.target)
     deployed = [loaded.get_submodule(n) for n in plan.layers]
     assert deployed and all(isinstance(m, CastLayer) and m.dtype == torch.float16 for m in deployed)
+
+
+@pytest.fixture
+def techniques_as_shipped():
+    """The example registers its technique in this process too: gone again after the test."""
+    before = dict(TECHNIQUES)
+    yield
+    TECHNIQUES.clear()
+    TECHNIQUES.update(before)
+    sys.modules.pop("weight_sharing", None)
+
+
+def test_a_technique_registered_outside_the_package_is_searched_stored_and_loaded(
+    tmp_path, capsys, techniques_as_shipped
+):
+    shutil.copy(TECHNIQUE_EXAMPLE, tmp_path / "weight_sharing.py")  # the docs' file, as is
+    space = yaml.safe_load(DEFAULT_SPACE.read_text())
+    space["rules"][0]["knobs"]["share"] = [0, 4, 16]
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    config_path = write_yaml(
+        tmp_path / "study.yaml",
+        study_config(
+            tmp_path,
+            model={"factory": "weight_sharing:model"},
+            space="space.yaml",
+            search={"trials": 6, "output_dir": str(tmp_path / "run")},
+            compute={"workers": 1},  # an evaluator process must know the technique too
+        ),
+    )
+    assert main(["search", str(config_path), "--no-progress"]) == 0
+    capsys.readouterr()
+    config = load_config(config_path)
+    study = open_study(config, create=False)
+    table = study.user_attrs[SENSITIVITY]
+    probed = [k for k in table["drops"] if ".share=" in k]
+    assert probed and not any(".share=" in k for k in table["failed"])  # in the evaluator
+    plans = [r.plan for r in records(study) if r.plan is not None]
+    assert plans and all("share" in lp.to_dict() for p in plans for lp in p.layers.values())
+
+    task = load_task(config)  # imports the module: the technique is registered here too
+    assert list(TECHNIQUES).index("share") == list(TECHNIQUES).index("bits") - 1
+    layers = [n for n, m in task.model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    shared = Plan.uniform(layers, bits=8, share=4)
+    data = artifact_bytes(compress(task.model, shared, task.target))
+    assert len(data) < 0.6 * len(artifact_bytes(compress(task.model, Plan.uniform(layers, bits=8))))
+    loaded = load_artifact(data, copy.deepcopy(task.model), task.target)
+    weight = loaded.get_submodule(layers[0]).weight
+    assert all(len(row.unique()) <= 4 for row in weight)  # four shared values, per scale row
+    assert Plan.from_json(shared.to_json()) == shared
+
+    TECHNIQUES.pop("share")  # a reader that never imported the module still reads the plan
+    assert Plan.from_json(shared.to_json()) == shared
+    with pytest.raises(ValueError, match="no technique has the knob 'share'.*imported"):
+        load_artifact(data, copy.deepcopy(task.model), task.target)  # never half-applied
+    with pytest.raises(ValueError, match="no technique has the knob 'share'"):
+        compress(task.model, shared, task.target)
+    with pytest.raises(ValueError, match="unknown knob 'share'"):
+        LayerPlan.of(share=4)

@@ -1,6 +1,7 @@
 import pytest
 
 from autosqueeze.plan import LayerPlan, Plan
+from autosqueeze.techniques import check_plan
 
 
 def test_plan_json_round_trip():
@@ -14,9 +15,35 @@ def test_plan_json_round_trip():
     assert Plan.from_dict(plan.to_dict()) == plan
 
 
-def test_a_plan_with_unknown_fields_or_format_is_rejected():
-    with pytest.raises(ValueError, match="unknown plan fields"):
-        Plan.from_dict({"format": 1, "layers": {"a": {"bits": 8, "colour": "red"}}})
+def test_a_plan_with_unknown_knobs_is_read_but_never_applied():
+    """A knob no registered technique has (a user's technique whose module this process has
+    not imported, or a typo) is read, so a reader shows the study, and refused where used."""
+    plan = Plan.from_dict({"format": 1, "layers": {"a": {"bits": 8, "colour": "red"}}})
+    assert plan.layers["a"].extra == {"colour": "red"} and plan.layers["a"].bits == 8
+    assert Plan.from_json(plan.to_json()) == plan
+    with pytest.raises(ValueError, match="no technique has the knob 'colour'"):
+        check_plan(plan)
+    with pytest.raises(ValueError, match="unknown knob 'colour'"):
+        LayerPlan.of(colour="red")
+
+
+@pytest.mark.parametrize(
+    ("values", "why"),
+    [
+        ({"bits": "8"}, "bits is '8', not a int"),
+        ({"Bad Name": 1}, "is not a knob name"),
+        ({"x" * 65: 1}, "is not a knob name"),
+        ({"share": [1, 2]}, "share is \\[1, 2\\], not a float"),
+        ({"share": None}, "share is None, not a float"),
+        ({"share": True}, "share is True, not a float"),
+    ],
+)
+def test_a_plan_field_of_the_wrong_type_or_name_is_rejected(values, why):
+    with pytest.raises(ValueError, match=why):
+        Plan.from_dict({"format": 1, "layers": {"a": values}})
+
+
+def test_a_plan_of_another_format_is_rejected():
     with pytest.raises(ValueError, match="unsupported plan format"):
         Plan.from_dict({"format": 99, "layers": {}})
 

@@ -2,14 +2,17 @@
 unstructured pruning, quantization; and at load time the execution form (kernel).
 
 The registry maps a plan knob to its technique; a new technique is one new module plus one
-line here (and a field on LayerPlan).
+line here, or, from outside the package, one module whose class carries ``@register``
+(docs/extending.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,10 +27,34 @@ from autosqueeze.techniques.kernel import KernelChoice
 from autosqueeze.techniques.prune import Prune
 from autosqueeze.techniques.quantize import Quantize
 
+_FIELDS = {f.name for f in dataclasses.fields(LayerPlan)}  # built in: not a new knob
 TECHNIQUES: dict[str, Technique] = {
     t.knob: t for t in (PruneChannels(), Factorize(), Prune(), Quantize(), KernelChoice())
 }
 """knob -> technique, in the order they are applied."""
+
+
+def register(technique: type[Technique] | None = None, *, before: str = "bits") -> Any:
+    """Class decorator: add a technique to ``TECHNIQUES``, applied just before the knob
+    ``before`` (by default before quantization, which stores what the others left). Its knob
+    is then a plan value (``LayerPlan.extra``), a space-file knob and a column of the
+    reports, in this process and, since evaluators import the config's modules, in theirs.
+    ``@register`` or ``@register(before="kernel")``."""
+
+    def add(cls: type[Technique]) -> type[Technique]:
+        instance = cls()
+        if instance.knob in _FIELDS:
+            raise ValueError(f"technique {cls.__name__}: {instance.knob!r} is a built-in knob")
+        if before not in TECHNIQUES:
+            raise ValueError(f"register(before={before!r}): the knobs are {', '.join(TECHNIQUES)}")
+        order = [(k, t) for k, t in TECHNIQUES.items() if k != instance.knob]
+        at = next(i for i, (k, _) in enumerate(order) if k == before)
+        order.insert(at, (instance.knob, instance))
+        TECHNIQUES.clear()
+        TECHNIQUES.update(order)
+        return cls
+
+    return add if technique is None else add(technique)
 
 
 def technique_for(knob: str) -> Technique:
@@ -155,6 +182,7 @@ def _steps(plan: Plan, model: nn.Module) -> list[tuple[Technique, str, LayerPlan
     the plan's dict happens to be ordered: removing channels from one layer of a coupled group
     before another changes which channels go, and a plan read back from JSON (sorted by name)
     must give the artifact the search measured."""
+    _check_knobs(plan)
     position = {name: i for i, (name, _) in enumerate(model.named_modules())}
     layers = sorted(plan.layers.items(), key=lambda item: position[item[0]])
     return [
@@ -167,7 +195,8 @@ def _steps(plan: Plan, model: nn.Module) -> list[tuple[Technique, str, LayerPlan
 
 def check_plan(plan: Plan) -> None:
     """Raise ValueError for a choice no technique can take (a plan read from an artifact is
-    untrusted: bits 1, a negative prune, an unknown kernel)."""
+    untrusted: bits 1, a negative prune, an unknown kernel or knob)."""
+    _check_knobs(plan)
     for name, layer_plan in plan.layers.items():
         for technique in TECHNIQUES.values():
             try:
@@ -176,6 +205,18 @@ def check_plan(plan: Plan) -> None:
                 raise ValueError(f"layer {name!r}: {exc}") from None
         if layer_plan.group_size is not None and layer_plan.group_size < 1:
             raise ValueError(f"layer {name!r}: group_size {layer_plan.group_size} is not positive")
+
+
+def _check_knobs(plan: Plan) -> None:
+    """A knob no registered technique has would be silently left out of the model."""
+    for name, layer_plan in plan.layers.items():
+        unknown = sorted(set(layer_plan.extra) - set(TECHNIQUES))
+        if unknown:
+            raise ValueError(
+                f"layer {name!r}: no technique has the knob {unknown[0]!r}; the knobs are "
+                f"{', '.join(TECHNIQUES)} (a technique registered outside autosqueeze is known "
+                "once its module is imported: the config's model module, when it holds it)"
+            )
 
 
 def _check_layers(model: nn.Module, plan: Plan) -> None:
@@ -195,6 +236,7 @@ __all__ = [
     "check_plan",
     "compress",
     "deploy",
+    "register",
     "runs_differently",
     "rebuild",
     "technique_for",
