@@ -7,8 +7,9 @@ measurements -> study -> front -> reports.
 from autosqueeze.artifact import load_artifact, read_plan, save_artifact
 from autosqueeze.config import StudyConfig, load_config
 from autosqueeze.errors import TrialError, UserError
+from autosqueeze.evaluator import Evaluator
 from autosqueeze.kernels import KERNELS
-from autosqueeze.measure import Evaluator, Measurements, measure_latency, measure_memory
+from autosqueeze.measure import Measurements, measure_latency, measure_memory
 from autosqueeze.plan import LayerPlan, Plan
 from autosqueeze.recovery import Recovery
 from autosqueeze.search import SearchResult, run_search

@@ -6,8 +6,8 @@ from collections import Counter
 
 from autosqueeze.artifact import artifact_bytes
 from autosqueeze.config import StudyConfig
+from autosqueeze.evaluator import Evaluator
 from autosqueeze.front import Front
-from autosqueeze.measure import Evaluator
 from autosqueeze.objectives import OBJECTIVES
 from autosqueeze.space import SearchSpace
 from autosqueeze.task import Task

@@ -309,8 +309,9 @@ def _front_json(config: StudyConfig, front: Front) -> dict[str, Any]:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from autosqueeze.measure import Evaluator
-    from autosqueeze.study import open_study, records
+    from autosqueeze.evaluator import Evaluator
+    from autosqueeze.records import records
+    from autosqueeze.study import open_study
     from autosqueeze.task import load_task
 
     config = _config(args)
@@ -333,8 +334,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from autosqueeze.measure import Evaluator
-    from autosqueeze.study import reference
+    from autosqueeze.evaluator import Evaluator
+    from autosqueeze.records import reference
     from autosqueeze.study_view import open_existing
     from autosqueeze.task import load_task
 
@@ -378,7 +379,8 @@ def _validate(args: argparse.Namespace) -> int:
     from autosqueeze.executors import executor_name
     from autosqueeze.search import knob_warnings
     from autosqueeze.space import build_space, coverage
-    from autosqueeze.study import check_storage, sampler_of
+    from autosqueeze.storage import check_storage
+    from autosqueeze.study import sampler_of
     from autosqueeze.tables import coverage_table
     from autosqueeze.task import degenerate_warnings, load_task
 

@@ -20,7 +20,7 @@ from optuna._hypervolume import compute_hypervolume  # Optuna's exact WFG; no pu
 from autosqueeze.artifact import save_artifact
 from autosqueeze.measure import Measurements
 from autosqueeze.objectives import OBJECTIVES
-from autosqueeze.study import TrialRecord, records, reference
+from autosqueeze.records import TrialRecord, records, reference
 
 FRONT_COLUMNS = [
     "trial",

@@ -1,4 +1,5 @@
-"""Measurements of one compressed model, all taken on the artifact as it is loaded back.
+"""How a compressed model is measured, always as its artifact is loaded back (the
+evaluator, ``autosqueeze.evaluator``, builds and loads it).
 
 size: the artifact's bytes, exactly as the file would hold them. metric: the task metric of
 the loaded model. speed: the loaded model timed in rounds interleaved with the original model
@@ -14,29 +15,20 @@ budget: it cannot reach the front, so its latency and memory are not worth measu
 from __future__ import annotations
 
 import contextlib
-import copy
-import math
 import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from autosqueeze.artifact import artifact_bytes, load_artifact, save_artifact
 from autosqueeze.config import Budgets
-from autosqueeze.device_lock import DeviceLock, Held
-from autosqueeze.errors import TrialError
-from autosqueeze.metrics import call_model, distortion, recorded_outputs, to_device
+from autosqueeze.metrics import call_model, to_device
 from autosqueeze.nested import tensors
-from autosqueeze.plan import Plan
 from autosqueeze.quiet import STDERR, silenced
-from autosqueeze.task import Task
-from autosqueeze.techniques import applied, compress, runs_differently
 
 
 @dataclass(frozen=True)
@@ -307,6 +299,26 @@ def _side_by_side(
     return base, base * statistics.median(b / a for a, b in zip(*medians, strict=True))
 
 
+def measure_layers_beside(
+    original: nn.Module,
+    probed: nn.Module,
+    inputs: dict[str, tuple[Any, Any]],
+    device: torch.device,
+    threads: int | None,
+) -> tuple[float, float]:
+    """(original, probed) milliseconds of the layers named in ``inputs`` (each with the
+    (args, kwargs) it gets from the example input), summed, each layer of ``original``
+    timed beside the same of ``probed`` (``_side_by_side``)."""
+    base = changed = 0.0
+    with _timing(device, threads) as sync:
+        for name, (args, kwargs) in inputs.items():
+            b, p = _side_by_side(
+                original.get_submodule(name), probed.get_submodule(name), args, kwargs, sync
+            )
+            base, changed = base + b, changed + p
+    return base * 1000.0, changed * 1000.0
+
+
 def measure_memory(model: nn.Module, inputs: Any, device: torch.device) -> float:
     """Peak megabytes (1e6 bytes) of one forward pass: the model's weights in their execution
     form, the inputs, and the most memory the pass holds at once.
@@ -349,238 +361,3 @@ def _peak_allocated_cpu(model: nn.Module, inputs: Any) -> int:
         current += nbytes
         peak = max(peak, current)
     return peak
-
-
-class Evaluator:
-    """Turns plans into measurements for one task; holds the base model once.
-
-    Everything it computes holds the device lock shared; only the latency timing holds it
-    exclusive, so nothing this machine's evaluators (or the driver) do runs beside a timing.
-    """
-
-    def __init__(self, task: Task) -> None:
-        self.task = task
-        self.lock = DeviceLock(task.device)
-        self._reference_model: nn.Module | None = None
-        self._reference_timings: list[float] = []  # the original, as timed here so far
-        self._probe_model: nn.Module | None = None
-        self._original_outputs: list[torch.Tensor] = []
-        self._first_look: Task | None = None
-        self._first_look_base: float | None = None  # the original's metric on them
-        self._model_ms: float | None = None  # the original, timed by the first time_probe
-
-    @property
-    def first_look(self) -> Task:
-        """The task on its first ``sensitivity.samples`` samples: probes and early stops."""
-        if self._first_look is None:
-            self._first_look = self.task.subset(self.task.config.sensitivity.samples)
-        return self._first_look
-
-    def probe(self, plan: Plan) -> ProbeResult:
-        """The metric and distortion on the first samples with ``plan`` applied in place to a
-        working copy of the base model: a sensitivity probe (no artifact, no timing; the
-        model is numerically the one the plan's artifact loads). The distortion is the
-        outputs' squared error relative to the original's (``metrics.distortion``)."""
-        with self.lock.shared():
-            base = self._probe_base()
-            try:
-                with applied(base, plan, self.task.target) as model:
-                    with recorded_outputs(model, self.task.config.task.output) as outputs:
-                        metric = float(self.first_look.evaluate_metric(model))
-            except ValueError as exc:
-                raise TrialError(str(exc)) from exc
-            return ProbeResult(metric, distortion(outputs, self._original_outputs))
-
-    def time_probe(self, plan: Plan) -> ProbeResult:
-        """The latency model's probe: the layers whose execution form ``plan`` changes (a
-        kernel, a rank) timed beside the original layers, with the lock held exclusive for
-        those milliseconds only, and the whole original model (once per evaluator). None
-        for a plan that reshapes neighbours (built as a copy) or whose layers never run."""
-        with self.lock.shared() as held:
-            base = self._probe_base()
-            if self._model_ms is None:
-                with held.exclusive():
-                    self._model_ms = self._time_model(base)
-            try:
-                with applied(base, plan, self.task.target) as model:
-                    timed = [n for n, lp in plan.layers.items() if runs_differently(lp)]
-                    layer_ms = None
-                    if timed and model is base:
-                        layer_ms = self._time_layers(model, timed, held)
-            except ValueError as exc:
-                raise TrialError(str(exc)) from exc
-            return ProbeResult(layer_ms=layer_ms, model_ms=self._model_ms)
-
-    def _probe_base(self) -> nn.Module:
-        """The working copy probes change in place (and the original's outputs on it)."""
-        if self._probe_model is None:
-            self._probe_model = copy.deepcopy(self.task.model).to(self.task.device).eval()
-            with recorded_outputs(self._probe_model, self.task.config.task.output) as outputs:
-                self.first_look.evaluate_metric(self._probe_model)
-            self._original_outputs = outputs
-        return self._probe_model
-
-    def _time_model(self, model: nn.Module) -> float:
-        measure = self.task.config.measure
-        return measure_latency(
-            model,
-            self.task.example_input,
-            self.task.device,
-            warmup=measure.warmup,
-            repeats=measure.repeats,
-            threads=measure.threads,
-        )
-
-    def _time_layers(
-        self, model: nn.Module, names: list[str], held: Held
-    ) -> tuple[float, float] | None:
-        """(original, probed) milliseconds of layers ``names``, each pair timed side by side
-        in interleaved rounds on the inputs the layer gets from the example input."""
-        inputs: dict[str, tuple[Any, Any]] = {}
-        hooks = [
-            model.get_submodule(name).register_forward_pre_hook(
-                lambda _m, args, kwargs, name=name: inputs.setdefault(name, (args, kwargs)),
-                with_kwargs=True,
-            )
-            for name in names
-        ]
-        try:
-            with torch.inference_mode():
-                call_model(model, to_device(self.task.example_input, self.task.device))
-        finally:
-            for hook in hooks:
-                hook.remove()
-        if not inputs:
-            return None
-        original = self._reference()
-        base = probed = 0.0
-        with held.exclusive(), _timing(self.task.device, self.task.config.measure.threads) as sync:
-            for name, (args, kwargs) in inputs.items():
-                b, p = _side_by_side(
-                    original.get_submodule(name), model.get_submodule(name), args, kwargs, sync
-                )
-                base, probed = base + b, probed + p
-        return base * 1000.0, probed * 1000.0
-
-    def artifact(self, plan: Plan) -> bytes:
-        """Compress the base model by ``plan``: the artifact file's exact bytes."""
-        with self.lock.shared() as pause:
-            recovery = self.task.recovery
-            if recovery is not None:  # training is long: let latency timings in between
-                recovery = replace(recovery, between_windows=pause)
-            try:
-                compressed = compress(self.task.model, plan, self.task.target, recovery)
-            except ValueError as exc:
-                raise TrialError(str(exc)) from exc
-            return artifact_bytes(compressed)
-
-    def build(self, plan: Plan, path: Path) -> int:
-        """Compress the base model by ``plan`` and write the artifact; returns its bytes."""
-        return save_artifact(self.artifact(plan), path)
-
-    def evaluate(self, plan: Plan, limits: Limits | None = None) -> Measurements:
-        clock = _PhaseClock()
-        with clock("compress"):
-            data = self.artifact(plan)
-        return self.measure_artifact(data, limits, clock)
-
-    def measure_artifact(
-        self, source: Path | bytes, limits: Limits | None = None, clock: _PhaseClock | None = None
-    ) -> Measurements:
-        """Load an artifact (its file or bytes) and measure it: the metric beside other work,
-        then, unless ``limits`` already rule it out, memory, and latency alone."""
-        clock = clock or _PhaseClock()
-        size = len(source) if isinstance(source, bytes) else source.stat().st_size
-        with self.lock.shared():
-            with clock("load"):
-                model = load_artifact(source, copy.deepcopy(self.task.model), self.task.target)
-            with clock("first_look"):
-                early = self._first_look_stop(model, limits)
-            if early is not None:
-                metric, reason = early
-                return Measurements(metric, size, None, stopped=reason, seconds=clock.seconds)
-            with clock("metric"):
-                metric = float(self.task.evaluate_metric(model))
-            if not math.isfinite(metric):
-                raise TrialError(f"the metric is {metric} for this model")
-            stopped = (limits or Limits()).missed(metric, size)
-            if stopped:
-                return Measurements(metric, size, None, stopped=stopped, seconds=clock.seconds)
-            with clock("memory"):
-                memory = measure_memory(model, self.task.example_input, self.task.device)
-        measure = self.task.config.measure
-        with self.lock.exclusive(), clock("latency"):
-            timing = measure_latency_beside(
-                model,
-                self._reference(),
-                self.task.example_input,
-                self.task.device,
-                warmup=measure.warmup,
-                repeats=measure.repeats,
-                threads=measure.threads,
-                attempts=measure.attempts,
-                max_spread=measure.max_spread,
-                expected_reference_ms=robust_latency(self._reference_timings)
-                if len(self._reference_timings) >= 3
-                else None,
-            )
-        self._reference_timings.append(timing.reference_ms)
-        return Measurements(
-            metric,
-            size,
-            timing.latency_ms,
-            memory,
-            reference_latency_ms=timing.reference_ms,
-            speedup=timing.speedup,
-            timing_spread=timing.spread,
-            timing_attempts=timing.attempts,
-            seconds=clock.seconds,
-        )
-
-    def _first_look_stop(self, model: nn.Module, limits: Limits | None) -> tuple[float, str] | None:
-        """(metric, reason) when the metric on the first samples already fell past
-        ``limits.max_first_look_drop``: a multi-fidelity trial stops there."""
-        if limits is None or limits.max_first_look_drop is None or self.first_look is self.task:
-            return None
-        if self._first_look_base is None:
-            self._first_look_base = float(self.first_look.evaluate_metric(self._reference()))
-        metric = float(self.first_look.evaluate_metric(model))
-        samples = self.task.config.sensitivity.samples
-        if not math.isfinite(metric):
-            raise TrialError(f"the metric is {metric} for this model (on the first {samples})")
-        drop = self._first_look_base - metric
-        if drop <= limits.max_first_look_drop:
-            return None
-        return metric, (
-            f"on the first {samples} samples the metric fell {drop:.4g} (to {metric:.6g}), "
-            f"past {limits.max_first_look_drop:.4g} (sensitivity.early_stop x "
-            "budgets.max_metric_drop): stopped before the full metric"
-        )
-
-    def _reference(self) -> nn.Module:
-        """The original model on the device, timed beside every trial."""
-        if self._reference_model is None:
-            model = self.task.model
-            if self.task.device.type != "cpu":
-                model = copy.deepcopy(model).to(self.task.device)
-            self._reference_model = model.eval()
-        return self._reference_model
-
-    def close(self) -> None:  # noqa: B027 - kept for callers that release evaluators
-        pass
-
-
-class _PhaseClock:
-    """Seconds spent per phase of a trial (what ``benchmarks/trial_cost.py`` prints)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            elapsed = time.perf_counter() - start
-            self.seconds[phase] = round(self.seconds.get(phase, 0.0) + elapsed, 6)

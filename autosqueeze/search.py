@@ -25,11 +25,22 @@ from tqdm import tqdm
 
 from autosqueeze.config import StudyConfig
 from autosqueeze.device_lock import DeviceLock
+from autosqueeze.drivers import (
+    DRIVER,
+    DRIVER_ID,
+    FINISHED,
+    Heartbeat,
+    fail_trial,
+    finished_count,
+    recover_interrupted,
+    taken_count,
+)
 from autosqueeze.errors import Terminated, UserError
 from autosqueeze.executors import Executor, Outcome, create_executor, evaluate_now
 from autosqueeze.front import Front, compute_front, write_front
 from autosqueeze.measure import Limits, Measurements, robust_latency
 from autosqueeze.proposals import PROPOSED, Knapsack, KnapsackSampler
+from autosqueeze.records import records, reference, reference_timings
 from autosqueeze.sensitivity import (
     SIZE_FIRST,
     SPEED_FIRST,
@@ -46,26 +57,15 @@ from autosqueeze.space import SearchSpace, build_space
 from autosqueeze.study import (
     BASELINE,
     BASELINES_QUEUED,
-    DRIVER,
-    DRIVER_ID,
-    FINISHED,
     PLAN,
     PREDICTED_DISTORTION,
     PREDICTED_LATENCY,
     REFERENCE,
     REFINED,
     SENSITIVITY,
-    Heartbeat,
     constraints,
-    fail_trial,
-    finished_count,
     objective_values,
     open_study,
-    records,
-    recover_interrupted,
-    reference,
-    reference_timings,
-    taken_count,
 )
 from autosqueeze.task import Task, load_task
 from autosqueeze.techniques import TECHNIQUES

@@ -16,11 +16,13 @@ from typing import Any
 import optuna
 
 from autosqueeze.config import StudyConfig
+from autosqueeze.drivers import FINISHED
 from autosqueeze.errors import UserError
 from autosqueeze.front import Front, front_of, hypervolume, normalized, reference_point
 from autosqueeze.measure import Measurements
 from autosqueeze.objectives import OBJECTIVES
-from autosqueeze.study import FINISHED, SENSITIVITY, TrialRecord, open_study, reference
+from autosqueeze.records import TrialRecord, reference
+from autosqueeze.study import SENSITIVITY, open_study
 from autosqueeze.techniques import TECHNIQUES
 
 

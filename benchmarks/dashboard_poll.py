@@ -75,7 +75,7 @@ def main() -> None:
 
 
 def load_reference(study: optuna.Study):
-    from autosqueeze.study import reference
+    from autosqueeze.records import reference
 
     return reference(study)
 

@@ -49,8 +49,8 @@ def row(path: Path, args: argparse.Namespace) -> str:
     import optuna
 
     from autosqueeze.config import load_config
+    from autosqueeze.records import records
     from autosqueeze.search import run_search
-    from autosqueeze.study import records
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory() as folder:

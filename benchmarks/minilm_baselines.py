@@ -31,8 +31,9 @@ from torch import nn
 
 from autosqueeze.artifact import load_artifact
 from autosqueeze.config import load_config
+from autosqueeze.evaluator import Evaluator
 from autosqueeze.front import compute_front
-from autosqueeze.measure import Evaluator, measure_latency
+from autosqueeze.measure import measure_latency
 from autosqueeze.plan import Plan
 from autosqueeze.space import build_space
 from autosqueeze.study import open_study

@@ -35,9 +35,9 @@ import numpy as np
 from autosqueeze.config import StudyConfig, load_config
 from autosqueeze.front import hypervolume
 from autosqueeze.measure import Measurements
+from autosqueeze.records import records, reference
 from autosqueeze.samplers import SAMPLERS
 from autosqueeze.search import run_search
-from autosqueeze.study import records, reference
 from autosqueeze.task import Task, load_task
 
 CONFIG = Path(__file__).resolve().parent.parent / "studies" / "digits-cnn.yaml"

@@ -23,19 +23,12 @@ from pathlib import Path
 import optuna
 
 from autosqueeze.config import load_config
+from autosqueeze.drivers import DRIVER, finished_count, taken_count
 from autosqueeze.measure import Measurements
 from autosqueeze.samplers import create_sampler
 from autosqueeze.search import run_search
 from autosqueeze.space import build_space
-from autosqueeze.study import (
-    DRIVER,
-    PLAN,
-    constraints,
-    finished_count,
-    objective_values,
-    open_study,
-    taken_count,
-)
+from autosqueeze.study import PLAN, constraints, objective_values, open_study
 from autosqueeze.task import load_task
 
 CONFIG = Path(__file__).resolve().parent.parent / "studies" / "digits-cnn.yaml"

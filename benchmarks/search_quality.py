@@ -127,8 +127,8 @@ def _search(config, task):
 
 def _summary(config, mode, trials, result, seconds) -> dict:
     from autosqueeze.front import hypervolume, normalized, reference_point
+    from autosqueeze.records import records
     from autosqueeze.search import BASELINE, KNAPSACK
-    from autosqueeze.study import records
 
     ref = result.front.reference
     objectives = config.objectives

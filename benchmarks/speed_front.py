@@ -23,7 +23,8 @@ from pathlib import Path
 
 from autosqueeze.artifact import load_artifact
 from autosqueeze.config import load_config
-from autosqueeze.measure import Evaluator, measure_latency_beside
+from autosqueeze.evaluator import Evaluator
+from autosqueeze.measure import measure_latency_beside
 from autosqueeze.search import run_search
 
 warnings.filterwarnings("ignore")

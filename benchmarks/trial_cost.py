@@ -62,7 +62,8 @@ def measure(path: Path, count: int) -> dict:
     import optuna
 
     from autosqueeze.config import load_config
-    from autosqueeze.measure import Evaluator, Limits
+    from autosqueeze.evaluator import Evaluator
+    from autosqueeze.measure import Limits
     from autosqueeze.space import build_space
     from autosqueeze.task import load_task
 

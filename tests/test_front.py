@@ -6,7 +6,7 @@ import pytest
 
 from autosqueeze.front import hypervolume, pareto
 from autosqueeze.measure import Measurements
-from autosqueeze.study import TrialRecord
+from autosqueeze.records import TrialRecord
 
 
 def record(number: int, metric: float, size: int, latency: float) -> TrialRecord:

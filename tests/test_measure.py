@@ -22,7 +22,8 @@ from autosqueeze.measure import (
     usable_cpus,
 )
 from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.study import open_study, records, reference, reference_timings
+from autosqueeze.records import records, reference, reference_timings
+from autosqueeze.study import open_study
 from autosqueeze.techniques import Target, compress
 
 CPU = torch.device("cpu")

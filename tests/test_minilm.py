@@ -13,8 +13,9 @@ from conftest import REPO
 
 from autosqueeze.cli import main
 from autosqueeze.config import load_config
-from autosqueeze.study import open_study, records
-from autosqueeze.study import reference as study_reference
+from autosqueeze.records import records
+from autosqueeze.records import reference as study_reference
+from autosqueeze.study import open_study
 
 pytestmark = pytest.mark.minilm
 

@@ -12,11 +12,12 @@ from tiny_bert import build as tiny_bert
 
 from autosqueeze.artifact import artifact_bytes, artifact_size, load_artifact
 from autosqueeze.config import load_config
+from autosqueeze.evaluator import Evaluator
 from autosqueeze.examples.digits import DigitsCNN, example_input, pretrained_cnn
 from autosqueeze.examples.residual import ResidualCNN
 from autosqueeze.examples.residual import example_input as residual_input
 from autosqueeze.executors.inprocess import InProcessExecutor
-from autosqueeze.measure import Evaluator, Limits
+from autosqueeze.measure import Limits
 from autosqueeze.plan import LayerPlan, Plan
 from autosqueeze.search import BASELINE, KNAPSACK, run_search, sensitivity_table
 from autosqueeze.sensitivity import (

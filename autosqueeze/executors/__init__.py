@@ -16,7 +16,8 @@ from typing import TypeVar
 
 from autosqueeze.config import StudyConfig
 from autosqueeze.errors import TrialError, UserError
-from autosqueeze.measure import Evaluator, Limits, Measurements, ProbeResult
+from autosqueeze.evaluator import Evaluator
+from autosqueeze.measure import Limits, Measurements, ProbeResult
 from autosqueeze.plan import Plan
 from autosqueeze.task import Task
 

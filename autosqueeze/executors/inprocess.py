@@ -7,8 +7,9 @@ import socket
 from collections.abc import Iterator
 
 from autosqueeze.config import StudyConfig
+from autosqueeze.evaluator import Evaluator
 from autosqueeze.executors import Executor, K, Outcome, evaluate_safely, probe_safely
-from autosqueeze.measure import Evaluator, Limits, ProbeResult
+from autosqueeze.measure import Limits, ProbeResult
 from autosqueeze.plan import Plan
 from autosqueeze.task import Task
 

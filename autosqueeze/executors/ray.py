@@ -26,8 +26,9 @@ import torch
 from autosqueeze.config import StudyConfig
 from autosqueeze.device_lock import DeviceLock
 from autosqueeze.errors import UserError
+from autosqueeze.evaluator import Evaluator
 from autosqueeze.executors import Executor, K, Outcome, evaluate_safely, probe_safely
-from autosqueeze.measure import Evaluator, Limits, ProbeResult
+from autosqueeze.measure import Limits, ProbeResult
 from autosqueeze.plan import Plan
 from autosqueeze.task import Task
 from autosqueeze.user_code import import_user_modules

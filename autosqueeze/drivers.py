@@ -1,0 +1,123 @@
+"""Several drivers on one study: the trials they share a budget of, the trials a driver
+that is gone left running (failed and queued again), and the heartbeat that tells the
+others a driver is alive."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+
+import optuna
+from optuna.trial import TrialState
+
+from autosqueeze.study import (
+    BASELINE,
+    FAIL_REASON,
+    PREDICTED_DISTORTION,
+    PREDICTED_LATENCY,
+    REQUEUED,
+)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Trials that count towards ``search.trials``: complete, pruned or failed, not requeued."""
+    return _count(study, FINISHED)
+
+
+def taken_count(study: optuna.Study, *, waiting: bool = False) -> int:
+    """Finished trials plus those running now, by this driver or any other (and, with
+    ``waiting``, those queued and not yet asked for)."""
+    extra = (TrialState.WAITING,) if waiting else ()
+    return _count(study, (*FINISHED, TrialState.RUNNING, *extra))
+
+
+def _count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
+    trials = study.get_trials(deepcopy=False, states=states)
+    return sum(1 for t in trials if not t.user_attrs.get(REQUEUED))
+
+
+def fail_trial(study: optuna.Study, number: int, reason: str, *, requeue: bool = False) -> None:
+    """Mark a running trial FAILED with its reason; ``requeue`` asks for its params again."""
+    trial = study.get_trials(deepcopy=False)[number]
+    storage = study._storage  # noqa: SLF001 - Optuna exposes no public per-trial attr setter
+    storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, reason)  # noqa: SLF001
+    if requeue:
+        storage.set_trial_user_attr(trial._trial_id, REQUEUED, True)  # noqa: SLF001
+    study.tell(number, state=TrialState.FAIL)
+    if requeue and trial.params:
+        kept = (BASELINE, PREDICTED_DISTORTION, PREDICTED_LATENCY)
+        attrs = {k: v for k, v in trial.user_attrs.items() if k in kept}
+        study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": number})
+
+
+def recover_interrupted(study: optuna.Study) -> list[int]:
+    """Trials left RUNNING by a driver that is gone: failed, and queued to be run again.
+
+    Several drivers may share a study; a RUNNING trial of a live one is left alone. A driver
+    is gone when its process no longer exists (same host) or its heartbeat is stale.
+    """
+    stale = [
+        t.number
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not _driver_alive(study, t.user_attrs.get(DRIVER))
+    ]
+    for number in stale:
+        fail_trial(study, number, "interrupted: the run evaluating it stopped", requeue=True)
+    return stale
+
+
+DRIVER = "driver"  # trial attr: which driver process asked for the trial
+DRIVER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+HEARTBEAT_S = 20.0
+HEARTBEAT_STALE_S = 6 * HEARTBEAT_S
+
+
+def _driver_alive(study: optuna.Study, driver: str | None) -> bool:
+    """A fresh heartbeat, and on this host a process that still exists."""
+    if driver is None or driver == DRIVER_ID:
+        return False  # unknown, or asked by this very process before it (re)started
+    beat = study.user_attrs.get(f"heartbeat:{driver}", 0.0)
+    if time.time() - beat > HEARTBEAT_STALE_S:
+        return False
+    host, pid, _ = driver.split(":")
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    return True
+
+
+class Heartbeat:
+    """While a driver runs, a thread stamps the study so other drivers know it is alive."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._beat, name="autosqueeze-heartbeat", daemon=True
+        )
+
+    def __enter__(self) -> Heartbeat:
+        self._study.set_user_attr(f"heartbeat:{DRIVER_ID}", time.time())
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self._study.set_user_attr(f"heartbeat:{DRIVER_ID}", time.time())
+            except Exception:  # a storage hiccup must not kill the search; next beat retries
+                continue
