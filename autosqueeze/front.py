@@ -68,11 +68,28 @@ class Front:
 
 
 def compute_front(study: optuna.Study, objectives: list[str]) -> Front:
-    return front_of(records(study), reference(study), objectives)
+    """The study's front: Optuna's ``best_trials`` (the feasible Pareto set of the values it
+    was told), read back as records."""
+    best = {t.number for t in study.best_trials}
+    trials = records(study)
+    members = [t for t in trials if t.number in best and t.feasible and t.measurements]
+    return _front(objectives, reference(study), members, trials)
 
 
 def front_of(trials: list[TrialRecord], ref: Measurements | None, objectives: list[str]) -> Front:
+    """The front of records already read (the dashboard keeps them between polls, where
+    ``best_trials`` would copy every trial each time); the same set as ``compute_front``'s
+    (tested)."""
     members = pareto([t for t in trials if t.feasible and t.measurements], objectives)
+    return _front(objectives, ref, members, trials)
+
+
+def _front(
+    objectives: list[str],
+    ref: Measurements | None,
+    members: list[TrialRecord],
+    trials: list[TrialRecord],
+) -> Front:
     members.sort(key=lambda t: (t.measurements.size_bytes, t.number))  # type: ignore[union-attr]
     return Front(objectives, ref, members, trials)
 

@@ -1,12 +1,16 @@
-"""The front's arithmetic: dominance and hypervolume, on cases worked out by hand."""
+"""The front's arithmetic: dominance and hypervolume, on cases worked out by hand, and the
+study's front as Optuna finds it."""
 
 from __future__ import annotations
 
+import optuna
 import pytest
 
-from autosqueeze.front import hypervolume, pareto
+from autosqueeze.front import compute_front, front_of, hypervolume, pareto
 from autosqueeze.measure import Measurements
-from autosqueeze.records import TrialRecord
+from autosqueeze.objectives import OBJECTIVES
+from autosqueeze.records import TrialRecord, records
+from autosqueeze.study import REFERENCE
 
 
 def record(number: int, metric: float, size: int, latency: float) -> TrialRecord:
@@ -34,3 +38,34 @@ def test_hypervolume_of_boxes_worked_out_by_hand():
     assert hypervolume([[0.1, 0.2, 0.3]], [1, 1, 1]) == pytest.approx(0.9 * 0.8 * 0.7)
     assert hypervolume([[1.5, 0.1]], [1, 1]) == 0.0  # not better than the reference point
     assert hypervolume([], [1, 1]) == 0.0
+
+
+def test_the_study_front_is_optunas_best_trials_and_the_dashboards_agrees():
+    """``compute_front`` reads Optuna's feasible Pareto set; ``front_of`` (the dashboard's,
+    on cached records) finds the same members, an infeasible dominating trial left out."""
+    objectives = ["metric", "size_bytes", "latency_ms"]
+    study = optuna.create_study(directions=[OBJECTIVES[o].direction for o in objectives])
+    reference = Measurements(0.99, 1000, 2.0, speedup=1.0)
+    study.set_user_attr(REFERENCE, reference.to_dict())
+    rows = [  # metric, size, speedup, within budget
+        (0.99, 1000, 1.0, True),
+        (0.98, 300, 1.0, True),
+        (0.97, 300, 1.0, True),  # beaten by the one before
+        (0.99, 250, 2.0, False),  # beats them all, but misses a budget
+        (0.96, 200, 1.25, True),
+        (0.98, 300, 1.0, True),  # ties the second: both stay
+        (0.95, 900, 4.0, True),
+    ]
+    for metric, size, speedup, ok in rows:
+        got = Measurements(metric, size, 2.0 / speedup, speedup=speedup)
+        study.add_trial(
+            optuna.trial.create_trial(
+                values=[metric, size, 1.0 / speedup],
+                user_attrs=got.to_dict(),
+                constraints={"metric": -0.01 if ok else 0.02},
+            )
+        )
+    from_optuna = compute_front(study, objectives)
+    from_records = front_of(records(study), reference, objectives)
+    assert [m.number for m in from_optuna.members] == [m.number for m in from_records.members]
+    assert sorted(m.number for m in from_optuna.members) == [0, 1, 4, 5, 6]
