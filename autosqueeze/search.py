@@ -42,6 +42,7 @@ from autosqueeze.measure import Limits, Measurements, robust_latency
 from autosqueeze.proposals import PROPOSED, Knapsack, KnapsackSampler
 from autosqueeze.records import records, reference, reference_timings
 from autosqueeze.sensitivity import (
+    CHAIN_STOP,
     SIZE_FIRST,
     SPEED_FIRST,
     Candidate,
@@ -198,10 +199,18 @@ def sensitivity_table(
             table,
             lambda t: study.set_user_attr(SENSITIVITY, t.to_dict()),
             timings=_timings(config, executor, task) if prices_time(config) else None,
+            stop_drop=_stop_drop(config),
             progress=advance,
         )
     finally:
         bar.close()
+
+
+def _stop_drop(config: StudyConfig) -> float | None:
+    """Where a layer's probes of stronger values stop (``measure_sensitivity``): well past
+    the drop at which the shaped space leaves a value out; never without a metric budget."""
+    drop = config.budgets.max_metric_drop
+    return None if drop is None else CHAIN_STOP * config.sensitivity.margin * drop
 
 
 def _timings(config: StudyConfig, executor: Executor, task: Task | None) -> Timings:

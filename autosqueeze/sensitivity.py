@@ -89,21 +89,25 @@ class SensitivityTable:
     layer_ms: dict[str, float] = field(default_factory=dict)
     model_ms: float | None = None  # the whole original model, as the evaluators time it
     untimed: dict[str, str] = field(default_factory=dict)  # probe key -> why not timed
+    # probe key -> why not probed: a weaker value of its knob already broke the layer
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def done(self, key: str) -> bool:
-        return key == BASE and self.base is not None or key in self.drops or key in self.failed
+        if key == BASE:
+            return self.base is not None
+        return key in self.drops or key in self.failed or key in self.skipped
 
     def drop(self, probe: Probe) -> float:
-        """The metric a probe lost (inf if it failed); a range value between two probed
-        points is read off the line between them."""
-        return _lookup(self.drops, self.failed, probe)
+        """The metric a probe lost (inf if it failed or was skipped); a range value between
+        two probed points is read off the line between them."""
+        return _lookup(self.drops, self.failed, probe, self.skipped)
 
     def distortion(self, probe: Probe) -> float:
-        return _lookup(self.distortions, self.failed, probe)
+        return _lookup(self.distortions, self.failed, probe, self.skipped)
 
     def speed(self, probe: Probe) -> float:
         """The probed layers' time over their original time (1.0 where not timed)."""
-        value = _lookup(self.speeds, {}, probe)
+        value = _lookup(self.speeds, {}, probe, {})
         return value if math.isfinite(value) else 1.0
 
     def group_ms(self, group: str) -> float | None:
@@ -184,6 +188,7 @@ class SensitivityTable:
             "layer_ms": self.layer_ms,
             "model_ms": self.model_ms,
             "untimed": self.untimed,
+            "skipped": self.skipped,
         }
 
     @classmethod
@@ -195,18 +200,19 @@ class SensitivityTable:
             return cls(samples)
         parts = [data.get(k) for k in ("drops", "distortions", "failed")]
         timings = [data.get(k) for k in ("speeds", "layer_ms", "untimed")]
+        skipped = data.get("skipped", {})  # absent from tables written before it existed
         numbers = [parts[0], parts[1], timings[0], timings[1]]
         base, seconds, model_ms = data.get("base"), data.get("seconds"), data.get("model_ms")
         if (
             data.get("samples") != samples
-            or not all(isinstance(p, dict) for p in parts + timings)
+            or not all(isinstance(p, dict) for p in [*parts, *timings, skipped])
             or not all(_number_or_none(v) for d in numbers for v in d.values())
             or not all(_number_or_none(x) for x in (base, model_ms))
             or not isinstance(seconds, (int, float))
         ):
             return cls(samples)
         speeds, layer_ms, untimed = timings
-        return cls(samples, base, *parts, seconds, speeds, layer_ms, model_ms, untimed)
+        return cls(samples, base, *parts, seconds, speeds, layer_ms, model_ms, untimed, skipped)
 
     def report(self, space: SearchSpace) -> dict[str, Any]:
         """What ``autosqueeze sensitivity --json`` prints."""
@@ -230,6 +236,7 @@ class SensitivityTable:
                 "speed": self.speeds.get(p.key),
                 "layer_ms": self.layer_ms.get(p.key),
                 "error": self.failed.get(p.key),
+                "skipped": self.skipped.get(p.key),
             }
             for p in probes_of(space)
         ]
@@ -252,10 +259,12 @@ def _first_layers(space: SearchSpace) -> dict[str, LayerKnobs]:
     return seen
 
 
-def _lookup(values: dict[str, float], failed: dict[str, str], probe: Probe) -> float:
+def _lookup(
+    values: dict[str, float], failed: dict[str, str], probe: Probe, skipped: dict[str, str]
+) -> float:
     if probe.key in values:
         return values[probe.key]
-    if probe.key in failed:
+    if probe.key in failed or probe.key in skipped:
         return math.inf
     known = sorted(
         (json.loads(key.partition("=")[2]), value)
@@ -313,29 +322,39 @@ def measure_sensitivity(
     save: Callable[[SensitivityTable], None],
     *,
     timings: Callable[[dict[str, Plan]], Iterator[tuple[str, ProbeResult]]] | None = None,
+    stop_drop: float | None = None,
     save_every_s: float = 10.0,
     progress: Callable[[int, int], None] | None = None,
 ) -> SensitivityTable:
     """Run the probes ``table`` lacks through ``run`` (an executor's ``probes``), then the
     timings it lacks through ``timings`` (its ``timings``: apart, so that a timing, which
     holds the device alone, never waits for another evaluator's probe), saving the table
-    as results arrive (so an interrupted pass resumes where it stopped)."""
+    as results arrive (so an interrupted pass resumes where it stopped).
+
+    With ``stop_drop``, a knob whose harm grows with its strength (bits, prune, rank,
+    channels) is probed on each layer weakest value first, in waves across the layers, and
+    a layer's stronger values are skipped once one loses more than ``stop_drop`` (or
+    fails): they would only lose more. On a model of many sensitive layers that is most of
+    the probes."""
     wanted = {BASE: probe_plan(space, None)} | {
         p.key: probe_plan(space, p) for p in probes_of(space)
     }
-    todo = {key: plan for key, plan in wanted.items() if not table.done(key)}
-    timed = {
-        p.key: wanted[p.key]
+    chains = _chains(space) if stop_drop is not None else [[k] for k in wanted if k != BASE]
+    timed_keys = [
+        p.key
         for p in probes_of(space)
         if technique_for(p.knob).changes_speed and not technique_for(p.knob).reaches_neighbours
-    }
+    ]
     if timings is None:
-        timed = {}
-    untimed = {k: plan for k, plan in timed.items() if k not in table.speeds | table.untimed}
-    total = len(wanted) + len(timed)
+        timed_keys = []
+    total = len(wanted) + len(timed_keys)
     results: dict[str, float] = {}
     start = last_save = time.monotonic()
-    done = total - len(todo) - len(untimed)
+
+    def count_done() -> int:
+        measured = sum(1 for k in wanted if table.done(k))
+        timed = sum(1 for k in timed_keys if k in table.speeds | table.untimed | table.skipped)
+        return measured + timed
 
     def record(key: str, got: ProbeResult) -> None:
         if got.error is not None or got.metric is None or not math.isfinite(got.metric):
@@ -359,27 +378,94 @@ def measure_sensitivity(
         if got.model_ms is not None and got.model_ms > 0:  # a disturbance only slows it
             table.model_ms = min(table.model_ms or math.inf, got.model_ms)
 
-    phases = [(run(todo), record)]
-    if untimed and timings is not None:
-        phases.append((timings(untimed), record_timing))
+    def step(phase: Iterator[tuple[str, ProbeResult]], each: Callable) -> None:
+        nonlocal start, last_save
+        for key, got in phase:
+            each(key, got)
+            if progress:
+                progress(count_done(), total)
+            if time.monotonic() - last_save > save_every_s:
+                table.seconds += time.monotonic() - start
+                start = last_save = time.monotonic()
+                save(table)
+
     try:
-        for phase, step in phases:
-            for key, got in phase:
-                step(key, got)
-                done += 1
-                if progress:
-                    progress(done, total)
-                if time.monotonic() - last_save > save_every_s:
-                    table.seconds += time.monotonic() - start
-                    start = last_save = time.monotonic()
-                    save(table)
+        wave = {BASE: wanted[BASE]} if not table.done(BASE) else {}
+        wave |= _next_wave(chains, table, wanted, stop_drop)
+        while wave:
+            step(run(wave), record)
+            wave = _next_wave(chains, table, wanted, stop_drop)
+        untimed = {
+            k: wanted[k]
+            for k in timed_keys
+            if k not in table.speeds | table.untimed | table.skipped | table.failed
+        }
+        if untimed and timings is not None:
+            step(timings(untimed), record_timing)
+        if progress:
+            progress(count_done(), total)
     finally:
         table.seconds += time.monotonic() - start
-        for name in ("drops", "distortions", "failed", "speeds", "layer_ms", "untimed"):
+        for name in ("drops", "distortions", "failed", "skipped", "speeds", "layer_ms", "untimed"):
             found = getattr(table, name)  # in model order, for the reports
             setattr(table, name, {k: found[k] for k in wanted if k in found})
         save(table)
     return table
+
+
+CHAIN_STOP = 3.0
+"""A layer's stronger values are not probed once one loses this many times the drop at
+which the search's space leaves a value out (``sensitivity.margin`` x the metric budget):
+well past it, so a few unlucky samples of the probe's subset do not end the chain."""
+
+
+def _chains(space: SearchSpace) -> list[list[str]]:
+    """Each (layer, knob)'s probe keys, weakest value first where harm grows with strength
+    (``Technique.harm_grows_with_strength``); a key alone for any other knob's values."""
+    found: dict[tuple[str, str], list[Probe]] = {}
+    for probe in probes_of(space):
+        found.setdefault((probe.group, probe.knob), []).append(probe)
+    chains = []
+    for (_, knob), probes in found.items():
+        technique = technique_for(knob)
+        if technique.harm_grows_with_strength:
+            ordered = sorted(probes, key=lambda p: technique.strength(p.value))
+            chains.append([p.key for p in ordered])
+        else:
+            chains += [[p.key] for p in probes]
+    return chains
+
+
+def _next_wave(
+    chains: list[list[str]],
+    table: SensitivityTable,
+    wanted: dict[str, Plan],
+    stop_drop: float | None,
+) -> dict[str, Plan]:
+    """The first probe each chain still lacks; a chain whose last probed value broke the
+    model (lost more than ``stop_drop``, or failed) has the rest marked skipped instead."""
+    wave = {}
+    for chain in chains:
+        for i, key in enumerate(chain):
+            if not table.done(key):
+                wave[key] = wanted[key]
+                break
+            broke = key in table.failed or (
+                stop_drop is not None and table.drops.get(key, 0.0) > stop_drop
+            )
+            if broke and key not in table.skipped:
+                why = "failed" if key in table.failed else f"lost {table.drops[key]:.4g}"
+                for rest in chain[i + 1 :]:
+                    if not table.done(rest):
+                        table.skipped[rest] = f"not probed: the weaker {_value_of(key)} {why}"
+                break
+    return wave
+
+
+def _value_of(key: str) -> str:
+    """``encoder.layer.0.bits=4`` -> ``bits=4``."""
+    param, _, value = key.partition("=")
+    return f"{param.rpartition('.')[2]}={value}"
 
 
 # --- what the search does with the table ----------------------------------------------------

@@ -173,7 +173,8 @@ def _objective_info(config: StudyConfig, ref: Measurements | None) -> list[dict[
 
 
 def _sensitivity(stored: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The sensitivity table as the heatmap draws it: (group, knob=value, metric lost)."""
+    """The sensitivity table as the heatmap draws it: (group, knob=value, metric lost; None
+    where the probe failed, "skipped" where a weaker value already broke the layer)."""
     if not isinstance(stored, dict) or stored.get("base") is None:
         return None
     cells = []
@@ -181,12 +182,14 @@ def _sensitivity(stored: dict[str, Any] | None) -> dict[str, Any] | None:
         param, _, value = key.partition("=")
         group, _, knob = param.rpartition(".")
         cells.append([group, f"{knob}={value.strip(chr(34))}", drop])
-    for key in stored.get("failed", {}):
+    not_measured = [(key, None) for key in stored.get("failed", {})]
+    not_measured += [(key, "skipped") for key in stored.get("skipped", {})]
+    for key, mark in not_measured:
         if "=" not in key:  # the unchanged model's own probe
             continue
         param, _, value = key.partition("=")
         group, _, knob = param.rpartition(".")
-        cells.append([group, f"{knob}={value.strip(chr(34))}", None])
+        cells.append([group, f"{knob}={value.strip(chr(34))}", mark])
     return {"samples": stored.get("samples"), "base": stored["base"], "cells": cells}
 
 

@@ -73,15 +73,19 @@ def sensitivity_text(table_: SensitivityTable, space: SearchSpace, metric_name: 
     head = (
         f"{metric_name} on the first {table_.samples} samples: {table_.base:.6g} "
         f"(probes took {table_.seconds:.0f} s). Each value: {metric_name} lost / distortion"
-        " [/ x its layers' time, where it changes how they run]."
+        " [/ x its layers' time, where it changes how they run]; skipped: not probed, a"
+        " weaker value of the knob already broke the layer."
         if table_.base is not None
         else "The model could not be judged on its first samples."
     )
     rows: dict[tuple[str, str], list[str]] = {}
     for row in table_.rows(space):
-        cell = (
-            "failed" if row["drop"] is None else f"{row['drop']:+.4f}/{_short(row['distortion'])}"
-        )
+        if row["skipped"]:
+            cell = "skipped"
+        elif row["drop"] is None:
+            cell = "failed"
+        else:
+            cell = f"{row['drop']:+.4f}/{_short(row['distortion'])}"
         if row["speed"] is not None:
             cell += f"/x{row['speed']:.2f}"
         rows.setdefault((row["group"], row["knob"]), []).append(f"{row['value']}:{cell}")

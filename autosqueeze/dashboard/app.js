@@ -172,11 +172,12 @@
       const key = g + "\u0000" + c;
       if (!lost.has(key)) return null;
       const v = lost.get(key);
-      return v === null ? 3 * budget : Math.max(0, Math.min(v, 3 * budget));
+      return v === null || v === "skipped" ? 3 * budget : Math.max(0, Math.min(v, 3 * budget));
     }));
     const text = groups.map(g => columns.map(c => {
       const key = g + "\u0000" + c;
-      return !lost.has(key) ? "" : lost.get(key) === null ? "failed" : fmt(lost.get(key), 4);
+      const v = lost.get(key);
+      return !lost.has(key) ? "" : v === null ? "failed" : v === "skipped" ? "more (not probed: a weaker value broke it)" : fmt(v, 4);
     }));
     Plotly.react("sensitivity-heatmap", [{
       type: "heatmap", x: columns, y: groups, z, text, colorscale: "YlOrRd", reversescale: true, zmin: 0, zmax: 3 * budget,

@@ -67,6 +67,10 @@ class Technique(ABC):
     # changes how the layer runs (its kernel or its shapes), not only what it stores: the
     # sensitivity pass times the layer with each of its values (``Evaluator.probe``)
     changes_speed: ClassVar[bool] = False
+    # a stronger value never harms a layer less than a weaker one (fewer bits, more weights
+    # or channels removed, a lower rank): the sensitivity pass probes the weakest first
+    # and skips the rest once one breaks the layer far past the budget
+    harm_grows_with_strength: ClassVar[bool] = False
 
     def validate(self, values: KnobValues) -> None:
         """Raise ValueError when the space file gives this knob values it cannot take."""

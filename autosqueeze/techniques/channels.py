@@ -34,6 +34,7 @@ _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 class PruneChannels(Technique):
     knob = "prune_channels"
+    harm_grows_with_strength = True
     structural = True
     reaches_neighbours = True  # the coupled layers lose their matching inputs
     identity = 0.0

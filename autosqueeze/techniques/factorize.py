@@ -40,6 +40,7 @@ def helps(layer: nn.Module, fraction: float) -> bool:
 
 class Factorize(Technique):
     knob = "rank"
+    harm_grows_with_strength = True
     structural = True
     identity = 1.0
     changes_speed = True

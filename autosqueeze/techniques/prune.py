@@ -38,6 +38,7 @@ def prune_by_magnitude(weight: torch.Tensor, ratio: float) -> None:
 
 class Prune(Technique):
     knob = "prune"
+    harm_grows_with_strength = True
     keeps_layer = True
     identity = 0.0
 

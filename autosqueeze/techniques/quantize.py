@@ -15,6 +15,7 @@ from autosqueeze.techniques.base import CompressedModel, Technique, matrices, we
 
 class Quantize(Technique):
     knob = "bits"
+    harm_grows_with_strength = True
     keeps_layer = True
     identity = 32
 
