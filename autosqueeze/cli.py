@@ -24,6 +24,8 @@ from autosqueeze.errors import Terminated, UserError, terminate
 
 if TYPE_CHECKING:  # the commands import what they use, so --help starts fast
     from autosqueeze.front import Front
+    from autosqueeze.records import TrialRecord
+    from autosqueeze.task import Task
 
 EPILOG = """\
 examples:
@@ -32,6 +34,7 @@ examples:
   autosqueeze search studies/digits-cnn.yaml --trials 40
   autosqueeze front studies/digits-cnn.yaml --json
   autosqueeze export studies/digits-cnn.yaml --trial 17 -o model.safetensors
+  autosqueeze export studies/digits-cnn.yaml --trial 17 --format pt2 -o model.pt2
   autosqueeze evaluate studies/digits-cnn.yaml --artifact model.safetensors
   autosqueeze dashboard studies/digits-cnn.yaml          # http://127.0.0.1:8080/
   autosqueeze report studies/digits-cnn.yaml -o report.html
@@ -133,9 +136,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = command("front", _front, "Print the Pareto front of a finished or running study.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p = command("export", _export, "Write any trial's compressed artifact to a file.")
+    p = command(
+        "export",
+        _export,
+        "Write any trial's compressed model to a file: its artifact (the search's file, "
+        "loaded with autosqueeze and the model factory) or a torch.export program that plain "
+        "PyTorch runs (torch.export.load(path).module()).",
+    )
     p.add_argument("--trial", type=int, required=True, help="the trial number")
-    p.add_argument("-o", "--output", type=Path, required=True, help="where to write the artifact")
+    p.add_argument("-o", "--output", type=Path, required=True, help="where to write it")
+    p.add_argument(
+        "--format",
+        choices=("artifact", "pt2"),
+        default="artifact",
+        help="artifact (default: .safetensors, the bytes the search measured) or pt2 (the "
+        "deployed model as a torch.export program; weights held as the kernels run them)",
+    )
     p = command("evaluate", _evaluate, "Measure an artifact: metric, size on disk, latency.")
     p.add_argument("--artifact", type=Path, required=True, help="an exported artifact")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -320,8 +336,11 @@ def _export(args: argparse.Namespace) -> int:
     if not found or found[0].plan is None:
         raise UserError(f"--trial: study {config.name!r} has no trial {args.trial} with a plan.")
     record = found[0]
-    evaluator = Evaluator(load_task(config))
+    task = load_task(config)
+    evaluator = Evaluator(task)
     try:
+        if args.format == "pt2":
+            return _export_program(task, evaluator.artifact(record.plan), record, args.output)
         size = evaluator.build(record.plan, args.output)
     except OSError as exc:
         raise UserError(f"-o/--output: cannot write {args.output}: {exc.strerror or exc}") from None
@@ -330,6 +349,39 @@ def _export(args: argparse.Namespace) -> int:
     print(f"Wrote {args.output} ({size:,} bytes) from trial {record.number} ({record.state}).")
     if record.measurements and record.measurements.size_bytes != size:
         print(f"warning: the search measured {record.measurements.size_bytes:,} bytes for it.")
+    return 0
+
+
+def _export_program(task: Task, artifact: bytes, record: TrialRecord, output: Path) -> int:
+    """``export --format pt2``: the trial's artifact loaded as the search measured it, then
+    traced and written as a program."""
+    import copy
+
+    from autosqueeze.artifact import load_artifact
+    from autosqueeze.export import export_program
+
+    if not output.parent.is_dir():
+        raise UserError(f"-o/--output: cannot write {output}: {output.parent} is not a folder")
+    model = load_artifact(artifact, copy.deepcopy(task.model), task.target)
+    try:
+        notes = export_program(model, record.plan, task.example_input, output)
+    except ValueError as exc:
+        raise UserError(f"--format pt2: trial {record.number}: {exc}") from None
+    except OSError:
+        raise
+    except Exception as exc:  # torch.export's own refusal of the model's code
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UserError(
+            f"--format pt2: torch.export cannot trace trial {record.number}'s model: "
+            f"{type(exc).__name__}: {first[:300]}; ship its artifact (--format artifact)"
+        ) from None
+    size = output.stat().st_size
+    print(
+        f"Wrote {output} ({size:,} bytes; the artifact: {len(artifact):,}) from trial "
+        f"{record.number} ({record.state}). Load it with torch.export.load(path).module()."
+    )
+    for note in notes:
+        print(f"  {note}")
     return 0
 
 

@@ -29,6 +29,9 @@ class Kernel(ABC):
     devices: ClassVar[frozenset[str]]
     layers: ClassVar[tuple[type[nn.Module], ...]]
     weight_bits: ClassVar[int]  # bits a weight takes in memory while it runs (compactness)
+    # why ``torch.export`` cannot trace a layer in this form ("": it can); ``export --format
+    # pt2`` refuses a plan that uses it, naming the layer
+    export_refusal: ClassVar[str] = ""
 
     def fits(self, layer: nn.Module, device: str) -> bool:
         """Whether this kernel can run ``layer`` on ``device`` (type and shape constraints)."""
@@ -91,6 +94,9 @@ class DynamicInt8(Kernel):
     devices = frozenset({"cpu"})
     layers = (nn.Linear,)
     weight_bits = 8
+    export_refusal = (
+        "torch.ao's packed dynamic Linear, which torch.export cannot trace (LinearPackedParamsBase)"
+    )
 
     def convert(self, layer: nn.Module) -> nn.Module:
         from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear

@@ -38,23 +38,25 @@ def leaves(value: Any) -> Iterator[Any]:
 
 
 def map_tensors(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
-    """``value`` with every tensor replaced by ``fn(tensor)``: mappings come back as plain
-    dicts, lists and tuples (named ones too) as their own type, dataclasses as copies;
-    anything else as it was."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
+    """``value`` with every tensor replaced by ``fn(tensor)``, anything else as it was."""
+    return map_leaves(lambda leaf: fn(leaf) if isinstance(leaf, torch.Tensor) else leaf, value)
+
+
+def map_leaves(fn: Callable[[Any], Any], value: Any) -> Any:
+    """``value`` with every leaf replaced by ``fn(leaf)``: mappings come back as plain dicts,
+    lists and tuples (named ones too) as their own type, dataclasses as copies."""
     if isinstance(value, Mapping):
-        return {k: map_tensors(fn, v) for k, v in value.items()}
+        return {k: map_leaves(fn, v) for k, v in value.items()}
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
-        return type(value)(*(map_tensors(fn, v) for v in value))
+        return type(value)(*(map_leaves(fn, v) for v in value))
     if isinstance(value, (list, tuple)):
-        return type(value)(map_tensors(fn, v) for v in value)
+        return type(value)(map_leaves(fn, v) for v in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         mapped = copy.copy(value)  # not ``replace``: it cannot set fields with init=False
         for f in dataclasses.fields(value):
-            object.__setattr__(mapped, f.name, map_tensors(fn, getattr(value, f.name)))
+            object.__setattr__(mapped, f.name, map_leaves(fn, getattr(value, f.name)))
         return mapped
-    return value
+    return fn(value)
 
 
-__all__ = ["leaves", "map_tensors", "tensors"]
+__all__ = ["leaves", "map_leaves", "map_tensors", "tensors"]

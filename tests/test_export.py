@@ -1,0 +1,136 @@
+"""``export --format pt2``: a front model as a torch.export program that plain PyTorch runs,
+without autosqueeze, the model factory or Torch-Pruning, giving the artifact's outputs."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import study_config, write_yaml
+from torch import nn
+
+from autosqueeze.artifact import artifact_bytes, load_artifact
+from autosqueeze.cli import main
+from autosqueeze.examples.digits import example_input, pretrained_cnn
+from autosqueeze.export import export_program
+from autosqueeze.plan import LayerPlan, Plan
+from autosqueeze.techniques import Target, compress
+
+PLANS = {
+    "fp32": {"classifier.1": LayerPlan(bits=6)},
+    "bf16": {"classifier.1": LayerPlan(bits=8, kernel="bf16")},
+    "int8_weight_only": {"classifier.1": LayerPlan(bits=8, kernel="int8_weight_only")},
+    "int4_weight_only": {"classifier.3": LayerPlan(bits=4, kernel="int4_weight_only")},
+    "channels": {"features.2": LayerPlan(bits=8, prune_channels=0.5), "classifier.1": LayerPlan()},
+    "rank": {"classifier.1": LayerPlan(bits=8, rank=0.25)},
+}
+
+RUN_WITHOUT_AUTOSQUEEZE = textwrap.dedent(
+    """
+    import sys
+    for name in ("autosqueeze", "torch_pruning"):
+        sys.modules[name] = None  # importing them now fails: the program must not need them
+    import torch
+    inputs = torch.load(sys.argv[1])
+    outputs = {}
+    for name, path in inputs["programs"].items():
+        program = torch.export.load(path).module()
+        outputs[name] = [program(x) for x in inputs["batches"]]
+    torch.save(outputs, sys.argv[2])
+    """
+)
+
+
+def _run_elsewhere(tmp_path, programs: dict, batches: list) -> dict:
+    """Each program run on each batch in a fresh interpreter that cannot import autosqueeze."""
+    torch.save({"programs": programs, "batches": batches}, tmp_path / "in.pt")
+    script = tmp_path / "run.py"
+    script.write_text(RUN_WITHOUT_AUTOSQUEEZE)
+    subprocess.run(
+        [sys.executable, "-I", str(script), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+        check=True,
+        cwd=tmp_path,
+    )
+    return torch.load(tmp_path / "out.pt")
+
+
+def test_each_cpu_kernel_and_structural_plan_exports_and_runs_without_autosqueeze(tmp_path):
+    x = example_input()
+    bigger = torch.randn(5, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    expected, programs = {}, {}
+    for name, layers in PLANS.items():
+        plan = Plan(layers)
+        data = artifact_bytes(compress(pretrained_cnn(), plan, Target("cpu", x)))
+        loaded = load_artifact(data, pretrained_cnn(), Target("cpu", x))
+        path = tmp_path / f"{name}.pt2"
+        notes = export_program(loaded, plan, x, path)
+        assert notes[0] == "the program takes any batch size"
+        programs[name] = str(path)
+        with torch.no_grad():
+            expected[name] = [loaded(x), loaded(bigger)]
+        if name == "fp32":  # stored at 6 bits, run (and so held) at 32
+            assert any("stored at 6 bits" in n and "held at 32" in n for n in notes)
+    got = _run_elsewhere(tmp_path, programs, [x, bigger])
+    for name in PLANS:
+        for want, have in zip(expected[name], got[name], strict=True):
+            assert have.shape == want.shape
+            assert (have - want).abs().max() <= 1e-3 * want.abs().max(), name
+
+
+def test_a_kernel_torch_export_cannot_trace_is_refused_by_layer_and_kernel(tmp_path):
+    x = example_input()
+    plan = Plan({"classifier.1": LayerPlan(bits=8, kernel="int8_dynamic")})
+    loaded = load_artifact(artifact_bytes(compress(pretrained_cnn(), plan)), pretrained_cnn())
+    with pytest.raises(ValueError, match="layer 'classifier.1' runs 'int8_dynamic'"):
+        export_program(loaded, plan, x, tmp_path / "m.pt2")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_a_transformers_model_with_keyword_inputs_exports_with_a_free_batch(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        vocab_size=300,
+    )
+    model = BertModel(config).eval()
+    batch = {
+        "input_ids": torch.randint(0, 300, (4, 12)),
+        "attention_mask": torch.ones(4, 12, dtype=torch.long),
+    }
+    layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    plan = Plan.uniform(layers[:4], bits=4, kernel="int4_weight_only")
+    target = Target("cpu", batch)
+    loaded = load_artifact(artifact_bytes(compress(model, plan, target)), copy.deepcopy(model))
+    notes = export_program(loaded, plan, batch, tmp_path / "bert.pt2")
+    assert notes == ["the program takes any batch size"]
+    program = torch.export.load(tmp_path / "bert.pt2").module()
+    two = {k: v[:2] for k, v in batch.items()}
+    with torch.no_grad():
+        want = loaded(**two).last_hidden_state
+        have = program(**two).last_hidden_state
+    assert (have - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+def test_export_pt2_from_the_cli_names_what_it_wrote_and_refuses_cleanly(tmp_path, capsys):
+    config = write_yaml(tmp_path / "study.yaml", study_config(tmp_path, search={"trials": 3}))
+    assert main(["search", str(config), "--no-progress"]) == 0
+    capsys.readouterr()
+    out_path = tmp_path / "model.pt2"
+    pt2 = ["export", str(config), "--trial", "1", "--format", "pt2", "-o"]
+    assert main([*pt2, str(out_path)]) == 0
+    out = capsys.readouterr().out
+    assert "torch.export.load(path).module()" in out and f"{out_path.stat().st_size:,} bytes" in out
+    program = torch.export.load(out_path).module()
+    assert program(example_input()).shape == (1, 10)
+    missing = tmp_path / "no-such-folder" / "m.pt2"
+    assert main([*pt2, str(missing)]) == 2
+    assert "cannot write" in capsys.readouterr().err
