@@ -28,6 +28,29 @@ EXAMPLE = REPO / "docs" / "examples" / "fp16_cpu_kernel.py"
 TECHNIQUE_EXAMPLE = REPO / "docs" / "examples" / "weight_sharing.py"
 
 
+def _searched_with(tmp_path, capsys, example, knob: str, values: list, trials: int):
+    """The docs' example file copied beside a config (as a user has it), ``knob`` searched
+    over ``values``, a search run with one Ray evaluator (a process that must learn what the
+    example registers by importing it); the config, loaded."""
+    shutil.copy(example, tmp_path / example.name)
+    space = yaml.safe_load(DEFAULT_SPACE.read_text())
+    space["rules"][0]["knobs"][knob] = values
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    config_path = write_yaml(
+        tmp_path / "study.yaml",
+        study_config(
+            tmp_path,
+            model={"factory": f"{example.stem}:model"},
+            space="space.yaml",
+            search={"trials": trials, "output_dir": str(tmp_path / "run")},
+            compute={"workers": 1},
+        ),
+    )
+    assert main(["search", str(config_path), "--no-progress"]) == 0
+    capsys.readouterr()
+    return load_config(config_path)
+
+
 @pytest.fixture
 def kernels_as_shipped():
     """The example registers its kernel in this process too: gone again after the test."""
@@ -41,23 +64,7 @@ def kernels_as_shipped():
 def test_a_kernel_registered_outside_the_package_is_searched_and_deployed(
     tmp_path, capsys, kernels_as_shipped
 ):
-    shutil.copy(EXAMPLE, tmp_path / "fp16_cpu_kernel.py")  # the docs' file, as a user has it
-    space = yaml.safe_load(DEFAULT_SPACE.read_text())
-    space["rules"][0]["knobs"]["kernel"] = ["fp32", "fp16_cpu"]
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
-    config_path = write_yaml(
-        tmp_path / "study.yaml",
-        study_config(
-            tmp_path,
-            model={"factory": "fp16_cpu_kernel:model"},
-            space="space.yaml",
-            search={"trials": 4, "output_dir": str(tmp_path / "run")},
-            compute={"workers": 1},  # an evaluator process must know the kernel too
-        ),
-    )
-    assert main(["search", str(config_path), "--no-progress"]) == 0
-    capsys.readouterr()
-    config = load_config(config_path)
+    config = _searched_with(tmp_path, capsys, EXAMPLE, "kernel", ["fp32", "fp16_cpu"], trials=4)
     table = open_study(config, create=False).user_attrs[SENSITIVITY]
     probed = [k for k in table["drops"] if k.endswith('kernel="fp16_cpu"')]
     assert probed and not any("fp16_cpu" in k for k in table["failed"])
@@ -86,23 +93,7 @@ def techniques_as_shipped():
 def test_a_technique_registered_outside_the_package_is_searched_stored_and_loaded(
     tmp_path, capsys, techniques_as_shipped
 ):
-    shutil.copy(TECHNIQUE_EXAMPLE, tmp_path / "weight_sharing.py")  # the docs' file, as is
-    space = yaml.safe_load(DEFAULT_SPACE.read_text())
-    space["rules"][0]["knobs"]["share"] = [0, 4, 16]
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
-    config_path = write_yaml(
-        tmp_path / "study.yaml",
-        study_config(
-            tmp_path,
-            model={"factory": "weight_sharing:model"},
-            space="space.yaml",
-            search={"trials": 6, "output_dir": str(tmp_path / "run")},
-            compute={"workers": 1},  # an evaluator process must know the technique too
-        ),
-    )
-    assert main(["search", str(config_path), "--no-progress"]) == 0
-    capsys.readouterr()
-    config = load_config(config_path)
+    config = _searched_with(tmp_path, capsys, TECHNIQUE_EXAMPLE, "share", [0, 4, 16], trials=6)
     study = open_study(config, create=False)
     table = study.user_attrs[SENSITIVITY]
     probed = [k for k in table["drops"] if ".share=" in k]
