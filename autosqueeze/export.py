@@ -40,7 +40,7 @@ def export_program(model: nn.Module, plan: Plan, example_input: Any, path: Path)
     if refused:
         raise ValueError("; ".join(refused) + "; ship the artifact, or a trial without it")
     program, batch_note = _traced(model.eval(), example_input)
-    partial = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    partial = path.with_name(f".{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.pt2")
     try:
         torch.export.save(program, partial)
         os.replace(partial, path)
