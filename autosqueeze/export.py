@@ -6,7 +6,7 @@ program is the deployed model traced to ATen operations: plain PyTorch runs it w
 ``torch.export.load(path).module()``, nothing else imported (a library whose output type
 the model returns, such as transformers' ``ModelOutput``, must be importable). Its weights
 are held as the kernels hold them while they run, so a layer stored at fewer bits than its
-kernel uses takes more bytes here; ``export_program`` says which, and by how much.
+kernel uses takes more bytes here; ``export_program`` names each such layer.
 
 autosqueeze writes programs and never loads one: ``torch.export.load`` unpickles parts of
 the file, so a program is code from whoever made it (SECURITY.md).
