@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from autosqueeze.errors import UserError
-from autosqueeze.objectives import ObjectiveName
+from autosqueeze.objectives import OBJECTIVES
 
 
 class _Strict(BaseModel):
@@ -186,8 +186,10 @@ class StudyConfig(_Strict):
     model: ModelConfig
     task: TaskConfig
     space: Path
-    objectives: list[ObjectiveName] = Field(
-        default=["metric", "size_bytes", "latency_ms"], min_length=1
+    objectives: list[str] = Field(
+        default=["metric", "size_bytes", "latency_ms"],
+        min_length=1,
+        description="what the study optimizes: names from autosqueeze.objectives.OBJECTIVES",
     )
     budgets: Budgets = Budgets()
     measure: MeasureConfig = MeasureConfig()
@@ -196,6 +198,18 @@ class StudyConfig(_Strict):
     search: SearchConfig = SearchConfig()
     compute: ComputeConfig = ComputeConfig()
     source: Path = Field(Path("."), exclude=True, description="the config file itself")
+
+    @field_validator("objectives")
+    @classmethod
+    def _known_objectives(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in OBJECTIVES]
+        if unknown:
+            raise ValueError(
+                f"unknown objective {unknown[0]!r}; the objectives are {', '.join(OBJECTIVES)}"
+            )
+        if len(set(names)) != len(names):
+            raise ValueError("an objective is listed twice")
+        return names
 
     @property
     def folder(self) -> Path:

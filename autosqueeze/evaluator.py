@@ -31,6 +31,7 @@ from autosqueeze.measure import (
     robust_latency,
 )
 from autosqueeze.metrics import call_model, distortion, recorded_outputs, to_device
+from autosqueeze.objectives import extra_objectives
 from autosqueeze.plan import Plan
 from autosqueeze.task import Task
 from autosqueeze.techniques import applied, compress, runs_differently
@@ -192,6 +193,7 @@ class Evaluator:
                 return Measurements(metric, size, None, stopped=stopped, seconds=clock.seconds)
             with clock("memory"):
                 memory = measure_memory(model, self.task.example_input, self.task.device)
+            extra = self._measure_extra(model, clock)
         measure = self.task.config.measure
         with self.lock.exclusive(), clock("latency"):
             timing = measure_latency_beside(
@@ -219,7 +221,24 @@ class Evaluator:
             timing_spread=timing.spread,
             timing_attempts=timing.attempts,
             seconds=clock.seconds,
+            extra=extra,
         )
+
+    def _measure_extra(self, model: nn.Module, clock: _PhaseClock) -> dict[str, float]:
+        """The study's objectives that carry their own ``measure`` (those it optimizes, or
+        budgets), on the loaded model."""
+        config = self.task.config
+        found = {}
+        for objective in extra_objectives():
+            budgeted = objective.budget and getattr(config.budgets, objective.budget, None)
+            if objective.name not in config.objectives and budgeted is None:
+                continue
+            with clock(objective.name):
+                value = float(objective.measure(model, self.task))  # type: ignore[misc]
+            if not math.isfinite(value):
+                raise TrialError(f"the objective {objective.name!r} measured {value}")
+            found[objective.name] = value
+        return found
 
     def _first_look_stop(self, model: nn.Module, limits: Limits | None) -> tuple[float, str] | None:
         """(metric, reason) when the metric on the first samples already fell past

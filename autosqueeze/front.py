@@ -19,7 +19,7 @@ from optuna._hypervolume import compute_hypervolume  # Optuna's exact WFG; no pu
 
 from autosqueeze.artifact import save_artifact
 from autosqueeze.measure import Measurements
-from autosqueeze.objectives import OBJECTIVES
+from autosqueeze.objectives import OBJECTIVES, extra_objectives
 from autosqueeze.records import TrialRecord, records, reference
 
 FRONT_COLUMNS = [
@@ -35,6 +35,14 @@ FRONT_COLUMNS = [
     "feasible",
     "artifact",
 ]
+"""front.csv's columns; the objectives measured by their own ``measure`` come before
+``feasible`` (``front_columns``)."""
+
+
+def front_columns() -> list[str]:
+    extra = [o.name for o in extra_objectives()]
+    at = FRONT_COLUMNS.index("feasible")
+    return FRONT_COLUMNS[:at] + extra + FRONT_COLUMNS[at:]
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,7 @@ class Front:
             "latency_ms": round(got.latency_ms, 4),
             "speedup": round(ref.latency_ms / got.latency_ms, 3) if ref else "",
             "memory_mb": round(got.memory_mb, 3) if got.memory_mb is not None else "",
+            **{o.name: got.extra.get(o.name, "") for o in extra_objectives()},
             "feasible": member.feasible,
             "artifact": artifact,
         }
@@ -170,7 +179,7 @@ def write_front(front: Front, output_dir: Path, artifacts: Iterable[tuple[int, b
     path = output_dir / "front.csv"
     partial = staging.with_suffix(".csv")
     with partial.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FRONT_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=front_columns())
         writer.writeheader()
         writer.writerows(rows)
     os.replace(partial, path)

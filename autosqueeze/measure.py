@@ -43,6 +43,18 @@ class Measurements:
     timing_spread: float | None = None  # how much the side-by-side rounds disagreed
     timing_attempts: int | None = None  # timings taken (more than one: a disturbance)
     seconds: dict[str, float] = field(default_factory=dict, compare=False)  # per phase
+    # objective name -> value, for the objectives measured by their own ``measure``
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        """An objective with its own ``measure`` reads like a field (None: not measured)."""
+        if name.startswith("__"):
+            raise AttributeError(name)
+        from autosqueeze.objectives import OBJECTIVES
+
+        if name in OBJECTIVES:
+            return self.__dict__.get("extra", {}).get(name)
+        raise AttributeError(f"{type(self).__name__} has no {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,8 +2,9 @@
 
 The config's choices, Optuna's directions and axis names, the budgets' constraint slack,
 the front's dominance and hypervolume, and the dashboard's axes all read ``OBJECTIVES``.
-A new objective is one entry here, a field of ``Measurements`` that measures it, and a
-``budgets.max_...`` field if it can be budgeted (docs/extending.md)."""
+A new objective is one entry here, with ``measure`` (how a loaded model is measured for it;
+the value lands in ``Measurements.extra``), and a ``budgets.max_...`` field if it can be
+budgeted (docs/extending.md)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # the config imports this module, not the other way round
+    from torch import nn
+
     from autosqueeze.config import Budgets
     from autosqueeze.measure import Measurements
+    from autosqueeze.task import Task
 
 
 def _ratio(field: str) -> Callable[[Measurements, Measurements], float]:
@@ -24,11 +28,11 @@ def _ratio(field: str) -> Callable[[Measurements, Measurements], float]:
 class Objective:
     """One measured quantity: how it is optimized, budgeted, compared and shown."""
 
-    name: str  # in the config's objectives, and the ``Measurements`` field
+    name: str  # in the config's objectives; the ``Measurements`` field (or ``extra`` key)
     direction: Literal["maximize", "minimize"]
     label: str  # an axis's title, in display units
     display_scale: float  # display units per measured unit (bytes -> kB: 1e-3)
-    budget: str  # the ``Budgets`` field that limits it
+    budget: str | None  # the ``Budgets`` field that limits it (None: never budgeted)
     budget_scale: float  # measured units per budget unit (MB -> bytes: 1e6)
     constraint: str  # its key in a trial's constraints (the slack, in budget units)
     optuna_name: str | None  # its name for optuna-dashboard (None: the metric's own)
@@ -36,6 +40,10 @@ class Objective:
     log_axis: bool  # plotted on a log scale
     study_value: Callable[[Measurements], float]  # what Optuna is told
     cost: Callable[[Measurements, Measurements], float]  # (got, original) -> relative cost
+    # how a loaded model is measured for it, for an objective the evaluator does not
+    # measure itself (metric, bytes, latency and memory are taken together): the value is
+    # kept in ``Measurements.extra``, taken for studies that optimize or budget it
+    measure: Callable[[nn.Module, Task], float] | None = None
 
     def measured(self, got: Measurements) -> float | None:
         value = getattr(got, self.name)
@@ -44,7 +52,7 @@ class Objective:
     def limit(self, budgets: Budgets, ref: Measurements | None) -> float | None:
         """The budget's bound in measured units (None: unbudgeted, or relative to an
         original not measured yet)."""
-        bound = getattr(budgets, self.budget)
+        bound = None if self.budget is None else getattr(budgets, self.budget)
         if bound is None:
             return None
         if self.name == "metric":  # a drop from the original's metric
@@ -143,9 +151,12 @@ OBJECTIVES: dict[str, Objective] = {
 }
 """Every objective, by name, in the order tables and pages show them."""
 
-ObjectiveName = Literal[tuple(OBJECTIVES)]  # type: ignore[valid-type]
-"""The names, for the config's schema."""
-
 
 def objectives_of(names: list[str]) -> list[Objective]:
     return [OBJECTIVES[n] for n in names]
+
+
+def extra_objectives() -> list[Objective]:
+    """The objectives measured outside the evaluator's own four (``Objective.measure``), in
+    registry order: the front's and the page's extra columns."""
+    return [o for o in OBJECTIVES.values() if o.measure is not None]

@@ -60,7 +60,18 @@ _MEASURED = [f for f in Measurements.__dataclass_fields__ if f != "seconds"]
 
 
 def _measurements(attrs: dict[str, Any]) -> Measurements:
-    return Measurements(**{k: attrs.get(k) for k in _MEASURED})
+    found = {k: attrs.get(k) for k in _MEASURED}
+    extra = found.get("extra")  # a storage is someone's file: numbers by name, or nothing
+    found["extra"] = (
+        {k: float(v) for k, v in extra.items() if _number(v) and isinstance(k, str)}
+        if isinstance(extra, dict)
+        else {}
+    )
+    return Measurements(**found)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def records(study: optuna.Study) -> list[TrialRecord]:

@@ -20,7 +20,7 @@ from autosqueeze.drivers import FINISHED
 from autosqueeze.errors import UserError
 from autosqueeze.front import Front, front_of, hypervolume, normalized, reference_point
 from autosqueeze.measure import Measurements
-from autosqueeze.objectives import OBJECTIVES
+from autosqueeze.objectives import OBJECTIVES, extra_objectives
 from autosqueeze.records import TrialRecord, reference
 from autosqueeze.study import SENSITIVITY, open_study
 from autosqueeze.techniques import TECHNIQUES
@@ -204,6 +204,7 @@ def _trial(record: TrialRecord, plan: dict[str, Any], on_front: bool) -> dict[st
         "latency_ms": got.latency_ms if got else None,
         "speedup": got.speedup if got else None,
         "memory_mb": got.memory_mb if got else None,
+        **{o.name: got.extra.get(o.name) if got else None for o in extra_objectives()},
         "feasible": record.feasible,
         "on_front": on_front,
         "constraints": record.constraints,

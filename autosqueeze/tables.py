@@ -4,6 +4,7 @@ sensitivity table, and what the space offers each layer."""
 from __future__ import annotations
 
 from autosqueeze.front import Front
+from autosqueeze.objectives import extra_objectives
 from autosqueeze.sensitivity import SensitivityTable
 from autosqueeze.space import LayerCoverage, SearchSpace
 
@@ -40,6 +41,7 @@ def front_table(front: Front, metric_name: str) -> str:
                 "latency_ms": f"{row['latency_ms']:.3f}",
                 "speedup": f"{row['speedup']:.2f}x" if row["speedup"] != "" else "",
                 "memory_MB": f"{row['memory_mb']:.2f}" if row["memory_mb"] != "" else "",
+                **{o.name: f"{row[o.name]:.4g}" for o in extra_objectives() if row[o.name] != ""},
             }
         )
     return table(rows, list(rows[0]), right=set(rows[0]) - {"baseline"})

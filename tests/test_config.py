@@ -34,7 +34,10 @@ def test_invalid_yaml_names_the_line(tmp_path, capsys):
         ({"budgets": {"max_size_mb": "big"}}, "field 'budgets.max_size_mb'"),
         ({"budgets": {"max_size_mb": -1}}, "field 'budgets.max_size_mb': Input should be greater"),
         ({"budgets": {"device": "tpu"}}, "field 'budgets.device'"),
-        ({"objectives": ["metric", "flops"]}, "field 'objectives.1'"),
+        (
+            {"objectives": ["metric", "flops"]},
+            "field 'objectives': Value error, unknown objective 'flops'",
+        ),
         ({"name": "has space"}, "field 'name'"),
         ({"model": {"factory": None}}, "field 'model.factory': Input should be a valid string"),
         ({"task": None}, "field 'task'"),

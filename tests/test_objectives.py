@@ -3,29 +3,93 @@ study's constraints, the front and the dashboard, which draws whatever objective
 
 from __future__ import annotations
 
+import csv
 import os
-import typing
 from pathlib import Path
 
+import optuna
 import pytest
 from conftest import study_config, write_yaml
 
 from autosqueeze.cli import main
 from autosqueeze.config import Budgets, StudyConfig, load_config
+from autosqueeze.examples.digits import pretrained_cnn
 from autosqueeze.front import normalized, reference_point
 from autosqueeze.measure import Measurements
-from autosqueeze.objectives import OBJECTIVES
-from autosqueeze.study import constraints, objective_values
+from autosqueeze.objectives import OBJECTIVES, Objective
+from autosqueeze.records import records, reference
+from autosqueeze.study import constraints, objective_values, open_study
+from autosqueeze.study_view import study_view
 
 CHROMIUM = "/usr/bin/chromium"
 
 
-def test_each_objective_is_measured_budgeted_and_offered_by_the_config():
-    offered = typing.get_args(typing.get_args(StudyConfig.model_fields["objectives"].annotation)[0])
-    assert set(offered) == set(OBJECTIVES)
+def test_each_objective_is_measured_budgeted_and_offered_by_the_config(tmp_path):
     for name, objective in OBJECTIVES.items():
-        assert name in Measurements.__dataclass_fields__
-        assert objective.budget in Budgets.model_fields
+        assert name in Measurements.__dataclass_fields__ or objective.measure is not None
+        assert objective.budget is None or objective.budget in Budgets.model_fields
+        data = study_config(tmp_path, objectives=["metric", name] if name != "metric" else [name])
+        StudyConfig.model_validate({**data, "source": tmp_path / "s.yaml"})  # offered
+
+
+def parameters(model, task) -> float:
+    """A toy objective: the loaded model's parameter count (as its execution form holds it)."""
+    return float(sum(p.numel() for p in model.parameters()))
+
+
+@pytest.fixture
+def parameters_objective():
+    """``parameters`` in the registry for one test, as one entry in objectives.py would be."""
+    OBJECTIVES["parameters"] = Objective(
+        name="parameters",
+        direction="minimize",
+        label="parameters",
+        display_scale=1.0,
+        budget=None,
+        budget_scale=1.0,
+        constraint="parameters",
+        optuna_name="parameters",
+        hv_bound=1.5,
+        log_axis=True,
+        study_value=lambda got: got.parameters,
+        cost=lambda got, ref: got.parameters / ref.parameters,
+        measure=parameters,
+    )
+    yield
+    del OBJECTIVES["parameters"]
+
+
+def test_an_objective_with_its_own_measure_is_one_entry_and_reaches_every_reader(
+    tmp_path, capsys, parameters_objective
+):
+    """An objective added as one registry entry (its facts and how to measure it) is taken
+    on every timed trial, is what Optuna optimizes, and shows in front.csv, the front table
+    and the dashboard's view, with no other file changed."""
+    config_path = write_yaml(
+        tmp_path / "s.yaml",
+        study_config(
+            tmp_path,
+            objectives=["metric", "size_bytes", "parameters"],
+            search={"trials": 5, "output_dir": str(tmp_path / "run")},
+        ),
+    )
+    assert main(["search", str(config_path), "--no-progress"]) == 0
+    assert "parameters" in capsys.readouterr().out  # the front table's column
+    config = load_config(config_path)
+    study = open_study(config, create=False)
+    assert study.metric_names == ["accuracy", "size_bytes", "parameters"]
+    timed = [r for r in records(study) if r.state == "COMPLETE" and r.measurements]
+    assert timed and all(r.measurements.parameters > 0 for r in timed)
+    original = reference(study)
+    assert original.parameters == parameters(pretrained_cnn(), None)
+    for trial in study.get_trials(states=[optuna.trial.TrialState.COMPLETE]):
+        assert trial.values[2] == trial.user_attrs["extra"]["parameters"]
+    with (tmp_path / "run" / "front.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(float(row["parameters"]) > 0 for row in rows)
+    view = study_view(config, config_path, study)
+    assert [o["name"] for o in view["objective_info"]] == config.objectives
+    assert all(t["parameters"] > 0 for t in view["trials"] if t["state"] == "COMPLETE")
 
 
 def test_slack_values_and_costs_follow_each_objectives_direction(tmp_path):

@@ -137,8 +137,11 @@
       ["size", t.size_bytes !== null ? `${(t.size_bytes / 1e3).toFixed(1)} kB` : "", t.size_bytes ? `${(ref.size_bytes / t.size_bytes).toFixed(1)}x smaller` : ""],
       ["latency", t.latency_ms !== null ? `${fmt(t.latency_ms, 3)} ms` : "not timed", t.speedup ? `${t.speedup.toFixed(2)}x speed (timed beside the original)` : ""],
       ["memory", t.memory_mb != null ? `${fmt(t.memory_mb, 2)} MB` : "", t.memory_mb && ref.memory_mb ? `${(t.memory_mb / ref.memory_mb).toFixed(2)}x of original` : ""],
-      ["feasible", t.feasible ? "yes" : "no", t.on_front ? "on the Pareto front" : ""],
     ];
+    const shown = ["metric", "size_bytes", "latency_ms", "memory_mb"];  // the rows above
+    view.objective_info.filter(o => !shown.includes(o.name)).forEach(o =>
+      rows.push([o.label, fmt(value(t, o.name)), ""]));
+    rows.push(["feasible", t.feasible ? "yes" : "no", t.on_front ? "on the Pareto front" : ""]);
     if (t.fail_reason) rows.push([t.state === "PRUNED" ? "stopped" : "failed", t.fail_reason, ""]);
     const esc = x => String(x).replace(/[&<>"]/g, c => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
     document.getElementById("selected-measurements").innerHTML =
