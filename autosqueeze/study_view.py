@@ -174,23 +174,38 @@ def _objective_info(config: StudyConfig, ref: Measurements | None) -> list[dict[
 
 def _sensitivity(stored: dict[str, Any] | None) -> dict[str, Any] | None:
     """The sensitivity table as the heatmap draws it: (group, knob=value, metric lost; None
-    where the probe failed, "skipped" where a weaker value already broke the layer)."""
+    where the probe failed, "skipped" where a weaker value already broke the layer), with
+    the rows in model order and the columns by knob, then value."""
     if not isinstance(stored, dict) or stored.get("base") is None:
         return None
-    cells = []
-    for key, drop in stored.get("drops", {}).items():
-        param, _, value = key.partition("=")
-        group, _, knob = param.rpartition(".")
-        cells.append([group, f"{knob}={value.strip(chr(34))}", drop])
-    not_measured = [(key, None) for key in stored.get("failed", {})]
-    not_measured += [(key, "skipped") for key in stored.get("skipped", {})]
-    for key, mark in not_measured:
+    cells, groups, columns = [], {}, {}
+    found = [(key, drop) for key, drop in stored.get("drops", {}).items()]
+    found += [(key, None) for key in stored.get("failed", {})]
+    found += [(key, "skipped") for key in stored.get("skipped", {})]
+    for key, lost in found:
         if "=" not in key:  # the unchanged model's own probe
             continue
-        param, _, value = key.partition("=")
+        param, _, raw = key.partition("=")
         group, _, knob = param.rpartition(".")
-        cells.append([group, f"{knob}={value.strip(chr(34))}", mark])
-    return {"samples": stored.get("samples"), "base": stored["base"], "cells": cells}
+        column = f"{knob}={raw.strip(chr(34))}"
+        cells.append([group, column, lost])
+        groups.setdefault(group, len(groups))  # the drops come in model order
+        columns.setdefault(column, (knob, *_value_order(raw)))
+    return {
+        "samples": stored.get("samples"),
+        "base": stored["base"],
+        "cells": cells,
+        "groups": list(groups),
+        "columns": sorted(columns, key=columns.__getitem__),
+    }
+
+
+def _value_order(raw: str) -> tuple[int, float, str]:
+    """Numbers ascending, then names as they read."""
+    try:
+        return (0, float(raw), "")
+    except ValueError:
+        return (1, 0.0, raw)
 
 
 def _trial(record: TrialRecord, plan: dict[str, Any], on_front: bool) -> dict[str, Any]:

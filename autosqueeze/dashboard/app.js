@@ -167,8 +167,8 @@
     const table = view.sensitivity;
     card.style.display = table ? "block" : "none";
     if (!table) return;
-    const groups = [...new Set(table.cells.map(c => c[0]))];
-    const columns = [...new Set(table.cells.map(c => c[1]))];
+    const groups = table.groups || [...new Set(table.cells.map(c => c[0]))];
+    const columns = table.columns || [...new Set(table.cells.map(c => c[1]))];
     const lost = new Map(table.cells.map(c => [c[0] + "\u0000" + c[1], c[2]]));
     const budget = view.budgets.max_metric_drop || 0.01;
     const z = groups.map(g => columns.map(c => {
