@@ -219,6 +219,15 @@ def test_browser_renders_one_point_per_trial_and_click_shows_the_plan(searched):
             assert float(heat["text"][0][column]) == pytest.approx(
                 stored["drops"]["features.0.bits=2"], abs=1e-4
             )
+            knobs = [c.partition("=")[0] for c in heat["x"]]  # grouped by knob, values in order
+            assert knobs == sorted(knobs)
+            widths = [int(c.partition("=")[2]) for c in heat["x"] if c.startswith("bits=")]
+            assert widths == sorted(widths)
+            for key in stored.get("skipped", {}):  # a weaker value broke the layer
+                group, _, knob = key.partition("=")[0].rpartition(".")
+                cell = f"{knob}={key.partition('=')[2].strip(chr(34))}"
+                text = heat["text"][heat["y"].index(group)][heat["x"].index(cell)]
+                assert text.startswith("more (not probed")
             page.screenshot(path=str(artifacts / "dashboard.png"), full_page=True)
             assert errors == []
             browser.close()
