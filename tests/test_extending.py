@@ -4,6 +4,7 @@ Ray evaluators, stored in plans, and rebuilt or deployed when an artifact is loa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 import sys
@@ -51,14 +52,22 @@ def _searched_with(tmp_path, capsys, example, knob: str, values: list, trials: i
     return load_config(config_path)
 
 
+@contextlib.contextmanager
+def _as_shipped(registry: dict, module: str):
+    """An example registers into ``registry`` in this process too: gone again after."""
+    before = dict(registry)
+    try:
+        yield
+    finally:
+        registry.clear()
+        registry.update(before)
+        sys.modules.pop(module, None)
+
+
 @pytest.fixture
 def kernels_as_shipped():
-    """The example registers its kernel in this process too: gone again after the test."""
-    before = dict(KERNELS)
-    yield
-    KERNELS.clear()
-    KERNELS.update(before)
-    sys.modules.pop("fp16_cpu_kernel", None)
+    with _as_shipped(KERNELS, "fp16_cpu_kernel"):
+        yield
 
 
 def test_a_kernel_registered_outside_the_package_is_searched_and_deployed(
@@ -82,12 +91,8 @@ def test_a_kernel_registered_outside_the_package_is_searched_and_deployed(
 
 @pytest.fixture
 def techniques_as_shipped():
-    """The example registers its technique in this process too: gone again after the test."""
-    before = dict(TECHNIQUES)
-    yield
-    TECHNIQUES.clear()
-    TECHNIQUES.update(before)
-    sys.modules.pop("weight_sharing", None)
+    with _as_shipped(TECHNIQUES, "weight_sharing"):
+        yield
 
 
 def test_a_technique_registered_outside_the_package_is_searched_stored_and_loaded(
