@@ -41,18 +41,31 @@ def _count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
     return sum(1 for t in trials if not t.user_attrs.get(REQUEUED))
 
 
-def fail_trial(study: optuna.Study, number: int, reason: str, *, requeue: bool = False) -> None:
-    """Mark a running trial FAILED with its reason; ``requeue`` asks for its params again."""
-    trial = study.get_trials(deepcopy=False)[number]
-    storage = study._storage  # noqa: SLF001 - Optuna exposes no public per-trial attr setter
-    storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, reason)  # noqa: SLF001
-    if requeue:
-        storage.set_trial_user_attr(trial._trial_id, REQUEUED, True)  # noqa: SLF001
+def fail_trial(
+    study: optuna.Study, trial: optuna.Trial | int, reason: str, *, requeue: bool = False
+) -> None:
+    """Mark a running trial FAILED with its reason; ``requeue`` asks for its params again.
+
+    ``trial``: the ``optuna.Trial`` this driver asked for (Optuna's public API), or the
+    number of one another driver left running. Optuna has no public way to annotate a trial
+    this process did not ask for, so that case goes through its storage: the reason stays on
+    the trial, where optuna-dashboard and every reader look for it."""
+    attrs = {FAIL_REASON: reason, **({REQUEUED: True} if requeue else {})}
+    if isinstance(trial, optuna.Trial):
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        number, params, user_attrs = trial.number, trial.params, trial.user_attrs
+    else:
+        frozen = study.get_trials(deepcopy=False)[trial]
+        storage = study._storage  # noqa: SLF001 - see above
+        for key, value in attrs.items():
+            storage.set_trial_user_attr(frozen._trial_id, key, value)  # noqa: SLF001
+        number, params, user_attrs = frozen.number, frozen.params, frozen.user_attrs
     study.tell(number, state=TrialState.FAIL)
-    if requeue and trial.params:
+    if requeue and params:
         kept = (BASELINE, PREDICTED_DISTORTION, PREDICTED_LATENCY)
-        attrs = {k: v for k, v in trial.user_attrs.items() if k in kept}
-        study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": number})
+        attrs = {k: v for k, v in user_attrs.items() if k in kept}
+        study.enqueue_trial(params, user_attrs={**attrs, "retry_of": number})
 
 
 def recover_interrupted(study: optuna.Study) -> list[int]:

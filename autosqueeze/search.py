@@ -500,8 +500,8 @@ def _loop(
         if isinstance(stop, Terminated):
             by = signal.SIGTERM
         why = "by SIGTERM" if by == signal.SIGTERM else "by the user (Ctrl-C)"
-        for number in asked:  # submitted or only just asked: none is left RUNNING
-            fail_trial(study, number, f"interrupted {why}", requeue=True)
+        for trial in asked.values():  # submitted or only just asked: none is left RUNNING
+            fail_trial(study, trial, f"interrupted {why}", requeue=True)
         return ran, by
     finally:
         bar.close()
@@ -605,7 +605,7 @@ def _tell(
         trial.set_user_attr("worker", outcome.worker)
     got = outcome.measurements
     if got is None:
-        fail_trial(study, trial.number, outcome.error or "unknown failure")
+        fail_trial(study, trial, outcome.error or "unknown failure")
         return
     if got.reference_latency_ms:
         timings.append(got.reference_latency_ms)
