@@ -300,6 +300,8 @@ def _invalid(record: dict[str, Any]) -> str | None:
         if op == JournalOperation.CREATE_STUDY:
             if not record["directions"] or any(d not in (1, 2) for d in record["directions"]):
                 return "op_code 0: bad directions"
+        elif op == JournalOperation.DELETE_STUDY:  # what a foreign line adds, it cannot take
+            return "op_code 1: autosqueeze never deletes a study (remove the file to start over)"
         elif op == JournalOperation.CREATE_TRIAL:
             return _invalid_trial(record)
         elif op == JournalOperation.SET_TRIAL_PARAM:

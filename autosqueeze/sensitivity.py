@@ -333,9 +333,9 @@ def measure_sensitivity(
 
     With ``stop_drop``, a knob whose harm grows with its strength (bits, prune, rank,
     channels) is probed on each layer weakest value first, in waves across the layers, and
-    a layer's stronger values are skipped once one loses more than ``stop_drop`` (or
-    fails): they would only lose more. On a model of many sensitive layers that is most of
-    the probes."""
+    a layer's stronger values are skipped once one loses more than ``stop_drop``: they
+    would only lose more. (A probe that fails says nothing of the next: a crash or a
+    timeout is not a loss.)"""
     wanted = {BASE: probe_plan(space, None)} | {
         p.key: probe_plan(space, p) for p in probes_of(space)
     }
@@ -443,21 +443,19 @@ def _next_wave(
     stop_drop: float | None,
 ) -> dict[str, Plan]:
     """The first probe each chain still lacks; a chain whose last probed value broke the
-    model (lost more than ``stop_drop``, or failed) has the rest marked skipped instead."""
+    model (lost more than ``stop_drop``) has the rest marked skipped instead."""
     wave = {}
     for chain in chains:
         for i, key in enumerate(chain):
             if not table.done(key):
                 wave[key] = wanted[key]
                 break
-            broke = key in table.failed or (
-                stop_drop is not None and table.drops.get(key, 0.0) > stop_drop
-            )
-            if broke and key not in table.skipped:
-                why = "failed" if key in table.failed else f"lost {table.drops[key]:.4g}"
+            broke = stop_drop is not None and table.drops.get(key, 0.0) > stop_drop
+            if broke:
+                lost = f"lost {table.drops[key]:.4g}"
                 for rest in chain[i + 1 :]:
                     if not table.done(rest):
-                        table.skipped[rest] = f"not probed: the weaker {_value_of(key)} {why}"
+                        table.skipped[rest] = f"not probed: the weaker {_value_of(key)} {lost}"
                 break
     return wave
 

@@ -161,6 +161,17 @@ def test_any_inserted_line_is_replayed_or_skipped_never_fatal(
     assert diagnose(path).healthy and _trials(path) == trials
 
 
+def test_a_foreign_line_that_would_delete_the_study_is_skipped(tmp_path_factory, real_journal):
+    """Found by the fuzz test above: Optuna replays a delete-study record, and every later
+    reader lost the study. autosqueeze never deletes a study, so such a line is foreign."""
+    path = tmp_path_factory.mktemp("delete") / "study.log"
+    lines = real_journal.splitlines(keepends=True)
+    lines.insert(1, b'{"op_code": 1, "worker_id": "", "study_id": 0}\n')
+    path.write_bytes(b"".join(lines))
+    assert len(_trials(path)) >= 6
+    assert any("never deletes a study" in s.why for s in diagnose(path).skipped)
+
+
 WRITER = """
 import json, sys
 from autosqueeze.journal import JournalWriter
