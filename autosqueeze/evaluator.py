@@ -230,8 +230,8 @@ class Evaluator:
         config = self.task.config
         found = {}
         for objective in extra_objectives():
-            budgeted = objective.budget and getattr(config.budgets, objective.budget, None)
-            if objective.name not in config.objectives and budgeted is None:
+            budgeted = objective.limit(config.budgets, None) is not None
+            if objective.name not in config.objectives and not budgeted:
                 continue
             with clock(objective.name):
                 value = float(objective.measure(model, self.task))  # type: ignore[misc]

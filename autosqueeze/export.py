@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from autosqueeze.kernels import KERNELS
+from autosqueeze.metrics import call_arguments
 from autosqueeze.nested import map_leaves
 from autosqueeze.plan import Plan
 from autosqueeze.task import batch_of, samples_in
@@ -57,29 +57,20 @@ def _traced(model: nn.Module, example_input: Any) -> tuple[torch.export.Exported
     is specialized), else at the example's own batch."""
     held = samples_in(example_input)
     wider = batch_of(example_input, max(2, held))
-    args, kwargs = _arguments(wider)
+    args, kwargs = call_arguments(wider)
     try:
         free = torch.export.Dim.AUTO
         shapes = _batch_shapes(args, kwargs, free)
         with torch.no_grad():
             program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes)
-            own_args, own_kwargs = _arguments(example_input)
+            own_args, own_kwargs = call_arguments(example_input)
             program.module()(*own_args, **own_kwargs)  # the example's own batch still runs
         return program, "the program takes any batch size"
     except Exception:  # a model whose code fixes the batch: trace it as the example has it
-        args, kwargs = _arguments(example_input)
+        args, kwargs = call_arguments(example_input)
         with torch.no_grad():
             program = torch.export.export(model, args, kwargs)
         return program, f"the program takes batches of {held}, as the example input"
-
-
-def _arguments(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """A batch as ``call_model`` passes it: a mapping as keywords, a tuple as arguments."""
-    if isinstance(inputs, Mapping):
-        return (), dict(inputs)
-    if isinstance(inputs, (tuple, list)):
-        return tuple(inputs), {}
-    return (inputs,), {}
 
 
 def _batch_shapes(args: tuple[Any, ...], kwargs: dict[str, Any], free: Any) -> Any:

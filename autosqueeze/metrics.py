@@ -24,11 +24,18 @@ Metric = Callable[[nn.Module, Iterable[tuple[Any, Any]], torch.device], float]
 def call_model(model: nn.Module, inputs: Any) -> Any:
     """Run a model on one batch given as a tensor, a tuple of arguments or a mapping of
     keywords (a dict, a tokenizer's ``BatchEncoding``)."""
+    args, kwargs = call_arguments(inputs)
+    return model(*args, **kwargs)
+
+
+def call_arguments(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A batch as the model is called with it: a mapping as keywords, a tuple or list as
+    arguments, anything else as the one argument."""
     if isinstance(inputs, Mapping):
-        return model(**inputs)
+        return (), dict(inputs)
     if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+        return tuple(inputs), {}
+    return (inputs,), {}
 
 
 def to_device(value: Any, device: torch.device) -> Any:

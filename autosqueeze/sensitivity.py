@@ -351,10 +351,12 @@ def measure_sensitivity(
     results: dict[str, float] = {}
     start = last_save = time.monotonic()
 
+    def settled(key: str) -> bool:  # timed, or never to be (failed, skipped, no timing)
+        parts = (table.speeds, table.untimed, table.skipped, table.failed)
+        return any(key in part for part in parts)
+
     def count_done() -> int:
-        measured = sum(1 for k in wanted if table.done(k))
-        timed = sum(1 for k in timed_keys if k in table.speeds | table.untimed | table.skipped)
-        return measured + timed
+        return sum(map(table.done, wanted)) + sum(map(settled, timed_keys))
 
     def record(key: str, got: ProbeResult) -> None:
         if got.error is not None or got.metric is None or not math.isfinite(got.metric):
@@ -395,11 +397,7 @@ def measure_sensitivity(
         while wave:
             step(run(wave), record)
             wave = _next_wave(chains, table, wanted, stop_drop)
-        untimed = {
-            k: wanted[k]
-            for k in timed_keys
-            if k not in table.speeds | table.untimed | table.skipped | table.failed
-        }
+        untimed = {k: wanted[k] for k in timed_keys if not settled(k)}
         if untimed and timings is not None:
             step(timings(untimed), record_timing)
         if progress:
