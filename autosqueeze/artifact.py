@@ -208,8 +208,11 @@ def _checked_contents(
             raise ValueError("its encodings are not a mapping")
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{where}: its plan or encodings are malformed: {exc}") from None
-    if _DIGEST in metadata and metadata[_DIGEST] != _digest(tensors):
-        raise ValueError(f"{where}: its contents do not match their SHA-256 (damaged in transit?)")
+    if metadata.get(_DIGEST) != _digest(tensors):  # a renamed or dropped digest too
+        raise ValueError(
+            f"{where}: its contents do not match their SHA-256, or it has none (damaged in "
+            "transit?)"
+        )
     parts: dict[str, dict[str, torch.Tensor]] = {key: {} for key in encodings}
     for name, tensor in tensors.items():
         key, _, part = name.partition(_SEP)

@@ -112,3 +112,20 @@ def test_every_forged_or_corrupt_artifact_exits_2_naming_the_file(tmp_path, arti
     for odd in (folder, fifo, endless):
         assert main(["evaluate", str(config), "--artifact", str(odd)]) == 2
         assert f"{odd} is not a regular file" in capsys.readouterr().err
+
+
+def test_an_artifact_whose_digest_key_is_renamed_is_refused(tmp_path):
+    """Found by the fuzz test: one flipped bit turned "sha256" into "rha256", and an
+    artifact without its digest used to load unchecked."""
+    from autosqueeze.artifact import load_artifact, save_artifact
+    from autosqueeze.examples.digits import pretrained_cnn
+    from autosqueeze.plan import Plan
+    from autosqueeze.techniques import compress
+
+    path = tmp_path / "m.safetensors"
+    save_artifact(compress(pretrained_cnn(), Plan.uniform(["classifier.1"], bits=4)), path)
+    data = path.read_bytes()
+    assert b'"sha256"' in data
+    path.write_bytes(data.replace(b'"sha256"', b'"rha256"', 1))
+    with pytest.raises(ValueError, match="SHA-256"):
+        load_artifact(path, pretrained_cnn())
