@@ -23,6 +23,7 @@ class LayerPlan:
     rank: float = 1.0  # kept fraction of the full rank after SVD; 1.0 = no factorization
     group_size: int | None = None  # weights per quantization scale; None = one per output row
     prune_channels: float = 0.0  # fraction of output channels/neurons removed (structured)
+    prune_heads: float = 0.0  # fraction of an attention block's heads removed (structured)
     kernel: str = "fp32"  # execution form once loaded (autosqueeze.kernels)
     # the knobs of techniques registered from outside the package (``techniques.register``);
     # read as attributes like the fields above, stored beside them in the plan's JSON
@@ -122,6 +123,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "rank": (float, int),
     "group_size": (int, type(None)),
     "prune_channels": (float, int),
+    "prune_heads": (float, int),
     "kernel": (str,),
 }
 _EXTRA_TYPES: tuple[type, ...] = (float, int, str)  # a registered technique's: number or name

@@ -159,7 +159,7 @@ def test_a_failing_analysis_withholds_its_knob_and_validate_says_why(tmp_path, c
     assert main(["validate", str(path)]) == 0
     out = capsys.readouterr().out
     conv = next(line for line in out.splitlines() if line.startswith("conv "))
-    assert "bits" in conv and "prune_channels: " in conv and "Torch-Pruning cannot trace" in conv
+    assert "bits" in conv and "prune_channels: " in conv and "Torch-Pruning cannot analyse" in conv
     assert "parameters (100%)" in out
     assert main(["search", str(path), "--no-progress"]) == 0  # and the study goes on
 

@@ -12,7 +12,7 @@ from autosqueeze.techniques.prune import prune_by_magnitude
 
 
 def test_techniques_apply_in_the_documented_order():
-    assert list(TECHNIQUES) == ["prune_channels", "rank", "prune", "bits", "kernel"]
+    assert list(TECHNIQUES) == ["prune_channels", "prune_heads", "rank", "prune", "bits", "kernel"]
 
 
 def test_linear_factorization_shapes_and_exact_reconstruction_at_full_rank():
