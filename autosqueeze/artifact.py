@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -21,7 +22,15 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as serialize
 from torch import nn
 
-from autosqueeze.codecs import FLOAT_BITS, Encoded, TensorCodec, check_encoding, decode, encode
+from autosqueeze.codecs import (
+    FLOAT_BITS,
+    Encoded,
+    TensorCodec,
+    check_encoding,
+    decode,
+    encode,
+    integers,
+)
 from autosqueeze.content_cache import ContentCache, content_key
 from autosqueeze.plan import Plan
 from autosqueeze.techniques import CompressedModel, Target, check_plan, deploy, rebuild
@@ -171,11 +180,17 @@ def read_plan(path: str | Path) -> Plan:
 
 
 def load_artifact(
-    source: str | Path | bytes, model: nn.Module, target: Target | None = None
+    source: str | Path | bytes,
+    model: nn.Module,
+    target: Target | None = None,
+    *,
+    execution_form: bool = True,
 ) -> nn.Module:
     """Load an artifact (a file, or its bytes) into ``model`` (a fresh instance from the
-    factory; changed in place) and return it on ``target``'s device in its execution form.
-    A plan with structured pruning needs ``target.example_input`` to trace the model."""
+    factory; changed in place) and return it on ``target``'s device in its execution form
+    (or, without ``execution_form``, as torch's own layers holding the decoded weights: what
+    a format with kernels of its own starts from). A plan with structured pruning needs
+    ``target.example_input`` to trace the model."""
     target = target or Target()
     where = "the artifact" if isinstance(source, bytes) else source
     metadata, tensors = _read(source)
@@ -192,7 +207,26 @@ def load_artifact(
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as exc:
         raise ValueError(f"{where} does not fit this model: {str(exc).splitlines()[0]}") from None
-    return deploy(model.eval().to(target.device), plan)
+    model = model.eval().to(target.device)
+    return deploy(model, plan) if execution_form else model
+
+
+def stored_integers(
+    source: str | Path | bytes,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, int | None]]:
+    """Per state-dict key stored as integers: its values (int8-held, the tensor's shape), its
+    fp16 scales (rows, groups) and its group size, exactly as the artifact holds them (the
+    file checked first, as ``load_artifact`` does)."""
+    metadata, tensors = _read(source)
+    where = "the artifact" if isinstance(source, bytes) else source
+    _checked_contents(metadata, tensors, where)
+    encodings = json.loads(metadata["encodings"])
+    parts = _parts(tensors, encodings, where)
+    return {
+        key: (*integers(parts[key], meta), meta["group_size"])
+        for key, meta in encodings.items()
+        if str(meta["codec"]).startswith("int")
+    }
 
 
 def _checked_contents(
@@ -213,12 +247,7 @@ def _checked_contents(
             f"{where}: its contents do not match their SHA-256, or it has none (damaged in "
             "transit?)"
         )
-    parts: dict[str, dict[str, torch.Tensor]] = {key: {} for key in encodings}
-    for name, tensor in tensors.items():
-        key, _, part = name.partition(_SEP)
-        if key not in parts:
-            raise ValueError(f"{where}: tensor {name!r} is not described by its encodings")
-        parts[key][part] = tensor
+    parts = _parts(tensors, encodings, where)
     state = {}
     for key, meta in encodings.items():
         try:
@@ -227,6 +256,19 @@ def _checked_contents(
         except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
             raise ValueError(f"{where}: tensor {key!r} is malformed: {exc}") from None
     return plan, state
+
+
+def _parts(
+    tensors: dict[str, torch.Tensor], encodings: dict[str, Any], where: object
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The stored tensors by the state-dict key they encode (``<key>::<part>``)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {key: {} for key in encodings}
+    for name, tensor in tensors.items():
+        key, _, part = name.partition(_SEP)
+        if key not in parts:
+            raise ValueError(f"{where}: tensor {name!r} is not described by its encodings")
+        parts[key][part] = tensor
+    return parts
 
 
 def _ties(metadata: dict[str, str], encodings: dict[str, object], where: object) -> dict[str, str]:

@@ -140,20 +140,36 @@ def _parser() -> argparse.ArgumentParser:
         "export",
         _export,
         "Write any trial's compressed model to a file: its artifact (the search's file, "
-        "loaded with autosqueeze and the model factory) or a torch.export program that plain "
-        "PyTorch runs (torch.export.load(path).module()).",
+        "loaded with autosqueeze and the model factory), a torch.export program that plain "
+        "PyTorch runs (torch.export.load(path).module()), or an ONNX model that ONNX Runtime "
+        "runs (integer weights kept as integers).",
     )
     p.add_argument("--trial", type=int, required=True, help="the trial number")
     p.add_argument("-o", "--output", type=Path, required=True, help="where to write it")
     p.add_argument(
         "--format",
-        choices=("artifact", "pt2"),
+        choices=("artifact", "pt2", "onnx"),
         default="artifact",
-        help="artifact (default: .safetensors, the bytes the search measured) or pt2 (the "
-        "deployed model as a torch.export program; weights held as the kernels run them)",
+        help="artifact (default: .safetensors, the bytes the search measured), pt2 (the "
+        "deployed model as a torch.export program; weights held as the kernels run them) or "
+        "onnx (opset 21: integer weights as int8/int4 with DequantizeLinear, run in fp32; "
+        "checked in ONNX Runtime before it is written; needs pip install onnx onnxruntime "
+        "onnxscript)",
     )
-    p = command("evaluate", _evaluate, "Measure an artifact: metric, size on disk, latency.")
-    p.add_argument("--artifact", type=Path, required=True, help="an exported artifact")
+    p = command(
+        "evaluate",
+        _evaluate,
+        "Measure an artifact or an exported ONNX model: metric, size on disk, latency beside "
+        "the original.",
+    )
+    p.add_argument(
+        "--artifact",
+        type=Path,
+        required=True,
+        help="an exported artifact (.safetensors), or an ONNX model (.onnx, measured in ONNX "
+        "Runtime on the CPU). A .pt2 program is not loaded: torch.export.load unpickles it "
+        "(SECURITY.md)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p = command("validate", _validate, "Check a config, its model factory and data; no search.")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -339,8 +355,10 @@ def _export(args: argparse.Namespace) -> int:
     task = load_task(config)
     evaluator = Evaluator(task)
     try:
-        if args.format == "pt2":
-            return _export_program(task, evaluator.artifact(record.plan), record, args.output)
+        if args.format != "artifact":
+            return _export_as(
+                args.format, task, evaluator.artifact(record.plan), record, args.output
+            )
         size = evaluator.build(record.plan, args.output)
     except OSError as exc:
         raise UserError(f"-o/--output: cannot write {args.output}: {exc.strerror or exc}") from None
@@ -352,37 +370,60 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_program(task: Task, artifact: bytes, record: TrialRecord, output: Path) -> int:
-    """``export --format pt2``: the trial's artifact loaded as the search measured it, then
-    traced and written as a program."""
+def _export_as(form: str, task: Task, artifact: bytes, record: TrialRecord, output: Path) -> int:
+    """``export --format pt2|onnx``: the trial's artifact loaded as the search measured it
+    (for ONNX: as torch's own layers, its integers kept aside), then traced and written."""
     import copy
 
-    from autosqueeze.artifact import load_artifact
-    from autosqueeze.export import export_program
+    from autosqueeze.artifact import load_artifact, stored_integers
+    from autosqueeze.export import export_onnx, export_program
 
     if not output.parent.is_dir():
         raise UserError(f"-o/--output: cannot write {output}: {output.parent} is not a folder")
-    model = load_artifact(artifact, copy.deepcopy(task.model), task.target)
+    if form == "onnx":
+        _require("onnx", "onnxruntime", "onnxscript", why="--format onnx")
+    model = copy.deepcopy(task.model)
+    tracer = "torch.export" if form == "pt2" else "torch.onnx"
     try:
-        notes = export_program(model, record.plan, task.example_input, output)
+        if form == "pt2":
+            model = load_artifact(artifact, model, task.target)
+            notes = export_program(model, record.plan, task.example_input, output)
+        else:
+            model = load_artifact(artifact, model, task.target, execution_form=False)
+            integers = stored_integers(artifact)
+            notes = export_onnx(model, record.plan, integers, task.example_input, output)
     except ValueError as exc:
-        raise UserError(f"--format pt2: trial {record.number}: {exc}") from None
+        raise UserError(f"--format {form}: trial {record.number}: {exc}") from None
     except OSError:
         raise
-    except Exception as exc:  # torch.export's own refusal of the model's code
+    except Exception as exc:  # the tracer's own refusal of the model's code
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise UserError(
-            f"--format pt2: torch.export cannot trace trial {record.number}'s model: "
+            f"--format {form}: {tracer} cannot trace trial {record.number}'s model: "
             f"{type(exc).__name__}: {first[:300]}; ship its artifact (--format artifact)"
         ) from None
     size = output.stat().st_size
+    how = (
+        "torch.export.load(path).module()"
+        if form == "pt2"
+        else "onnxruntime.InferenceSession(path)"
+    )
     print(
         f"Wrote {output} ({size:,} bytes; the artifact: {len(artifact):,}) from trial "
-        f"{record.number} ({record.state}). Load it with torch.export.load(path).module()."
+        f"{record.number} ({record.state}). Load it with {how}."
     )
     for note in notes:
         print(f"  {note}")
     return 0
+
+
+def _require(*modules: str, why: str) -> None:
+    """A UserError naming what to install when an optional package is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"{why} needs {', '.join(missing)}: pip install {' '.join(missing)}")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -415,7 +456,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         f"speedup: {got.speedup:.2f}x  (over the original model, timed in interleaved rounds "
         f"beside it: {got.reference_latency_ms:.4f} ms; rounds agree within "
         f"{got.timing_spread:.0%}, {got.timing_attempts} timing(s))\n"
-        f"memory_mb: {got.memory_mb:.3f}  (peak of one forward, weights included)"
+        + (
+            f"memory_mb: {got.memory_mb:.3f}  (peak of one forward, weights included)"
+            if got.memory_mb is not None
+            else "memory_mb: not measured (ONNX Runtime's allocations are its own)"
+        )
     )
     if at_study is not None:
         print(

@@ -201,28 +201,40 @@ def _expect(
 
 def decode(parts: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor:
     """The fp32 tensor an encoding stands for (raw tensors come back unchanged)."""
-    shape = meta["shape"]
-    n = math.prod(shape)
     codec = meta["codec"]
     if codec == "raw":
         return parts[""]
-    mask = _unpack_mask(parts["mask"], n) if meta["layout"] == "bitmap" else None
     if codec.startswith("fp"):
-        values = parts["values" if mask is not None else ""].float().flatten()
+        shape = meta["shape"]
+        n = math.prod(shape)
+        if meta["layout"] != "bitmap":
+            return parts[""].float().reshape(shape)
+        full = torch.zeros(n, dtype=torch.float32)
+        full[_unpack_mask(parts["mask"], n)] = parts["values"].float()
+        return full.reshape(shape)
+    q, scale = integers(parts, meta)
+    return dequantize(q, scale, meta["group_size"])
+
+
+def integers(
+    parts: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An integer encoding's values (int8-held, in [-qmax, qmax], the tensor's shape) and its
+    fp16 scales (rows, groups): what ``decode`` multiplies, for a format that stores both
+    (ONNX's ``DequantizeLinear``)."""
+    shape = meta["shape"]
+    n = math.prod(shape)
+    bits = int(meta["codec"][3:])
+    if meta["layout"] == "coded":
+        unsigned = _split(_unhuffman(parts["q"], -(-n // _per_byte(bits))), bits, n)
     else:
-        bits = int(codec[3:])
-        if meta["layout"] == "coded":
-            unsigned = _split(_unhuffman(parts["q"], -(-n // _per_byte(bits))), bits, n)
-        else:
-            unsigned = _unpack(parts["q"], bits, meta["count"])
-        values = unsigned.to(torch.int16) - _qmax(bits)
-    if mask is not None:
-        full = torch.zeros(n, dtype=values.dtype)
-        full[mask] = values
+        unsigned = _unpack(parts["q"], bits, meta["count"])
+    values = (unsigned.to(torch.int16) - _qmax(bits)).to(torch.int8)
+    if meta["layout"] == "bitmap":
+        full = torch.zeros(n, dtype=torch.int8)
+        full[_unpack_mask(parts["mask"], n)] = values
         values = full
-    if codec.startswith("fp"):
-        return values.reshape(shape)
-    return dequantize(values.reshape(shape), parts["scale"], meta["group_size"])
+    return values.reshape(shape), parts["scale"]
 
 
 def quantize(

@@ -20,6 +20,7 @@ from torch import nn
 from autosqueeze.artifact import artifact_bytes, load_artifact, save_artifact
 from autosqueeze.device_lock import DeviceLock, Held
 from autosqueeze.errors import TrialError
+from autosqueeze.export import OnnxModel
 from autosqueeze.measure import (
     Limits,
     Measurements,
@@ -173,12 +174,15 @@ class Evaluator:
         self, source: Path | bytes, limits: Limits | None = None, clock: _PhaseClock | None = None
     ) -> Measurements:
         """Load an artifact (its file or bytes) and measure it: the metric beside other work,
-        then, unless ``limits`` already rule it out, memory, and latency alone."""
+        then, unless ``limits`` already rule it out, memory, and latency alone. An ``.onnx``
+        file (``export --format onnx``) is measured as ONNX Runtime runs it, on the CPU with
+        the threads the original is timed with; its memory is not measured (ONNX Runtime's
+        allocations are its own)."""
         clock = clock or _PhaseClock()
         size = len(source) if isinstance(source, bytes) else source.stat().st_size
         with self.lock.shared():
             with clock("load"):
-                model = load_artifact(source, copy.deepcopy(self.task.model), self.task.target)
+                model = self._load(source)
             with clock("first_look"):
                 early = self._first_look_stop(model, limits)
             if early is not None:
@@ -192,7 +196,11 @@ class Evaluator:
             if stopped:
                 return Measurements(metric, size, None, stopped=stopped, seconds=clock.seconds)
             with clock("memory"):
-                memory = measure_memory(model, self.task.example_input, self.task.device)
+                memory = (
+                    None
+                    if isinstance(model, OnnxModel)
+                    else measure_memory(model, self.task.example_input, self.task.device)
+                )
             extra = self._measure_extra(model, clock)
         measure = self.task.config.measure
         with self.lock.exclusive(), clock("latency"):
@@ -223,6 +231,13 @@ class Evaluator:
             seconds=clock.seconds,
             extra=extra,
         )
+
+    def _load(self, source: Path | bytes) -> nn.Module:
+        if isinstance(source, Path) and source.suffix == ".onnx":
+            if self.task.device.type != "cpu":
+                raise ValueError("an ONNX file is measured in ONNX Runtime on the CPU only")
+            return OnnxModel(source, threads=self.task.config.measure.threads or 0)
+        return load_artifact(source, copy.deepcopy(self.task.model), self.task.target)
 
     def _measure_extra(self, model: nn.Module, clock: _PhaseClock) -> dict[str, float]:
         """The study's objectives that carry their own ``measure`` (those it optimizes, or

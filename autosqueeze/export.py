@@ -1,4 +1,4 @@
-"""A front model shipped as a ``torch.export`` program (``.pt2``).
+"""A front model shipped as a ``torch.export`` program (``.pt2``) or an ONNX model.
 
 The artifact (``artifact.py``) is the search's file: the smallest bytes, but it loads only
 with autosqueeze, the user's model factory and, for channel-pruned plans, Torch-Pruning. A
@@ -8,14 +8,23 @@ the model returns, such as transformers' ``ModelOutput``, must be importable). I
 are held as the kernels hold them while they run, so a layer stored at fewer bits than its
 kernel uses takes more bytes here; ``export_program`` names each such layer.
 
+An ONNX model (``export_onnx``) is the artifact's weights traced to ONNX operators: each
+weight the artifact stores as integers is stored so here too (int8, or int4 at 4 bits and
+fewer, with fp32 scales per row or per group) and turned back into floats by a
+``DequantizeLinear`` node, so ONNX Runtime (or any ONNX runtime) runs it with no autosqueeze,
+torch or factory. What it runs is the decoded weights in fp32: the plan's kernels are torch's
+and are not carried (ONNX Runtime folds the dequantization once, when it loads the model).
+
 autosqueeze writes programs and never loads one: ``torch.export.load`` unpickles parts of
-the file, so a program is code from whoever made it (SECURITY.md).
+the file, so a program is code from whoever made it (SECURITY.md). An ONNX file is a protobuf
+with no code in it; ``OnnxModel`` runs one in ONNX Runtime.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +32,11 @@ import torch
 from torch import nn
 
 from autosqueeze.kernels import KERNELS
-from autosqueeze.metrics import call_arguments
+from autosqueeze.metrics import call_arguments, call_model
 from autosqueeze.nested import map_leaves
 from autosqueeze.plan import Plan
+from autosqueeze.quiet import STDERR, STDOUT, silenced
+from autosqueeze.recovery import floating_tensors
 from autosqueeze.task import batch_of, samples_in
 
 
@@ -95,4 +106,180 @@ def _widened(plan: Plan) -> list[str]:
     return notes
 
 
-__all__ = ["export_program"]
+def export_onnx(
+    model: nn.Module,
+    plan: Plan,
+    integers: dict[str, tuple[torch.Tensor, torch.Tensor, int | None]],
+    example_input: Any,
+    path: Path,
+) -> list[str]:
+    """Trace ``model`` (the artifact loaded as torch's own layers, ``execution_form=False``)
+    to ONNX, store each weight of ``integers`` (``artifact.stored_integers``) at its integer
+    width, check that ONNX Runtime runs the file and computes what ``model`` does, and write
+    it to ``path`` (whole or not at all). Returns notes for the user."""
+    import onnx
+
+    proto, batch_note = _onnx_traced(model.eval(), example_input)
+    stored = _store_integers(proto, integers)
+    onnx.checker.check_model(proto)
+    partial = path.with_name(f".{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.onnx")
+    try:
+        onnx.save_model(proto, partial)
+        _check_runs_alike(partial, model, example_input)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    carried = sorted({lp.kernel for lp in plan.layers.values()} - {"fp32"})
+    notes = [batch_note, f"{stored} weights stored as integers (DequantizeLinear)"]
+    if carried:
+        notes.append(
+            f"the kernels {', '.join(carried)} are torch's and not carried: ONNX Runtime runs "
+            "the decoded weights in fp32"
+        )
+    return notes
+
+
+ONNX_OPSET = 21  # DequantizeLinear with int4 and per-block scales
+
+
+def _onnx_traced(model: nn.Module, example_input: Any) -> tuple[Any, str]:
+    """The ONNX model with a free batch dimension where the model allows it (as ``_traced``)."""
+    held = samples_in(example_input)
+    with torch.no_grad(), silenced(STDOUT), silenced(STDERR), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's progress and deprecation notes
+        try:
+            args, kwargs = call_arguments(batch_of(example_input, max(2, held)))
+            shapes = _batch_shapes(args, kwargs, torch.export.Dim.AUTO)
+            program = torch.onnx.export(
+                model,
+                args,
+                kwargs=kwargs,
+                dynamic_shapes=shapes,
+                dynamo=True,
+                opset_version=ONNX_OPSET,
+                verbose=False,
+            )
+            note = "the model takes any batch size"
+        except Exception:  # a model whose code fixes the batch: trace it as the example has it
+            args, kwargs = call_arguments(example_input)
+            program = torch.onnx.export(
+                model, args, kwargs=kwargs, dynamo=True, opset_version=ONNX_OPSET, verbose=False
+            )
+            note = f"the model takes batches of {held}, as the example input"
+    return program.model_proto, note
+
+
+def _store_integers(
+    proto: Any, integers: dict[str, tuple[torch.Tensor, torch.Tensor, int | None]]
+) -> int:
+    """Replace each float initializer the artifact stores as integers by its integers, its
+    scales and a DequantizeLinear (then a Reshape back, for a convolution's kernel): the
+    values are the artifact's own, so the weights ONNX computes are the ones torch loads.
+    Returns how many were replaced (a weight the exporter folded into another stays fp32)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    initializers = {init.name: init for init in graph.initializer}
+    nodes = []
+    for key, (q, scale, group_size) in sorted(integers.items()):
+        init = initializers.get(key)
+        if init is None or list(init.dims) != list(q.shape):
+            continue
+        rows = q.reshape(q.shape[0], -1)
+        width = rows.shape[1]
+        narrow = int(rows.abs().max()) <= 7  # fits int4: stored in half the bytes
+        values = helper.make_tensor(
+            f"{key}::q",
+            TensorProto.INT4 if narrow else TensorProto.INT8,
+            list(rows.shape),
+            rows.flatten().tolist() if narrow else numpy_helper.from_array(rows.numpy()).raw_data,
+            raw=not narrow,
+        )
+        per_group = group_size is not None and group_size < width
+        scales = scale.float().reshape(rows.shape[0], -1) if per_group else scale.float().flatten()
+        attributes = {"axis": 1, "block_size": group_size} if per_group else {"axis": 0}
+        flat = key if q.dim() == 2 else f"{key}::2d"
+        nodes.append(
+            helper.make_node(
+                "DequantizeLinear", [values.name, f"{key}::scale"], [flat], **attributes
+            )
+        )
+        graph.initializer.remove(init)
+        graph.initializer.extend([values, numpy_helper.from_array(scales.numpy(), f"{key}::scale")])
+        if q.dim() != 2:
+            shape = numpy_helper.from_array(
+                torch.tensor(list(q.shape), dtype=torch.int64).numpy(), f"{key}::shape"
+            )
+            graph.initializer.append(shape)
+            nodes.append(helper.make_node("Reshape", [flat, shape.name], [key]))
+    for node in reversed(nodes):
+        graph.node.insert(0, node)
+    return len([n for n in nodes if n.op_type == "DequantizeLinear"])
+
+
+def _check_runs_alike(path: Path, model: nn.Module, example_input: Any) -> None:
+    """ONNX Runtime loads the file and its outputs match ``model``'s (fp32 rounding apart)."""
+    ran = OnnxModel(path)
+    with torch.inference_mode():
+        want = floating_tensors(call_model(model, example_input))
+        got = floating_tensors(call_model(ran, example_input))
+    if len(want) != len(got) or not all(
+        w.shape == g.shape
+        and torch.allclose(w, g, rtol=1e-3, atol=1e-4 * (1 + float(w.abs().max())))
+        for w, g in zip(want, got, strict=True)
+    ):
+        raise ValueError("ONNX Runtime's outputs differ from the model's")
+
+
+class OnnxModel(nn.Module):
+    """An ONNX file run in ONNX Runtime, called like the torch model it came from (the same
+    positional and keyword inputs; tensors out, one or a tuple), so metrics and timings take
+    it as they take the model. ``threads``: ONNX Runtime's intra-op threads (0: its default,
+    every core)."""
+
+    def __init__(self, path: Path, threads: int = 1) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        _refuse_external_data(path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        given = dict(zip(self.inputs, args)) | kwargs
+        feed = {
+            name: value.detach().cpu().numpy()
+            for name, value in given.items()
+            if name in self.inputs and isinstance(value, torch.Tensor)
+        }
+        outputs = [torch.from_numpy(o) for o in self.session.run(None, feed)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def _refuse_external_data(path: Path) -> None:
+    """An ONNX file can point its tensors at other files by path; one from someone else
+    would have ONNX Runtime read whatever it names. autosqueeze writes single files and
+    runs only those."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's parse errors vary
+        raise ValueError(f"{path} is not a readable ONNX model: {exc}") from None
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        tensors = list(graph.initializer)
+        for node in graph.node:
+            for attribute in node.attribute:
+                tensors += [attribute.t, *attribute.tensors]
+                graphs += [attribute.g, *attribute.graphs]
+        for tensor in tensors:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                raise ValueError(f"{path}: tensor {tensor.name!r} points at data outside the file")
+
+
+__all__ = ["OnnxModel", "export_onnx", "export_program"]

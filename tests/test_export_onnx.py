@@ -1,0 +1,187 @@
+"""``export --format onnx``: a front model as an ONNX file that ONNX Runtime runs without
+torch, autosqueeze or the model factory, its integer weights stored as integers, giving the
+artifact's outputs; ``evaluate`` measures the file in ONNX Runtime."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import study_config, write_yaml
+
+from autosqueeze.artifact import artifact_bytes, load_artifact, stored_integers
+from autosqueeze.cli import main
+from autosqueeze.examples.digits import example_input, loaders, pretrained_cnn
+from autosqueeze.export import export_onnx
+from autosqueeze.plan import LayerPlan, Plan
+from autosqueeze.techniques import Target, compress
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+PLANS = {
+    "int8": {"features.0": LayerPlan(bits=8), "classifier.3": LayerPlan(bits=8)},
+    "int4-groups": {"features.2": LayerPlan(bits=4, group_size=32)},  # a conv, grouped
+    "int6-pruned-bf16": {"features.5": LayerPlan(bits=6, prune=0.5, kernel="bf16")},
+    "int4_weight_only": {
+        "classifier.1": LayerPlan(bits=4, group_size=64, kernel="int4_weight_only")
+    },
+    "int8_dynamic": {"classifier.1": LayerPlan(bits=8, kernel="int8_dynamic")},
+    "int8_weight_only": {"classifier.1": LayerPlan(bits=8, kernel="int8_weight_only")},
+    "channels": {"features.2": LayerPlan(bits=8, prune_channels=0.5), "classifier.1": LayerPlan()},
+    "rank": {"classifier.1": LayerPlan(bits=8, rank=0.25)},
+}
+
+RUN_WITHOUT_TORCH = textwrap.dedent(
+    """
+    import sys
+    for name in ("torch", "autosqueeze", "torch_pruning", "transformers"):
+        sys.modules[name] = None  # importing them now fails: the file must not need them
+    import numpy as np
+    import onnxruntime as ort
+    inputs = np.load(sys.argv[1], allow_pickle=False)
+    outputs = {}
+    for name in sys.argv[3:]:
+        session = ort.InferenceSession(name + ".onnx", providers=["CPUExecutionProvider"])
+        for key in inputs.files:
+            feed = {i.name: inputs[f"{key}"] for i in session.get_inputs()}
+            outputs[f"{name}/{key}"] = session.run(None, feed)[0]
+    np.savez(sys.argv[2], **outputs)
+    """
+)
+
+
+def _run_elsewhere(tmp_path, names: list[str], batches: dict[str, np.ndarray]) -> dict:
+    """Each ONNX file run on each batch in a fresh interpreter that cannot import torch."""
+    np.savez(tmp_path / "in.npz", **batches)
+    (tmp_path / "run.py").write_text(RUN_WITHOUT_TORCH)
+    subprocess.run(
+        [sys.executable, "-I", "run.py", "in.npz", "out.npz", *names], check=True, cwd=tmp_path
+    )
+    return dict(np.load(tmp_path / "out.npz"))
+
+
+def test_every_plan_exports_its_integers_and_runs_without_torch(tmp_path):
+    x = example_input()
+    bigger = loaders()[0][0][:5]
+    expected = {}
+    for name, layers in PLANS.items():
+        plan = Plan(layers)
+        data = artifact_bytes(compress(pretrained_cnn(), plan, Target("cpu", x)))
+        loaded = load_artifact(data, pretrained_cnn(), Target("cpu", x), execution_form=False)
+        notes = export_onnx(loaded, plan, stored_integers(data), x, tmp_path / f"{name}.onnx")
+        assert notes[0] == "the model takes any batch size"
+        with torch.no_grad():
+            expected[name] = {"one": loaded(x), "five": loaded(bigger)}
+        stored = {
+            init.name: init.data_type
+            for init in onnx.load(tmp_path / f"{name}.onnx").graph.initializer
+        }
+        for layer, lp in layers.items():
+            if lp.bits < 32 and not lp.rank < 1:  # stored at its width, not as floats
+                kind = onnx.TensorProto.INT4 if lp.bits <= 4 else onnx.TensorProto.INT8
+                assert stored[f"{layer}.weight::q"] == kind, name
+                assert f"{layer}.weight" not in stored
+    got = _run_elsewhere(tmp_path, list(PLANS), {"one": x.numpy(), "five": bigger.numpy()})
+    for name in PLANS:
+        for key, want in expected[name].items():
+            have = torch.from_numpy(got[f"{name}/{key}"])
+            assert have.shape == want.shape
+            assert (have - want).abs().max() <= 1e-4 * want.abs().max(), name
+
+
+def test_a_head_pruned_transformers_model_exports_with_keyword_inputs(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=300,
+    )
+    model = BertModel(config, add_pooling_layer=False).eval()
+    batch = {
+        "input_ids": torch.randint(0, 300, (4, 12)),
+        "attention_mask": torch.ones(4, 12, dtype=torch.long),
+    }
+    plan = Plan(
+        {
+            "encoder.layer.0.attention.self.query": LayerPlan(prune_heads=0.5, bits=4),
+            "encoder.layer.1.intermediate.dense": LayerPlan(bits=8, group_size=32),
+            "embeddings.word_embeddings": LayerPlan(bits=8),
+        }
+    )
+    target = Target("cpu", batch)
+    data = artifact_bytes(compress(model, plan, target))
+    loaded = load_artifact(data, copy.deepcopy(model), target, execution_form=False)
+    export_onnx(loaded, plan, stored_integers(data), batch, tmp_path / "bert.onnx")
+    from autosqueeze.export import OnnxModel
+
+    two = {k: v[:2] for k, v in batch.items()}
+    with torch.no_grad():
+        want = loaded(**two).last_hidden_state
+        have = OnnxModel(tmp_path / "bert.onnx")(**two)
+        have = have[0] if isinstance(have, tuple) else have
+    assert (have - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_export_onnx_and_evaluate_it_from_the_cli(tmp_path, capsys):
+    config = write_yaml(tmp_path / "study.yaml", study_config(tmp_path, search={"trials": 3}))
+    assert main(["search", str(config), "--no-progress"]) == 0
+    capsys.readouterr()
+    out_path = tmp_path / "model.onnx"
+    assert (
+        main(["export", str(config), "--trial", "1", "--format", "onnx", "-o", str(out_path)]) == 0
+    )
+    out = capsys.readouterr().out
+    assert (
+        "onnxruntime.InferenceSession(path)" in out and f"{out_path.stat().st_size:,} bytes" in out
+    )
+    assert "stored as integers" in out
+
+    artifact = tmp_path / "model.safetensors"
+    assert main(["export", str(config), "--trial", "1", "-o", str(artifact)]) == 0
+    capsys.readouterr()
+    measured = {}
+    for path in (artifact, out_path):
+        assert main(["evaluate", str(config), "--artifact", str(path), "--json"]) == 0
+        measured[path.suffix] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    onnx_run, torch_run = measured[".onnx"], measured[".safetensors"]
+    assert onnx_run["size_bytes"] == out_path.stat().st_size
+    assert onnx_run["memory_mb"] is None and onnx_run["latency_ms"] > 0
+    assert onnx_run["metric"] == pytest.approx(torch_run["metric"], abs=1e-3)
+
+
+def test_an_onnx_file_pointing_at_other_files_is_refused(tmp_path, capsys):
+    """An ONNX tensor can name a file to read its data from; from someone else, that is any
+    file on this machine. ``evaluate`` refuses it, naming the tensor, and exits 2."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(16, dtype=np.float32).tobytes())
+    weight = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[4, 4])
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    weight.external_data.add(key="location", value=str(secret))
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+        [weight],
+    )
+    hostile = tmp_path / "hostile.onnx"
+    onnx.save_model(onnx.helper.make_model(graph), hostile)
+    config = write_yaml(tmp_path / "study.yaml", study_config(tmp_path))
+    assert main(["evaluate", str(config), "--artifact", str(hostile)]) == 2
+    err = capsys.readouterr().err
+    assert "tensor 'w' points at data outside the file" in err
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00not a protobuf" * 10)
+    assert main(["evaluate", str(config), "--artifact", str(garbage)]) == 2
+    assert "is not a readable ONNX model" in capsys.readouterr().err
