@@ -9,9 +9,10 @@ import socket
 import threading
 import time
 import uuid
+from datetime import datetime
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from autosqueeze.study import (
     BASELINE,
@@ -82,6 +83,16 @@ def recover_interrupted(study: optuna.Study) -> list[int]:
     for number in stale:
         fail_trial(study, number, "interrupted: the run evaluating it stopped", requeue=True)
     return stale
+
+
+def finished_last(study: optuna.Study, trials: list[FrozenTrial]) -> bool:
+    """Whether this driver is the one to act now that ``trials`` have all finished: the one
+    that finished the last of them (or any, once that one is gone). Every driver sees the
+    same finished trials, so exactly one acts; several acting at once would each see room
+    for the same queued plans and queue more than the budget between them."""
+    last = max(trials, key=lambda t: (t.datetime_complete or datetime.min, t.number))
+    driver = last.user_attrs.get(DRIVER)
+    return driver in (None, DRIVER_ID) or not _driver_alive(study, driver)
 
 
 DRIVER = "driver"  # trial attr: which driver process asked for the trial

@@ -32,6 +32,7 @@ from autosqueeze.drivers import (
     Heartbeat,
     fail_trial,
     finished_count,
+    finished_last,
     recover_interrupted,
     taken_count,
 )
@@ -402,6 +403,8 @@ def _refine(
         return
     trials = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(BASELINE) == KNAPSACK]
     if not trials or any(t.state not in FINISHED for t in trials):
+        return
+    if not finished_last(study, trials):  # two drivers refining would both find room
         return
     tried = [
         (t.user_attrs[PREDICTED_DISTORTION], _met(t.user_attrs.get("metric"), limits))
