@@ -158,3 +158,22 @@ def test_gpt2_conv1d_projections_run_the_linear_kernels(tmp_path, kernel_name):
     with torch.no_grad():
         got = loaded(input_ids=ids).last_hidden_state
     assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.99
+
+
+def test_the_deprecated_dynamic_int8_path_is_still_in_torch():
+    """``int8_dynamic`` is torch.ao's fbgemm dynamic Linear: deprecated (pytorch/ao#2259),
+    and still the fastest int8 Linear on this CPU (torchao's is ~10x slower here, see
+    docs/techniques.md). This fails, saying what to do, the day torch drops it."""
+    import importlib.util
+
+    why = (
+        "torch no longer has torch.ao's dynamic quantized Linear: give kernels.DynamicInt8 a "
+        "maintained backend (benchmarks/kernels.py measures the candidates) or retire it"
+    )
+    assert importlib.util.find_spec("torch.ao.nn.quantized.dynamic") is not None, why
+    layer = nn.Linear(64, 32)
+    converted = KERNELS["int8_dynamic"].convert(layer)
+    x = torch.randn(4, 64)
+    with torch.inference_mode():
+        error = (converted(x) - layer(x)).abs().max() / layer(x).abs().max()
+    assert error < 0.05, why
