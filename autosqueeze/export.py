@@ -64,8 +64,8 @@ def export_program(model: nn.Module, plan: Plan, example_input: Any, path: Path)
 
 
 def _traced(model: nn.Module, example_input: Any) -> tuple[torch.export.ExportedProgram, str]:
-    """The program with a free batch dimension (traced on two samples or more: a size of 1
-    is specialized), else at the example's own batch."""
+    """The program with a free batch dimension, and the others free where the model allows
+    (traced on two samples or more: a size of 1 is specialized), else at the example's own batch."""
     held = samples_in(example_input)
     wider = batch_of(example_input, max(2, held))
     args, kwargs = call_arguments(wider)
@@ -85,10 +85,14 @@ def _traced(model: nn.Module, example_input: Any) -> tuple[torch.export.Exported
 
 
 def _batch_shapes(args: tuple[Any, ...], kwargs: dict[str, Any], free: Any) -> Any:
-    """``torch.export``'s ``dynamic_shapes``: dimension 0 of every tensor free."""
+    """``torch.export``'s ``dynamic_shapes``: every dimension of every tensor left to the
+    tracer (``Dim.AUTO``: free where the model's code allows, fixed where it does not), so a
+    language model takes any sentence length as well as any batch."""
 
     def spec(leaf: Any) -> Any:
-        return {0: free} if isinstance(leaf, torch.Tensor) and leaf.dim() else None
+        if not isinstance(leaf, torch.Tensor) or not leaf.dim():
+            return None
+        return dict.fromkeys(range(leaf.dim()), free)
 
     return map_leaves(spec, kwargs) if kwargs else map_leaves(spec, args)
 
