@@ -77,6 +77,7 @@ def test_every_plan_exports_its_integers_and_runs_without_torch(tmp_path):
         loaded = load_artifact(data, pretrained_cnn(), Target("cpu", x), execution_form=False)
         notes = export_onnx(loaded, plan, stored_integers(data), x, tmp_path / f"{name}.onnx")
         assert notes[0] == "the model takes any batch size"
+        assert not any("kept in fp32" in note for note in notes)
         with torch.no_grad():
             expected[name] = {"one": loaded(x), "five": loaded(bigger)}
         stored = {
@@ -122,7 +123,12 @@ def test_a_head_pruned_transformers_model_exports_with_keyword_inputs(tmp_path):
     target = Target("cpu", batch)
     data = artifact_bytes(compress(model, plan, target))
     loaded = load_artifact(data, copy.deepcopy(model), target, execution_form=False)
-    export_onnx(loaded, plan, stored_integers(data), batch, tmp_path / "bert.onnx")
+    integers = stored_integers(data)
+    notes = export_onnx(loaded, plan, integers, batch, tmp_path / "bert.onnx")
+    assert notes[1].startswith(f"{len(integers)} weights stored as integers")  # all of them
+    assert not any("kept in fp32" in note for note in notes)
+    stored = {i.name for i in onnx.load(tmp_path / "bert.onnx").graph.initializer}
+    assert {f"{key}::q" for key in integers} <= stored and not set(integers) & stored
     from autosqueeze.export import OnnxModel
 
     runs = OnnxModel(tmp_path / "bert.onnx")
