@@ -33,7 +33,14 @@ from autosqueeze.codecs import (
 )
 from autosqueeze.content_cache import ContentCache, content_key
 from autosqueeze.plan import Plan
-from autosqueeze.techniques import CompressedModel, Target, check_plan, deploy, rebuild
+from autosqueeze.techniques import (
+    TECHNIQUES,
+    CompressedModel,
+    Target,
+    check_plan,
+    deploy,
+    rebuild,
+)
 
 ARTIFACT_FORMAT = "1"
 _SEP = "::"
@@ -197,6 +204,7 @@ def load_artifact(
     plan, state = _checked_contents(metadata, tensors, where)
     for alias, owner in _ties(metadata, state, source).items():
         state[alias] = state[owner]
+    _check_can_rebuild(plan, target, where)
     try:
         rebuild(model, plan, target)
         expected = model.state_dict()
@@ -209,6 +217,35 @@ def load_artifact(
         raise ValueError(f"{where} does not fit this model: {str(exc).splitlines()[0]}") from None
     model = model.eval().to(target.device)
     return deploy(model, plan) if execution_form else model
+
+
+def _check_can_rebuild(plan: Plan, target: Target, where: object) -> None:
+    """What loading a plan that reshapes coupled layers needs beyond the model itself,
+    named before anything is changed: an example input to trace the model with, and
+    Torch-Pruning to trace it."""
+    reshaping = sorted(
+        {
+            name
+            for name, lp in plan.layers.items()
+            for t in TECHNIQUES.values()
+            if t.reaches_neighbours and getattr(lp, t.knob) != t.identity
+        }
+    )
+    if not reshaping:
+        return
+    if target.example_input is None:
+        raise ValueError(
+            f"{where}: its plan removes channels or heads ({', '.join(reshaping[:3])}"
+            f"{', ...' if len(reshaping) > 3 else ''}), so loading it traces the model: pass an "
+            "input the model takes, load_artifact(path, model, Target(device, example_input))"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("torch_pruning") is None:
+        raise ValueError(
+            f"{where}: its plan removes channels or heads, and loading it needs Torch-Pruning "
+            "to trace the model: pip install torch-pruning"
+        )
 
 
 def stored_integers(

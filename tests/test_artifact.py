@@ -9,7 +9,7 @@ from autosqueeze.artifact import load_artifact, read_plan, save_artifact
 from autosqueeze.codecs import decode, encode
 from autosqueeze.examples.digits import DigitsCNN, example_input, pretrained_cnn
 from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.techniques import compress
+from autosqueeze.techniques import Target, compress
 
 PLAN = Plan(
     {
@@ -127,3 +127,68 @@ def assert_same_artifact(a: bytes, b: bytes) -> None:
     assert tensors_a.keys() == tensors_b.keys()
     for key in tensors_a:
         assert torch.equal(tensors_a[key], tensors_b[key]), key
+
+
+ELSEWHERE = """
+import sys
+import torch
+from torch import nn
+from autosqueeze import Target, load_artifact
+
+sys.modules["autosqueeze.examples"] = None  # the search's factory is not on this machine
+
+
+class MyCNN(nn.Module):  # the user's own copy of the class the search compressed
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10)
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+x = torch.load(sys.argv[2])
+for example in (None, x):
+    try:
+        model = load_artifact(sys.argv[1], MyCNN(), Target("cpu", example))
+    except ValueError as exc:
+        print("refused:", exc)
+        continue
+    torch.save(model(x), sys.argv[3])
+"""
+
+
+def test_an_artifact_loads_elsewhere_by_the_users_own_class(tmp_path):
+    """Shipped to a machine with autosqueeze and the model's class but not the search's
+    factory: a channel-pruned artifact loads given an example input, and without one is
+    refused with what to pass, not a traceback."""
+    import subprocess
+    import sys
+
+    plan = Plan(
+        {"features.2": LayerPlan(bits=8, prune_channels=0.5), "classifier.1": LayerPlan(bits=4)}
+    )
+    x = example_input()
+    compressed = compress(pretrained_cnn(), plan, Target("cpu", x))
+    save_artifact(compressed, tmp_path / "model.safetensors")
+    torch.save(x, tmp_path / "x.pt")
+    (tmp_path / "elsewhere.py").write_text(ELSEWHERE)
+    run = subprocess.run(
+        [sys.executable, "elsewhere.py", "model.safetensors", "x.pt", "out.pt"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert (
+        "refused: model.safetensors: its plan removes channels or heads (features.2)" in run.stdout
+    )
+    assert "Target(device, example_input)" in run.stdout
+    want = load_artifact(tmp_path / "model.safetensors", DigitsCNN(), Target("cpu", x))(x)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), want)
