@@ -166,9 +166,14 @@ def _parser() -> argparse.ArgumentParser:
         "--artifact",
         type=Path,
         required=True,
-        help="an exported artifact (.safetensors), or an ONNX model (.onnx, measured in ONNX "
-        "Runtime on the CPU). A .pt2 program is not loaded: torch.export.load unpickles it "
-        "(SECURITY.md)",
+        help="an exported artifact (.safetensors), an ONNX model (.onnx, measured in ONNX "
+        "Runtime on the CPU) or a torch.export program (.pt2, only with --trust-pickle)",
+    )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load a .pt2 program: torch.export.load unpickles parts of it, so it runs "
+        "whatever code its author put there. Only for programs you made (SECURITY.md)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p = command("validate", _validate, "Check a config, its model factory and data; no search.")
@@ -438,7 +443,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"--artifact: {args.artifact} {what}.")
     evaluator = Evaluator(load_task(config))
     try:
-        got = evaluator.measure_artifact(args.artifact)
+        got = evaluator.measure_artifact(args.artifact, trust_pickle=args.trust_pickle)
     except (ValueError, OSError) as exc:
         raise UserError(f"--artifact: {args.artifact} cannot be loaded: {exc}") from None
     finally:

@@ -171,18 +171,24 @@ class Evaluator:
         return self.measure_artifact(data, limits, clock)
 
     def measure_artifact(
-        self, source: Path | bytes, limits: Limits | None = None, clock: _PhaseClock | None = None
+        self,
+        source: Path | bytes,
+        limits: Limits | None = None,
+        clock: _PhaseClock | None = None,
+        *,
+        trust_pickle: bool = False,
     ) -> Measurements:
         """Load an artifact (its file or bytes) and measure it: the metric beside other work,
         then, unless ``limits`` already rule it out, memory, and latency alone. An ``.onnx``
         file (``export --format onnx``) is measured as ONNX Runtime runs it, on the CPU with
         the threads the original is timed with; its memory is not measured (ONNX Runtime's
-        allocations are its own)."""
+        allocations are its own). A ``.pt2`` program is loaded only with ``trust_pickle``:
+        ``torch.export.load`` unpickles parts of it (SECURITY.md)."""
         clock = clock or _PhaseClock()
         size = len(source) if isinstance(source, bytes) else source.stat().st_size
         with self.lock.shared():
             with clock("load"):
-                model = self._load(source)
+                model = self._load(source, trust_pickle)
             with clock("first_look"):
                 early = self._first_look_stop(model, limits)
             if early is not None:
@@ -232,7 +238,15 @@ class Evaluator:
             extra=extra,
         )
 
-    def _load(self, source: Path | bytes) -> nn.Module:
+    def _load(self, source: Path | bytes, trust_pickle: bool) -> nn.Module:
+        if isinstance(source, Path) and source.suffix == ".pt2":
+            if not trust_pickle:
+                raise ValueError(
+                    "a .pt2 program is loaded by torch.export.load, which unpickles parts of "
+                    "it and so runs whatever code its author put there; evaluate it only if "
+                    "you made it or trust who did, with --trust-pickle (SECURITY.md)"
+                )
+            return torch.export.load(source).module().to(self.task.device)
         if isinstance(source, Path) and source.suffix == ".onnx":
             if self.task.device.type != "cpu":
                 raise ValueError("an ONNX file is measured in ONNX Runtime on the CPU only")

@@ -17,9 +17,10 @@ and are not carried. ONNX Runtime folds the dequantization once, when it loads t
 given the session option ``session.disable_quant_qdq=1`` (``OnnxModel`` sets it); without
 it, it dequantizes every weight on every call.
 
-autosqueeze writes programs and never loads one: ``torch.export.load`` unpickles parts of
-the file, so a program is code from whoever made it (SECURITY.md). An ONNX file is a protobuf
-with no code in it; ``OnnxModel`` runs one in ONNX Runtime.
+autosqueeze loads a program only when told to (``evaluate --trust-pickle``):
+``torch.export.load`` unpickles parts of the file, so a program is code from whoever made it
+(SECURITY.md). An ONNX file is a protobuf with no code in it; ``OnnxModel`` runs one in ONNX
+Runtime.
 """
 
 from __future__ import annotations

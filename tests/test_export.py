@@ -4,6 +4,7 @@ without autosqueeze, the model factory or Torch-Pruning, giving the artifact's o
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 import textwrap
@@ -131,6 +132,19 @@ def test_export_pt2_from_the_cli_names_what_it_wrote_and_refuses_cleanly(tmp_pat
     assert "torch.export.load(path).module()" in out and f"{out_path.stat().st_size:,} bytes" in out
     program = torch.export.load(out_path).module()
     assert program(example_input()).shape == (1, 10)
+
+    evaluate = ["evaluate", str(config), "--artifact", str(out_path), "--json"]
+    assert main(evaluate) == 2  # a program is code: never loaded unasked
+    assert "--trust-pickle" in capsys.readouterr().err
+    assert main([*evaluate, "--trust-pickle"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    artifact = tmp_path / "model.safetensors"
+    assert main(["export", str(config), "--trial", "1", "-o", str(artifact)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(config), "--artifact", str(artifact), "--json"]) == 0
+    want = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["size_bytes"] == out_path.stat().st_size
+    assert got["metric"] == pytest.approx(want["metric"], abs=1e-3)
     missing = tmp_path / "no-such-folder" / "m.pt2"
     assert main([*pt2, str(missing)]) == 2
     assert "cannot write" in capsys.readouterr().err
