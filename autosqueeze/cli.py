@@ -256,7 +256,7 @@ def _search(args: argparse.Namespace) -> int:
         f"{config.storage_shown}. Run the same command again to resume."
     )
     empty = None if result.front.members else explain_empty_front(config, result.front)
-    line = summary(result.front, name, config.budgets.max_metric_drop)
+    line = summary(result.front, name, config.budgets.max_metric_drop, config.budgets.runtime)
     if args.json:
         print(
             json.dumps(

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from autosqueeze.errors import UserError
 from autosqueeze.objectives import OBJECTIVES
@@ -70,6 +70,25 @@ class Budgets(_Strict):
     )
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     batch_size: int = Field(1, ge=1, le=65536)
+    runtime: Literal["torch", "onnxruntime"] = Field(
+        "torch",
+        description="where the shipped model runs, and so where trials are timed: torch (the "
+        "artifact in its kernels) or onnxruntime (each trial exported to ONNX and timed in "
+        "ONNX Runtime on the CPU beside the original's export; torch's kernels are not "
+        "searched, and memory is not measured)",
+    )
+
+    @model_validator(mode="after")
+    def _runtime_fits(self) -> Budgets:
+        if self.runtime == "onnxruntime":
+            if self.device != "cpu":
+                raise ValueError("runtime onnxruntime runs on the CPU: set device: cpu")
+            if self.max_memory_mb is not None:
+                raise ValueError(
+                    "max_memory_mb: memory is measured in torch, not in ONNX Runtime (runtime "
+                    "onnxruntime)"
+                )
+        return self
 
 
 class MeasureConfig(_Strict):
@@ -210,6 +229,15 @@ class StudyConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError("an objective is listed twice")
         return names
+
+    @model_validator(mode="after")
+    def _measurable_in_runtime(self) -> StudyConfig:
+        if self.budgets.runtime == "onnxruntime" and "memory_mb" in self.objectives:
+            raise ValueError(
+                "objectives: memory_mb is measured in torch, not in ONNX Runtime "
+                "(budgets.runtime onnxruntime)"
+            )
+        return self
 
     @property
     def folder(self) -> Path:

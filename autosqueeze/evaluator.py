@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -17,10 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from autosqueeze.artifact import artifact_bytes, load_artifact, save_artifact
+from autosqueeze.artifact import (
+    artifact_bytes,
+    load_artifact,
+    save_artifact,
+    stored_integers,
+)
 from autosqueeze.device_lock import DeviceLock, Held
 from autosqueeze.errors import TrialError
-from autosqueeze.export import OnnxModel
+from autosqueeze.export import OnnxModel, export_onnx
 from autosqueeze.measure import (
     Limits,
     Measurements,
@@ -49,6 +55,8 @@ class Evaluator:
         self.task = task
         self.lock = DeviceLock(task.device)
         self._reference_model: nn.Module | None = None
+        self._original_onnx: OnnxModel | None = None  # the original, as ONNX Runtime runs it
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None  # its ONNX files
         self._reference_timings: list[float] = []  # the original, as timed here so far
         self._probe_model: nn.Module | None = None
         self._original_outputs: list[torch.Tensor] = []
@@ -183,12 +191,15 @@ class Evaluator:
         file (``export --format onnx``) is measured as ONNX Runtime runs it, on the CPU with
         the threads the original is timed with; its memory is not measured (ONNX Runtime's
         allocations are its own). A ``.pt2`` program is loaded only with ``trust_pickle``:
-        ``torch.export.load`` unpickles parts of it (SECURITY.md)."""
+        ``torch.export.load`` unpickles parts of it (SECURITY.md). With ``budgets.runtime``
+        onnxruntime, an artifact is measured as it ships there: its size is its ONNX
+        export's and its latency ONNX Runtime's, beside the original's export."""
         clock = clock or _PhaseClock()
-        size = len(source) if isinstance(source, bytes) else source.stat().st_size
         with self.lock.shared():
             with clock("load"):
                 model = self._load(source, trust_pickle)
+            with clock("export"):
+                shipped, size = self._as_shipped(model, source)
             with clock("first_look"):
                 early = self._first_look_stop(model, limits)
             if early is not None:
@@ -204,15 +215,16 @@ class Evaluator:
             with clock("memory"):
                 memory = (
                     None
-                    if isinstance(model, OnnxModel)
+                    if isinstance(model, OnnxModel) or self._runtime != "torch"
                     else measure_memory(model, self.task.example_input, self.task.device)
                 )
             extra = self._measure_extra(model, clock)
+            original = self._original_as_shipped(shipped)
         measure = self.task.config.measure
         with self.lock.exclusive(), clock("latency"):
             timing = measure_latency_beside(
-                model,
-                self._reference(),
+                shipped,
+                original,
                 self.task.example_input,
                 self.task.device,
                 warmup=measure.warmup,
@@ -237,6 +249,47 @@ class Evaluator:
             seconds=clock.seconds,
             extra=extra,
         )
+
+    @property
+    def _runtime(self) -> str:
+        return self.task.config.budgets.runtime
+
+    def _as_shipped(self, model: nn.Module, source: Path | bytes) -> tuple[nn.Module, int]:
+        """The model as it runs where it ships (``budgets.runtime``), and the bytes of the
+        file it ships as: the loaded model and its file in torch; its ONNX export for ONNX
+        Runtime (an ONNX file given: itself)."""
+        size = len(source) if isinstance(source, bytes) else source.stat().st_size
+        if self._runtime == "torch" or isinstance(model, OnnxModel):
+            return model, size
+        if isinstance(source, Path) and source.suffix == ".pt2":
+            raise ValueError("budgets.runtime is onnxruntime: evaluate the ONNX export")
+        exported = self._exported(source, "model.onnx")
+        return exported, exported.path.stat().st_size
+
+    def _original_as_shipped(self, shipped: nn.Module) -> nn.Module:
+        """The original model in the runtime ``shipped`` runs in, timed beside it."""
+        if not isinstance(shipped, OnnxModel):
+            return self._reference()
+        if self._original_onnx is None:
+            original = artifact_bytes(compress(self.task.model, Plan({})))
+            self._original_onnx = self._exported(original, "original.onnx")
+        return self._original_onnx
+
+    def shipped_file(self, artifact: bytes) -> tuple[str, bytes]:
+        """The file an artifact ships as in ONNX Runtime: its ONNX export's name and bytes."""
+        return "model.onnx", self._exported(artifact, "shipped.onnx").path.read_bytes()
+
+    def _exported(self, artifact: Path | bytes, name: str) -> OnnxModel:
+        """An artifact's ONNX export (``export --format onnx``), loaded in ONNX Runtime."""
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="autosqueeze-onnx-")
+        path = Path(self._scratch.name) / name
+        decoded = load_artifact(
+            artifact, copy.deepcopy(self.task.model), self.task.target, execution_form=False
+        )
+        integers = stored_integers(artifact)
+        export_onnx(decoded, Plan({}), integers, self.task.example_input, path)  # notes unused
+        return OnnxModel(path, threads=self.task.config.measure.threads or 0)
 
     def _load(self, source: Path | bytes, trust_pickle: bool) -> nn.Module:
         if isinstance(source, Path) and source.suffix == ".pt2":
@@ -298,8 +351,10 @@ class Evaluator:
             self._reference_model = model.eval()
         return self._reference_model
 
-    def close(self) -> None:  # noqa: B027 - kept for callers that release evaluators
-        pass
+    def close(self) -> None:
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch, self._original_onnx = None, None
 
 
 class _PhaseClock:

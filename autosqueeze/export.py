@@ -275,6 +275,7 @@ class OnnxModel(nn.Module):
         options.add_session_config_entry("session.disable_quant_qdq", "1")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
+        self.path = path
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         given = dict(zip(self.inputs, args)) | kwargs

@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,13 +146,21 @@ def hypervolume(points: list[list[float]], ref_point: list[float]) -> float:
     return float(compute_hypervolume(np.asarray(inside, dtype=float), np.asarray(ref_point)))
 
 
-def write_front(front: Front, output_dir: Path, artifacts: Iterable[tuple[int, bytes]]) -> Path:
+def write_front(
+    front: Front,
+    output_dir: Path,
+    artifacts: Iterable[tuple[int, bytes]],
+    shipped_as: Callable[[bytes], tuple[str, bytes]] | None = None,
+) -> Path:
     """Write ``front.csv`` and ``front/trial-NNNN/{model.safetensors,plan.json,metrics.json}``.
 
     ``artifacts`` gives (trial number, artifact bytes) for every member, rebuilt from its
     plan; a rebuilt artifact must have exactly the size the search measured, or the front
-    would not be reproducible. The folder is written aside and swapped in whole, so a reader
-    (or a second driver finishing the same study) never sees half of one.
+    would not be reproducible. With ``shipped_as`` (``budgets.runtime`` other than torch),
+    each member's shipped file (its name, its bytes: ``model.onnx``) is written beside the
+    artifact, and it is what must have the measured size. The folder is written aside and
+    swapped in whole, so a reader (or a second driver finishing the same study) never sees
+    half of one.
     """
     folder = output_dir / "front"
     staging = output_dir / f".front-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -160,13 +168,16 @@ def write_front(front: Front, output_dir: Path, artifacts: Iterable[tuple[int, b
     for number, data in artifacts:
         member = members[number]
         assert member.plan is not None and member.measurements is not None
-        if len(data) != member.measurements.size_bytes:
+        name, shipped = shipped_as(data) if shipped_as else ("model.safetensors", data)
+        if len(shipped) != member.measurements.size_bytes:
             raise RuntimeError(
-                f"trial {number}: the rebuilt artifact has {len(data)} bytes, "
+                f"trial {number}: the rebuilt {name} has {len(shipped)} bytes, "
                 f"the search measured {member.measurements.size_bytes}"
             )
         member_dir = staging / f"trial-{number:04d}"
         save_artifact(data, member_dir / "model.safetensors")
+        if shipped_as:
+            (member_dir / name).write_bytes(shipped)
         (member_dir / "plan.json").write_text(json.dumps(member.plan.to_dict(), indent=2))
     rows = []
     for member in front.members:

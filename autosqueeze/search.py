@@ -134,7 +134,9 @@ def run_search(
         front = compute_front(study, config.objectives)
         if front.members and stop is None:  # rebuilt on the evaluators, in parallel
             plans = {m.number: m.plan for m in front.members if m.plan is not None}
-            front_csv = write_front(front, config.output_dir, executor.artifacts(plans))
+            front_csv = write_front(
+                front, config.output_dir, executor.artifacts(plans), _shipped_as(task)
+            )
     except KeyboardInterrupt:  # in the pass or the reference: wind down as the loop does
         _exit_on_another_signal()
         raise
@@ -509,6 +511,16 @@ def _loop(
     finally:
         bar.close()
     return ran, None
+
+
+def _shipped_as(task: Task) -> Callable[[bytes], tuple[str, bytes]] | None:
+    """How a front member's file is made for ``budgets.runtime`` other than torch (the
+    ONNX export of its artifact), or None: the artifact is the file."""
+    if task.config.budgets.runtime == "torch":
+        return None
+    from autosqueeze.evaluator import Evaluator
+
+    return Evaluator(task).shipped_file
 
 
 _POLL_S = 1.0  # how often the driver looks up from waiting on Ray for a remembered signal

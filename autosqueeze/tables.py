@@ -47,8 +47,9 @@ def front_table(front: Front, metric_name: str) -> str:
     return table(rows, list(rows[0]), right=set(rows[0]) - {"baseline"})
 
 
-def summary(front: Front, metric_name: str, max_drop: float | None) -> str:
-    """The smallest front model within the metric budget, against the uncompressed one."""
+def summary(front: Front, metric_name: str, max_drop: float | None, runtime: str = "torch") -> str:
+    """The smallest front model within the metric budget, against the uncompressed one (in
+    ONNX Runtime, as ONNX files: what ``budgets.runtime`` measured)."""
     ref = front.reference
     if ref is None:
         return "No reference measurement yet."
@@ -63,8 +64,9 @@ def summary(front: Front, metric_name: str, max_drop: float | None) -> str:
         f"Smallest model within {drop:g} {metric_name} of the original: trial {best.number}, "
         f"{metric_name} {got.metric:.4f} (original {ref.metric:.4f}), "
         f"{got.size_bytes:,} bytes on disk = {ref.size_bytes / got.size_bytes:.1f}x smaller "
-        f"than the fp32 artifact ({ref.size_bytes:,} bytes), "
-        f"{got.latency_ms:.3f} ms vs {ref.latency_ms:.3f} ms at the budget's batch size."
+        f"than the fp32 {'artifact' if runtime == 'torch' else 'ONNX file'} "
+        f"({ref.size_bytes:,} bytes), {got.latency_ms:.3f} ms vs {ref.latency_ms:.3f} ms at "
+        f"the budget's batch size{'' if runtime == 'torch' else ' in ONNX Runtime'}."
     )
 
 

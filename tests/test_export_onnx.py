@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +193,51 @@ def test_an_onnx_file_pointing_at_other_files_is_refused(tmp_path, capsys):
     garbage.write_bytes(b"\x00not a protobuf" * 10)
     assert main(["evaluate", str(config), "--artifact", str(garbage)]) == 2
     assert "is not a readable ONNX model" in capsys.readouterr().err
+
+
+def test_a_study_shipping_to_onnx_runtime_is_measured_there(tmp_path, capsys):
+    """``budgets.runtime: onnxruntime``: torch's kernels are not searched, every trial is
+    timed as its ONNX export in ONNX Runtime and sized as that file, and the front holds
+    the files, whose metric and bytes ``evaluate`` reproduces."""
+    import csv
+
+    from autosqueeze.config import load_config
+    from autosqueeze.study import open_study
+
+    config = write_yaml(
+        tmp_path / "study.yaml",
+        study_config(tmp_path, budgets={"runtime": "onnxruntime"}, search={"trials": 4}),
+    )
+    assert main(["search", str(config), "--no-progress"]) == 0
+    assert "in ONNX Runtime" in capsys.readouterr().out
+    study = open_study(load_config(config), create=False)
+    assert not [p for t in study.trials for p in t.params if p.endswith("kernel")]
+    with open(tmp_path / "run" / "front.csv") as f:
+        front = list(csv.DictReader(f))
+    assert front and all(row["memory_mb"] == "" for row in front)
+    for row in front:
+        shipped = tmp_path / "run" / Path(row["artifact"]).parent / "model.onnx"
+        assert shipped.stat().st_size == int(row["size_bytes"])
+        assert main(["evaluate", str(config), "--artifact", str(shipped), "--json"]) == 0
+        got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert got["size_bytes"] == int(row["size_bytes"])
+        assert got["metric"] == pytest.approx(float(row["metric"]), abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("budgets", "objectives", "said"),
+    [
+        ({"device": "cuda"}, None, "runtime onnxruntime runs on the CPU"),
+        ({"max_memory_mb": 5.0}, None, "max_memory_mb: memory is measured in torch"),
+        ({}, ["metric", "memory_mb"], "objectives: memory_mb is measured in torch"),
+    ],
+)
+def test_what_onnx_runtime_cannot_measure_is_refused_at_load(
+    tmp_path, capsys, budgets, objectives, said
+):
+    overrides = {"budgets": {"runtime": "onnxruntime", **budgets}}
+    if objectives:
+        overrides["objectives"] = objectives
+    config = write_yaml(tmp_path / "study.yaml", study_config(tmp_path, **overrides))
+    assert main(["validate", str(config)]) == 2
+    assert said in capsys.readouterr().err

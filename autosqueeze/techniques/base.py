@@ -24,6 +24,7 @@ class Target:
 
     device: str = "cpu"
     example_input: Any = None
+    runtime: str = "torch"  # onnxruntime: shipped as ONNX, where torch's kernels do not go
 
 
 @dataclass(frozen=True)

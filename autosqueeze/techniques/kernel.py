@@ -30,6 +30,8 @@ class KernelChoice(Technique):
             kernel_for(str(value))
 
     def offer(self, site: Site, values: KnobValues) -> BaseDistribution | Any | None:
+        if site.target.runtime != "torch":
+            return None  # the model ships to another runtime, which has kernels of its own
         names = values if isinstance(values, list) else [values]
         usable = [str(n) for n in names if KERNELS[str(n)].fits(site.layer, site.target.device)]
         if not usable:
