@@ -241,3 +241,33 @@ def test_what_onnx_runtime_cannot_measure_is_refused_at_load(
     config = write_yaml(tmp_path / "study.yaml", study_config(tmp_path, **overrides))
     assert main(["validate", str(config)]) == 2
     assert said in capsys.readouterr().err
+
+
+def test_the_residual_cnn_with_batchnorm_exports_to_both_formats(tmp_path):
+    """A ResNet with BatchNorm and residual adds, channel-pruned and quantized: the ONNX file
+    and the program both compute what the artifact does."""
+    from autosqueeze.examples import residual
+    from autosqueeze.export import OnnxModel, export_program
+
+    x = residual.example_input()
+    plan = Plan(
+        {
+            "stage1.0.conv1.0": LayerPlan(bits=4, prune_channels=0.5),
+            "down.0": LayerPlan(bits=8, kernel="bf16"),
+            "stage2.1.conv2.0": LayerPlan(bits=6, group_size=64, prune=0.3),
+            "head": LayerPlan(bits=8, kernel="int8_weight_only"),
+        }
+    )
+    target = Target("cpu", x)
+    data = artifact_bytes(compress(residual.pretrained(), plan, target))
+    decoded = load_artifact(data, residual.pretrained(), target, execution_form=False)
+    deployed = load_artifact(data, residual.pretrained(), target)
+    export_onnx(decoded, plan, stored_integers(data), x, tmp_path / "r.onnx")
+    export_program(deployed, plan, x, tmp_path / "r.pt2")
+    batch = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want_fp32, want_deployed = decoded(batch), deployed(batch)
+        in_onnx = OnnxModel(tmp_path / "r.onnx")(batch)
+        in_program = torch.export.load(tmp_path / "r.pt2").module()(batch)
+    assert (in_onnx - want_fp32).abs().max() <= 1e-4 * want_fp32.abs().max()
+    assert (in_program - want_deployed).abs().max() <= 1e-3 * want_deployed.abs().max()
