@@ -28,8 +28,9 @@ from __future__ import annotations
 import os
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -41,6 +42,8 @@ from autosqueeze.plan import Plan
 from autosqueeze.quiet import STDERR, STDOUT, silenced
 from autosqueeze.recovery import floating_tensors
 from autosqueeze.task import batch_of, samples_in
+
+T = TypeVar("T")
 
 
 def export_program(model: nn.Module, plan: Plan, example_input: Any, path: Path) -> list[str]:
@@ -67,24 +70,33 @@ def export_program(model: nn.Module, plan: Plan, example_input: Any, path: Path)
 
 
 def _traced(model: nn.Module, example_input: Any) -> tuple[torch.export.ExportedProgram, str]:
-    """The program with a free batch dimension, and the others free where the model allows
-    (traced on two samples or more: a size of 1 is specialized), else at the example's own batch."""
-    held = samples_in(example_input)
-    wider = batch_of(example_input, max(2, held))
-    args, kwargs = call_arguments(wider)
-    try:
-        free = torch.export.Dim.AUTO
-        shapes = _batch_shapes(args, kwargs, free)
-        with torch.no_grad():
-            program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes)
+    """The model as a program (see ``_free_or_fixed``), checked to run the example itself."""
+
+    def trace(args: tuple[Any, ...], kwargs: dict[str, Any], shapes: Any) -> Any:
+        program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes)
+        if shapes is not None:
             own_args, own_kwargs = call_arguments(example_input)
             program.module()(*own_args, **own_kwargs)  # the example's own batch still runs
-        return program, "the program takes any batch size"
-    except Exception:  # a model whose code fixes the batch: trace it as the example has it
-        args, kwargs = call_arguments(example_input)
-        with torch.no_grad():
-            program = torch.export.export(model, args, kwargs)
-        return program, f"the program takes batches of {held}, as the example input"
+        return program
+
+    return _free_or_fixed(trace, example_input, "program")
+
+
+def _free_or_fixed(trace: Callable[..., T], example_input: Any, what: str) -> tuple[T, str]:
+    """``trace(args, kwargs, dynamic_shapes)`` with the batch dimension free and the others
+    free where the model allows (on two samples or more: a size of 1 is specialized), else,
+    for a model whose code fixes them, at the example's own shapes; and a note saying which."""
+    held = samples_in(example_input)
+    with torch.no_grad():
+        try:
+            args, kwargs = call_arguments(batch_of(example_input, max(2, held)))
+            traced = trace(args, kwargs, _batch_shapes(args, kwargs, torch.export.Dim.AUTO))
+            return traced, f"the {what} takes any batch size"
+        except Exception:  # noqa: BLE001 - a model whose code fixes the batch
+            args, kwargs = call_arguments(example_input)
+            return trace(args, kwargs, None), (
+                f"the {what} takes batches of {held}, as the example input"
+            )
 
 
 def _batch_shapes(args: tuple[Any, ...], kwargs: dict[str, Any], free: Any) -> Any:
@@ -159,37 +171,23 @@ ONNX_OPSET = 21  # DequantizeLinear with int4 and per-block scales
 
 
 def _onnx_traced(model: nn.Module, example_input: Any) -> tuple[Any, str]:
-    """The ONNX model with a free batch dimension where the model allows it (as ``_traced``)."""
-    held = samples_in(example_input)
-    with torch.no_grad(), silenced(STDOUT), silenced(STDERR), warnings.catch_warnings():
+    """The model as ONNX (see ``_free_or_fixed``)."""
+
+    def trace(args: tuple[Any, ...], kwargs: dict[str, Any], shapes: Any) -> Any:
+        return torch.onnx.export(
+            model,
+            args,
+            kwargs=kwargs,
+            dynamic_shapes=shapes,
+            dynamo=True,
+            opset_version=ONNX_OPSET,
+            optimize=False,  # its folding renames weights (a Linear's, transposed)
+            verbose=False,
+        ).model_proto
+
+    with silenced(STDOUT), silenced(STDERR), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's progress and deprecation notes
-        try:
-            args, kwargs = call_arguments(batch_of(example_input, max(2, held)))
-            shapes = _batch_shapes(args, kwargs, torch.export.Dim.AUTO)
-            program = torch.onnx.export(
-                model,
-                args,
-                kwargs=kwargs,
-                dynamic_shapes=shapes,
-                dynamo=True,
-                opset_version=ONNX_OPSET,
-                optimize=False,  # its folding renames weights (a Linear's, transposed)
-                verbose=False,
-            )
-            note = "the model takes any batch size"
-        except Exception:  # a model whose code fixes the batch: trace it as the example has it
-            args, kwargs = call_arguments(example_input)
-            program = torch.onnx.export(
-                model,
-                args,
-                kwargs=kwargs,
-                dynamo=True,
-                opset_version=ONNX_OPSET,
-                optimize=False,
-                verbose=False,
-            )
-            note = f"the model takes batches of {held}, as the example input"
-    return program.model_proto, note
+        return _free_or_fixed(trace, example_input, "model")
 
 
 def _store_integers(

@@ -20,9 +20,10 @@ from torch import nn
 
 from autosqueeze.knobs import KnobValues, to_distribution
 from autosqueeze.plan import LayerPlan
-from autosqueeze.techniques.base import CompressedModel, Site, Technique
+from autosqueeze.techniques.base import CompressedModel, Site
 from autosqueeze.techniques.dependency import (
     PRUNABLE,
+    RemovesFraction,
     model_graph,
     once_per_model,
     out_channels,
@@ -32,17 +33,9 @@ from autosqueeze.techniques.dependency import (
 )
 
 
-class PruneChannels(Technique):
+class PruneChannels(RemovesFraction):
     knob = "prune_channels"
-    harm_grows_with_strength = True
-    structural = True
-    reaches_neighbours = True  # the coupled layers lose their matching inputs
-    identity = 0.0
-    changes_speed = True
-
-    def check_value(self, value: float) -> None:
-        if not 0 <= value < 1:
-            raise ValueError(f"prune_channels is a fraction of outputs in [0, 1), got {value}")
+    unit = "outputs"
 
     def offer(self, site: Site, values: KnobValues) -> BaseDistribution | Any | None:
         layer = site.layer
@@ -51,9 +44,6 @@ class PruneChannels(Technique):
         if site.target.example_input is None or site.name not in _prunable_layers(site):
             return None
         return to_distribution(values)
-
-    def strength(self, value: Any) -> float:
-        return float(value)  # the share of channels removed
 
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
         graph, widths = model_graph(compressed)
@@ -66,9 +56,6 @@ class PruneChannels(Technique):
         scores = _importance(graph.get_pruning_group(layer, out_channels(layer), idxs=every))
         order = torch.argsort(scores, stable=True)[:surplus].tolist()
         graph.get_pruning_group(layer, out_channels(layer), idxs=order).prune()
-
-    def rebuild(self, model: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
-        self.apply(model, name, layer_plan)  # same counts; which channels does not matter here
 
 
 def _importance(group: Any) -> torch.Tensor:

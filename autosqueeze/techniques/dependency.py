@@ -11,20 +11,43 @@ import copy
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from autosqueeze.metrics import call_model
+from autosqueeze.plan import LayerPlan
 from autosqueeze.recovery import floating_tensors
-from autosqueeze.techniques.base import CompressedModel
+from autosqueeze.techniques.base import CompressedModel, Technique
 from autosqueeze.time_limit import time_limit
 from autosqueeze.user_code import describe
 
 T = TypeVar("T")
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class RemovesFraction(Technique):
+    """A structured knob: the fraction of a layer's units (output channels, heads) removed
+    through the graph, with everything coupled to them."""
+
+    unit: ClassVar[str]  # what the fraction is of, for messages
+    harm_grows_with_strength = True
+    structural = True
+    reaches_neighbours = True  # the coupled layers lose their matching inputs
+    identity = 0.0
+    changes_speed = True
+
+    def check_value(self, value: float) -> None:
+        if not 0 <= value < 1:
+            raise ValueError(f"{self.knob} is a fraction of {self.unit} in [0, 1), got {value}")
+
+    def strength(self, value: Any) -> float:
+        return float(value)  # the share removed
+
+    def rebuild(self, model: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
+        self.apply(model, name, layer_plan)  # same counts; which units does not matter here
 
 
 def width(layer: nn.Module) -> int:

@@ -26,8 +26,9 @@ from torch import nn
 
 from autosqueeze.knobs import KnobValues, to_distribution
 from autosqueeze.plan import LayerPlan
-from autosqueeze.techniques.base import CompressedModel, Site, Technique
+from autosqueeze.techniques.base import CompressedModel, Site
 from autosqueeze.techniques.dependency import (
+    RemovesFraction,
     model_graph,
     once_per_model,
     out_channels,
@@ -41,17 +42,9 @@ _SIZE_NAMES = ("attention_head_size", "head_dim", "head_size", "key_value_proj_d
 _COUNT_NAMES = ("num_attention_heads", "num_heads", "n_heads", "n_head")
 
 
-class PruneHeads(Technique):
+class PruneHeads(RemovesFraction):
     knob = "prune_heads"
-    harm_grows_with_strength = True
-    structural = True
-    reaches_neighbours = True  # the key, value and output projections lose the heads too
-    identity = 0.0
-    changes_speed = True
-
-    def check_value(self, value: float) -> None:
-        if not 0 <= value < 1:
-            raise ValueError(f"prune_heads is a fraction of heads in [0, 1), got {value}")
+    unit = "heads"
 
     def offer(self, site: Site, values: KnobValues) -> BaseDistribution | Any | None:
         if not isinstance(site.layer, nn.Linear) or site.target.example_input is None:
@@ -59,9 +52,6 @@ class PruneHeads(Technique):
         if head_size(site.model, site.name) is None or site.name not in _block_leaders(site):
             return None
         return to_distribution(values)
-
-    def strength(self, value: Any) -> float:
-        return float(value)  # the share of heads removed
 
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
         graph, widths = model_graph(compressed)
@@ -79,9 +69,6 @@ class PruneHeads(Technique):
         weakest = torch.argsort(scores.view(-1, size).sum(1), stable=True)[:surplus]
         idxs = [h * size + i for h in sorted(weakest.tolist()) for i in range(size)]
         graph.get_pruning_group(layer, out_channels(layer), idxs=idxs).prune()
-
-    def rebuild(self, model: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
-        self.apply(model, name, layer_plan)  # same counts; which heads does not matter here
 
 
 def head_size(model: nn.Module, name: str, original_width: int | None = None) -> int | None:
