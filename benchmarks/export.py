@@ -2,7 +2,7 @@
 artifact (run by autosqueeze in torch), a torch.export program (``.pt2``) and an ONNX model
 run by ONNX Runtime, side by side with fp32 in each runtime.
 
-    python benchmarks/export.py [--repeats 30]
+    python benchmarks/export.py [--repeats 30] [--front runs/minilm]
 
 Plans (all-MiniLM-L6-v2, fidelity on the 256 validation sentences):
 - ``smallest``: every layer stored at 6 bits in groups of 64, the word embeddings at 4,
@@ -11,6 +11,9 @@ Plans (all-MiniLM-L6-v2, fidelity on the 256 validation sentences):
   embeddings at 6 bits (the ``int8_dynamic`` kernel, faster still in torch, cannot be
   traced by torch.export and is refused there: the table says so);
 - ``heads``: ``smallest`` with 2 of the 12 heads of each attention block removed.
+
+With ``--front DIR`` (a MiniLM study's output folder), the smallest and the fastest models of
+its front at fidelity >= 0.99 are taken instead, from their artifacts.
 
 Per plan and format: bytes on disk, fidelity in that runtime, and batch-1 latency timed in
 interleaved rounds beside the fp32 model in the same runtime (``measure_latency_beside``),
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import tempfile
 import warnings
 from pathlib import Path
@@ -29,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autosqueeze.artifact import artifact_bytes, load_artifact, stored_integers
+from autosqueeze.artifact import artifact_bytes, load_artifact, read_plan, stored_integers
 from autosqueeze.export import OnnxModel, export_onnx, export_program
 from autosqueeze.measure import measure_latency_beside
 from autosqueeze.metrics import embed, fidelity
@@ -57,9 +61,25 @@ def plans(model: nn.Module) -> dict[str, Plan]:
     }
 
 
+def front_plans(folder: Path) -> dict[str, Plan]:
+    """The smallest and the fastest front models at fidelity >= 0.99 of a study's folder."""
+    with open(folder / "front.csv") as f:
+        rows = [r for r in csv.DictReader(f) if float(r["metric"]) >= 0.99 and r["artifact"]]
+    smallest = min(rows, key=lambda r: int(r["size_bytes"]))
+    fastest = min(rows, key=lambda r: float(r["latency_ms"]))
+    return {
+        "fp32": Plan({}),
+        **{
+            f"{kind} (trial {row['trial']})": read_plan(folder / row["artifact"])
+            for kind, row in (("smallest", smallest), ("fastest", fastest))
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--front", type=Path, help="a MiniLM study's output folder")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from autosqueeze.examples import minilm
@@ -70,7 +90,8 @@ def main() -> None:
     score = fidelity(embed(model, batches, CPU))
     folder = Path(tempfile.mkdtemp(prefix="autosqueeze-export-"))
     forms: dict[str, dict[str, tuple[int, nn.Module | None, str]]] = {}
-    for name, plan in plans(model).items():
+    chosen = front_plans(args.front) if args.front else plans(model)
+    for name, plan in chosen.items():
         data = artifact_bytes(compress(model, plan, target))
         forms[name] = {
             "artifact": (len(data), load_artifact(data, copy.deepcopy(model), target), "")
