@@ -271,3 +271,50 @@ def test_the_residual_cnn_with_batchnorm_exports_to_both_formats(tmp_path):
         in_program = torch.export.load(tmp_path / "r.pt2").module()(batch)
     assert (in_onnx - want_fp32).abs().max() <= 1e-4 * want_fp32.abs().max()
     assert (in_program - want_deployed).abs().max() <= 1e-3 * want_deployed.abs().max()
+
+
+def test_every_kernel_on_a_transformers_bert_exports_to_both_formats(tmp_path):
+    """Each kernel the search offers on CPU, on a BERT from transformers' classes: the ONNX
+    file computes the decoded weights' outputs; the program computes the deployed model's,
+    and only ``int8_dynamic`` is refused there, by layer and kernel."""
+    from transformers import BertConfig, BertModel
+
+    from autosqueeze.export import OnnxModel, export_program
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=300,
+    )
+    model = BertModel(config, add_pooling_layer=False).eval()
+    batch = {"input_ids": torch.randint(0, 300, (3, 10))}
+    target = Target("cpu", batch)
+    layers = {
+        "embeddings.word_embeddings": LayerPlan(bits=8, kernel="int8_weight_only"),
+        "encoder.layer.0.intermediate.dense": LayerPlan(bits=8, kernel="bf16"),
+        "encoder.layer.0.output.dense": LayerPlan(bits=8, kernel="int8_weight_only"),
+        "encoder.layer.1.intermediate.dense": LayerPlan(bits=4, kernel="int4_weight_only"),
+        "encoder.layer.1.output.dense": LayerPlan(bits=8, kernel="int8_dynamic"),
+    }
+    for name, lp in layers.items():
+        plan = Plan({name: lp})
+        data = artifact_bytes(compress(model, plan, target))
+        decoded = load_artifact(data, copy.deepcopy(model), target, execution_form=False)
+        deployed = load_artifact(data, copy.deepcopy(model), target)
+        export_onnx(decoded, plan, stored_integers(data), batch, tmp_path / "b.onnx")
+        with torch.no_grad():
+            want = decoded(**batch).last_hidden_state
+            have = OnnxModel(tmp_path / "b.onnx")(**batch)  # one output: last_hidden_state
+        assert (have - want).abs().max() <= 1e-4 * want.abs().max(), lp.kernel
+        if lp.kernel == "int8_dynamic":
+            with pytest.raises(ValueError, match=f"layer '{name}' runs 'int8_dynamic'"):
+                export_program(deployed, plan, batch, tmp_path / "b.pt2")
+            continue
+        export_program(deployed, plan, batch, tmp_path / "b.pt2")
+        with torch.no_grad():
+            want = deployed(**batch).last_hidden_state
+            have = torch.export.load(tmp_path / "b.pt2").module()(**batch).last_hidden_state
+        assert (have - want).abs().max() <= 1e-3 * want.abs().max(), lp.kernel
