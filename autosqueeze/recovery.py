@@ -22,7 +22,18 @@ from torch import nn
 from autosqueeze.metrics import call_model
 from autosqueeze.nested import tensors
 
-CHECK_BATCHES = 4  # calibration batches the kept weights are judged on
+HELD_OUT = 0.25  # of the calibration batches (at most 4): the kept weights are judged on them
+
+
+def _split(batches: int) -> tuple[list[int], list[int]]:
+    """(held-out, trained) batch indices: the weights kept are judged on batches they were
+    not trained on, so training that overfits the calibration inputs is undone (a pretrained
+    encoder at lr 1e-3 matched its 128 calibration sentences better and lost 0.09 of
+    fidelity on others). With one batch, it is both."""
+    if batches < 2:
+        return list(range(batches)), list(range(batches))
+    held = min(4, max(1, round(batches * HELD_OUT)))
+    return list(range(held)), list(range(held, batches))
 
 
 @dataclass(frozen=True)
@@ -44,16 +55,17 @@ class Recovery:
         recovery is the largest cost of a trial that changes shapes. Seeded and decided on
         the loss alone, so a plan still gives the same artifact every time.
 
-        The student ends with the weights that matched the teacher best on the first
-        calibration batches, checked before training and after each window: training
-        must never leave a plan worse than it found it. (Without that, Adam's first steps
+        The student ends with the weights that matched the teacher best on held-out
+        calibration batches (a quarter, at most 4, never trained on), checked before
+        training and after each window: training must never leave a plan worse than it
+        found it. (Without that, Adam's first steps
         moved every weight of a barely changed model: a residual CNN plan that the sensitivity
         pass had judged harmless came out at 0.77 accuracy, and at 0.996 with this rule.)"""
         if self.steps <= 0 or not self.inputs:
             return 0
         with torch.inference_mode():
             targets = [floating_tensors(call_model(teacher, x)) for x in self.inputs]
-        held = range(min(CHECK_BATCHES, len(self.inputs)))
+        held, trained = _split(len(self.inputs))
 
         def held_loss() -> float:
             with torch.no_grad():
@@ -76,7 +88,7 @@ class Recovery:
         step = 0
         with torch.enable_grad():
             while step < self.steps:
-                i = int(torch.randint(len(self.inputs), (1,), generator=generator))
+                i = trained[int(torch.randint(len(trained), (1,), generator=generator))]
                 got = floating_tensors(call_model(student, self.inputs[i]))
                 loss = sum(nn.functional.mse_loss(g, t.clone()) for g, t in zip(got, targets[i]))
                 optimizer.zero_grad(set_to_none=True)
