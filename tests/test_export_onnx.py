@@ -98,20 +98,18 @@ def test_every_plan_exports_its_integers_and_runs_without_torch(tmp_path):
             assert (have - want).abs().max() <= 1e-4 * want.abs().max(), name
 
 
-def test_a_head_pruned_transformers_model_exports_with_keyword_inputs(tmp_path):
-    from transformers import BertConfig, BertModel
+def _bert() -> torch.nn.Module:
+    """transformers' BertModel, tiny, seeded: the zoo's (tests/zoo/zoo_models.py)."""
+    sys.path.insert(0, str(Path(__file__).parent / "zoo"))
+    from zoo_models import build_bert
 
-    torch.manual_seed(0)
-    config = BertConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        vocab_size=300,
-    )
-    model = BertModel(config, add_pooling_layer=False).eval()
+    return build_bert()
+
+
+def test_a_head_pruned_transformers_model_exports_with_keyword_inputs(tmp_path):
+    model = _bert()
     batch = {
-        "input_ids": torch.randint(0, 300, (4, 12)),
+        "input_ids": torch.randint(0, 256, (4, 12)),
         "attention_mask": torch.ones(4, 12, dtype=torch.long),
     }
     plan = Plan(
@@ -277,20 +275,10 @@ def test_every_kernel_on_a_transformers_bert_exports_to_both_formats(tmp_path):
     """Each kernel the search offers on CPU, on a BERT from transformers' classes: the ONNX
     file computes the decoded weights' outputs; the program computes the deployed model's,
     and only ``int8_dynamic`` is refused there, by layer and kernel."""
-    from transformers import BertConfig, BertModel
-
     from autosqueeze.export import OnnxModel, export_program
 
-    torch.manual_seed(0)
-    config = BertConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        vocab_size=300,
-    )
-    model = BertModel(config, add_pooling_layer=False).eval()
-    batch = {"input_ids": torch.randint(0, 300, (3, 10))}
+    model = _bert()
+    batch = {"input_ids": torch.randint(0, 256, (3, 10))}
     target = Target("cpu", batch)
     layers = {
         "embeddings.word_embeddings": LayerPlan(bits=8, kernel="int8_weight_only"),
