@@ -198,7 +198,8 @@ class Evaluator:
         with self.lock.shared():
             with clock("load"):
                 model = self._load(source, trust_pickle)
-            with clock("export"):
+            exporting = self._runtime != "torch" and not isinstance(model, OnnxModel)
+            with clock("export") if exporting else contextlib.nullcontext():
                 shipped, size = self._as_shipped(model, source)
             with clock("first_look"):
                 early = self._first_look_stop(model, limits)
