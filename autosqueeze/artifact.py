@@ -202,11 +202,15 @@ def load_artifact(
     where = "the artifact" if isinstance(source, bytes) else source
     metadata, tensors = _read(source)
     plan, state = _checked_contents(metadata, tensors, where)
-    for alias, owner in _ties(metadata, state, source).items():
-        state[alias] = state[owner]
+    ties = _ties(metadata, state, source)
     _check_can_rebuild(plan, target, where)
     try:
         rebuild(model, plan, target)
+        # the metadata is not digested: a forged tie could load one tensor in another's place
+        if ties != shared_keys(model)[1]:
+            raise ValueError("its tied tensors are not the ones this model shares")
+        for alias, owner in ties.items():
+            state[alias] = state[owner]
         expected = model.state_dict()
         for key, tensor in state.items():
             held = expected.get(key)

@@ -86,6 +86,10 @@ def _variants(data: bytes) -> dict[str, bytes]:
             encodings=json.dumps({k: v for k, v in encodings.items() if k != weight})
         ),
         "ties to nothing": changed(ties=json.dumps({"x": "nowhere"})),
+        # same shape (64,): the metadata is not digested, so only the model can say no
+        "one bias tied in another's place": changed(
+            ties=json.dumps({"features.5.bias": "features.2.bias"})
+        ),
     }
 
 
