@@ -214,9 +214,9 @@ class Evaluator:
             if stopped:
                 return Measurements(metric, size, None, stopped=stopped, seconds=clock.seconds)
             with clock("memory"):
-                memory = (
+                memory = (  # ONNX Runtime's allocations are its own
                     None
-                    if isinstance(model, OnnxModel) or self._runtime != "torch"
+                    if isinstance(shipped, OnnxModel)
                     else measure_memory(model, self.task.example_input, self.task.device)
                 )
             extra = self._measure_extra(model, clock)
