@@ -42,18 +42,24 @@ from autosqueeze.techniques import (
     rebuild,
 )
 
-ARTIFACT_FORMAT = "1"
+ARTIFACT_FORMAT = "2"
+_TENSORS_ONLY_FORMAT = "1"  # still read: its digest covers the stored tensors only
 _SEP = "::"
-_DIGEST = "sha256"  # metadata: of every stored tensor, so a damaged payload is never believed
+_DIGEST = "sha256"  # metadata: of every stored tensor and metadata field, so damage is seen
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over each stored tensor's name, dtype, shape and bytes, in name order."""
+def _digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 over each stored tensor's name, dtype, shape and bytes, in name order, then
+    over every metadata field but the digest itself: a changed plan or encoding is damage
+    too (format 1 digested the tensors alone)."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
         h.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    if metadata.get("autosqueeze_format") != _TENSORS_ONLY_FORMAT:
+        fields = {k: v for k, v in metadata.items() if k != _DIGEST}
+        h.update(json.dumps(fields, sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -62,7 +68,7 @@ def artifact_bytes(compressed: CompressedModel) -> bytes:
     and ``load_artifact`` takes it as it would the file (a trial measures it without a disk
     round trip; ``save_artifact`` writes these very bytes)."""
     tensors, metadata = _contents(compressed)
-    return serialize(tensors, metadata={**metadata, _DIGEST: _digest(tensors)})
+    return serialize(tensors, metadata={**metadata, _DIGEST: _digest(tensors, metadata)})
 
 
 def artifact_size(compressed: CompressedModel) -> int:
@@ -203,7 +209,7 @@ def load_artifact(
     metadata, tensors = _read(source)
     plan, state = _checked_contents(metadata, tensors, where)
     ties = _ties(metadata, state, source)
-    _check_can_rebuild(plan, target, where)
+    _check_can_rebuild(plan, model, target, where)
     try:
         rebuild(model, plan, target)
         # the metadata is not digested: a forged tie could load one tensor in another's place
@@ -223,16 +229,16 @@ def load_artifact(
     return deploy(model, plan) if execution_form else model
 
 
-def _check_can_rebuild(plan: Plan, target: Target, where: object) -> None:
-    """What loading a plan that reshapes coupled layers needs beyond the model itself,
-    named before anything is changed: an example input to trace the model with, and
-    Torch-Pruning to trace it."""
+def _check_can_rebuild(plan: Plan, model: nn.Module, target: Target, where: object) -> None:
+    """What loading a plan that reshapes coupled layers through the model's graph needs
+    beyond the model itself, named before anything is changed: an example input to trace
+    the model with, and Torch-Pruning to trace it."""
     reshaping = sorted(
         {
             name
             for name, lp in plan.layers.items()
             for t in TECHNIQUES.values()
-            if t.reaches_neighbours and getattr(lp, t.knob) != t.identity
+            if getattr(lp, t.knob) != t.identity and t.needs_graph(model, name)
         }
     )
     if not reshaping:
@@ -283,7 +289,7 @@ def _checked_contents(
             raise ValueError("its encodings are not a mapping")
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{where}: its plan or encodings are malformed: {exc}") from None
-    if metadata.get(_DIGEST) != _digest(tensors):  # a renamed or dropped digest too
+    if metadata.get(_DIGEST) != _digest(tensors, metadata):  # a renamed or dropped one too
         raise ValueError(
             f"{where}: its contents do not match their SHA-256, or it has none (damaged in "
             "transit?)"
@@ -370,6 +376,6 @@ def _metadata(handle: object, path: str | Path) -> dict[str, str]:
 
 def _checked(metadata: dict[str, str] | None, where: object) -> dict[str, str]:
     metadata = metadata or {}
-    if metadata.get("autosqueeze_format") != ARTIFACT_FORMAT:
+    if metadata.get("autosqueeze_format") not in (ARTIFACT_FORMAT, _TENSORS_ONLY_FORMAT):
         raise ValueError(f"{where} is not an autosqueeze artifact (format {ARTIFACT_FORMAT})")
     return metadata

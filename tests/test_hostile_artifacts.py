@@ -1,5 +1,8 @@
 """An artifact is untrusted: every corrupt or forged variant of a real one is refused by
-``evaluate`` with exit 2 and a message naming the file, never a traceback or a wrong answer."""
+``evaluate`` with exit 2 and a message naming the file, never a traceback or a wrong answer.
+A forger can recompute the SHA-256 (it is a check against damage, not a signature), so the
+forged metadata below carries a digest that matches it: the checks of the metadata against
+the tensors and the model are what refuse it."""
 
 from __future__ import annotations
 
@@ -8,9 +11,11 @@ import os
 import struct
 
 import pytest
+import torch
 from conftest import study_config, write_yaml
+from safetensors.torch import load as load_tensors
 
-from autosqueeze.artifact import save_artifact
+from autosqueeze.artifact import _digest, save_artifact
 from autosqueeze.cli import main
 from autosqueeze.examples.digits import pretrained_cnn
 from autosqueeze.plan import Plan
@@ -41,6 +46,11 @@ def _variants(data: bytes) -> dict[str, bytes]:
         )
 
     def changed(**metadata: str) -> bytes:
+        forged = {**header["__metadata__"], **metadata}
+        forged["sha256"] = _digest(load_tensors(data), forged)  # as a forger would
+        return with_header({**header, "__metadata__": forged})
+
+    def damaged(**metadata: str) -> bytes:  # the digest left as it was
         return with_header({**header, "__metadata__": {**header["__metadata__"], **metadata}})
 
     plan = json.loads(header["__metadata__"]["plan"])
@@ -64,6 +74,11 @@ def _variants(data: bytes) -> dict[str, bytes]:
     flipped[-100] ^= 0x10  # one bit of a stored weight
     return {
         "a payload bit flipped": bytes(flipped),
+        "a plan value changed": damaged(
+            plan=json.dumps(
+                {**plan, "layers": {**plan["layers"], layer: {**plan["layers"][layer], "bits": 5}}}
+            )
+        ),
         "truncated": data[: len(data) // 2],
         "empty": b"",
         "random": os.urandom(4096),
@@ -86,7 +101,7 @@ def _variants(data: bytes) -> dict[str, bytes]:
             encodings=json.dumps({k: v for k, v in encodings.items() if k != weight})
         ),
         "ties to nothing": changed(ties=json.dumps({"x": "nowhere"})),
-        # same shape (64,): the metadata is not digested, so only the model can say no
+        # same shape (64,): only the model can say no
         "one bias tied in another's place": changed(
             ties=json.dumps({"features.5.bias": "features.2.bias"})
         ),
@@ -133,3 +148,22 @@ def test_an_artifact_whose_digest_key_is_renamed_is_refused(tmp_path):
     path.write_bytes(data.replace(b'"sha256"', b'"rha256"', 1))
     with pytest.raises(ValueError, match="SHA-256"):
         load_artifact(path, pretrained_cnn())
+
+
+def test_an_artifact_of_the_first_format_still_loads(tmp_path, artifact):
+    """Format 1 digested the tensors alone; a front saved by it must still load."""
+    from autosqueeze.artifact import load_artifact
+
+    n = struct.unpack("<Q", artifact[:8])[0]
+    header = json.loads(artifact[8 : 8 + n])
+    metadata = {**header["__metadata__"], "autosqueeze_format": "1"}
+    metadata["sha256"] = _digest(load_tensors(artifact), metadata)
+    text = json.dumps({**header, "__metadata__": metadata}).encode()
+    text += b" " * (-len(text) % 8)
+    (tmp_path / "old.safetensors").write_bytes(
+        struct.pack("<Q", len(text)) + text + artifact[8 + n :]
+    )
+    old = load_artifact(tmp_path / "old.safetensors", pretrained_cnn())
+    new = load_artifact(artifact, pretrained_cnn())
+    for (name, a), (_, b) in zip(old.state_dict().items(), new.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
