@@ -88,7 +88,9 @@ class Float16(Cast):
 
 class DynamicInt8(Kernel):
     """PyTorch's x86 (fbgemm) dynamically quantized Linear: int8 weights with one scale per
-    output row; activations are quantized per batch at run time; int8 GEMM."""
+    output row; activations are quantized per batch at run time; int8 GEMM. Its dynamic
+    convolutions are not offered: they return their output in the input's quantized range,
+    so after a ReLU (inputs >= 0) every negative output comes back as 0 (docs/techniques.md)."""
 
     name = "int8_dynamic"
     devices = frozenset({"cpu"})

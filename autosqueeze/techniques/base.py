@@ -100,6 +100,11 @@ class Technique(ABC):
     def rebuild(self, model: CompressedModel, name: str, layer_plan: LayerPlan) -> None:  # noqa: B027
         """Make the structural change of ``apply`` without computing weights (for loading)."""
 
+    def needs_graph(self, model: nn.Module, name: str) -> bool:
+        """Whether changing layer ``name`` traces the model's data flow (Torch-Pruning, with
+        an example input), which loading an artifact must then do too."""
+        return self.reaches_neighbours
+
     def deploy(self, module: nn.Module, name: str, layer_plan: LayerPlan) -> None:  # noqa: B027
         """Turn the loaded layer into the form it runs in (after its weights are loaded)."""
 

@@ -77,17 +77,26 @@ def build_graph(module: nn.Module, example_input: Any) -> Any:
         )
 
 
+def original_widths(compressed: CompressedModel) -> dict[str, int]:
+    """Each prunable layer's width before the first structural change (every structured
+    technique asks before it changes anything): what a fraction removed is a fraction of."""
+    if "original_widths" not in compressed.scratch:
+        compressed.scratch["original_widths"] = {
+            n: width(m) for n, m in compressed.module.named_modules() if isinstance(m, PRUNABLE)
+        }
+    return compressed.scratch["original_widths"]
+
+
 def model_graph(compressed: CompressedModel) -> tuple[Any, dict[str, int]]:
-    """The dependency graph of the model being compressed, and each layer's original width
-    (recorded before the first structural change)."""
+    """The dependency graph of the model being compressed, and each layer's original width."""
+    widths = original_widths(compressed)
     if "dependency_graph" not in compressed.scratch:
         if compressed.target.example_input is None:
             raise ValueError("structured pruning needs the task's example input to trace the model")
-        compressed.scratch["dependency_graph"] = (
-            build_graph(compressed.module, compressed.target.example_input),
-            {n: width(m) for n, m in compressed.module.named_modules() if isinstance(m, PRUNABLE)},
+        compressed.scratch["dependency_graph"] = build_graph(
+            compressed.module, compressed.target.example_input
         )
-    return compressed.scratch["dependency_graph"]
+    return compressed.scratch["dependency_graph"], widths
 
 
 def outputs(model: nn.Module, example_input: Any) -> list[torch.Tensor]:

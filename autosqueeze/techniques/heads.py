@@ -7,17 +7,29 @@ block runs fewer heads, and its matrices shrink. ``prune_heads`` is the fraction
 block's original heads removed (at least one head stays); heads are ranked by the L2 norm of
 all their coupled weights.
 
-It is offered on the first projection of each block whose module declares its head size
-(``attention_head_size``, ``head_dim``, ...) or head count, and only where removing a head on
-a copy gives exactly the outputs of the original with that head's contribution zeroed: a
-model that splits its projections into a fixed number of heads (T5), fuses them into one
-layer (GPT-2's ``Conv1D``, ``nn.MultiheadAttention``) or shares keys and values among
-query heads (LLaMA's grouped-query attention) is not offered the knob rather than changed
+Two routes, by the block's structure:
+
+- A block that holds its own four projections (query, key, value and output: LLaMA, Mistral,
+  Qwen2, BART, Whisper, HF ViT) is narrowed directly, without the graph. Where keys and
+  values serve several query heads (grouped-query attention), a key/value head goes with
+  its whole group of query heads, so every remaining query head keeps the key and value it
+  had. Its knob sits on the block's first projection.
+- Otherwise (BERT: the output projection lives in a sibling module) Torch-Pruning's graph
+  finds what is coupled; the knob sits on the block's first projection in model order.
+
+Either way it is offered only where the block declares its head size (``head_dim``,
+``attention_head_size``, ...) or head count, and where removing a head (a group) on a copy
+gives exactly the outputs of the original with its contribution zeroed: a model that splits
+its projections into a fixed number of heads (T5, DistilBERT) or fuses them into one layer
+(GPT-2's ``Conv1D``, ``nn.MultiheadAttention``) is not offered the knob rather than changed
 into a different function.
 """
 
 from __future__ import annotations
 
+import copy
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +43,7 @@ from autosqueeze.techniques.dependency import (
     RemovesFraction,
     model_graph,
     once_per_model,
+    original_widths,
     out_channels,
     outputs,
     removable,
@@ -49,11 +62,27 @@ class PruneHeads(RemovesFraction):
     def offer(self, site: Site, values: KnobValues) -> BaseDistribution | Any | None:
         if not isinstance(site.layer, nn.Linear) or site.target.example_input is None:
             return None
-        if head_size(site.model, site.name) is None or site.name not in _block_leaders(site):
+        if head_size(site.model, site.name) is None:
             return None
-        return to_distribution(values)
+        projections = own_projections(site.model, site.name)
+        if projections is not None:
+            offered = site.name in _direct_blocks(site.model, site.target.example_input)
+        else:
+            offered = site.name in _block_leaders(site)
+        return to_distribution(values) if offered else None
+
+    def needs_graph(self, model: nn.Module, name: str) -> bool:
+        return own_projections(model, name) is None
 
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
+        projections = own_projections(compressed.module, name)
+        if projections is not None:
+            if name != projections.first:
+                raise ValueError(f"prune_heads: the block's knob is on {projections.first!r}")
+            groups = original_widths(compressed)[projections.key] // projections.head_size
+            keep = max(1, groups - round(layer_plan.prune_heads * groups))
+            projections.remove_groups(compressed.module, keep)
+            return
         graph, widths = model_graph(compressed)
         layer = compressed.module.get_submodule(name)
         size = head_size(compressed.module, name, widths[name])
@@ -84,6 +113,132 @@ def head_size(model: nn.Module, name: str, original_width: int | None = None) ->
         if isinstance(getattr(block, a, None), int) and getattr(block, a) > 0
     ]
     return next((s for s in sizes if 0 < s < full and full % s == 0), None)
+
+
+@dataclass(frozen=True)
+class OwnProjections:
+    """An attention block's own four projections, found by structure: three from the input
+    (the widest is the query; the two others, keys and values, may serve several query
+    heads each) and, defined last, the output, which reads the query's width."""
+
+    first: str  # in definition order: the layer that carries the block's knob
+    query: str
+    key: str
+    value: str
+    output: str
+    head_size: int
+
+    def remove_groups(self, model: nn.Module, keep: int) -> list[int]:
+        """Keep the ``keep`` strongest key/value heads, each with its group of query heads
+        (by the L2 norm of all their weights, each layer's share of its own total); return
+        the query channels removed (the output's inputs)."""
+        q, k, v, o = (model.get_submodule(n) for n in self.names)
+        size, groups = self.head_size, width(k) // self.head_size
+        per_group = width(q) // groups  # query rows per key/value head
+        if keep >= groups:
+            return []
+        scores = sum(
+            _shares(layer.weight.detach(), rows, per)
+            for layer, rows, per in ((q, True, per_group), (k, True, size), (v, True, size))
+        ) + _shares(o.weight.detach(), False, per_group)
+        kept = sorted(torch.argsort(scores, descending=True, stable=True)[:keep].tolist())
+        query_idx = [g * per_group + i for g in kept for i in range(per_group)]
+        key_idx = [g * size + i for g in kept for i in range(size)]
+        _keep_outputs(q, query_idx)
+        _keep_outputs(k, key_idx)
+        _keep_outputs(v, key_idx)
+        _keep_inputs(o, query_idx)
+        return sorted(set(range(groups * per_group)) - set(query_idx))
+
+    @property
+    def names(self) -> tuple[str, str, str, str]:
+        return self.query, self.key, self.value, self.output
+
+
+def own_projections(model: nn.Module, name: str) -> OwnProjections | None:
+    """The projections of the block that layer ``name`` belongs to, when it holds its own
+    four (whichever of them ``name`` is), else None."""
+    parent = name.rpartition(".")[0]
+    linears = [
+        (f"{parent}.{n}" if parent else n, m)
+        for n, m in model.get_submodule(parent).named_children()
+        if isinstance(m, nn.Linear)
+    ]
+    size = head_size(model, linears[0][0]) if len(linears) == 4 else None
+    if size is None:
+        return None
+    inputs, (output, o) = linears[:3], linears[3]
+    query, q = max(inputs, key=lambda nl: width(nl[1]))  # the first of equals
+    (key, k), (value, v) = [nl for nl in inputs if nl[0] != query]
+    fits = (
+        o.in_features == width(q)
+        and width(k) == width(v)
+        and width(k) % size == 0
+        and width(q) % width(k) == 0
+        and q.in_features == k.in_features == v.in_features
+    )
+    return OwnProjections(linears[0][0], query, key, value, output, size) if fits else None
+
+
+def _shares(weight: torch.Tensor, rows: bool, per: int) -> torch.Tensor:
+    """Each unit's share of the squared weights (units of ``per`` rows, or columns)."""
+    squares = (weight if rows else weight.T).float().pow(2)
+    return squares.reshape(-1, per * squares.shape[1]).sum(1) / squares.sum().clamp_min(1e-30)
+
+
+def _keep_outputs(layer: nn.Linear, idx: list[int]) -> None:
+    layer.weight = nn.Parameter(layer.weight.detach()[idx].clone(), layer.weight.requires_grad)
+    if layer.bias is not None:
+        layer.bias = nn.Parameter(layer.bias.detach()[idx].clone(), layer.bias.requires_grad)
+    layer.out_features = len(idx)
+
+
+def _keep_inputs(layer: nn.Linear, idx: list[int]) -> None:
+    layer.weight = nn.Parameter(layer.weight.detach()[:, idx].clone(), layer.weight.requires_grad)
+    layer.in_features = len(idx)
+
+
+_DIRECT: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _direct_blocks(model: nn.Module, inputs: Any) -> set[str]:
+    """The first projections of the blocks whose heads can go directly: where removing one
+    key/value group computes what the original computes with it zeroed. Checked on one copy
+    for all blocks at once, then block by block where that fails (models mix blocks)."""
+    if model not in _DIRECT:
+        found = {
+            p.first: p
+            for name, layer in model.named_modules()
+            if isinstance(layer, nn.Linear) and (p := own_projections(model, name)) is not None
+        }
+        passing = set(found) if _zeroing_matches(model, found, inputs) else set()
+        if not passing and len(found) > 1:
+            passing = {n for n, p in found.items() if _zeroing_matches(model, {n: p}, inputs)}
+        _DIRECT[model] = passing
+    return _DIRECT[model]
+
+
+def _zeroing_matches(
+    model: nn.Module, blocks: dict[str, OwnProjections], example_input: Any
+) -> bool:
+    pruned, zeroed = copy.deepcopy(model), copy.deepcopy(model)
+    try:
+        with torch.no_grad():
+            for p in blocks.values():
+                groups = width(model.get_submodule(p.key)) // p.head_size
+                if groups < 2:
+                    return False
+                zeroed.get_submodule(p.output).weight[:, p.remove_groups(pruned, groups - 1)] = 0
+        return _same_outputs(outputs(zeroed, example_input), outputs(pruned, example_input))
+    except Exception:  # noqa: BLE001 - the model does not run with fewer heads: not offered
+        return False
+
+
+def _same_outputs(want: list[torch.Tensor], got: list[torch.Tensor]) -> bool:
+    return len(want) == len(got) and all(
+        w.shape == g.shape and torch.allclose(w, g, rtol=1e-3, atol=1e-5 * (1 + w.abs().max()))
+        for w, g in zip(want, got, strict=True)
+    )
 
 
 def _importance(group: Any) -> torch.Tensor:
@@ -120,18 +275,12 @@ def _same_as_zeroed(example_input: Any) -> Any:
         if not lost:
             return False
         zeroed = _copy_with_inputs_zeroed(original, lost)
-        want, got = outputs(zeroed, example_input), outputs(pruned, example_input)
-        return len(want) == len(got) and all(
-            w.shape == g.shape and torch.allclose(w, g, rtol=1e-3, atol=1e-5 * (1 + w.abs().max()))
-            for w, g in zip(want, got, strict=True)
-        )
+        return _same_outputs(outputs(zeroed, example_input), outputs(pruned, example_input))
 
     return accept
 
 
 def _copy_with_inputs_zeroed(model: nn.Module, lost: dict[str, list[int]]) -> nn.Module:
-    import copy
-
     zeroed = copy.deepcopy(model)
     with torch.no_grad():
         for name, idxs in lost.items():
