@@ -53,9 +53,10 @@ def export_program(model: nn.Module, plan: Plan, example_input: Any, path: Path)
     batch the program takes, and each layer held at more bits than the artifact stores.
     Raises ValueError naming a layer whose kernel cannot be traced."""
     refused = [
-        f"layer {name!r} runs {lp.kernel!r}: {KERNELS[lp.kernel].export_refusal}"
+        f"layer {name!r} runs {lp.kernel!r}: {why}"
         for name, lp in plan.layers.items()
-        if lp.kernel in KERNELS and KERNELS[lp.kernel].export_refusal
+        if lp.kernel in KERNELS
+        and (why := KERNELS[lp.kernel].refuses_export(model.get_submodule(name)))
     ]
     if refused:
         raise ValueError("; ".join(refused) + "; ship the artifact, or a trial without it")

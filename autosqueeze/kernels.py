@@ -42,6 +42,10 @@ class Kernel(ABC):
         """``convert``, a Hugging Face ``Conv1D`` first turned into the Linear it is."""
         return self.convert(as_linear(layer))
 
+    def refuses_export(self, deployed: nn.Module) -> str:
+        """Why ``torch.export`` cannot trace ``deployed`` (a layer in this form), or ""."""
+        return self.export_refusal
+
     @abstractmethod
     def convert(self, layer: nn.Module) -> nn.Module:
         """The layer in this execution form (on the layer's device)."""
@@ -87,20 +91,29 @@ class Float16(Cast):
 
 
 class DynamicInt8(Kernel):
-    """PyTorch's x86 (fbgemm) dynamically quantized Linear: int8 weights with one scale per
-    output row; activations are quantized per batch at run time; int8 GEMM. Its dynamic
-    convolutions are not offered: they return their output in the input's quantized range,
-    so after a ReLU (inputs >= 0) every negative output comes back as 0 (docs/techniques.md)."""
+    """int8 weights with one scale per output channel, activations quantized per batch at
+    run time, int8 GEMM. A Linear runs PyTorch's x86 (fbgemm) dynamically quantized Linear;
+    a Conv2d runs ``Int8DynamicConv2d``, the same arithmetic on ``torch._int_mm``. (torch.ao's
+    own dynamic convolutions are wrong: they return their output in the input's quantized
+    range, so after a ReLU every negative output comes back as 0; docs/techniques.md.)"""
 
     name = "int8_dynamic"
     devices = frozenset({"cpu"})
-    layers = (nn.Linear,)
+    layers = (nn.Linear, nn.Conv2d)
     weight_bits = 8
     export_refusal = (
         "torch.ao's packed dynamic Linear, which torch.export cannot trace (LinearPackedParamsBase)"
     )
 
+    def fits(self, layer: nn.Module, device: str) -> bool:
+        if isinstance(layer, nn.Conv2d):
+            plain = layer.groups == 1 and layer.padding_mode == "zeros"
+            return device in self.devices and plain and not isinstance(layer.padding, str)
+        return super().fits(layer, device)
+
     def convert(self, layer: nn.Module) -> nn.Module:
+        if isinstance(layer, nn.Conv2d):
+            return Int8DynamicConv2d(layer)
         from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
         from torch.ao.quantization import per_channel_dynamic_qconfig
 
@@ -108,6 +121,10 @@ class DynamicInt8(Kernel):
         with warnings.catch_warnings():  # torch.ao.quantization is deprecated, not yet replaced
             warnings.simplefilter("ignore")
             return QuantizedLinear.from_float(layer)
+
+    def refuses_export(self, deployed: nn.Module) -> str:
+        packed = any(type(m).__module__.startswith("torch.ao.") for m in deployed.modules())
+        return self.export_refusal if packed else ""  # Int8DynamicConv2d traces
 
 
 class WeightOnlyInt8(Kernel):
@@ -260,6 +277,44 @@ class Int8WeightOnlyLinear(_PackedLinear):
 
     def matmul(self, flat: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(flat, self.codes, self.scale)
+
+
+class Int8DynamicConv2d(nn.Module):
+    """A Conv2d as an int8 GEMM: the input quantized per batch (symmetric, one scale), cut
+    into patches as int8 (a quarter of fp32's bytes to copy), multiplied by int8 weights
+    (one scale per output channel) in ``torch._int_mm`` with int32 sums, then scaled back
+    to fp32. The output is channels-last in memory, NCHW in shape."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        weight = conv.weight.detach().float()
+        rows = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)  # the patches' order
+        codes, scale = _int8_rows(rows)
+        self.register_buffer("codes", codes.t().contiguous())  # (kh * kw * in, out)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float())
+        self.out_channels, self.in_channels = conv.out_channels, conv.in_channels
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding, self.dilation = conv.padding, conv.dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # one unbatched image, as Conv2d takes it
+            return self(x[None])[0]
+        x_scale = (x.detach().abs().amax() / 127).clamp(min=1e-12)
+        q = torch.round(x / x_scale).clamp(-127, 127).to(torch.int8)
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+            self.kernel_size, self.stride, self.padding, self.dilation
+        )  # fmt: skip
+        if ph or pw:
+            q = F.pad(q, (pw, pw, ph, ph))
+        patches = q.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+        patches = patches[..., ::dh, ::dw]  # (n, in, oh, ow, kh, kw)
+        n, _, oh, ow = patches.shape[:4]
+        cols = patches.permute(0, 2, 3, 4, 5, 1).reshape(n * oh * ow, -1)
+        y = torch._int_mm(cols, self.codes).float() * (x_scale * self.scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(n, oh, ow, self.out_channels).permute(0, 3, 1, 2).to(x.dtype)
 
 
 class Int8Embedding(nn.Module):

@@ -1,6 +1,6 @@
 """Per execution form (kernel) and per layer shape of the examples: speed relative to fp32.
 
-    python benchmarks/kernels.py [--device cpu|cuda] [--rounds 7] [--no-minilm]
+    python benchmarks/kernels.py [--device cpu|cuda] [--rounds 7] [--no-minilm] [--resnet]
 
 The layer shapes are the real ones: each example model (digits CNN, residual CNN, and
 all-MiniLM-L6-v2 when the [transformers] extra is installed) runs its example input at batch 1
@@ -10,6 +10,8 @@ rounds (fp32, kernel, fp32, kernel, ...) so machine drift hits both alike; the t
 the median over rounds of fp32 time / kernel time (>1 = faster) and the kernel's worst error
 relative to the largest fp32 output. When torchao is importable, its int8 dynamic-activation
 Linear is measured too ("torchao_int8_dyn"), as the alternative to PyTorch's fbgemm kernel.
+``--resnet`` adds the convolutions of a ResNet-18 at 224x224, batch 1 (the shapes written
+out: torchvision is not installed here), post-ReLU inputs, seeded weights.
 """
 
 from __future__ import annotations
@@ -66,6 +68,31 @@ def layer_shapes(device: str, minilm: bool) -> list[tuple[str, nn.Module, torch.
     ]
 
 
+# (in, out, kernel, stride, input side): ResNet-18's distinct convolutions at 224x224
+RESNET18 = [
+    (3, 64, 7, 2, 224),
+    (64, 64, 3, 1, 56),
+    (64, 128, 3, 2, 56),
+    (128, 128, 3, 1, 28),
+    (64, 128, 1, 2, 56),
+    (128, 256, 3, 2, 28),
+    (256, 256, 3, 1, 14),
+    (256, 512, 3, 2, 14),
+    (512, 512, 3, 1, 7),
+]
+
+
+def resnet_shapes(device: str) -> list[tuple[str, nn.Module, torch.Tensor]]:
+    torch.manual_seed(0)
+    found = []
+    for cin, cout, k, stride, side in RESNET18:
+        layer = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False).eval()
+        x = torch.randn(1, cin, side, side).relu()
+        label = f"resnet18 Conv2d {cin}->{cout} k{k} s{stride} in {list(x.shape)}"
+        found.append((label, layer.to(device), x.to(device)))
+    return found
+
+
 def _describe(layer: nn.Module) -> str:
     if isinstance(layer, nn.Linear):
         return f"Linear {layer.in_features}->{layer.out_features}"
@@ -101,11 +128,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--no-minilm", action="store_true")
+    parser.add_argument("--resnet", action="store_true", help="add ResNet-18's convolutions")
     args = parser.parse_args()
     device = args.device
     rows = []
     names: list[str] = []
-    for label, layer, x in layer_shapes(device, not args.no_minilm):
+    shapes = layer_shapes(device, not args.no_minilm)
+    for label, layer, x in shapes + (resnet_shapes(device) if args.resnet else []):
         with torch.inference_mode():
             expected = layer(x)
         ratios: dict[str, list[float]] = {}

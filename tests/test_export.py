@@ -28,6 +28,7 @@ PLANS = {
     "int4_weight_only": {"classifier.3": LayerPlan(bits=4, kernel="int4_weight_only")},
     "channels": {"features.2": LayerPlan(bits=8, prune_channels=0.5), "classifier.1": LayerPlan()},
     "rank": {"classifier.1": LayerPlan(bits=8, rank=0.25)},
+    "int8 conv": {"features.5": LayerPlan(bits=8, kernel="int8_dynamic")},  # torch._int_mm
 }
 
 RUN_WITHOUT_AUTOSQUEEZE = textwrap.dedent(

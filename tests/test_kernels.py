@@ -31,6 +31,13 @@ LAYERS = {
     "linear-batch1": (nn.Linear(1024, 128), torch.randn(1, 1024)),
     "narrow": (nn.Linear(5, 10), torch.randn(1, 5)),  # crashed _weight_int8pack_mm unpadded
     "conv": (nn.Conv2d(8, 16, 3, padding=1), torch.randn(2, 8, 8, 8)),
+    # inputs after a ReLU (>= 0): torch.ao's dynamic conv returned relu(conv(x)) on them
+    "conv-after-relu": (nn.Conv2d(8, 16, 3, padding=1), torch.rand(2, 8, 8, 8)),
+    "conv-strided-dilated": (
+        nn.Conv2d(6, 10, (3, 5), stride=(2, 1), padding=(2, 1), dilation=2),
+        torch.randn(1, 6, 11, 9),
+    ),
+    "conv-1x1-unbatched": (nn.Conv2d(12, 4, 1, bias=False), torch.randn(12, 5, 5)),
     "embedding": (nn.Embedding(100, 24), torch.randint(0, 100, (2, 7))),
 }
 
@@ -59,12 +66,20 @@ def test_cpu_offers_the_cpu_kernels_only():
     offered = {k.name for k in KERNELS.values() if k.fits(linear, "cpu")}
     assert offered == {"fp32", "bf16", "int8_dynamic", "int8_weight_only", "int4_weight_only"}
     assert not KERNELS["fp16"].fits(linear, "cpu")
-    assert not KERNELS["int8_dynamic"].fits(nn.Conv2d(3, 3, 3), "cpu")
+    assert KERNELS["int8_dynamic"].fits(nn.Conv2d(3, 3, 3), "cpu")
+    for conv in (
+        nn.Conv2d(4, 4, 3, groups=2),  # grouped and depthwise: not one GEMM
+        nn.Conv2d(3, 3, 3, padding="same"),
+        nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"),
+        nn.Conv1d(3, 3, 3),
+    ):
+        assert not KERNELS["int8_dynamic"].fits(conv, "cpu"), conv
 
 
 PLAN = Plan(
     {
         "features.2": LayerPlan(kernel="bf16"),
+        "features.5": LayerPlan(bits=8, kernel="int8_dynamic"),
         "classifier.1": LayerPlan(bits=8, kernel="int8_dynamic", rank=0.5),
         "classifier.3": LayerPlan(bits=4, kernel="int4_weight_only"),
     }
@@ -79,6 +94,8 @@ def test_the_artifact_loads_into_the_planned_execution_form(tmp_path):
     kinds = {name: type(m).__qualname__ for name, m in loaded.named_modules()}
     assert kinds["features.2"] == "CastLayer"
     assert kinds["classifier.3"] == "Int4WeightOnlyLinear"
+    assert kinds["features.5"] == "Int8DynamicConv2d"
+    assert loaded.features[5].codes.dtype == torch.int8
     dynamic = torch.ao.nn.quantized.dynamic.Linear
     assert isinstance(loaded.classifier[1][0], dynamic)  # both halves of the factorized layer
     assert isinstance(loaded.classifier[1][1], dynamic)
