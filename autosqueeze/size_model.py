@@ -26,7 +26,7 @@ from autosqueeze.codecs import (
     quantize,
 )
 from autosqueeze.techniques.base import matrices
-from autosqueeze.techniques.factorize import full_rank, rank_for
+from autosqueeze.techniques.factorize import factor_shapes
 
 
 @dataclass(frozen=True)
@@ -100,18 +100,17 @@ def layer_bytes(
         return stored.nbytes
     codec = TensorCodec(stored.bits, stored.group_size if stored.bits < 16 else None)
     if rank < 1:
-        out, inp = full_rank(layer)
-        r = rank_for(layer, rank)
         packed = sum(
             encoded_nbytes(m.shape, codec, math.prod(m.shape) - m.zeros) for m in stored.matrices
         )
         saved = min(1.0, stored.nbytes / packed) if packed else 1.0
-        factors = [math.prod(s) for s in [(r, inp), (out, r)]]
+        shapes = factor_shapes(layer, rank)
         return round(
             saved
             * sum(
-                encoded_nbytes(s, codec, n - round(prune * n))
-                for s, n in zip([(r, inp), (out, r)], factors, strict=True)
+                encoded_nbytes(shape, codec, n - round(prune * n))
+                for shape in shapes
+                if (n := math.prod(shape))
             )
         )
     return sum(_pruned_bytes(m, codec, prune) for m in stored.matrices)

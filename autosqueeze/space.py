@@ -256,11 +256,14 @@ def build_space(
             if stay and not technique.keeps_layer:
                 withheld[name] = f"{withheld[name]}, {knob}" if name in withheld else knob
                 continue
+            site = Site(name, module, model, target)
             try:
-                offered = technique.offer(Site(name, module, model, target), values)
+                offered = technique.offer(site, values)
             except Exception as exc:  # noqa: BLE001 - a third-party analysis failed on this layer
                 failed.append(f"{knob}: {describe(exc)}")
                 continue
+            if offered is None and (why := technique.why_not(site)):
+                failed.append(f"{knob}: {why}")
             if isinstance(offered, BaseDistribution):
                 searched[knob] = offered
             elif offered is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import torch
 
 from autosqueeze.codecs import encode, huffman_bits
 from autosqueeze.examples.digits import pretrained_cnn
@@ -17,7 +18,11 @@ def test_layer_bytes_are_the_encoded_bytes_of_the_layers_weights():
     """Exact without pruning or factorization; within 8% with them (the pruned values and
     the factors are priced from the unpruned layer's census, not coded)."""
     model = pretrained_cnn()
-    for name in ("features.0", "features.2", "classifier.1"):
+    trained = model.features[5].weight.detach()
+    model.features[5] = torch.nn.Conv2d(64, 64, 3, padding=1, groups=4)  # factorized per group
+    with torch.no_grad():
+        model.features[5].weight.copy_(trained[:, :16])  # a trained layer's values
+    for name in ("features.0", "features.2", "features.5", "classifier.1"):
         layer = model.get_submodule(name)
         for bits, prune, rank, group in itertools.product(
             (3, 4, 6, 8, 16), (0.0, 0.5, 0.7), (1.0, 0.5), (None, 32)

@@ -24,13 +24,42 @@ def test_default_space_gives_every_conv_and_linear_its_knobs():
     assert list(space.layers) == LAYERS
     dists = space.distributions
     assert len(dists) == 15 + 5  # bits, prune, rank; a kernel per layer
-    assert dists["features.2.kernel"].choices == ("fp32", "bf16")  # CPU kernels for a conv
+    assert dists["features.2.kernel"].choices == ("fp32", "bf16", "int8_dynamic")  # a conv's
     assert "int8_dynamic" in dists["classifier.1.kernel"].choices
     assert isinstance(dists["features.2.bits"], CategoricalDistribution)
     assert isinstance(dists["classifier.1.prune"], FloatDistribution)
     assert dists["classifier.1.prune"].step == 0.05
     # classifier.3 is 10 x 128: only ranks below 10 * 128 / 138 = 9.3 save parameters
     assert dists["classifier.3.rank"].choices == (0.125, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_validate_says_why_a_depthwise_or_grouped_conv_gets_fewer_knobs():
+    """A MobileNet-style block: the depthwise conv is rank 1 per channel and its channels go
+    with the layer feeding it; a grouped conv is factorized per group, keeps its channels,
+    and runs neither int8 kernel (not one GEMM)."""
+    import torch
+    from torch import nn
+
+    from autosqueeze.space import coverage
+    from autosqueeze.techniques import Target
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),  # depthwise
+        nn.Conv2d(16, 32, 3, padding=1, groups=4), nn.ReLU(),  # grouped
+        nn.Conv2d(32, 32, 1), nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
+    ).eval()  # fmt: skip
+    space = build_space(model, DEFAULT_SPACE, Target("cpu", torch.randn(2, 3, 8, 8)))
+    rows = {r.name: r for r in coverage(model, space)}
+    assert "rank" not in rows["2"].knobs and "prune_channels" not in rows["2"].knobs
+    assert "rank: a depthwise filter is rank 1 already" in rows["2"].why
+    assert "prune_channels: a depthwise convolution's channels go with the layer" in rows["2"].why
+    assert "rank" in rows["4"].knobs and "grouped convolution keeps its channels" in rows["4"].why
+    assert space.distributions["4.kernel"].choices == ("fp32", "bf16")
+    assert "int8_dynamic" in space.distributions["0.kernel"].choices
+    assert "prune_channels" in rows["6"].knobs
+    assert "prune_channels: its outputs cannot go alone" in rows["8"].why  # the logits
 
 
 def test_params_become_a_plan_and_back():

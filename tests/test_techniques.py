@@ -51,7 +51,24 @@ def test_only_ranks_that_save_parameters_are_offered():
     assert isinstance(offered, CategoricalDistribution)
     assert offered.choices == (0.25, 1.0)
     assert TECHNIQUES["rank"].offer(_site(nn.Linear(2, 2)), [0.5, 1.0]) is None
-    assert TECHNIQUES["rank"].offer(_site(nn.Conv2d(4, 4, 3, groups=2)), [0.5, 1.0]) is None
+    depthwise = nn.Conv2d(4, 4, 3, groups=4)  # a 1 x 9 matrix per channel: rank 1 already
+    assert TECHNIQUES["rank"].offer(_site(depthwise), [0.5, 1.0]) is None
+
+
+def test_a_grouped_conv_is_factorized_group_by_group():
+    """Groups of 4 inputs x 8 outputs, 3x3: a rank r per group is a grouped conv with r
+    outputs per group, then a grouped 1x1; at full rank it computes the original."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(16, 32, 3, padding=1, groups=4)
+    model = nn.Sequential(layer)
+    assert TECHNIQUES["rank"].offer(_site(layer), [0.5, 1.0]) is not None
+    first, second = compress(model, Plan({"0": LayerPlan(rank=0.5)})).module[0]
+    assert (first.groups, first.in_channels, first.out_channels) == (4, 16, 16)  # 4 per group
+    assert (second.groups, second.in_channels, second.out_channels) == (4, 16, 32)
+    assert second.kernel_size == (1, 1)
+    full = compress(model, Plan({"0": LayerPlan(rank=0.9999)})).module
+    x = torch.randn(2, 16, 9, 9)
+    torch.testing.assert_close(full(x), model(x), atol=1e-4, rtol=1e-4)
 
 
 def _site(layer: nn.Module) -> Site:

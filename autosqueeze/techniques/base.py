@@ -84,6 +84,11 @@ class Technique(ABC):
     def offer(self, site: Site, values: KnobValues) -> BaseDistribution | Any | None:
         return to_distribution(values) if is_weighted(site.layer) else None
 
+    def why_not(self, site: Site) -> str:
+        """Why ``offer`` gave this layer nothing, for ``validate``'s table ("" when it is
+        plain: the knob is not for this kind of layer)."""
+        return ""
+
     @abstractmethod
     def strength(self, value: Any) -> float:
         """How hard ``value`` compresses, from 0 (the identity) to 1: what the search's

@@ -45,6 +45,22 @@ class PruneChannels(RemovesFraction):
             return None
         return to_distribution(values)
 
+    def why_not(self, site: Site) -> str:
+        layer = site.layer
+        if not isinstance(layer, PRUNABLE):
+            return ""
+        groups = getattr(layer, "groups", 1)
+        if groups != 1 and groups == layer.in_channels:
+            return "a depthwise convolution's channels go with the layer feeding it"
+        if groups != 1:
+            return "a grouped convolution keeps its channels (its groups would not line up)"
+        if site.target.example_input is None:
+            return "needs task.calibration (an input to trace the model)"
+        return (
+            "its outputs cannot go alone (they reach the model's outputs or a layer that "
+            "cannot lose them)"
+        )
+
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
         graph, widths = model_graph(compressed)
         layer = compressed.module.get_submodule(name)

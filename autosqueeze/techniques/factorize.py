@@ -2,7 +2,10 @@
 
 A Linear (out x in) becomes Linear(in -> r) then Linear(r -> out); a Conv becomes a conv
 with r output channels and the original kernel, then a 1x1 conv to the original outputs.
-Only ranks with r * (out + in_k) < out * in_k are offered: a larger rank adds parameters.
+A grouped convolution is factorized group by group (its weight is block-diagonal): the
+first conv has r outputs per group, the 1x1 conv keeps the groups. Only ranks with
+r * (out + in_k) < out * in_k (per group) are offered: a larger rank adds parameters, and
+a depthwise filter (one input per output) is rank 1 already.
 """
 
 from __future__ import annotations
@@ -23,9 +26,21 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def full_rank(layer: nn.Module) -> tuple[int, int]:
-    """(outputs, inputs per output) of the layer's weight seen as a matrix."""
+    """(outputs, inputs per output) of the layer's weight seen as a matrix, per group."""
     weight = layer.weight
-    return weight.shape[0], weight[0].numel()
+    return weight.shape[0] // _groups(layer), weight[0].numel()
+
+
+def factor_shapes(layer: nn.Module, fraction: float) -> list[tuple[int, int]]:
+    """The two factors' weights as the matrices the artifact stores: (rank per group x
+    groups, inputs per output), then (outputs, rank per group)."""
+    out, inp = full_rank(layer)
+    r, groups = rank_for(layer, fraction), _groups(layer)
+    return [(groups * r, inp), (groups * out, r)]
+
+
+def _groups(layer: nn.Module) -> int:
+    return int(getattr(layer, "groups", 1))
 
 
 def rank_for(layer: nn.Module, fraction: float) -> int:
@@ -65,18 +80,30 @@ class Factorize(Technique):
         options = tuple(useful) + ((1.0,) if 1.0 in choices or 1 in choices else ())
         return CategoricalDistribution(options) if len(options) > 1 else options[0]
 
+    def why_not(self, site: Site) -> str:
+        if not _factorizable(site.layer):
+            return ""
+        if isinstance(site.layer, _CONVS) and site.layer.in_channels == site.layer.groups:
+            return "a depthwise filter is rank 1 already"
+        return "no listed rank saves parameters here"
+
     def strength(self, value: Any) -> float:
         return 1.0 - float(value)  # the share of the rank dropped
 
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
         layer = compressed.module.get_submodule(name)
-        first, second = _factors(layer, rank_for(layer, layer_plan.rank))
-        u, s, vh = _svd(layer.weight.detach().reshape(layer.weight.shape[0], -1))
-        r = first.weight.shape[0]
-        root = s[:r].sqrt()
+        r = rank_for(layer, layer_plan.rank)
+        first, second = _factors(layer, r)
+        matrix = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+        lefts, rights = [], []
+        for block in matrix.chunk(_groups(layer)):  # the groups' own outputs
+            u, s, vh = _svd(block)
+            root = s[:r].sqrt()
+            lefts.append(root[:, None] * vh[:r])
+            rights.append(u[:, :r] * root)
         with torch.no_grad():
-            first.weight.copy_((root[:, None] * vh[:r]).reshape(first.weight.shape))
-            second.weight.copy_((u[:, :r] * root).reshape(second.weight.shape))
+            first.weight.copy_(torch.cat(lefts).reshape(first.weight.shape))
+            second.weight.copy_(torch.cat(rights).reshape(second.weight.shape))
             if layer.bias is not None:
                 second.bias.copy_(layer.bias)
         compressed.module.set_submodule(name, nn.Sequential(first, second))
@@ -110,7 +137,7 @@ def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def _factorizable(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.Linear) or (isinstance(layer, _CONVS) and layer.groups == 1)
+    return isinstance(layer, (nn.Linear, *_CONVS))
 
 
 def _factors(layer: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
@@ -123,16 +150,17 @@ def _factors(layer: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
             skip_init(nn.Linear, layer.in_features, rank, bias=False),
             skip_init(nn.Linear, rank, layer.out_features, bias=bias),
         )
-    conv = type(layer)
+    conv, groups = type(layer), layer.groups
     first = skip_init(
         conv,
         layer.in_channels,
-        rank,
+        groups * rank,
         layer.kernel_size,
         stride=layer.stride,
         padding=layer.padding,
         dilation=layer.dilation,
+        groups=groups,
         bias=False,
         padding_mode=layer.padding_mode,
     )
-    return first, skip_init(conv, rank, layer.out_channels, 1, bias=bias)
+    return first, skip_init(conv, groups * rank, layer.out_channels, 1, groups=groups, bias=bias)
