@@ -12,6 +12,10 @@ of three layouts is smallest, by exact byte count:
   (``zlib``: C speed both ways, a standard any language reads), over bytes that hold
   8 // b values each, so a byte is a whole number of values.
 
+Shared values (``codebook``: weight sharing, Deep Compression's clustering) store 2**b fp16
+values per tensor, found by 1-D k-means, and each weight's b-bit index into them, in the same
+three layouts (a pruned zero keeps a value of its own, exactly 0).
+
 Float tensors (fp16/fp32) are dense or bitmap.
 """
 
@@ -33,14 +37,18 @@ SUPPORTED_BITS = (*INT_BITS, *FLOAT_BITS)
 
 @dataclass(frozen=True)
 class TensorCodec:
-    """The storage a plan chose for a weight: ``bits`` and, for integers, the scale grouping."""
+    """The storage a plan chose for a weight: ``bits`` and, for integers, the scale grouping;
+    with ``codebook``, b-bit indices into 2**b shared values instead of a uniform grid."""
 
     bits: int = 32
     group_size: int | None = None
+    codebook: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {list(SUPPORTED_BITS)}, got {self.bits}")
+        if self.codebook and self.bits not in INT_BITS:
+            raise ValueError(f"a codebook has 2**bits values, bits in 2-8, got {self.bits}")
 
 
 @dataclass
@@ -70,30 +78,88 @@ def encode(tensor: torch.Tensor, codec: TensorCodec = TensorCodec()) -> Encoded:
         return Encoded(
             {"": values}, {"codec": f"fp{codec.bits}", "layout": "dense", "shape": shape}
         )
+    if codec.codebook:
+        levels, values, zero = shared_values(tensor, codec.bits)
+        meta = {"codec": f"cb{codec.bits}", "shape": shape, "zero": zero}
+        return _smallest_layout(levels, levels != zero, codec.bits, {"codebook": values}, meta)
     q, scale = quantize(tensor, codec.bits, codec.group_size)
     return encode_quantized(q, scale, codec)
 
 
 def encode_quantized(q: torch.Tensor, scale: torch.Tensor, codec: TensorCodec) -> Encoded:
-    """The smallest layout of ``quantize``'s output: the Huffman-coded stream where it beats
-    the bit-packed one (dense or bitmap, whichever is smaller, decided before packing)."""
-    bits, n = codec.bits, q.numel()
+    """The smallest layout of ``quantize``'s output."""
+    bits = codec.bits
     meta = {"codec": f"int{bits}", "group_size": codec.group_size, "shape": list(q.shape)}
     unsigned = (q.flatten() + _qmax(bits)).to(torch.uint8)
-    nonzero = q.flatten() != 0
+    return _smallest_layout(unsigned, q.flatten() != 0, bits, {"scale": scale}, meta)
+
+
+def _smallest_layout(
+    unsigned: torch.Tensor,
+    nonzero: torch.Tensor,
+    bits: int,
+    side: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+) -> Encoded:
+    """``bits``-bit levels (``nonzero``: those that do not stand for 0) in their smallest
+    layout: the Huffman-coded stream where it beats the bit-packed one (dense or bitmap,
+    whichever is smaller, decided before packing); ``side``: the parts decoding needs
+    beside them (scales, a codebook)."""
+    n = unsigned.numel()
     kept = int(torch.count_nonzero(nonzero))
     coded = _huffman(_joined(unsigned.numpy(), bits))
     if len(coded) < _packed_nbytes(n, kept, bits):
         stream = torch.frombuffer(bytearray(coded), dtype=torch.uint8)
-        return Encoded({"q": stream, "scale": scale}, {**meta, "layout": "coded", "count": n})
+        return Encoded({"q": stream, **side}, {**meta, "layout": "coded", "count": n})
     if _sparse_is_smaller(n, kept, bits):
         return Encoded(
-            {"q": _pack(unsigned[nonzero], bits), "scale": scale, "mask": _pack_mask(nonzero)},
+            {"q": _pack(unsigned[nonzero], bits), **side, "mask": _pack_mask(nonzero)},
             {**meta, "layout": "bitmap", "count": kept},
         )
-    return Encoded(
-        {"q": _pack(unsigned, bits), "scale": scale}, {**meta, "layout": "dense", "count": n}
+    return Encoded({"q": _pack(unsigned, bits), **side}, {**meta, "layout": "dense", "count": n})
+
+
+def shared_values(tensor: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Weight sharing: each value's level (uint8) among 2**bits shared fp16 values, found by
+    1-D k-means (Lloyd's iterations from evenly spaced quantiles, on at most 2**20 evenly
+    strided values: deterministic), sorted; and the level of an exact 0 (-1 where there is
+    none). Exact zeros (pruned weights) get a value of their own, so they stay zero."""
+    flat = tensor.detach().flatten().float()
+    zeros = flat == 0
+    has_zero = bool(zeros.any())
+    count = 2**bits - (1 if has_zero else 0)
+    found = _kmeans(flat[~zeros] if has_zero else flat, count)
+    if has_zero:
+        found = torch.cat([found, torch.zeros(1)])
+    values = found.to(torch.float16).sort().values
+    exact = values.float()
+    levels = torch.bucketize(flat, (exact[1:] + exact[:-1]) / 2)
+    zero = int(torch.nonzero(exact == 0)[0]) if has_zero else -1
+    if has_zero:
+        levels[zeros] = zero
+    return levels.to(torch.uint8), values, zero
+
+
+def _kmeans(values: torch.Tensor, count: int, rounds: int = 30) -> torch.Tensor:
+    """``count`` centroids of 1-D ``values`` (sorted; an empty input gives zeros). Values
+    already on at most ``count`` levels (a decoded tensor) keep exactly those."""
+    if values.numel() == 0:
+        return torch.zeros(count)
+    sample = values[:: max(1, values.numel() >> 20)]
+    if sample.unique().numel() <= count and (levels := values.unique()).numel() <= count:
+        return torch.cat([levels, levels[-1:].expand(count - levels.numel())])
+    centroids = torch.quantile(
+        sample[:: max(1, sample.numel() >> 16)], (torch.arange(count) + 0.5) / count
     )
+    for _ in range(rounds):
+        nearest = torch.bucketize(sample, (centroids[1:] + centroids[:-1]) / 2)
+        sums = torch.zeros(count).index_add_(0, nearest, sample)
+        members = torch.bincount(nearest, minlength=count).float()
+        moved = torch.where(members > 0, sums / members.clamp_min(1), centroids).sort().values
+        if torch.equal(moved, centroids):
+            break
+        centroids = moved
+    return centroids
 
 
 def encoded_nbytes(
@@ -105,6 +171,8 @@ def encoded_nbytes(
     where it is smaller)."""
     n = math.prod(shape)
     nonzero = n if nonzero is None else nonzero
+    if codec.codebook:
+        return _packed_nbytes(n, nonzero, codec.bits) + 2 * 2**codec.bits
     if codec.bits in FLOAT_BITS:
         width = 8 * FLOAT_BITS[codec.bits].itemsize
         if _sparse_is_smaller(n, nonzero, width):
@@ -146,9 +214,10 @@ def check_encoding(parts: dict[str, torch.Tensor], meta: Any) -> None:
     layout = meta.get("layout")
     floats = {f"fp{bits}": dtype for bits, dtype in FLOAT_BITS.items()}
     ints = {f"int{bits}": bits for bits in INT_BITS}
-    if codec not in floats and codec not in ints:
-        raise ValueError(f"its codec {codec!r} is none of {['raw', *floats, *ints]}")
-    if layout not in ("dense", "bitmap") and not (layout == "coded" and codec in ints):
+    shared = {f"cb{bits}": bits for bits in INT_BITS}
+    if codec not in floats and codec not in ints and codec not in shared:
+        raise ValueError(f"its codec {codec!r} is none of {['raw', *floats, *ints, *shared]}")
+    if layout not in ("dense", "bitmap") and not (layout == "coded" and codec not in floats):
         raise ValueError(f"its layout {layout!r} is none of dense, bitmap, coded (integers)")
     mask = -(-n // 8)
     if codec in floats:
@@ -160,24 +229,35 @@ def check_encoding(parts: dict[str, torch.Tensor], meta: Any) -> None:
             if kept is None or kept.dim() != 1 or kept.numel() > n or parts["mask"].numel() != mask:
                 raise ValueError("its bitmap and values do not match its shape")
         return
-    count, group = meta.get("count"), meta.get("group_size")
+    count, bits = meta.get("count"), {**ints, **shared}[codec]
     if type(count) is not int or not 0 <= count <= n:
         raise ValueError(f"its count {count!r} is not a number of values up to {n}")
-    if group is not None and (type(group) is not int or group < 1):
-        raise ValueError(f"its group_size {group!r} is not a positive integer")
     bitmap = {"mask": torch.uint8} if layout == "bitmap" else {}
-    _expect(parts, {"q": torch.uint8, "scale": torch.float16, **bitmap})
+    side = {"codebook": torch.float16} if codec in shared else {"scale": torch.float16}
+    _expect(parts, {"q": torch.uint8, **side, **bitmap})
     if parts["q"].dim() != 1:
         raise ValueError("its packed values are not a flat stream")
-    if layout != "coded" and parts["q"].numel() != -(-count * ints[codec] // 8):
+    if layout != "coded" and parts["q"].numel() != -(-count * bits // 8):
         raise ValueError("its packed values do not match its count")
-    if layout == "coded" and -(-count // _per_byte(ints[codec])) > 8 * parts["q"].numel():
+    if layout == "coded" and -(-count // _per_byte(bits)) > 8 * parts["q"].numel():
         # a Huffman code spends at least one bit a byte: more is a stream built to inflate
         raise ValueError("its coded values are too few bits for its shape")
     if layout == "bitmap" and parts["mask"].numel() != mask:
         raise ValueError("its bitmap does not match its shape")
     if layout != "bitmap" and count != n:
         raise ValueError("its count does not match its shape")
+    if codec in shared:
+        zero = meta.get("zero")
+        if parts["codebook"].shape != (2**bits,):
+            raise ValueError(f"its codebook does not hold the {2**bits} values of {codec}")
+        if type(zero) is not int or not (-1 <= zero < 2**bits) or layout == "bitmap" and zero < 0:
+            raise ValueError(f"its zero level {zero!r} is not a level of its codebook")
+        if zero >= 0 and parts["codebook"][zero] != 0:
+            raise ValueError("its zero level does not hold 0")
+        return
+    group = meta.get("group_size")
+    if group is not None and (type(group) is not int or group < 1):
+        raise ValueError(f"its group_size {group!r} is not a positive integer")
     rows = shape[0] if len(shape) > 1 else 1
     width = n // rows if rows else 0
     groups = -(-width // min(group or width, width)) if width else 0
@@ -212,6 +292,9 @@ def decode(parts: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor
         full = torch.zeros(n, dtype=torch.float32)
         full[_unpack_mask(parts["mask"], n)] = parts["values"].float()
         return full.reshape(shape)
+    if codec.startswith("cb"):
+        levels = _levels(parts, meta, int(codec[2:]), meta["zero"])
+        return parts["codebook"].float()[levels.long()].reshape(meta["shape"])
     q, scale = integers(parts, meta)
     return dequantize(q, scale, meta["group_size"])
 
@@ -222,19 +305,26 @@ def integers(
     """An integer encoding's values (int8-held, in [-qmax, qmax], the tensor's shape) and its
     fp16 scales (rows, groups): what ``decode`` multiplies, for a format that stores both
     (ONNX's ``DequantizeLinear``)."""
-    shape = meta["shape"]
-    n = math.prod(shape)
     bits = int(meta["codec"][3:])
-    if meta["layout"] == "coded":
-        unsigned = _split(_unhuffman(parts["q"], -(-n // _per_byte(bits))), bits, n)
-    else:
-        unsigned = _unpack(parts["q"], bits, meta["count"])
+    unsigned = _levels(parts, meta, bits, _qmax(bits))
     values = (unsigned.to(torch.int16) - _qmax(bits)).to(torch.int8)
-    if meta["layout"] == "bitmap":
-        full = torch.zeros(n, dtype=torch.int8)
-        full[_unpack_mask(parts["mask"], n)] = values
-        values = full
-    return values.reshape(shape), parts["scale"]
+    return values.reshape(meta["shape"]), parts["scale"]
+
+
+def _levels(
+    parts: dict[str, torch.Tensor], meta: dict[str, Any], bits: int, zero: int
+) -> torch.Tensor:
+    """Every value's unsigned level, flat, whatever the layout (``zero``: the level the
+    bitmap layout leaves out)."""
+    n = math.prod(meta["shape"])
+    if meta["layout"] == "coded":
+        return _split(_unhuffman(parts["q"], -(-n // _per_byte(bits))), bits, n)
+    unsigned = _unpack(parts["q"], bits, meta["count"])
+    if meta["layout"] != "bitmap":
+        return unsigned
+    full = torch.full((n,), zero, dtype=torch.uint8)
+    full[_unpack_mask(parts["mask"], n)] = unsigned
+    return full
 
 
 def quantize(

@@ -569,7 +569,7 @@ def group_options(
     for layer in space.layers.values():
         members.setdefault(layer.prefix, []).append(layer)
     options = {}
-    stored: dict[tuple[str, int], StoredWeights] = {}
+    stored: dict[tuple[str, int, int], StoredWeights] = {}
     speed_knobs = _speed_knobs()
     for prefix, layers in members.items():
         ms = table.group_ms(prefix) if table.model_ms else None
@@ -587,10 +587,11 @@ def group_options(
                 continue
             settings = _size_settings({**layers[0].fixed, **values})
             bits, nbytes = int(settings.pop("bits", 32)), 0
+            cluster = int(settings.get("cluster", 0))  # replaces bits where set
             for m in layers:
-                layer, key = modules[m.name], (m.name, bits)
+                layer, key = modules[m.name], (m.name, bits, cluster)
                 if key not in stored:
-                    stored[key] = stored_weights(layer, bits, m.group_size)
+                    stored[key] = stored_weights(layer, bits, m.group_size, cluster)
                 nbytes += layer_bytes(layer, stored[key], **settings)
             speed = math.prod(
                 table.speed(Probe(prefix, k, v))

@@ -20,10 +20,12 @@ from torch import nn
 from autosqueeze.codecs import (
     FLOAT_BITS,
     TensorCodec,
+    encode,
     encode_quantized,
     encoded_nbytes,
     huffman_bits,
     quantize,
+    shared_values,
 )
 from autosqueeze.techniques.base import matrices
 from autosqueeze.techniques.factorize import factor_shapes
@@ -38,15 +40,18 @@ class StoredMatrix:
     zeros: int  # values that quantization alone sends to zero
     counts: np.ndarray | None = None  # integers: values per unsigned level (0 .. 2 qmax)
     scale_bytes: int = 0
+    sample: torch.Tensor | None = None  # shared values: evenly strided weights, to re-cluster
 
 
 @dataclass(frozen=True)
 class StoredWeights:
-    """A layer's matrices at one bit width and group size."""
+    """A layer's matrices at one bit width and group size (or as indices into a codebook
+    of 2**bits shared values)."""
 
     bits: int
     group_size: int | None
     matrices: tuple[StoredMatrix, ...]
+    codebook: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -60,8 +65,25 @@ class StoredWeights:
         return sum(m.zeros for m in self.matrices) / total if total else 0.0
 
 
-def stored_weights(layer: nn.Module, bits: int, group_size: int | None) -> StoredWeights:
-    """Quantize ``layer``'s matrices to ``bits`` (fp16/fp32: cast) and take their census."""
+def stored_weights(
+    layer: nn.Module, bits: int, group_size: int | None, cluster: int = 0
+) -> StoredWeights:
+    """Quantize ``layer``'s matrices to ``bits`` (fp16/fp32: cast), or share 2**``cluster``
+    values among them, and take their census."""
+    if cluster:
+        codec = TensorCodec(int(cluster), codebook=True)
+        shared = []
+        for matrix in matrices(layer).values():
+            weight = matrix.detach().cpu().flatten()
+            sample = weight[:: max(1, weight.numel() // SAMPLE)].clone()
+            nbytes = encode(weight.view(matrix.shape), codec).nbytes
+            levels = shared_values(weight, int(cluster))[0].numpy()
+            counts = np.bincount(levels, minlength=2 ** int(cluster))
+            codebook_bytes = 2 * 2 ** int(cluster)
+            shared.append(
+                StoredMatrix(tuple(matrix.shape), nbytes, 0, counts, codebook_bytes, sample)
+            )
+        return StoredWeights(int(cluster), None, tuple(shared), codebook=True)
     codec = TensorCodec(int(bits), group_size if int(bits) < 16 else None)
     found = []
     for matrix in matrices(layer).values():
@@ -82,28 +104,35 @@ def stored_weights(layer: nn.Module, bits: int, group_size: int | None) -> Store
     return StoredWeights(bits, codec.group_size, tuple(found))
 
 
-SIZE_KNOBS = ("bits", "prune", "rank")
+SIZE_KNOBS = ("bits", "prune", "rank", "cluster")
 """The knobs whose bytes ``layer_bytes`` predicts (the knapsack prices these; docs/search.md)."""
 
 
 def layer_bytes(
-    layer: nn.Module, stored: StoredWeights, prune: float = 0.0, rank: float = 1.0
+    layer: nn.Module, stored: StoredWeights, prune: float = 0.0, rank: float = 1.0, cluster: int = 0
 ) -> int:
-    """Predicted bytes of ``layer``'s weights at ``stored``'s bits with ``prune`` and ``rank``.
+    """Predicted bytes of ``layer``'s weights as ``stored`` (which says whether it shares
+    values: ``cluster`` is read from there) with ``prune`` and ``rank``.
 
     Exact with neither. Pruned: the census with the pruned share moved to level zero, in the
     bit-packed layouts' exact bytes for that many nonzeros or the Huffman estimate of the
     coded one (scaled by how the real stream compared with the estimate unpruned),
-    whichever is smaller, as the encoder chooses. Factorized: the factors' bit-packed bytes,
-    times the share coding saved on the layer itself (their values are not known here)."""
+    whichever is smaller, as the encoder chooses (shared values: the bit-packed bytes).
+    Factorized: the factors' bit-packed bytes, times the share coding saved on the layer
+    itself (their values are not known here)."""
+    del cluster  # ``stored`` was taken with it
     if prune == 0 and rank >= 1:
         return stored.nbytes
-    codec = TensorCodec(stored.bits, stored.group_size if stored.bits < 16 else None)
+    codec = TensorCodec(
+        stored.bits, stored.group_size if stored.bits < 16 else None, stored.codebook
+    )
     if rank < 1:
         packed = sum(
             encoded_nbytes(m.shape, codec, math.prod(m.shape) - m.zeros) for m in stored.matrices
         )
-        saved = min(1.0, stored.nbytes / packed) if packed else 1.0
+        # what coding saved on the layer carries over to integer factors (the same grid);
+        # shared values are clustered afresh per factor: priced bit-packed
+        saved = min(1.0, stored.nbytes / packed) if packed and not stored.codebook else 1.0
         shapes = factor_shapes(layer, rank)
         return round(
             saved
@@ -116,10 +145,20 @@ def layer_bytes(
     return sum(_pruned_bytes(m, codec, prune) for m in stored.matrices)
 
 
+SAMPLE = 1 << 16
+"""Weights kept per matrix to price shared values after pruning (re-clustered, censused)."""
+
+
 def _pruned_bytes(matrix: StoredMatrix, codec: TensorCodec, prune: float) -> int:
     n = math.prod(matrix.shape)
     zeros = max(round(prune * n), matrix.zeros)
     packed = encoded_nbytes(matrix.shape, codec, n - zeros)
+    if matrix.sample is not None:  # shared values: the unpruned stream says how coding fares
+        estimate = _shared_coded_bytes(matrix.sample, codec.bits, prune, n)
+        unpruned = math.ceil(huffman_bits(matrix.counts, codec.bits) / 8)
+        if matrix.nbytes < encoded_nbytes(matrix.shape, codec, n):
+            estimate = round(estimate * (matrix.nbytes - matrix.scale_bytes) / unpruned)
+        return min(packed, matrix.scale_bytes + estimate)
     if matrix.counts is None:
         return packed
     unpruned_packed = encoded_nbytes(matrix.shape, codec, n - matrix.zeros)
@@ -129,6 +168,16 @@ def _pruned_bytes(matrix: StoredMatrix, codec: TensorCodec, prune: float) -> int
     estimate = huffman_bits(matrix.counts, codec.bits)
     pruned = huffman_bits(_moved_to_zero(matrix.counts, zeros), codec.bits)
     return min(packed, matrix.scale_bytes + round(coded * pruned / estimate))
+
+
+def _shared_coded_bytes(sample: torch.Tensor, bits: int, prune: float, n: int) -> int:
+    """The coded bytes of a matrix of ``n`` weights pruned by ``prune`` then clustered,
+    estimated from its sample pruned and clustered the same way (the levels' census)."""
+    pruned = sample.clone()
+    pruned[torch.argsort(pruned.abs(), stable=True)[: round(prune * pruned.numel())]] = 0
+    levels, _, _ = shared_values(pruned, bits)
+    counts = np.bincount(levels.numpy(), minlength=2**bits) * (n / pruned.numel())
+    return math.ceil(huffman_bits(counts, bits) / 8)
 
 
 def _moved_to_zero(counts: np.ndarray, zeros: int) -> np.ndarray:

@@ -168,3 +168,68 @@ def test_a_coded_stream_that_does_not_decode_to_its_shape_is_refused():
             check_encoding(parts, encoded.meta)
             decode(parts, encoded.meta)
         assert case
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_shared_values_decode_bit_for_bit_and_their_sizes_are_exact(bits, pruned):
+    """Weight sharing: the decoded tensor is exactly the codebook at the stored levels; a
+    pruned zero stays zero; packed bytes are exactly what the size model computes (coded
+    ones only where fewer); decoding and encoding again changes nothing."""
+    from autosqueeze.codecs import shared_values
+
+    torch.manual_seed(bits)
+    weight = torch.randn(40, 72) * 0.2
+    if pruned:
+        weight[weight.abs() < 0.15] = 0
+    codec = TensorCodec(bits, codebook=True)
+    encoded = encode(weight, codec)
+    check_encoding(encoded.parts, encoded.meta)
+    restored = decode(encoded.parts, encoded.meta)
+    levels, values, zero = shared_values(weight, bits)
+    assert values.dtype == torch.float16 and values.shape == (2**bits,)
+    assert torch.equal(restored, values.float()[levels.long()].view(40, 72))
+    assert (restored[weight == 0] == 0).all() and (zero >= 0) == pruned
+    assert restored.unique().numel() <= 2**bits
+    nonzero = int(torch.count_nonzero(restored))
+    if encoded.meta["layout"] == "coded":
+        assert encoded.nbytes < encoded_nbytes([40, 72], codec, nonzero)
+    else:
+        assert encoded.nbytes == encoded_nbytes([40, 72], codec, nonzero)
+    again = encode(restored, codec)
+    assert torch.equal(decode(again.parts, again.meta), restored)
+
+
+def test_shared_values_fit_a_layer_better_than_a_uniform_grid_at_low_bits():
+    """Four well-separated values with a little noise: 2-bit sharing finds the four; a
+    symmetric 2-bit grid has three levels and cannot."""
+    torch.manual_seed(0)
+    centres = torch.tensor([-0.9, -0.1, 0.2, 1.3])
+    weight = centres[torch.randint(0, 4, (32, 64))] + 0.01 * torch.randn(32, 64)
+    shared = encode(weight, TensorCodec(2, codebook=True))
+    uniform = encode(weight, TensorCodec(2))
+    assert torch.allclose(shared.parts["codebook"].float().sort().values, centres, atol=0.01)
+    error = {
+        name: float((decode(e.parts, e.meta) - weight).square().mean())
+        for name, e in (("shared", shared), ("uniform", uniform))
+    }
+    assert error["shared"] < 0.01 * error["uniform"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p, m: p.update(codebook=p["codebook"][:3]), "codebook does not hold"),
+        (lambda p, m: m.update(zero=99), "zero level"),
+        (lambda p, m: m.update(zero=(m["zero"] + 1) % 4), "zero level does not hold 0"),
+        (lambda p, m: p.update(codebook=p["codebook"].float()), "codebook"),
+    ],
+)
+def test_a_forged_codebook_is_refused(change, message):
+    weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    weight[0] = 0  # pruned: a level holds exactly 0
+    encoded = encode(weight, TensorCodec(2, codebook=True))
+    parts, meta = dict(encoded.parts), dict(encoded.meta)
+    change(parts, meta)
+    with pytest.raises(ValueError, match=message):
+        check_encoding(parts, meta)

@@ -29,6 +29,7 @@ PLANS = {
     "channels": {"features.2": LayerPlan(bits=8, prune_channels=0.5), "classifier.1": LayerPlan()},
     "rank": {"classifier.1": LayerPlan(bits=8, rank=0.25)},
     "int8 conv": {"features.5": LayerPlan(bits=8, kernel="int8_dynamic")},  # torch._int_mm
+    "shared values": {"classifier.1": LayerPlan(cluster=3)},
 }
 
 RUN_WITHOUT_AUTOSQUEEZE = textwrap.dedent(

@@ -37,6 +37,7 @@ PLANS = {
     "int8_weight_only": {"classifier.1": LayerPlan(bits=8, kernel="int8_weight_only")},
     "channels": {"features.2": LayerPlan(bits=8, prune_channels=0.5), "classifier.1": LayerPlan()},
     "rank": {"classifier.1": LayerPlan(bits=8, rank=0.25)},
+    "shared values": {"classifier.1": LayerPlan(cluster=3)},  # decoded: fp32 in the file
 }
 
 RUN_WITHOUT_TORCH = textwrap.dedent(

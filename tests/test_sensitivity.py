@@ -313,11 +313,11 @@ def test_speed_first_knapsack_plans_trade_bytes_for_the_kernels_the_timings_favo
     model = pretrained_cnn()
     space = build_space(model, DEFAULT_SPACE, Target("cpu", example_input()))
     table = _timed_table(space, {"int8_dynamic": 0.3, "bf16": 2.0})
-    level = [1e-3]
+    level = [2e-3]  # room for the int8 kernel on all five layers (3e-4 each), little more
     (size,) = candidate_plans(space, table, model, level)
     (speed,) = candidate_plans(space, table, model, level, SPEED_FIRST)
     assert speed.latency < size.latency <= 1.0 and speed.nbytes >= size.nbytes
-    assert speed.distortion <= 1e-3 and size.distortion <= 1e-3
+    assert speed.distortion <= 2e-3 and size.distortion <= 2e-3
     offered = {
         name
         for name, layer in space.layers.items()

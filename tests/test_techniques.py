@@ -12,7 +12,8 @@ from autosqueeze.techniques.prune import prune_by_magnitude
 
 
 def test_techniques_apply_in_the_documented_order():
-    assert list(TECHNIQUES) == ["prune_channels", "prune_heads", "rank", "prune", "bits", "kernel"]
+    order = ["prune_channels", "prune_heads", "rank", "prune", "bits", "cluster", "kernel"]
+    assert list(TECHNIQUES) == order
 
 
 def test_linear_factorization_shapes_and_exact_reconstruction_at_full_rank():
@@ -133,3 +134,23 @@ def test_rebuild_gives_the_structure_compress_gives():
 def test_a_plan_naming_a_missing_layer_is_an_error():
     with pytest.raises(ValueError, match="does not have"):
         compress(nn.Sequential(nn.Linear(2, 2)), Plan({"nope": LayerPlan(bits=8)}))
+
+
+def test_cluster_stores_a_layer_as_shared_values_and_replaces_its_bits(tmp_path):
+    """Deep Compression's order: pruned, then shared (the pruned zeros keep a value of
+    their own), then coded; the loaded layer holds at most 2**cluster distinct values, and
+    the layer's ``bits`` no longer say how it is stored."""
+    from autosqueeze.artifact import load_artifact, save_artifact
+    from autosqueeze.examples.digits import pretrained_cnn
+
+    plan = Plan({"classifier.1": LayerPlan(bits=8, prune=0.6, cluster=3)})
+    compressed = compress(pretrained_cnn(), plan)
+    assert compressed.codecs["classifier.1.weight"].codebook
+    save_artifact(compressed, tmp_path / "m.safetensors")
+    loaded = load_artifact(tmp_path / "m.safetensors", pretrained_cnn())
+    weight = loaded.classifier[1].weight
+    assert weight.unique().numel() <= 8 and 0 in weight.unique()
+    assert int((weight == 0).sum()) >= round(0.6 * weight.numel())
+    assert TECHNIQUES["cluster"].offer(_site(nn.Linear(8, 8)), [0, 2, 4]) is not None
+    with pytest.raises(ValueError, match="cluster is 0"):
+        TECHNIQUES["cluster"].validate([0, 9])

@@ -1,6 +1,6 @@
 """Compression techniques, applied in a fixed order: structured pruning (channels, heads),
-factorization, unstructured pruning, quantization; and at load time the execution form
-(kernel).
+factorization, unstructured pruning, quantization, weight sharing (which replaces a layer's
+quantization); and at load time the execution form (kernel).
 
 The registry maps a plan knob to its technique; a new technique is one new module plus one
 line here, or, from outside the package, one module whose class carries ``@register``
@@ -23,6 +23,7 @@ from autosqueeze.plan import LayerPlan, Plan
 from autosqueeze.recovery import Recovery
 from autosqueeze.techniques.base import CompressedModel, Site, Target, Technique, weighted_parts
 from autosqueeze.techniques.channels import PruneChannels
+from autosqueeze.techniques.cluster import Cluster
 from autosqueeze.techniques.factorize import Factorize
 from autosqueeze.techniques.heads import PruneHeads
 from autosqueeze.techniques.kernel import KernelChoice
@@ -32,7 +33,15 @@ from autosqueeze.techniques.quantize import Quantize
 _FIELDS = {f.name for f in dataclasses.fields(LayerPlan)}  # built in: not a new knob
 TECHNIQUES: dict[str, Technique] = {
     t.knob: t
-    for t in (PruneChannels(), PruneHeads(), Factorize(), Prune(), Quantize(), KernelChoice())
+    for t in (
+        PruneChannels(),
+        PruneHeads(),
+        Factorize(),
+        Prune(),
+        Quantize(),
+        Cluster(),
+        KernelChoice(),
+    )
 }
 """knob -> technique, in the order they are applied."""
 
