@@ -589,7 +589,7 @@ def group_options(
             bits, nbytes = int(settings.pop("bits", 32)), 0
             cluster = int(settings.get("cluster", 0))  # replaces bits where set
             for m in layers:
-                layer, key = modules[m.name], (m.name, bits, cluster)
+                layer, key = modules[m.name], (m.name, 0 if cluster else bits, cluster)
                 if key not in stored:
                     stored[key] = stored_weights(layer, bits, m.group_size, cluster)
                 nbytes += layer_bytes(layer, stored[key], **settings)

@@ -11,7 +11,7 @@ level zero, coded as the codec would code it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ class StoredMatrix:
     counts: np.ndarray | None = None  # integers: values per unsigned level (0 .. 2 qmax)
     scale_bytes: int = 0
     sample: torch.Tensor | None = None  # shared values: evenly strided weights, to re-cluster
+    priced: dict[float, int] = field(default_factory=dict, compare=False)  # prune -> coded
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,9 @@ def _pruned_bytes(matrix: StoredMatrix, codec: TensorCodec, prune: float) -> int
     zeros = max(round(prune * n), matrix.zeros)
     packed = encoded_nbytes(matrix.shape, codec, n - zeros)
     if matrix.sample is not None:  # shared values: the unpruned stream says how coding fares
-        estimate = _shared_coded_bytes(matrix.sample, codec.bits, prune, n)
+        if prune not in matrix.priced:  # the knapsack asks once per combination of knobs
+            matrix.priced[prune] = _shared_coded_bytes(matrix.sample, codec.bits, prune, n)
+        estimate = matrix.priced[prune]
         unpruned = math.ceil(huffman_bits(matrix.counts, codec.bits) / 8)
         if matrix.nbytes < encoded_nbytes(matrix.shape, codec, n):
             estimate = round(estimate * (matrix.nbytes - matrix.scale_bytes) / unpruned)

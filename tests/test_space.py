@@ -23,7 +23,7 @@ def test_default_space_gives_every_conv_and_linear_its_knobs():
     space = build_space(pretrained_cnn(), DEFAULT_SPACE)  # no example input: no prune_channels
     assert list(space.layers) == LAYERS
     dists = space.distributions
-    assert len(dists) == 15 + 5  # bits, prune, rank; a kernel per layer
+    assert len(dists) == 20 + 5  # bits, prune, rank, cluster; a kernel per layer
     assert dists["features.2.kernel"].choices == ("fp32", "bf16", "int8_dynamic")  # a conv's
     assert "int8_dynamic" in dists["classifier.1.kernel"].choices
     assert isinstance(dists["features.2.bits"], CategoricalDistribution)
