@@ -119,7 +119,7 @@ def test_search_and_validate_print_json_alone_on_stdout(make_config, capsys):
     code, out, _ = run(capsys, "validate", config, "--json")
     assert code == 0
     found = json.loads(out)
-    assert found["model"]["parameters"] == 188_234 and found["space"]["searched_knobs"] == 24
+    assert found["model"]["parameters"] == 188_234 and found["space"]["searched_knobs"] == 29
     assert 0.9 < found["metric"]["original"] <= 1.0
     assert found["parameters_reached"] <= found["parameters"]
     assert any("task.calibration" in w for w in found["warnings"])
@@ -129,7 +129,7 @@ def test_search_and_validate_print_json_alone_on_stdout(make_config, capsys):
 def test_validate_reports_the_model_data_and_space(make_config, capsys):
     code, out, _ = run(capsys, "validate", make_config())
     assert code == 0
-    assert "188,234 parameters" in out and "24 searched knobs" in out
+    assert "188,234 parameters" in out and "29 searched knobs" in out
     # structural knobs without calibration data cannot recover: said, with what to add
     assert "warning: the space offers prune_channels and rank but task.calibration" in out
     calibrated = make_config(
