@@ -72,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autosqueeze",
-        description="Search per-layer compression plans (bit-width, pruning, low-rank) for a "
-        "trained PyTorch model under latency, size and metric budgets; keep the Pareto front "
-        "of real compressed artifacts.",
+        description="Search per-layer compression plans (bit-width or weight sharing, "
+        "pruning of weights, channels and heads, low-rank, execution kernel) for a trained "
+        "PyTorch model under latency, size and metric budgets; keep the Pareto front of real "
+        "compressed artifacts.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
