@@ -79,9 +79,7 @@ def encode(tensor: torch.Tensor, codec: TensorCodec = TensorCodec()) -> Encoded:
             {"": values}, {"codec": f"fp{codec.bits}", "layout": "dense", "shape": shape}
         )
     if codec.codebook:
-        levels, values, zero = shared_values(tensor, codec.bits)
-        meta = {"codec": f"cb{codec.bits}", "shape": shape, "zero": zero}
-        return _smallest_layout(levels, levels != zero, codec.bits, {"codebook": values}, meta)
+        return encode_shared(*shared_values(tensor, codec.bits), shape)
     q, scale = quantize(tensor, codec.bits, codec.group_size)
     return encode_quantized(q, scale, codec)
 
@@ -92,6 +90,15 @@ def encode_quantized(q: torch.Tensor, scale: torch.Tensor, codec: TensorCodec) -
     meta = {"codec": f"int{bits}", "group_size": codec.group_size, "shape": list(q.shape)}
     unsigned = (q.flatten() + _qmax(bits)).to(torch.uint8)
     return _smallest_layout(unsigned, q.flatten() != 0, bits, {"scale": scale}, meta)
+
+
+def encode_shared(
+    levels: torch.Tensor, values: torch.Tensor, zero: int, shape: list[int]
+) -> Encoded:
+    """The smallest layout of ``shared_values``' output (``shape``: the tensor's)."""
+    bits = int(values.numel()).bit_length() - 1
+    meta = {"codec": f"cb{bits}", "shape": shape, "zero": zero}
+    return _smallest_layout(levels, levels != zero, bits, {"codebook": values}, meta)
 
 
 def _smallest_layout(

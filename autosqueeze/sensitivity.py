@@ -587,7 +587,7 @@ def group_options(
                 continue
             settings = _size_settings({**layers[0].fixed, **values})
             bits, nbytes = int(settings.pop("bits", 32)), 0
-            cluster = int(settings.get("cluster", 0))  # replaces bits where set
+            cluster = int(settings.pop("cluster", 0))  # replaces bits where set
             for m in layers:
                 layer, key = modules[m.name], (m.name, 0 if cluster else bits, cluster)
                 if key not in stored:

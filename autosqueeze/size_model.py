@@ -20,8 +20,8 @@ from torch import nn
 from autosqueeze.codecs import (
     FLOAT_BITS,
     TensorCodec,
-    encode,
     encode_quantized,
+    encode_shared,
     encoded_nbytes,
     huffman_bits,
     quantize,
@@ -39,7 +39,7 @@ class StoredMatrix:
     nbytes: int  # exactly what ``encode`` stores
     zeros: int  # values that quantization alone sends to zero
     counts: np.ndarray | None = None  # integers: values per unsigned level (0 .. 2 qmax)
-    scale_bytes: int = 0
+    scale_bytes: int = 0  # what is stored beside the values: fp16 scales, or the codebook
     sample: torch.Tensor | None = None  # shared values: evenly strided weights, to re-cluster
     priced: dict[float, int] = field(default_factory=dict, compare=False)  # prune -> coded
 
@@ -72,18 +72,15 @@ def stored_weights(
     """Quantize ``layer``'s matrices to ``bits`` (fp16/fp32: cast), or share 2**``cluster``
     values among them, and take their census."""
     if cluster:
-        codec = TensorCodec(int(cluster), codebook=True)
         shared = []
         for matrix in matrices(layer).values():
             weight = matrix.detach().cpu().flatten()
+            levels, values, zero = shared_values(weight, int(cluster))
+            nbytes = encode_shared(levels, values, zero, list(matrix.shape)).nbytes
+            counts = np.bincount(levels.numpy(), minlength=values.numel())
             sample = weight[:: max(1, weight.numel() // SAMPLE)].clone()
-            nbytes = encode(weight.view(matrix.shape), codec).nbytes
-            levels = shared_values(weight, int(cluster))[0].numpy()
-            counts = np.bincount(levels, minlength=2 ** int(cluster))
-            codebook_bytes = 2 * 2 ** int(cluster)
-            shared.append(
-                StoredMatrix(tuple(matrix.shape), nbytes, 0, counts, codebook_bytes, sample)
-            )
+            side = 2 * values.numel()  # the fp16 codebook
+            shared.append(StoredMatrix(tuple(matrix.shape), nbytes, 0, counts, side, sample))
         return StoredWeights(int(cluster), None, tuple(shared), codebook=True)
     codec = TensorCodec(int(bits), group_size if int(bits) < 16 else None)
     found = []
@@ -110,10 +107,10 @@ SIZE_KNOBS = ("bits", "prune", "rank", "cluster")
 
 
 def layer_bytes(
-    layer: nn.Module, stored: StoredWeights, prune: float = 0.0, rank: float = 1.0, cluster: int = 0
+    layer: nn.Module, stored: StoredWeights, prune: float = 0.0, rank: float = 1.0
 ) -> int:
-    """Predicted bytes of ``layer``'s weights as ``stored`` (which says whether it shares
-    values: ``cluster`` is read from there) with ``prune`` and ``rank``.
+    """Predicted bytes of ``layer``'s weights as ``stored`` (integers, or shared values)
+    with ``prune`` and ``rank``.
 
     Exact with neither. Pruned: the census with the pruned share moved to level zero, in the
     bit-packed layouts' exact bytes for that many nonzeros or the Huffman estimate of the
@@ -121,7 +118,6 @@ def layer_bytes(
     whichever is smaller, as the encoder chooses (shared values: the bit-packed bytes).
     Factorized: the factors' bit-packed bytes, times the share coding saved on the layer
     itself (their values are not known here)."""
-    del cluster  # ``stored`` was taken with it
     if prune == 0 and rank >= 1:
         return stored.nbytes
     codec = TensorCodec(
@@ -158,8 +154,8 @@ def _pruned_bytes(matrix: StoredMatrix, codec: TensorCodec, prune: float) -> int
         if prune not in matrix.priced:  # the knapsack asks once per combination of knobs
             matrix.priced[prune] = _shared_coded_bytes(matrix.sample, codec.bits, prune, n)
         estimate = matrix.priced[prune]
-        unpruned = math.ceil(huffman_bits(matrix.counts, codec.bits) / 8)
-        if matrix.nbytes < encoded_nbytes(matrix.shape, codec, n):
+        if matrix.nbytes < encoded_nbytes(matrix.shape, codec, n):  # coded: scale alike
+            unpruned = math.ceil(huffman_bits(matrix.counts, codec.bits) / 8)
             estimate = round(estimate * (matrix.nbytes - matrix.scale_bytes) / unpruned)
         return min(packed, matrix.scale_bytes + estimate)
     if matrix.counts is None:

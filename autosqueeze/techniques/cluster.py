@@ -1,7 +1,7 @@
 """Weight sharing (Deep Compression's clustering): a layer's weights take the nearest of
 2**cluster shared values, found by 1-D k-means over the layer's weights and stored as an
 fp16 codebook beside each weight's cluster-bit index, in the artifact's usual layouts
-(bit-packed, a bitmap where pruned, or Huffman-coded; ``codecs.cluster``).
+(bit-packed, a bitmap where pruned, or Huffman-coded; ``codecs.shared_values``).
 
 Against uniform integers of the same width, the shared values sit where the weights are
 (a bell curve's middle, its few outliers) and need no per-row scales; uniform integers
