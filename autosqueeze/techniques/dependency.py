@@ -16,7 +16,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from autosqueeze.metrics import call_model
+from autosqueeze.metrics import call_model, to_device
 from autosqueeze.plan import LayerPlan
 from autosqueeze.recovery import floating_tensors
 from autosqueeze.techniques.base import CompressedModel, Technique
@@ -70,7 +70,7 @@ def build_graph(module: nn.Module, example_input: Any) -> Any:
     with torch.enable_grad():
         return tp.DependencyGraph().build_dependency(
             module,
-            example_inputs=example_input,
+            example_inputs=_on_device_of(module, example_input),
             forward_fn=call_model,
             output_transform=floating_tensors,
             verbose=False,
@@ -101,7 +101,13 @@ def model_graph(compressed: CompressedModel) -> tuple[Any, dict[str, int]]:
 
 def outputs(model: nn.Module, example_input: Any) -> list[torch.Tensor]:
     with torch.inference_mode():
-        return floating_tensors(call_model(model, example_input))
+        return floating_tensors(call_model(model, _on_device_of(model, example_input)))
+
+
+def _on_device_of(model: nn.Module, example_input: Any) -> Any:
+    """The example input (kept on the CPU) where the model is: a probe's copy is on the GPU."""
+    first = next(model.parameters(), None)
+    return example_input if first is None else to_device(example_input, first.device)
 
 
 ANALYSIS_LIMIT_S = 120.0  # Torch-Pruning on one model (on a tiny LLaMA it ran past 5 minutes)

@@ -126,8 +126,10 @@ def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     Most trials factorize layers of the unchanged base model, and the SVD is most of their
     compression time (1.4 s per BERT-base FFN matrix); keyed by the matrix's contents, a
     cached decomposition is the one computing it would give (compression runs on one thread).
+    Always on the CPU: a probe on a GPU must not leave another device's decomposition in the
+    cache for the artifact built next.
     """
-    contiguous = matrix.contiguous()
+    contiguous = matrix.cpu().contiguous()
 
     def decompose() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         found = torch.linalg.svd(contiguous.double(), full_matrices=False)
@@ -145,10 +147,11 @@ def _factors(layer: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
     SVD, or by the artifact's weights), and random initialisation costs more than the SVD
     of a cached matrix."""
     bias = layer.bias is not None
+    on = {"device": layer.weight.device, "dtype": layer.weight.dtype}  # a probe's: the GPU
     if isinstance(layer, nn.Linear):
         return (
-            skip_init(nn.Linear, layer.in_features, rank, bias=False),
-            skip_init(nn.Linear, rank, layer.out_features, bias=bias),
+            skip_init(nn.Linear, layer.in_features, rank, bias=False, **on),
+            skip_init(nn.Linear, rank, layer.out_features, bias=bias, **on),
         )
     conv, groups = type(layer), layer.groups
     first = skip_init(
@@ -162,5 +165,7 @@ def _factors(layer: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
         groups=groups,
         bias=False,
         padding_mode=layer.padding_mode,
+        **on,
     )
-    return first, skip_init(conv, groups * rank, layer.out_channels, 1, groups=groups, bias=bias)
+    second = skip_init(conv, groups * rank, layer.out_channels, 1, groups=groups, bias=bias, **on)
+    return first, second

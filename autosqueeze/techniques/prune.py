@@ -28,7 +28,7 @@ def prune_by_magnitude(weight: torch.Tensor, ratio: float) -> None:
     magnitude = weight.detach().abs().flatten()
     if magnitude.dtype == torch.bfloat16:  # NumPy has no bfloat16
         magnitude = magnitude.float()
-    threshold = float(np.partition(magnitude.numpy(), count - 1)[count - 1])
+    threshold = float(np.partition(magnitude.cpu().numpy(), count - 1)[count - 1])
     chosen = magnitude < threshold
     ties = torch.nonzero(magnitude == threshold).flatten()
     chosen[ties[: count - int(torch.count_nonzero(chosen))]] = True
