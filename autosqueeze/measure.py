@@ -335,19 +335,21 @@ def measure_memory(model: nn.Module, inputs: Any, device: torch.device) -> float
     """Peak megabytes (1e6 bytes) of one forward pass: the model's weights in their execution
     form, the inputs, and the most memory the pass holds at once.
 
-    CUDA: the allocator's peak (``torch.cuda.max_memory_allocated``). CPU: the bytes of every
-    tensor the model holds (packed int8/int4 weights at their real width) plus the peak of the
-    CPU allocations made during the pass, replayed from PyTorch's profiler memory events.
+    The bytes of every tensor the model holds (packed int8/int4 weights at their real width)
+    and of the inputs, plus the peak of the allocations made during the pass: on CUDA the
+    allocator's peak above what was allocated before it (the process holds other models: the
+    original, a probe copy), on the CPU replayed from PyTorch's profiler memory events.
     """
     inputs = to_device(inputs, device)
+    resident = _held_bytes(model.state_dict(keep_vars=True)) + _held_bytes(inputs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         with torch.inference_mode():
             call_model(model, inputs)
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) / 1e6
-    resident = _held_bytes(model.state_dict(keep_vars=True)) + _held_bytes(inputs)
+        return (resident + torch.cuda.max_memory_allocated(device) - before) / 1e6
     return (resident + _peak_allocated_cpu(model, inputs)) / 1e6
 
 
