@@ -129,7 +129,8 @@ class DynamicInt8(Kernel):
 
 class WeightOnlyInt8(Kernel):
     """int8 weights with one scale per row, bf16 activations: ``torch._weight_int8pack_mm``
-    for Linear; Embedding gathers int8 rows and scales them."""
+    for Linear on the CPU, a widened bf16 GEMM on CUDA; Embedding gathers int8 rows and
+    scales them."""
 
     name = "int8_weight_only"
     devices = frozenset({"cpu", "cuda"})
@@ -276,7 +277,11 @@ class Int8WeightOnlyLinear(_PackedLinear):
         self.register_buffer("scale", scale.to(torch.bfloat16))
 
     def matmul(self, flat: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int8pack_mm(flat, self.codes, self.scale)
+        if flat.device.type == "cpu":
+            return torch._weight_int8pack_mm(flat, self.codes, self.scale)
+        # CUDA: the weight stays int8 in memory and is widened for a bf16 GEMM. PyTorch 2.11's
+        # CUDA _weight_int8pack_mm ran at 0.02-0.24x fp32 on an H200 (docs/results.md)
+        return F.linear(flat, self.codes.to(flat.dtype)) * self.scale
 
 
 class Int8DynamicConv2d(nn.Module):
