@@ -15,12 +15,14 @@ from autosqueeze.plan import LayerPlan, Plan
 from autosqueeze.techniques import Target, compress
 
 CPU = torch.device("cpu")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 # Worst |error| relative to the largest |output| of fp32, per kernel: bf16 keeps 8 mantissa
 # bits; the int8 forms add a scale/2 weight error per row; int4 groups of 32 add more.
 BOUNDS = {
     "fp32": 0.0,
     "bf16": 0.02,
+    "fp16": 0.002,
     "int8_dynamic": 0.03,
     "int8_weight_only": 0.03,
     "int4_weight_only": 0.15,
@@ -43,22 +45,26 @@ LAYERS = {
 
 
 def _cases():
-    for layer_name, (layer, _) in LAYERS.items():
-        for kernel in KERNELS.values():
-            if kernel.fits(layer, "cpu"):
-                yield pytest.param(layer_name, kernel.name, id=f"{layer_name}-{kernel.name}")
+    for device in DEVICES:  # CUDA's cases run where there is a GPU
+        for layer_name, (layer, _) in LAYERS.items():
+            for kernel in KERNELS.values():
+                if kernel.fits(layer, device):
+                    case = f"{device}-{layer_name}-{kernel.name}"
+                    yield pytest.param(device, layer_name, kernel.name, id=case)
 
 
-@pytest.mark.parametrize(("layer_name", "kernel_name"), list(_cases()))
-def test_each_cpu_kernel_is_close_to_fp32(layer_name, kernel_name):
+@pytest.mark.parametrize(("device", "layer_name", "kernel_name"), list(_cases()))
+def test_each_kernel_is_close_to_fp32(device, layer_name, kernel_name):
     torch.manual_seed(0)
     layer, x = LAYERS[layer_name]
+    layer, x = _copy(layer).to(device), x.to(device)
     with torch.inference_mode():
         expected = layer(x)
         got = kernel_for(kernel_name).convert(_copy(layer))(x)
     assert got.shape == expected.shape and got.dtype == expected.dtype
+    assert got.device == expected.device
     error = (got - expected).abs().max() / expected.abs().max()
-    assert error <= BOUNDS[kernel_name], f"{kernel_name} on {layer_name}: {error:.4f}"
+    assert error <= BOUNDS[kernel_name], f"{kernel_name} on {device} {layer_name}: {error:.4f}"
 
 
 def test_cpu_offers_the_cpu_kernels_only():

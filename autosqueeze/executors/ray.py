@@ -70,6 +70,9 @@ class EvaluatorActor:
             self.evaluator = Evaluator(task)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.worker = f"{ray.util.get_node_ip_address()} node {self.node_id[:8]} pid {os.getpid()}"
+        if task.device.type == "cuda":  # which of the node's GPUs Ray gave this evaluator
+            gpus = ",".join(str(g) for g in ray.get_gpu_ids())
+            self.worker += f" gpu {gpus} ({torch.cuda.get_device_name(task.device)})"
 
     def ready(self) -> tuple[str, str]:
         return self.worker, self.node_id
