@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autosqueeze.kernels import is_conv1d
 from autosqueeze.metrics import call_model
 
 
@@ -56,6 +57,8 @@ def anatomy(model: nn.Module, layers: list[str], example_input: Any = None) -> A
 def _own_forward(model: nn.Module, layers: list[str]) -> dict[str, str]:
     found = {}
     for name in layers:
+        if is_conv1d(model.get_submodule(name)):
+            continue  # Hugging Face's Conv1D is a Linear stored transposed: kernels take it as one
         cls = type(model.get_submodule(name))
         base = next((c for c in cls.__mro__ if c.__module__.startswith("torch.nn.")), None)
         if base is not None and base is not cls and cls.forward is not base.forward:

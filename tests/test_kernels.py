@@ -3,6 +3,8 @@ really holds its weights in fewer bytes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -12,9 +14,11 @@ from autosqueeze.examples.digits import example_input, loaders, pretrained_cnn
 from autosqueeze.kernels import KERNELS, kernel_for
 from autosqueeze.measure import measure_memory
 from autosqueeze.plan import LayerPlan, Plan
+from autosqueeze.space import build_space
 from autosqueeze.techniques import Target, compress
 
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 # Worst |error| relative to the largest |output| of fp32, per kernel: bf16 keeps 8 mantissa
@@ -173,6 +177,9 @@ def test_gpt2_conv1d_projections_run_the_linear_kernels(tmp_path, kernel_name):
     assert len(names) == 4 and all(
         KERNELS[kernel_name].fits(model.get_submodule(n), "cpu") for n in names
     )
+    space = build_space(model, REPO / "search_spaces" / "transformer.yaml", Target("cpu", ids))
+    for name in names:  # the space offers them too (it withheld them as "own forward" before)
+        assert "kernel" in space.layers[name].searched, space.withheld.get(name)
     path = tmp_path / "gpt2.safetensors"
     save_artifact(compress(model, Plan.uniform(names, bits=8, kernel=kernel_name)), path)
     fresh = transformers.GPT2Model(config).eval()
