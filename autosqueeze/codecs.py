@@ -152,7 +152,7 @@ def _kmeans(values: torch.Tensor, count: int, rounds: int = 30) -> torch.Tensor:
     already on at most ``count`` levels (a decoded tensor) keep exactly those."""
     if values.numel() == 0:
         return torch.zeros(count)
-    sample = values[:: max(1, values.numel() >> 20)]
+    sample = values[:: max(1, values.numel() >> 20)].contiguous()  # bucketize warns on strides
     if sample.unique().numel() <= count and (levels := values.unique()).numel() <= count:
         return torch.cat([levels, levels[-1:].expand(count - levels.numel())])
     centroids = torch.quantile(
