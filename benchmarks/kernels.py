@@ -1,6 +1,6 @@
 """Per execution form (kernel) and per layer shape of the examples: speed relative to fp32.
 
-    python benchmarks/kernels.py [--device cpu|cuda] [--rounds 7] [--no-minilm] [--resnet]
+    python benchmarks/kernels.py [--device cpu|cuda] [--rounds 7] [--no-minilm] [--resnet] [--llm]
 
 The layer shapes are the real ones: each example model (digits CNN, residual CNN, and
 all-MiniLM-L6-v2 when the [transformers] extra is installed) runs its example input at batch 1
@@ -11,7 +11,9 @@ the median over rounds of fp32 time / kernel time (>1 = faster) and the kernel's
 relative to the largest fp32 output. When torchao is importable, its int8 dynamic-activation
 Linear is measured too ("torchao_int8_dyn"), as the alternative to PyTorch's fbgemm kernel.
 ``--resnet`` adds the convolutions of a ResNet-18 at 224x224, batch 1 (the shapes written
-out: torchvision is not installed here), post-ReLU inputs, seeded weights.
+out: torchvision is not installed here), post-ReLU inputs, seeded weights. ``--llm`` adds the
+Linear layers of a 7B-parameter LLaMA (4096 wide, 11008 in the MLP) at 1 token (decoding,
+memory-bound) and 512 tokens (a prompt, compute-bound): what the weight-only kernels are for.
 """
 
 from __future__ import annotations
@@ -93,6 +95,21 @@ def resnet_shapes(device: str) -> list[tuple[str, nn.Module, torch.Tensor]]:
     return found
 
 
+# (in, out) of a LLaMA-7B decoder layer's Linear layers (q/k/v/o, gate/up, down)
+LLAMA7B = [(4096, 4096), (4096, 11008), (11008, 4096)]
+
+
+def llm_shapes(device: str) -> list[tuple[str, nn.Module, torch.Tensor]]:
+    torch.manual_seed(0)
+    found = []
+    for cin, cout in LLAMA7B:
+        layer = nn.Linear(cin, cout, bias=False).eval()
+        for tokens in (1, 512):
+            label = f"llama-7b Linear {cin}->{cout} in [{tokens}, {cin}]"
+            found.append((label, layer.to(device), torch.randn(tokens, cin).to(device)))
+    return found
+
+
 def _describe(layer: nn.Module) -> str:
     if isinstance(layer, nn.Linear):
         return f"Linear {layer.in_features}->{layer.out_features}"
@@ -129,12 +146,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--no-minilm", action="store_true")
     parser.add_argument("--resnet", action="store_true", help="add ResNet-18's convolutions")
+    parser.add_argument("--llm", action="store_true", help="add a 7B LLaMA's Linear layers")
     args = parser.parse_args()
     device = args.device
     rows = []
     names: list[str] = []
     shapes = layer_shapes(device, not args.no_minilm)
-    for label, layer, x in shapes + (resnet_shapes(device) if args.resnet else []):
+    shapes += resnet_shapes(device) if args.resnet else []
+    shapes += llm_shapes(device) if args.llm else []
+    for label, layer, x in shapes:
         with torch.inference_mode():
             expected = layer(x)
         ratios: dict[str, list[float]] = {}
@@ -160,7 +180,10 @@ def main() -> None:
         print(f"  measured {label}", flush=True)
     columns = ["layer", "fp32_us", *names]
     print(f"\nspeed vs fp32 (median of {args.rounds} interleaved rounds) and worst relative error,")
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
+    print(
+        f"device {device} ({where}), torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+    )
     print("| " + " | ".join(columns) + " |")
     print("|" + "|".join("---" for _ in columns) + "|")
     for row in rows:
