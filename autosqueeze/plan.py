@@ -19,13 +19,14 @@ class LayerPlan:
     """What to do to one layer. The defaults leave it untouched."""
 
     bits: int = 32  # stored weight precision: 2-8 (integer, symmetric), 16 (fp16), 32 (fp32)
-    prune: float = 0.0  # fraction of weights zeroed by magnitude
+    prune: float = 0.0  # fraction of weights zeroed, chosen by ``prune_by``
     rank: float = 1.0  # kept fraction of the full rank after SVD; 1.0 = no factorization
     group_size: int | None = None  # weights per quantization scale; None = one per output row
     prune_channels: float = 0.0  # fraction of output channels/neurons removed (structured)
     prune_heads: float = 0.0  # fraction of an attention block's heads removed (structured)
     kernel: str = "fp32"  # execution form once loaded (autosqueeze.kernels)
     cluster: int = 0  # 2**cluster shared values (k-means codebook) instead of bits; 0 = off
+    prune_by: str = "magnitude"  # or "activation": |w| x its input's norm (Wanda); a rule's
     # the knobs of techniques registered from outside the package (``techniques.register``);
     # read as attributes like the fields above, stored beside them in the plan's JSON
     extra: dict[str, Any] = field(default_factory=dict, hash=False)
@@ -127,6 +128,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "prune_heads": (float, int),
     "kernel": (str,),
     "cluster": (int, float),  # a whole number, as bits
+    "prune_by": (str,),
 }
 _EXTRA_TYPES: tuple[type, ...] = (float, int, str)  # a registered technique's: number or name
 _KNOB_NAME = re.compile(r"[a-z_][a-z0-9_]{0,63}")

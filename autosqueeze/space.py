@@ -12,7 +12,7 @@ import fnmatch
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from optuna.distributions import BaseDistribution, CategoricalDistribution
@@ -36,6 +36,7 @@ class Rule(BaseModel):
     exclude: list[str] = []
     knobs: dict[str, KnobValues] = {}
     group_size: int | None = Field(None, ge=1)
+    prune_by: Literal["magnitude", "activation"] = "magnitude"
     name: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
     share: str | None = None  # None: knobs per layer; "all": one set; a regex: one per match
 
@@ -91,10 +92,16 @@ class LayerKnobs:
     fixed: dict[str, Any]
     group_size: int | None
     key: str = ""  # the Optuna parameter prefix: the layer's name, or its shared group's
+    prune_by: str = "magnitude"
 
     @property
     def prefix(self) -> str:
         return self.key or self.name
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What its rule sets for every plan of the layer, beside the knobs' values."""
+        return {"group_size": self.group_size, "prune_by": self.prune_by}
 
 
 @dataclass(frozen=True)
@@ -122,23 +129,20 @@ class SearchSpace:
                 key = f"{layer.prefix}.{knob}"
                 if key in params:
                     values[knob] = params[key]
-            layers[layer.name] = LayerPlan.of(group_size=layer.group_size, **values)
+            layers[layer.name] = LayerPlan.of(**layer.settings, **values)
         return Plan(layers)
 
     def uniform_plan(self, **choices: Any) -> Plan:
         """One choice for every layer in the space (e.g. ``bits=8``), others untouched."""
         return Plan(
-            {
-                name: LayerPlan.of(group_size=k.group_size, **choices)
-                for name, k in self.layers.items()
-            }
+            {name: LayerPlan.of(**k.settings, **choices) for name, k in self.layers.items()}
         )
 
     def params_for(self, plan: Plan) -> dict[str, Any] | None:
         """The trial parameters that give ``plan``, or None when the space cannot express it."""
         params: dict[str, Any] = {}
         for layer in self.layers.values():
-            lp = plan.layers.get(layer.name, LayerPlan(group_size=layer.group_size))
+            lp = plan.layers.get(layer.name, LayerPlan(**layer.settings))
             for knob, dist in layer.searched.items():
                 key, value = f"{layer.prefix}.{knob}", getattr(lp, knob)
                 if not contains(dist, value) or params.get(key, value) != value:
@@ -163,7 +167,7 @@ class SearchSpace:
             values = dict(layer.fixed)
             for knob, dist in layer.searched.items():
                 values[knob] = technique_for(knob).most_compressed(values_of(dist))
-            layers[layer.name] = LayerPlan.of(group_size=layer.group_size, **values)
+            layers[layer.name] = LayerPlan.of(**layer.settings, **values)
         return Plan(layers)
 
 
@@ -276,7 +280,7 @@ def build_space(
             failed.clear()
         if searched or fixed:
             key = rule.group_of(spec.rules.index(rule), name)
-            layers[name] = LayerKnobs(name, searched, fixed, rule.group_size, key)
+            layers[name] = LayerKnobs(name, searched, fixed, rule.group_size, key, rule.prune_by)
     if not layers:
         raise UserError(
             "space: no layer of the model matches any rule of the space file; "

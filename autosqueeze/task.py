@@ -44,7 +44,9 @@ class Task:
     @property
     def target(self) -> Target:
         """Where compressed models run, with an input to trace them (structured pruning)."""
-        return Target(self.device.type, self.example_input, self.config.budgets.runtime)
+        return Target(
+            self.device.type, self.example_input, self.config.budgets.runtime, self.calibration
+        )
 
     def subset(self, samples: int) -> Task:
         """The task judged on its first ``samples`` samples (the last batch cut to fit): what

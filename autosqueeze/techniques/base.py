@@ -25,6 +25,7 @@ class Target:
     device: str = "cpu"
     example_input: Any = None
     runtime: str = "torch"  # onnxruntime: shipped as ONNX, where torch's kernels do not go
+    calibration: Any = None  # input batches whose activations weigh weights (prune_by)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,91 @@
+"""Pruning criteria on hand-made layers: magnitude zeroes the smallest |w|; activation (Wanda)
+zeroes the smallest |w| x input norm within each output row, so a large weight on a quiet
+input goes first. Linear, Hugging Face's Conv1D and grouped convolutions alike."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from autosqueeze.artifact import load_artifact, read_plan, save_artifact
+from autosqueeze.errors import UserError
+from autosqueeze.plan import LayerPlan, Plan
+from autosqueeze.space import build_space
+from autosqueeze.techniques import Target, compress
+
+WEIGHT = torch.tensor([[1.0, 0.6, 0.2, 0.9], [0.5, 0.4, 3.0, 0.1]])
+# input feature 0 is quiet (norm 0.01 x 2 rows), the others loud
+INPUTS = torch.tensor([[0.01, 1.0, 1.0, 1.0], [0.01, -1.0, 1.0, -1.0]])
+
+
+def _linear() -> nn.Sequential:
+    model = nn.Sequential(nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(WEIGHT)
+    return model.eval()
+
+
+def _zeros(weight: torch.Tensor) -> list[list[int]]:
+    return [torch.nonzero(row == 0).flatten().tolist() for row in weight]
+
+
+@pytest.mark.parametrize(
+    ("criterion", "expected"),
+    [("magnitude", [[2], [3]]), ("activation", [[0], [0]])],
+)
+def test_each_criterion_removes_the_weights_it_should_from_a_linear(criterion, expected):
+    plan = Plan({"0": LayerPlan(prune=0.25, prune_by=criterion)})
+    pruned = compress(_linear(), plan, Target(calibration=[INPUTS])).module
+    assert _zeros(pruned[0].weight) == expected  # one per row, by that row's scores
+
+
+def test_activation_pruning_reads_the_example_input_without_calibration():
+    plan = Plan({"0": LayerPlan(prune=0.25, prune_by="activation")})
+    pruned = compress(_linear(), plan, Target(example_input=INPUTS)).module
+    assert _zeros(pruned[0].weight) == [[0], [0]]
+    with pytest.raises(ValueError, match="needs task.calibration or an example input"):
+        compress(_linear(), plan, Target())
+    with pytest.raises(ValueError, match="prune_by is one of"):
+        compress(_linear(), Plan({"0": LayerPlan(prune=0.25, prune_by="hessian")}))
+
+
+def test_hugging_face_conv1d_is_pruned_as_the_linear_it_is():
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    model = nn.Sequential(pytorch_utils.Conv1D(2, 4)).eval()  # (nf=out, nx=in): weight (in, out)
+    with torch.no_grad():
+        model[0].weight.copy_(WEIGHT.t())
+        model[0].bias.zero_()
+    plan = Plan({"0": LayerPlan(prune=0.25, prune_by="activation")})
+    pruned = compress(model, plan, Target(calibration=[INPUTS])).module
+    assert _zeros(pruned[0].weight.t()) == [[0], [0]]
+
+
+def test_a_grouped_convolution_weighs_each_row_by_its_own_groups_channels():
+    conv = nn.Conv2d(4, 2, 1, groups=2, bias=False)  # row 0 reads channels 0-1, row 1 2-3
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, 0.5], [0.5, 1.0]]).reshape(2, 2, 1, 1))
+    x = torch.ones(1, 4, 3, 3)
+    x[:, 0] = 0.01  # channel 0 quiet: row 0 loses its larger weight
+    x[:, 3] = 0.01  # channel 3 quiet: row 1 loses its larger weight
+    plan = Plan({"0": LayerPlan(prune=0.5, prune_by="activation")})
+    pruned = compress(nn.Sequential(conv).eval(), plan, Target(calibration=[x])).module
+    assert pruned[0].weight.flatten().tolist() == [0.0, 0.5, 0.5, 0.0]
+
+
+def test_a_space_rule_sets_the_criterion_and_the_artifact_keeps_it(tmp_path):
+    rule = {"types": ["Linear"], "knobs": {"prune": [0.0, 0.25]}, "prune_by": "activation"}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"rules": [rule]}))
+    space = build_space(_linear(), path, Target(example_input=INPUTS))
+    plan = space.plan({"0.prune": 0.25})
+    assert plan.layers["0"] == LayerPlan(prune=0.25, prune_by="activation")
+    assert space.params_for(plan) == {"0.prune": 0.25}
+    artifact = tmp_path / "model.safetensors"
+    save_artifact(compress(_linear(), plan, Target(calibration=[INPUTS])), artifact)
+    assert read_plan(artifact) == plan
+    assert _zeros(load_artifact(artifact, _linear())[0].weight) == [[0], [0]]
+    path.write_text(yaml.safe_dump({"rules": [{**rule, "prune_by": "hessian"}]}))
+    with pytest.raises(UserError, match="prune_by"):  # the field named
+        build_space(_linear(), path, Target(example_input=INPUTS))
