@@ -26,6 +26,7 @@ from autosqueeze.codecs import (
     FLOAT_BITS,
     Encoded,
     TensorCodec,
+    bit_packed,
     check_encoding,
     decode,
     encode,
@@ -69,6 +70,26 @@ def artifact_bytes(compressed: CompressedModel) -> bytes:
     round trip; ``save_artifact`` writes these very bytes)."""
     tensors, metadata = _contents(compressed)
     return serialize(tensors, metadata={**metadata, _DIGEST: _digest(tensors, metadata)})
+
+
+def bit_packed_bytes(source: str | Path | bytes) -> bytes:
+    """The same artifact with no tensor entropy-coded: each Huffman-coded tensor in the smaller
+    of its bit-packed layouts (the same levels, so it loads into the same model). Its length
+    beside the file's is what entropy coding saved (``evaluate`` prints both). The file is
+    checked as loading checks it first: it is untrusted."""
+    where = "the artifact" if isinstance(source, bytes) else source
+    metadata, tensors = _read(source)
+    _checked_contents(metadata, tensors, where)
+    encodings = json.loads(metadata["encodings"])
+    packed, metas = {}, {}
+    for key, parts in _parts(tensors, encodings, where).items():
+        encoded = bit_packed(parts, encodings[key])
+        metas[key] = encoded.meta
+        for part, tensor in encoded.parts.items():
+            packed[f"{key}{_SEP}{part}" if part else key] = tensor
+    metadata = {k: v for k, v in metadata.items() if k != _DIGEST}
+    metadata["encodings"] = json.dumps(metas, sort_keys=True, separators=(",", ":"))
+    return serialize(packed, metadata={**metadata, _DIGEST: _digest(packed, metadata)})
 
 
 def artifact_size(compressed: CompressedModel) -> int:

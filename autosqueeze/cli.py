@@ -452,11 +452,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     study = open_existing(config)
     ref = reference(study) if study else None
     at_study = got.at_reference(ref.latency_ms).latency_ms if ref and ref.latency_ms else None
+    packed = _bit_packed_size(args.artifact, config)
     if args.json:
-        print(json.dumps({**got.to_dict(), "study_latency_ms": at_study}))
+        print(json.dumps({**got.to_dict(), "study_latency_ms": at_study, "packed_bytes": packed}))
         return 0
+    coding = ""
+    if packed is not None:
+        saved = 1 - got.size_bytes / packed if packed else 0.0
+        coding = f"  (bit-packed without entropy coding: {packed}; coding saves {saved:.1%})"
     print(
-        f"{config.metric_name}: {got.metric:.6f}\nsize_bytes: {got.size_bytes}\n"
+        f"{config.metric_name}: {got.metric:.6f}\nsize_bytes: {got.size_bytes}{coding}\n"
         f"latency_ms: {got.latency_ms:.4f}  (batch {config.budgets.batch_size} on "
         f"{config.budgets.device}, median of {config.measure.repeats})\n"
         f"speedup: {got.speedup:.2f}x  (over the original model, timed in interleaved rounds "
@@ -475,6 +480,16 @@ def _evaluate(args: argparse.Namespace) -> int:
             "front's latency_ms)"
         )
     return 0
+
+
+def _bit_packed_size(artifact: Path, config: StudyConfig) -> int | None:
+    """The artifact's bytes with no tensor entropy-coded; None for a shipped ``.pt2`` or
+    ``.onnx`` file, or where the size is an ONNX export's (``budgets.runtime``)."""
+    if artifact.suffix in (".pt2", ".onnx") or config.budgets.runtime != "torch":
+        return None
+    from autosqueeze.artifact import bit_packed_bytes
+
+    return len(bit_packed_bytes(artifact))
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -118,6 +118,32 @@ def _smallest_layout(
     if len(coded) < _packed_nbytes(n, kept, bits):
         stream = torch.frombuffer(bytearray(coded), dtype=torch.uint8)
         return Encoded({"q": stream, **side}, {**meta, "layout": "coded", "count": n})
+    return _bit_packed(unsigned, nonzero, bits, side, meta)
+
+
+def bit_packed(parts: dict[str, torch.Tensor], meta: dict[str, Any]) -> Encoded:
+    """An encoding as it would be without entropy coding: a coded one in the smaller of its
+    bit-packed layouts (the same levels, so the same decoded tensor), others unchanged. What
+    ``evaluate`` sets the coded file beside."""
+    if meta.get("layout") != "coded":
+        return Encoded(parts, meta)
+    codec = meta["codec"]
+    bits = int(codec[2:]) if codec.startswith("cb") else int(codec[3:])
+    zero = meta["zero"] if codec.startswith("cb") else _qmax(bits)
+    unsigned = _levels(parts, meta, bits, zero)
+    side = {k: v for k, v in parts.items() if k != "q"}
+    return _bit_packed(unsigned, unsigned != zero, bits, side, meta)
+
+
+def _bit_packed(
+    unsigned: torch.Tensor,
+    nonzero: torch.Tensor,
+    bits: int,
+    side: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+) -> Encoded:
+    n = unsigned.numel()
+    kept = int(torch.count_nonzero(nonzero))
     if _sparse_is_smaller(n, kept, bits):
         return Encoded(
             {"q": _pack(unsigned[nonzero], bits), **side, "mask": _pack_mask(nonzero)},

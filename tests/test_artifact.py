@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from autosqueeze.artifact import load_artifact, read_plan, save_artifact
+from autosqueeze.artifact import bit_packed_bytes, load_artifact, read_plan, save_artifact
 from autosqueeze.codecs import decode, encode
 from autosqueeze.examples.digits import DigitsCNN, example_input, pretrained_cnn
 from autosqueeze.plan import LayerPlan, Plan
@@ -192,3 +192,31 @@ def test_an_artifact_loads_elsewhere_by_the_users_own_class(tmp_path):
     assert "Target(device, example_input)" in run.stdout
     want = load_artifact(tmp_path / "model.safetensors", DigitsCNN(), Target("cpu", x))(x)
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), want)
+
+
+def test_the_bit_packed_form_loads_the_same_model_and_shows_what_coding_saved(tmp_path):
+    model = pretrained_cnn()
+    names = ["features.0", "features.2", "features.5", "classifier.1", "classifier.3"]
+    names = [
+        n for n in names if isinstance(model.get_submodule(n), (torch.nn.Linear, torch.nn.Conv2d))
+    ]
+    coded = tmp_path / "coded.safetensors"  # 4-bit levels after pruning: skewed, coding pays
+    save_artifact(compress(model, Plan.uniform(names, bits=4, prune=0.5)), coded)
+    layouts = {m["layout"] for m in _encodings(coded).values() if "layout" in m}
+    assert "coded" in layouts
+    packed = bit_packed_bytes(coded)
+    assert len(packed) > coded.stat().st_size
+    assert "coded" not in {m.get("layout") for m in _encodings(packed).values()}
+    a, b = load_artifact(coded, pretrained_cnn()), load_artifact(packed, pretrained_cnn())
+    for (key, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), key  # the same levels, the same weights
+    plain = tmp_path / "plain.safetensors"  # fp32: nothing coded, nothing to undo
+    save_artifact(compress(model, Plan({})), plain)
+    same = bit_packed_bytes(plain)  # byte for byte but the metadata's order (safetensors')
+    assert len(same) == plain.stat().st_size and _encodings(same) == _encodings(plain)
+
+
+def _encodings(source) -> dict:
+    data = source if isinstance(source, bytes) else source.read_bytes()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    return json.loads(header["__metadata__"]["encodings"])
