@@ -72,6 +72,35 @@ def test_a_grouped_conv_is_factorized_group_by_group():
     torch.testing.assert_close(full(x), model(x), atol=1e-4, rtol=1e-4)
 
 
+def test_a_hugging_face_conv1d_is_factorized_as_the_linear_it_is(tmp_path):
+    """GPT-2's projections: Conv1D(nf=out, nx=in) stores its weight (in, out)."""
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    from autosqueeze.artifact import load_artifact, save_artifact
+    from autosqueeze.codecs import TensorCodec, encode
+    from autosqueeze.size_model import layer_bytes, stored_weights
+
+    torch.manual_seed(0)
+    layer = pytorch_utils.Conv1D(128, 32)  # 32 -> 128
+    nn.init.normal_(layer.weight)
+    nn.init.normal_(layer.bias)
+    model = nn.Sequential(layer).eval()
+    assert TECHNIQUES["rank"].offer(_site(layer), [0.5, 1.0]) is not None
+    plan = Plan({"0": LayerPlan(rank=0.5, bits=8)})
+    first, second = compress(model, plan).module[0]
+    assert first.weight.shape == (16, 32) and second.weight.shape == (128, 16)
+    x = torch.randn(3, 5, 32)
+    full = compress(model, Plan({"0": LayerPlan(rank=0.9999)})).module
+    torch.testing.assert_close(full(x), model(x), atol=1e-4, rtol=1e-4)
+    path, fp32 = tmp_path / "m.safetensors", Plan({"0": LayerPlan(rank=0.5)})
+    save_artifact(compress(model, fp32), path)  # stored losslessly: loads what compress made
+    fresh = nn.Sequential(pytorch_utils.Conv1D(128, 32)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(load_artifact(path, fresh)(x), compress(model, fp32).module(x))
+    predicted = layer_bytes(layer, stored_weights(layer, 8, None), rank=0.5)
+    stored = sum(encode(w, TensorCodec(8)).nbytes for w in (first.weight, second.weight))
+    assert abs(predicted - stored) <= 0.05 * stored  # the factors' bytes, priced as a Linear's
+
+
 def _site(layer: nn.Module) -> Site:
     return Site("layer", layer, nn.Sequential(layer), Target())
 

@@ -1,6 +1,7 @@
 """Low-rank factorization by truncated SVD: one layer becomes two thinner ones.
 
-A Linear (out x in) becomes Linear(in -> r) then Linear(r -> out); a Conv becomes a conv
+A Linear (out x in) becomes Linear(in -> r) then Linear(r -> out) (Hugging Face's Conv1D, a
+Linear stored transposed, likewise: GPT-2's projections); a Conv becomes a conv
 with r output channels and the original kernel, then a 1x1 conv to the original outputs.
 A grouped convolution is factorized group by group (its weight is block-diagonal): the
 first conv has r outputs per group, the 1x1 conv keeps the groups. Only ranks with
@@ -18,6 +19,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from autosqueeze.content_cache import ContentCache, content_key
+from autosqueeze.kernels import as_linear, is_conv1d
 from autosqueeze.knobs import KnobValues, Range
 from autosqueeze.plan import LayerPlan
 from autosqueeze.techniques.base import CompressedModel, Site, Technique
@@ -28,6 +30,8 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def full_rank(layer: nn.Module) -> tuple[int, int]:
     """(outputs, inputs per output) of the layer's weight seen as a matrix, per group."""
     weight = layer.weight
+    if is_conv1d(layer):  # stored (in, out)
+        return weight.shape[1], weight.shape[0]
     return weight.shape[0] // _groups(layer), weight[0].numel()
 
 
@@ -91,7 +95,7 @@ class Factorize(Technique):
         return 1.0 - float(value)  # the share of the rank dropped
 
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
-        layer = compressed.module.get_submodule(name)
+        layer = as_linear(compressed.module.get_submodule(name))
         r = rank_for(layer, layer_plan.rank)
         first, second = _factors(layer, r)
         matrix = layer.weight.detach().reshape(layer.weight.shape[0], -1)
@@ -109,7 +113,7 @@ class Factorize(Technique):
         compressed.module.set_submodule(name, nn.Sequential(first, second))
 
     def rebuild(self, model: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
-        layer = model.module.get_submodule(name)
+        layer = as_linear(model.module.get_submodule(name))
         model.module.set_submodule(
             name, nn.Sequential(*_factors(layer, rank_for(layer, layer_plan.rank)))
         )
@@ -139,7 +143,7 @@ def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def _factorizable(layer: nn.Module) -> bool:
-    return isinstance(layer, (nn.Linear, *_CONVS))
+    return isinstance(layer, (nn.Linear, *_CONVS)) or is_conv1d(layer)
 
 
 def _factors(layer: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
