@@ -1,10 +1,10 @@
-"""Pruning criteria against each other: magnitude against activation (Wanda), same sparsity.
+"""Pruning criteria against each other: magnitude, activation (Wanda), Hessian (SparseGPT).
 
 Every Linear of all-MiniLM-L6-v2 (fidelity on the MiniLM study's 256 validation sentences),
 and every Linear and Conv2d of the digits CNN (accuracy on its test split), pruned to the same
-share of weights by each criterion, with no recovery training. The activation criterion's
-input norms come from calibration data that the metric does not see: MiniLM's 512
-calibration sentences, the digits' calibration images.
+share of weights by each criterion, with no recovery training. The input statistics (norms,
+X^T X) come from calibration data that the metric does not see: MiniLM's 512 calibration
+sentences, the digits' calibration images (at most 8 batches).
 
     pip install -e ".[transformers]"
     python benchmarks/prune_criteria.py [--ratios 0.3 0.5 0.7] [--no-minilm]
@@ -22,6 +22,7 @@ from autosqueeze.config import load_config
 from autosqueeze.plan import Plan
 from autosqueeze.task import load_task
 from autosqueeze.techniques import Target, compress
+from autosqueeze.techniques.prune import CRITERIA
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 
@@ -55,20 +56,18 @@ def main() -> None:
         target = Target(calibration=calibration)
         for ratio in args.ratios:
             cells = {}
-            for criterion in ("magnitude", "activation"):
+            for criterion in CRITERIA:
                 plan = Plan.uniform(names, prune=ratio, prune_by=criterion)
                 model = compress(task.model, plan, target).module
                 cells[criterion] = task.evaluate_metric(model)
             rows.append((label, task.config.metric_name, ratio, cells))
             print(f"  {label} at {ratio}: {cells}", flush=True)
     print(f"\n{len(rows)} settings in {time.monotonic() - started:.0f} s; no recovery training\n")
-    print("| model | metric | weights zeroed | magnitude | activation (Wanda) |")
-    print("|---|---|---|---|---|")
+    print("| model | metric | weights zeroed | " + " | ".join(CRITERIA) + " |")
+    print("|---|---|---|" + "---|" * len(CRITERIA))
     for label, metric, ratio, cells in rows:
-        print(
-            f"| {label} | {metric} | {ratio:.0%} of every layer | "
-            f"{cells['magnitude']:.4f} | {cells['activation']:.4f} |"
-        )
+        values = " | ".join(f"{cells[c]:.4f}" for c in CRITERIA)
+        print(f"| {label} | {metric} | {ratio:.0%} of every layer | {values} |")
 
 
 if __name__ == "__main__":

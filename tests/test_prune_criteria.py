@@ -1,8 +1,12 @@
 """Pruning criteria on hand-made layers: magnitude zeroes the smallest |w|; activation (Wanda)
 zeroes the smallest |w| x input norm within each output row, so a large weight on a quiet
-input goes first. Linear, Hugging Face's Conv1D and grouped convolutions alike."""
+input goes first (Linear, Hugging Face's Conv1D and grouped convolutions alike); hessian
+(SparseGPT) also moves each zeroed weight's error onto the weights left, so the layer's
+outputs on the calibration inputs change least."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -48,7 +52,7 @@ def test_activation_pruning_reads_the_example_input_without_calibration():
     with pytest.raises(ValueError, match="needs task.calibration or an example input"):
         compress(_linear(), plan, Target())
     with pytest.raises(ValueError, match="prune_by is one of"):
-        compress(_linear(), Plan({"0": LayerPlan(prune=0.25, prune_by="hessian")}))
+        compress(_linear(), Plan({"0": LayerPlan(prune=0.25, prune_by="obs")}))
 
 
 def test_hugging_face_conv1d_is_pruned_as_the_linear_it_is():
@@ -86,6 +90,40 @@ def test_a_space_rule_sets_the_criterion_and_the_artifact_keeps_it(tmp_path):
     save_artifact(compress(_linear(), plan, Target(calibration=[INPUTS])), artifact)
     assert read_plan(artifact) == plan
     assert _zeros(load_artifact(artifact, _linear())[0].weight) == [[0], [0]]
-    path.write_text(yaml.safe_dump({"rules": [{**rule, "prune_by": "hessian"}]}))
+    path.write_text(yaml.safe_dump({"rules": [{**rule, "prune_by": "obs"}]}))
     with pytest.raises(UserError, match="prune_by"):  # the field named
         build_space(_linear(), path, Target(example_input=INPUTS))
+
+
+def test_the_hessian_criterion_changes_the_outputs_least_at_the_same_sparsity():
+    torch.manual_seed(0)
+    x = torch.randn(512, 16) @ torch.randn(16, 64)  # correlated inputs, as real features are
+    x[:, :8] *= 10  # and some loud ones
+    layer = nn.Linear(64, 32, bias=False)
+    errors, zeros = {}, {}
+    for criterion in ("magnitude", "activation", "hessian"):
+        plan = Plan({"0": LayerPlan(prune=0.5, prune_by=criterion)})
+        model = nn.Sequential(copy.deepcopy(layer)).eval()
+        pruned = compress(model, plan, Target(calibration=[x[:256], x[256:]])).module[0]
+        with torch.no_grad():
+            errors[criterion] = float((pruned(x) - layer(x)).pow(2).sum() / layer(x).pow(2).sum())
+        zeros[criterion] = int((pruned.weight == 0).sum())
+    assert zeros == {c: 1024 for c in zeros}  # exactly half of 64 x 32, by each
+    assert errors["hessian"] < 0.5 * errors["activation"] < 0.5 * errors["magnitude"], errors
+
+
+def test_the_hessian_criterion_takes_the_activation_one_on_convolutions():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    x = [torch.randn(2, 4, 5, 5) * torch.tensor([0.1, 1.0, 3.0, 1.0])[None, :, None, None]]
+    got = {
+        criterion: compress(
+            nn.Sequential(copy.deepcopy(conv)).eval(),
+            Plan({"0": LayerPlan(prune=0.5, prune_by=criterion)}),
+            Target(calibration=x),
+        )
+        .module[0]
+        .weight
+        for criterion in ("activation", "hessian")
+    }
+    assert torch.equal(got["activation"], got["hessian"])

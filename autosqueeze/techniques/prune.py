@@ -4,8 +4,13 @@
 the smallest |w| x ||x||, where ||x|| is the norm of the input feature the weight multiplies
 over the calibration batches (Wanda, Sun et al. 2023). It compares weights within each output
 row, so every row loses the same share. A weight on a quiet input goes before a larger one on
-a loud input. The norms are taken once per compression, on the model as it is when pruning
-starts, from ``task.calibration`` (else the example input).
+a loud input. ``prune_by: hessian`` is SparseGPT (Frantar & Alistarh 2023), Optimal Brain
+Surgeon made cheap: with H = X^T X of a Linear's inputs, it goes through the columns in
+blocks of 128, zeroes in each block the weights of least w^2 / [H^-1]_jj^2 and moves each
+zeroed weight's error onto the columns not yet visited, so the layer's outputs on the
+calibration inputs change least. Convolutions take the activation criterion instead. The
+statistics are taken once per compression, on the model as it is when pruning starts, from
+``task.calibration`` (else the example input).
 
 Zeros alone save nothing; the artifact stores a weight as a bitmap plus its nonzeros when
 that is smaller than dense storage, which is where pruning's bytes are won.
@@ -24,7 +29,7 @@ from autosqueeze.metrics import call_model, to_device
 from autosqueeze.plan import LayerPlan
 from autosqueeze.techniques.base import CompressedModel, Technique, matrices, weighted_parts
 
-CRITERIA = ("magnitude", "activation")
+CRITERIA = ("magnitude", "activation", "hessian")
 NORM_BATCHES = 8
 """Calibration batches the input norms are taken over (Wanda used 128 sequences)."""
 
@@ -68,14 +73,66 @@ class Prune(Technique):
             raise ValueError(
                 f"prune_by is one of {', '.join(CRITERIA)}, got {layer_plan.prune_by!r}"
             )
-        by_activation = layer_plan.prune_by == "activation" and layer_plan.prune > 0
-        norms = _input_norms(compressed) if by_activation else {}
-        for part_name, part in weighted_parts(compressed.module, name):
+        criterion = layer_plan.prune_by if layer_plan.prune > 0 else "magnitude"
+        parts = weighted_parts(compressed.module, name)
+        linear = {n for n, p in parts if isinstance(p, nn.Linear) or is_conv1d(p)}
+        hessians = _input_hessians(compressed, linear) if criterion == "hessian" else {}
+        norms = _input_norms(compressed) if criterion != "magnitude" else {}
+        for part_name, part in parts:
             for key, matrix in matrices(part).items():
-                if key == "weight" and part_name in norms:
+                if key == "weight" and part_name in hessians:
+                    prune_by_hessian(part, hessians[part_name], layer_plan.prune)
+                elif key == "weight" and part_name in norms:
                     prune_by_activation(part, norms[part_name], layer_plan.prune)
                 else:  # an embedding, or attention's in_proj_weight: no input features
                     prune_by_magnitude(matrix, layer_plan.prune)
+
+
+BLOCK = 128
+"""Columns SparseGPT chooses a mask for at once (the paper's adaptive mask selection)."""
+DAMPING = 0.01
+"""Added to H's diagonal, times its mean: keeps H invertible (the paper's 1%)."""
+
+
+def prune_by_hessian(layer: nn.Module, hessian: torch.Tensor, ratio: float) -> None:
+    """SparseGPT on a Linear (or Conv1D): zero ``round(ratio * n)`` of its weights, block of
+    columns by block, those of least w^2 / [H^-1]_jj^2, and update the columns to their right
+    by each zeroed weight's error times H^-1's row, so X W^T changes least."""
+    weight = layer.weight
+    stored = weight.t() if is_conv1d(layer) else weight  # (out, in)
+    w = stored.detach().double().clone()
+    rows, cols = w.shape
+    total = round(ratio * w.numel())
+    if not total:
+        return
+    h = hessian.to(w.device).double().clone()
+    dead = torch.diagonal(h) == 0  # inputs that never fire: their weights matter for nothing
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += DAMPING * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype, device=h.device)
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    done = 0
+    for start in range(0, cols, BLOCK):
+        end = min(start + BLOCK, cols)
+        block, hinv = w[:, start:end].clone(), inverse[start:end, start:end]
+        errors = torch.zeros_like(block)
+        count = round(total * end / cols) - done  # spread evenly, exactly total in all
+        done += count
+        score = block.pow(2) / torch.diagonal(hinv).pow(2)
+        mask = torch.zeros(block.numel(), dtype=torch.bool, device=w.device)
+        mask[torch.argsort(score.flatten(), stable=True)[:count]] = True
+        mask = mask.reshape(block.shape)
+        for i in range(end - start):
+            column = block[:, i]
+            kept = torch.where(mask[:, i], torch.zeros_like(column), column)
+            error = (column - kept) / hinv[i, i]
+            block[:, i:] -= error[:, None] * hinv[i, i:][None, :]
+            block[:, i] = kept
+            errors[:, i] = error
+        w[:, start:end] = block
+        w[:, end:] -= errors @ inverse[start:end, end:]
+    with torch.no_grad():
+        stored.copy_(w.to(weight.dtype))
 
 
 def prune_by_activation(layer: nn.Module, norms: torch.Tensor, ratio: float) -> None:
@@ -115,30 +172,74 @@ _NORMED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _input_norms(compressed: CompressedModel) -> dict[str, torch.Tensor]:
     """Per layer of the module (Linear, convolution, Conv1D): the L2 norm of each input
     feature (channel) over the calibration batches, taken once per compression."""
-    if "input_norms" in compressed.scratch:
-        return compressed.scratch["input_norms"]
+    if "input_norms" not in compressed.scratch:
+
+        def squares(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            if isinstance(layer, nn.Linear) or is_conv1d(layer):
+                return x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+            channel = 1 if x.dim() == layer.weight.dim() else 0  # batched, or one image
+            return x.pow(2).transpose(0, channel).reshape(x.shape[channel], -1).sum(1)
+
+        module = compressed.module
+        names = {n for n, m in module.named_modules() if isinstance(m, _NORMED) or is_conv1d(m)}
+        sums = _over_calibration(compressed, names, squares)
+        compressed.scratch["input_norms"] = {n: s.sqrt() for n, s in sums.items()}
+    return compressed.scratch["input_norms"]
+
+
+def _input_hessians(compressed: CompressedModel, names: set[str]) -> dict[str, torch.Tensor]:
+    """X^T X of the inputs of the Linear layers ``names`` over the calibration batches (one
+    pass for every layer of the plan that asks: the plan's layers are pruned in turn)."""
+    wanted = compressed.scratch.setdefault("hessian_layers", set())
+    found = compressed.scratch.setdefault("input_hessians", {})
+    if names - found.keys():
+        wanted |= {n for n, lp in _hessian_layers(compressed)} | names
+
+        def gram(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            flat = x.reshape(-1, x.shape[-1]).double()
+            return flat.T @ flat
+
+        found.update(_over_calibration(compressed, wanted - found.keys(), gram))
+    return {n: found[n] for n in names if n in found}
+
+
+def _hessian_layers(compressed: CompressedModel) -> list[tuple[str, LayerPlan]]:
+    """The Linear parts of every layer the plan prunes by the Hessian."""
+    module, found = compressed.module, []
+    for name, lp in compressed.plan.layers.items():
+        if lp.prune_by == "hessian" and lp.prune > 0:
+            for part_name, part in weighted_parts(module, name):
+                if isinstance(part, nn.Linear) or is_conv1d(part):
+                    found.append((part_name, lp))
+    return found
+
+
+def _over_calibration(
+    compressed: CompressedModel,
+    names: set[str],
+    statistic: Any,
+) -> dict[str, torch.Tensor]:
+    """``statistic(layer, input)`` summed over the calibration batches, per layer named."""
     target = compressed.target
     batches = (target.calibration or [])[:NORM_BATCHES]
     if not batches and target.example_input is not None:
         batches = [target.example_input]
     if not batches:
-        raise ValueError("prune_by activation needs task.calibration or an example input")
+        raise ValueError(
+            "prune_by activation or hessian needs task.calibration or an example input"
+        )
     module = compressed.module
     sums: dict[str, torch.Tensor] = {}
 
     def record(name: str, layer: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].detach().float()
-        if isinstance(layer, nn.Linear) or is_conv1d(layer):
-            squares = x.pow(2).reshape(-1, x.shape[-1]).sum(0)
-        else:  # channels at dim 1 (or 0 unbatched)
-            channel = 1 if x.dim() == layer.weight.dim() else 0
-            squares = x.pow(2).transpose(0, channel).reshape(x.shape[channel], -1).sum(1)
-        sums[name] = sums.get(name, 0) + squares
+        found = statistic(layer, args[0].detach().float())
+        sums[name] = sums[name] + found if name in sums else found
 
     hooks = [
-        layer.register_forward_pre_hook(lambda m, args, name=name: record(name, m, args))
-        for name, layer in module.named_modules()
-        if isinstance(layer, _NORMED) or is_conv1d(layer)
+        module.get_submodule(name).register_forward_pre_hook(
+            lambda m, args, name=name: record(name, m, args)
+        )
+        for name in sorted(names)
     ]
     device = next(module.parameters()).device
     try:
@@ -148,5 +249,4 @@ def _input_norms(compressed: CompressedModel) -> dict[str, torch.Tensor]:
     finally:
         for hook in hooks:
             hook.remove()
-    compressed.scratch["input_norms"] = {n: s.sqrt() for n, s in sums.items()}
-    return compressed.scratch["input_norms"]
+    return sums
