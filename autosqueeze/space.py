@@ -197,17 +197,23 @@ def coverage(model: nn.Module, space: SearchSpace) -> list[LayerCoverage]:
         knobs = tuple(sorted({*layer.searched, *layer.fixed})) if layer else ()
         why = space.withheld.get(name, "")
         if not layer and not why:
-            why = (
-                "kept fp32 by design (a norm)"
-                if "Norm" in type(module).__name__
-                else "no rule of the space matches it"
-            )
+            why = _unmatched(module)
         rows.append(
             LayerCoverage(
                 name or "(model)", type(module).__name__, sum(p.numel() for p in fresh), knobs, why
             )
         )
     return rows
+
+
+def _unmatched(module: nn.Module) -> str:
+    """Why a module with parameters of its own got no knobs though no technique refused it."""
+    if "Norm" in type(module).__name__:
+        return "kept fp32 by design (a norm)"
+    if list(module.children()):  # parameters held beside its layers: a position embedding
+        bare = ", ".join(k for k, p in module._parameters.items() if p is not None)  # noqa: SLF001
+        return f"stored fp32: its own parameters ({bare[:60]}) are not a layer's, no rule names it"
+    return "no rule of the space matches it"
 
 
 def load_space_file(path: Path) -> SpaceFile:

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import DEFAULT_SPACE
 from optuna.distributions import CategoricalDistribution, FloatDistribution
@@ -152,3 +153,33 @@ def test_nearest_params_project_a_uniform_plan_onto_the_space(tmp_path):
     assert params["features.0.prune"] == 0.1  # nearest offered to "no pruning"
     assert params["classifier.1.rank"] == 1.0
     assert set(params) == set(space.distributions)
+
+
+class _Upsampler(torch.nn.Module):
+    """A transposed convolution and a bare position parameter, as decoders and ViTs hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.ConvTranspose2d(4, 8, 2, stride=2)
+        self.pos = torch.nn.Parameter(torch.randn(1, 8, 6, 6))
+        self.head = torch.nn.Linear(8 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.head((self.up(x) + self.pos).flatten(1))
+
+
+def test_transposed_convolutions_get_knobs_and_bare_parameters_a_reason():
+    from autosqueeze.artifact import artifact_bytes, load_artifact
+    from autosqueeze.space import coverage
+    from autosqueeze.techniques import Target, compress
+
+    torch.manual_seed(0)
+    model, x = _Upsampler().eval(), torch.randn(2, 4, 3, 3)
+    space = build_space(model, DEFAULT_SPACE, Target("cpu", x))
+    assert set(space.layers["up"].searched) == {"bits", "prune", "cluster"}
+    rows = {r.name: r for r in coverage(model, space)}
+    assert rows["up"].why == "rank: a transposed convolution is not factorized"
+    assert "(pos)" in rows["(model)"].why and "fp32" in rows["(model)"].why
+    plan = space.most_compressed_plan()
+    loaded = load_artifact(artifact_bytes(compress(model, plan, Target("cpu", x))), _Upsampler())
+    assert loaded(x).shape == (2, 3)

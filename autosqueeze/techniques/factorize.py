@@ -85,6 +85,8 @@ class Factorize(Technique):
         return CategoricalDistribution(options) if len(options) > 1 else options[0]
 
     def why_not(self, site: Site) -> str:
+        if isinstance(site.layer, nn.modules.conv._ConvTransposeNd):  # noqa: SLF001
+            return "a transposed convolution is not factorized"
         if not _factorizable(site.layer):
             return ""
         if isinstance(site.layer, _CONVS) and site.layer.in_channels == site.layer.groups:
