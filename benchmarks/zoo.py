@@ -11,13 +11,16 @@ Each runs ``autosqueeze validate`` and ``autosqueeze search`` in a fresh process
 study in a temporary folder, in-process by default (``--workers``). Columns: parameters;
 knobs' reach (share of parameters with knobs, from ``validate``); failed trials; the smallest
 model within budget (size / fp32 artifact) and the fastest (speedup timed beside the
-original); wall seconds of the search. Prints one markdown table (kept in docs/results.md).
+original); wall seconds of the search; and whether the smallest model reproduces from its
+file (``autosqueeze evaluate``: the metric's difference, and its bytes). Prints one markdown
+table (kept in docs/results.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import re
 import subprocess
@@ -46,9 +49,9 @@ def main() -> None:
     names = args.names or list(models)
     print(
         "| model | space | parameters | knobs reach | trials failed | smallest within budget "
-        "| fastest within budget | search s |"
+        "| fastest within budget | search s | reproduced from the file |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for name in names:
         print(_row(name, models[name], args.trials, args.workers), flush=True)
 
@@ -81,14 +84,27 @@ def _row(name: str, space: str, trials: int, workers: int) -> str:
         failed = sum(t.state.name == "FAIL" for t in study.trials)
         with open(Path(folder) / "run" / "front.csv") as f:
             front = [row for row in csv.DictReader(f) if row["feasible"] == "True"]
+        reproduced = _reproduced(config, Path(folder) / "run", front)
     smallest = max((float(r["compression"]) for r in front), default=1.0)
     fastest = max((float(r["speedup"]) for r in front), default=1.0)
     reach = f"{params.group(2)}%" if params else "?"
     total = params.group(1) if params else "?"
     return (
         f"| {name} | {space} | {total} | {reach} | {failed} | {smallest:.1f}x | {fastest:.2f}x "
-        f"| {seconds:.0f} |"
+        f"| {seconds:.0f} | {reproduced} |"
     )
+
+
+def _reproduced(config: Path, run: Path, front: list[dict[str, str]]) -> str:
+    """The smallest front model measured again from its file: metric difference, bytes."""
+    if not front:
+        return "-"
+    best = max(front, key=lambda r: float(r["compression"]))
+    out = _autosqueeze("evaluate", config, "--artifact", run / best["artifact"], "--json")
+    got = json.loads(out.strip().splitlines()[-1])
+    diff = abs(got["metric"] - float(best["metric"]))
+    same = "same bytes" if got["size_bytes"] == int(best["size_bytes"]) else "OTHER BYTES"
+    return f"metric within {diff:.0e}, {same}"
 
 
 def _autosqueeze(*args: object) -> str:
