@@ -142,6 +142,7 @@ def _bit_packed(
     side: dict[str, torch.Tensor],
     meta: dict[str, Any],
 ) -> Encoded:
+    """The levels bit-packed, dense or as a bitmap of the nonzeros, whichever is smaller."""
     n = unsigned.numel()
     kept = int(torch.count_nonzero(nonzero))
     if _sparse_is_smaller(n, kept, bits):
