@@ -102,8 +102,22 @@ def test_blocks_that_hold_their_own_projections_lose_heads_without_the_graph(nam
 def test_attention_that_cannot_lose_a_head_cleanly_is_not_offered_it(name):
     """T5 and Whisper split into a fixed number of heads (a narrower projection would give
     narrower heads, another function, or not run); GPT-2 fuses its projections into one
-    Conv1D; torch's MultiheadAttention holds them as one tensor."""
+    Conv1D; torch's MultiheadAttention holds them as one tensor. validate says why."""
     assert _offered(name)[0] == []
+    model = getattr(zoo_models, f"build_{name}")()
+    target = Target("cpu", getattr(zoo_models, f"data_{name}")()[0][0])
+    reasons = {
+        TECHNIQUES["prune_heads"].why_not(Site(n, layer, model, target))
+        for n, layer in model.named_modules()
+    }
+    fixed = "removing a head does not compute what zeroing it does (the block fixes its count)"
+    expected = {
+        "t5": fixed,
+        "whisper": fixed,
+        "gpt2": "a fused query-key-value projection: its heads are not cut apart",
+    }
+    if name in expected:
+        assert expected[name] in reasons
 
 
 def test_grouped_query_attention_loses_a_key_value_head_with_its_query_heads(tmp_path):

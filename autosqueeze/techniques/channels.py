@@ -47,6 +47,8 @@ class PruneChannels(RemovesFraction):
 
     def why_not(self, site: Site) -> str:
         layer = site.layer
+        if isinstance(layer, nn.modules.conv._ConvTransposeNd):  # noqa: SLF001
+            return "a transposed convolution keeps its channels"
         if not isinstance(layer, PRUNABLE):
             return ""
         groups = getattr(layer, "groups", 1)

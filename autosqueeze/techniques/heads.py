@@ -36,6 +36,7 @@ import torch
 from optuna.distributions import BaseDistribution
 from torch import nn
 
+from autosqueeze.kernels import is_conv1d
 from autosqueeze.knobs import KnobValues, to_distribution
 from autosqueeze.plan import LayerPlan
 from autosqueeze.techniques.base import CompressedModel, Site
@@ -70,6 +71,17 @@ class PruneHeads(RemovesFraction):
         else:
             offered = site.name in _block_leaders(site)
         return to_distribution(values) if offered else None
+
+    def why_not(self, site: Site) -> str:
+        layer = site.layer
+        if is_conv1d(layer) and layer.weight.shape[1] == 3 * layer.weight.shape[0]:
+            return "a fused query-key-value projection: its heads are not cut apart"
+        if not isinstance(layer, nn.Linear) or site.target.example_input is None:
+            return ""
+        projections = own_projections(site.model, site.name)
+        if projections is None or projections.first != site.name:
+            return ""  # not an attention block's first projection, or one left to Torch-Pruning
+        return "removing a head does not compute what zeroing it does (the block fixes its count)"
 
     def needs_graph(self, model: nn.Module, name: str) -> bool:
         return own_projections(model, name) is None

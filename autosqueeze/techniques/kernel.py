@@ -38,6 +38,13 @@ class KernelChoice(Technique):
             return None
         return CategoricalDistribution(usable) if len(usable) > 1 else usable[0]
 
+    def why_not(self, site: Site) -> str:
+        if site.target.runtime != "torch":
+            return f"the model ships to {site.target.runtime}, which runs its own kernels"
+        if not any(k.fits(site.layer, site.target.device) for k in KERNELS.values()):
+            return f"no kernel runs a {type(site.layer).__name__[:40]} on {site.target.device}"
+        return ""
+
     def strength(self, value: Any) -> float:
         return 1.0 - KERNELS[str(value)].weight_bits / 32  # bits a weight takes as it runs
 
