@@ -25,10 +25,11 @@ Runtime.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -60,14 +61,31 @@ def export_program(model: nn.Module, plan: Plan, example_input: Any, path: Path)
     ]
     if refused:
         raise ValueError("; ".join(refused) + "; ship the artifact, or a trial without it")
-    program, batch_note = _traced(model.eval(), example_input)
+    with _without_cache(model) as cache_note:
+        program, batch_note = _traced(model.eval(), example_input)
     partial = path.with_name(f".{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.pt2")
     try:
         torch.export.save(program, partial)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-    return [batch_note, *_widened(plan)]
+    return [batch_note, *cache_note, *_widened(plan)]
+
+
+@contextlib.contextmanager
+def _without_cache(model: nn.Module) -> Iterator[list[str]]:
+    """A Hugging Face decoder traced with ``config.use_cache`` off (put back after), and a note
+    saying so: its key/value cache object (DynamicCache) is no pytree, so ``torch.export``
+    cannot return it. GPT-2, LLaMA, BART, ..."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None) is not True:
+        yield []
+        return
+    config.use_cache = False
+    try:
+        yield ["it runs with use_cache=False: it returns no key/value cache"]
+    finally:
+        config.use_cache = True
 
 
 def _traced(model: nn.Module, example_input: Any) -> tuple[torch.export.ExportedProgram, str]:
@@ -139,7 +157,8 @@ def export_onnx(
     it to ``path`` (whole or not at all). Returns notes for the user."""
     import onnx
 
-    proto, batch_note = _onnx_traced(model.eval(), example_input)
+    with _without_cache(model) as cache_note:
+        proto, batch_note = _onnx_traced(model.eval(), example_input)
     missing = _store_integers(proto, integers)
     onnx.checker.check_model(proto)
     partial = path.with_name(f".{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.onnx")
@@ -152,6 +171,7 @@ def export_onnx(
     carried = sorted({lp.kernel for lp in plan.layers.values()} - {"fp32"})
     notes = [
         batch_note,
+        *cache_note,
         f"{len(integers) - len(missing)} weights stored as integers (DequantizeLinear); run it "
         "with the session option session.disable_quant_qdq=1, or ONNX Runtime dequantizes "
         "them on every call instead of once (4.8x slower on MiniLM here)",
