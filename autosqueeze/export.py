@@ -61,8 +61,8 @@ def export_program(model: nn.Module, plan: Plan, example_input: Any, path: Path)
     ]
     if refused:
         raise ValueError("; ".join(refused) + "; ship the artifact, or a trial without it")
-    with _without_cache(model) as cache_note:
-        program, batch_note = _traced(model.eval(), example_input)
+    with _without_cache(model.eval(), example_input) as cache_note:
+        program, batch_note = _traced(model, example_input)
     partial = path.with_name(f".{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.pt2")
     try:
         torch.export.save(program, partial)
@@ -73,17 +73,20 @@ def export_program(model: nn.Module, plan: Plan, example_input: Any, path: Path)
 
 
 @contextlib.contextmanager
-def _without_cache(model: nn.Module) -> Iterator[list[str]]:
-    """A Hugging Face decoder traced with ``config.use_cache`` off (put back after), and a note
-    saying so: its key/value cache object (DynamicCache) is no pytree, so ``torch.export``
-    cannot return it. GPT-2, LLaMA, BART, ..."""
+def _without_cache(model: nn.Module, example_input: Any) -> Iterator[list[str]]:
+    """A Hugging Face model traced with ``config.use_cache`` off (put back after), and, for a
+    decoder whose output held a key/value cache, a note saying it returns none: the cache
+    object (DynamicCache) is no pytree, so ``torch.export`` cannot return it. GPT-2, LLaMA,
+    BART, ..."""
     config = getattr(model, "config", None)
     if getattr(config, "use_cache", None) is not True:
         yield []
         return
+    with torch.no_grad():
+        cached = getattr(call_model(model, example_input), "past_key_values", None) is not None
     config.use_cache = False
     try:
-        yield ["it runs with use_cache=False: it returns no key/value cache"]
+        yield ["it runs with use_cache=False: it returns no key/value cache"] if cached else []
     finally:
         config.use_cache = True
 
@@ -157,8 +160,8 @@ def export_onnx(
     it to ``path`` (whole or not at all). Returns notes for the user."""
     import onnx
 
-    with _without_cache(model) as cache_note:
-        proto, batch_note = _onnx_traced(model.eval(), example_input)
+    with _without_cache(model.eval(), example_input) as cache_note:
+        proto, batch_note = _onnx_traced(model, example_input)
     missing = _store_integers(proto, integers)
     onnx.checker.check_model(proto)
     partial = path.with_name(f".{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.onnx")

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +151,28 @@ def test_export_pt2_from_the_cli_names_what_it_wrote_and_refuses_cleanly(tmp_pat
     missing = tmp_path / "no-such-folder" / "m.pt2"
     assert main([*pt2, str(missing)]) == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bart"])
+def test_a_decoder_exports_without_its_key_value_cache(tmp_path, name):
+    """transformers' DynamicCache is no pytree: a decoder is traced with use_cache off, says
+    so, and its program computes what the artifact does on another batch and length."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).parent / "zoo"))
+    import zoo_models
+
+    build = getattr(zoo_models, f"build_{name}")
+    inputs = getattr(zoo_models, f"data_{name}")()[0][0]
+    model = build()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    plan = Plan.uniform(names, bits=8)
+    target = Target("cpu", inputs)
+    loaded = load_artifact(artifact_bytes(compress(model, plan, target)), build(), target)
+    notes = export_program(loaded, plan, inputs, tmp_path / "m.pt2")
+    assert "it runs with use_cache=False: it returns no key/value cache" in notes
+    assert loaded.config.use_cache  # put back
+    program = torch.export.load(tmp_path / "m.pt2").module()
+    part = {k: v[:3, :12] for k, v in inputs.items()}
+    with torch.no_grad():
+        want, have = loaded(**part, use_cache=False)[0], program(**part)[0]  # logits, states
+    assert (have - want).abs().max() <= 1e-4 * want.abs().max()
