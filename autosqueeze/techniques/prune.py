@@ -193,7 +193,7 @@ def _input_hessians(compressed: CompressedModel, names: set[str]) -> dict[str, t
     wanted = compressed.scratch.setdefault("hessian_layers", set())
     found = compressed.scratch.setdefault("input_hessians", {})
     if names - found.keys():
-        wanted |= {n for n, lp in _hessian_layers(compressed)} | names
+        wanted |= _hessian_layers(compressed) | names
 
         def gram(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
             flat = x.reshape(-1, x.shape[-1]).double()
@@ -203,15 +203,15 @@ def _input_hessians(compressed: CompressedModel, names: set[str]) -> dict[str, t
     return {n: found[n] for n in names if n in found}
 
 
-def _hessian_layers(compressed: CompressedModel) -> list[tuple[str, LayerPlan]]:
+def _hessian_layers(compressed: CompressedModel) -> set[str]:
     """The Linear parts of every layer the plan prunes by the Hessian."""
-    module, found = compressed.module, []
-    for name, lp in compressed.plan.layers.items():
-        if lp.prune_by == "hessian" and lp.prune > 0:
-            for part_name, part in weighted_parts(module, name):
-                if isinstance(part, nn.Linear) or is_conv1d(part):
-                    found.append((part_name, lp))
-    return found
+    return {
+        part_name
+        for name, lp in compressed.plan.layers.items()
+        if lp.prune_by == "hessian" and lp.prune > 0
+        for part_name, part in weighted_parts(compressed.module, name)
+        if isinstance(part, nn.Linear) or is_conv1d(part)
+    }
 
 
 def _over_calibration(
