@@ -26,7 +26,7 @@ from autosqueeze.artifact import (
 )
 from autosqueeze.device_lock import DeviceLock, Held
 from autosqueeze.errors import TrialError
-from autosqueeze.export import OnnxModel, export_onnx
+from autosqueeze.export import OnnxModel, export_onnx, load_program
 from autosqueeze.measure import (
     Limits,
     Measurements,
@@ -300,7 +300,7 @@ class Evaluator:
                     "it and so runs whatever code its author put there; evaluate it only if "
                     "you made it or trust who did, with --trust-pickle (SECURITY.md)"
                 )
-            return torch.export.load(source).module().to(self.task.device)
+            return load_program(source, self.task.device)
         if isinstance(source, Path) and source.suffix == ".onnx":
             if self.task.device.type != "cpu":
                 raise ValueError("an ONNX file is measured in ONNX Runtime on the CPU only")

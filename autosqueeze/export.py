@@ -38,7 +38,7 @@ from torch import nn
 
 from autosqueeze.kernels import KERNELS
 from autosqueeze.metrics import call_arguments, call_model
-from autosqueeze.nested import map_leaves
+from autosqueeze.nested import leaves, map_leaves, map_tensors
 from autosqueeze.plan import Plan
 from autosqueeze.quiet import STDERR, STDOUT, silenced
 from autosqueeze.recovery import floating_tensors
@@ -277,6 +277,74 @@ def _check_runs_alike(path: Path, model: nn.Module, example_input: Any) -> None:
         raise ValueError("ONNX Runtime's outputs differ from the model's")
 
 
+def load_program(path: Path, device: torch.device) -> nn.Module:
+    """A ``.pt2`` program (only ever one the caller trusts: ``torch.export.load`` unpickles),
+    called like the model. One traced for a fixed batch (``export`` said so in its note) is
+    fed larger batches that many samples at a time (``InBatchesOf``)."""
+    program = torch.export.load(path)
+    user_inputs = set(program.graph_signature.user_inputs)
+    firsts = [  # ints where the batch is fixed, symbols where it is free
+        node.meta["val"].shape[0]
+        for node in program.graph.nodes
+        if node.op == "placeholder"
+        and node.name in user_inputs
+        and isinstance(node.meta.get("val"), torch.Tensor)
+        and node.meta["val"].dim()
+    ]
+    module = program.module().to(device)
+    fixed = firsts and all(type(first) is int and first == firsts[0] for first in firsts)
+    return InBatchesOf(module, firsts[0]) if fixed else module
+
+
+class InBatchesOf(nn.Module):
+    """A shipped model that takes batches of ``size`` only, called on batches of any size:
+    the batch goes through ``size`` samples at a time (the last part filled up with repeats,
+    their outputs dropped) and the outputs are joined along the batch. So ``evaluate`` runs
+    a program traced for batches of 1 (``budgets.batch_size``) on the metric's batches, and
+    times it on batches it takes as they are."""
+
+    def __init__(self, model: nn.Module, size: int) -> None:
+        super().__init__()
+        self.model, self.size = model, size
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return in_batches_of(self.size, self.model, args, kwargs)
+
+
+def in_batches_of(size: int, call: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    """``call(*args, **kwargs)`` on ``size`` samples at a time (see ``InBatchesOf``)."""
+    given = samples_in((args, kwargs))
+    if given == size:
+        return call(*args, **kwargs)
+    parts = []
+    for start in range(0, given, size):
+        part_args, part_kwargs = map_tensors(
+            lambda t, start=start: _rows(t, start, size), (args, kwargs)
+        )
+        parts.append(call(*part_args, **part_kwargs))
+    columns = iter(zip(*(list(leaves(part)) for part in parts), strict=True))
+    return map_leaves(lambda _: _joined(next(columns), size, given), parts[0])
+
+
+def _rows(t: torch.Tensor, start: int, size: int) -> torch.Tensor:
+    """Rows ``start`` to ``start + size`` of a batched tensor, repeats of the last filling up."""
+    if not t.dim():
+        return t
+    rows = t[start : start + size]
+    if rows.shape[0] < size:
+        rows = torch.cat([rows, rows[-1:].expand(size - rows.shape[0], *rows.shape[1:])])
+    return rows
+
+
+def _joined(column: tuple[Any, ...], size: int, given: int) -> Any:
+    """One output's parts joined along the batch, the filling dropped; an output with no
+    batch dimension (a scalar, a non-tensor) as the first part gave it."""
+    first = column[0]
+    if isinstance(first, torch.Tensor) and first.dim() and first.shape[0] == size:
+        return torch.cat(column)[:given]
+    return first
+
+
 class OnnxModel(nn.Module):
     """An ONNX file run in ONNX Runtime, called like the torch model it came from (the same
     positional and keyword inputs; tensors out, one or a tuple), so metrics and timings take
@@ -298,8 +366,15 @@ class OnnxModel(nn.Module):
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.path = path
+        firsts = {i.shape[0] for i in self.session.get_inputs() if i.shape}
+        self.held = next(iter(firsts)) if len(firsts) == 1 else None  # a fixed batch, or str
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(self.held, int):  # exported for a fixed batch: fed that many at a time
+            return in_batches_of(self.held, self._run, args, kwargs)
+        return self._run(*args, **kwargs)
+
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
         given = dict(zip(self.inputs, args)) | kwargs
         feed = {
             name: value.detach().cpu().numpy()

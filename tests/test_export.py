@@ -176,3 +176,44 @@ def test_a_decoder_exports_without_its_key_value_cache(tmp_path, name):
     with torch.no_grad():
         want, have = loaded(**part, use_cache=False)[0], program(**part)[0]  # logits, states
     assert (have - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+class _EncoderOnPatches(nn.Module):
+    """``nn.TransformerEncoder`` on image patches, as torch's own ViT: torch.export traces its
+    batches of 1 and of 2 or more into different programs (a guard no one program passes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.patches = nn.Conv2d(3, 16, kernel_size=8, stride=8)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.patches(x).flatten(2).transpose(1, 2)).mean(dim=1))
+
+
+def test_a_program_for_batches_of_one_is_measured_on_larger_batches(tmp_path):
+    """The program keeps the example's batch of 1 (and says so); loaded by ``evaluate``, it is
+    fed a batch of 7 one sample at a time and answers what the model does on the 7."""
+    from autosqueeze.export import OnnxModel, export_onnx, load_program
+
+    model = _EncoderOnPatches().eval()
+    one, seven = torch.randn(1, 3, 32, 32), torch.randn(7, 3, 32, 32)
+    notes = export_program(model, Plan({}), one, tmp_path / "m.pt2")
+    assert "the program takes batches of 1, as the example input" in notes
+    with torch.no_grad():
+        want = model(seven)
+        assert (
+            load_program(tmp_path / "m.pt2", torch.device("cpu"))(seven) - want
+        ).abs().max() < 1e-5
+    with pytest.raises(Exception, match="Guard failed"):
+        torch.export.load(tmp_path / "m.pt2").module()(seven)  # what a batch of 7 met before
+
+    pytest.importorskip("onnxruntime")
+    export_onnx(model, Plan({}), {}, one, tmp_path / "m.onnx")
+    shipped = OnnxModel(tmp_path / "m.onnx")  # ONNX has no guards: this one takes any batch
+    assert (shipped(seven) - want).abs().max() < 1e-4
+    with torch.no_grad():
+        assert (shipped(one) - model(one)).abs().max() < 1e-4
