@@ -51,6 +51,13 @@ class TaskConfig(_Strict):
 class RecoveryConfig(_Strict):
     """Distillation after structural changes; runs only when task.calibration is given."""
 
+    on_grid: bool = Field(
+        False,
+        description="distill every plan, quantized and clustered ones too, each weight trained "
+        "on the grid it is stored on (straight-through); every trial then trains, so a search "
+        "costs more. `autosqueeze finetune` does this for one front model after the search",
+    )
+
     steps: int = Field(200, ge=0, description="optimizer steps at most, one calibration batch each")
     lr: float = Field(1e-3, gt=0)
     min_gain: float = Field(

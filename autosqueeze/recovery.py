@@ -7,18 +7,29 @@ every layer drops accuracy from 0.980 to 0.924); a hundred steps of matching the
 outputs win most of it back. No labels are needed, so it works for any model and metric.
 The compressed model stays in eval mode (BatchNorm keeps its running statistics, dropout is
 off) and the training is seeded, so a plan gives the same artifact every time.
+
+Given how each weight is stored (``stored``: the plan's codecs), the student trains as it
+will be stored: each forward pass sees the weight on its grid (its integers and scales, its
+fp16 values, or its shared values) with pruned zeros kept, and gradients pass straight
+through the rounding to the full-precision weight underneath (the straight-through
+estimator); shared values are trained themselves, each weight keeping its index (Deep
+Compression's trained quantization). The weights left are on the grid, so the artifact
+stores what was trained.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
+from autosqueeze.codecs import FLOAT_BITS, TensorCodec, dequantize, quantize, shared_values
 from autosqueeze.metrics import call_model
 from autosqueeze.nested import tensors
 
@@ -45,9 +56,17 @@ class Recovery:
     min_gain: float = 0.0  # stop once a window of steps lowers the loss by less than this
     window: int = 25
     between_windows: Callable[[], None] | None = None  # e.g. let a latency timing go first
+    on_grid: bool = False  # in a search: after every plan, each weight trained on its grid
 
-    def run(self, student: nn.Module, teacher: nn.Module) -> int:
+    def run(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        stored: dict[str, TensorCodec] | None = None,
+    ) -> int:
         """Train ``student`` (in place) towards ``teacher``'s outputs; returns the steps run.
+        With ``stored`` (state-dict key -> codec), each weight trains on its grid (see the
+        module's docstring).
 
         With ``min_gain``, training stops at the end of a ``window`` of steps whose mean loss
         is not at least that fraction below the previous window's: most plans have recovered
@@ -63,6 +82,9 @@ class Recovery:
         pass had judged harmless came out at 0.77 accuracy, and at 0.996 with this rule.)"""
         if self.steps <= 0 or not self.inputs:
             return 0
+        if stored:
+            with _on_grid(student, stored):
+                return self.run(student, teacher)
         with torch.inference_mode():
             targets = [floating_tensors(call_model(teacher, x)) for x in self.inputs]
         held, trained = _split(len(self.inputs))
@@ -111,6 +133,82 @@ class Recovery:
                 p.copy_(kept)
                 p.requires_grad_(False)
         return step
+
+
+@contextlib.contextmanager
+def _on_grid(module: nn.Module, stored: dict[str, TensorCodec]) -> Iterator[None]:
+    """Each stored weight of ``module`` seen on its grid while inside; left on it after. A
+    weight that several modules share (tied) trains as it is: a parametrization on one name
+    would untie it."""
+    shared = _shared_parameters(module)
+    placed = []
+    try:
+        for key, codec in sorted(stored.items()):
+            owner, _, name = key.rpartition(".")
+            layer = module.get_submodule(owner)
+            weight = getattr(layer, name, None)
+            if not isinstance(weight, nn.Parameter) or id(weight) in shared or codec.bits == 32:
+                continue
+            keep = (weight != 0) if bool((weight == 0).any()) else None  # pruned stay pruned
+            if codec.codebook:
+                levels, values, zero = shared_values(weight.detach().cpu(), codec.bits)
+                grid = _SharedValues(levels.long().reshape(weight.shape), values.float(), zero)
+                parametrize.register_parametrization(layer, name, grid, unsafe=True)
+            else:
+                parametrize.register_parametrization(layer, name, _Rounded(codec, keep))
+            placed.append((layer, name))
+        yield
+    finally:
+        for layer, name in placed:
+            parametrize.remove_parametrizations(layer, name, leave_parametrized=True)
+            getattr(layer, name).requires_grad_(False)
+
+
+def _shared_parameters(module: nn.Module) -> set[int]:
+    seen: dict[int, int] = {}
+    for _, p in module.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {i for i, n in seen.items() if n > 1}
+
+
+class _Rounded(nn.Module):
+    """A weight as its codec stores it (integers on per-row or per-group scales, or fp16),
+    pruned zeros kept; the gradient passes the rounding unchanged."""
+
+    def __init__(self, codec: TensorCodec, keep: torch.Tensor | None) -> None:
+        super().__init__()
+        self.codec = codec
+        self.register_buffer("keep", keep, persistent=False)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        weight = latent * self.keep if self.keep is not None else latent
+        with torch.no_grad():
+            bits, group = self.codec.bits, self.codec.group_size
+            if bits in FLOAT_BITS:
+                rounded = weight.to(FLOAT_BITS[bits]).to(weight.dtype)
+            else:
+                rounded = dequantize(*quantize(weight, bits, group), group).to(weight.dtype)
+        return weight + (rounded - weight).detach()
+
+
+class _SharedValues(nn.Module):
+    """A clustered weight: each entry its shared value (trained, rounded to fp16 as stored)
+    at the index k-means gave it; the value of pruned zeros stays 0."""
+
+    def __init__(self, levels: torch.Tensor, values: torch.Tensor, zero: int) -> None:
+        super().__init__()
+        self.register_buffer("levels", levels.to(values.device), persistent=False)
+        self.values, self.zero = values, zero
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        """What trains in place of the weight: its shared values (k-means' as stored)."""
+        return self.values.to(weight.device, weight.dtype)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        if self.zero >= 0:
+            values = values * (torch.arange(values.numel(), device=values.device) != self.zero)
+        values = values + (values.to(torch.float16).to(values.dtype) - values).detach()
+        return values[self.levels]
 
 
 def floating_tensors(output: Any) -> list[torch.Tensor]:

@@ -38,7 +38,11 @@ class Task:
             return None
         settings = self.config.recovery
         return Recovery(
-            self.calibration, steps=settings.steps, lr=settings.lr, min_gain=settings.min_gain
+            self.calibration,
+            steps=settings.steps,
+            lr=settings.lr,
+            min_gain=settings.min_gain,
+            on_grid=settings.on_grid,
         )
 
     @property

@@ -90,7 +90,9 @@ def compress(
     recovery: Recovery | None = None,
 ) -> CompressedModel:
     """Apply ``plan`` to a copy of ``model`` (the original is left as it was). With
-    ``recovery``, the copy is distilled from ``model`` once the structural steps are done.
+    ``recovery``, the copy is distilled from ``model`` once the structural steps are done;
+    with ``recovery.on_grid``, once every step is done, each weight trained on the grid it
+    is stored on.
 
     It runs on one thread whatever the caller uses: a multi-threaded reduction sums in an
     order that depends on the thread count, and over hundreds of recovery steps that changes
@@ -106,8 +108,10 @@ def compress(
         last_structural = max((i for i, s in enumerate(steps) if s[0].structural), default=None)
         for i, (technique, name, layer_plan) in enumerate(steps):
             technique.apply(compressed, name, layer_plan)
-            if recovery and i == last_structural:
+            if recovery and not recovery.on_grid and i == last_structural:
                 recovery.run(compressed.module, model)
+        if recovery and recovery.on_grid and plan.layers:
+            recovery.run(compressed.module, model, compressed.codecs)
     finally:
         torch.set_num_threads(previous)
     return compressed
