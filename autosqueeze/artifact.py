@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -243,11 +244,22 @@ def load_artifact(
             held = expected.get(key)
             if held is not None and held.is_floating_point() != tensor.is_floating_point():
                 raise ValueError(f"{key} is stored as {tensor.dtype}, the model holds {held.dtype}")
-        model.load_state_dict(state, strict=True)
+        load_state(model, state)
     except (RuntimeError, ValueError) as exc:
         raise ValueError(f"{where} does not fit this model: {str(exc).splitlines()[0]}") from None
     model = model.eval().to(target.device)
     return deploy(model, plan) if execution_form else model
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(state, strict=True)`` for a state read from a file that keeps
+    no module versions (safetensors): the model's own versions go with it, as a state dict
+    it made would carry them. Some modules refuse a state without them (torchvision's
+    MNASNet: "version should be set to 1 or 2")."""
+    if getattr(state, "_metadata", None) is None:
+        state = OrderedDict(state)
+        state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    model.load_state_dict(state, strict=True)
 
 
 def _check_can_rebuild(plan: Plan, model: nn.Module, target: Target, where: object) -> None:

@@ -201,6 +201,8 @@ def _load_model(config: StudyConfig) -> nn.Module:
 
 
 def _load_checkpoint(model: nn.Module, path: Any) -> None:
+    from autosqueeze.artifact import load_state
+
     if not path.is_file():
         raise UserError(f"model.checkpoint: file {path} does not exist.")
     try:
@@ -210,7 +212,7 @@ def _load_checkpoint(model: nn.Module, path: Any) -> None:
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        load_state(model, state)
     except Exception as exc:
         raise UserError(
             f"model.checkpoint: {path} cannot be loaded into the model: "

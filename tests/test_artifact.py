@@ -220,3 +220,45 @@ def _encodings(source) -> dict:
     data = source if isinstance(source, bytes) else source.read_bytes()
     header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     return json.loads(header["__metadata__"]["encodings"])
+
+
+class _Versioned(torch.nn.Module):
+    """A module that reads its saved version when it loads, as torchvision's MNASNet does:
+    a state dict read from safetensors carries none."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version") not in (1, 2):
+            raise ValueError("version should be set to 1 or 2")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_a_module_that_reads_its_version_loads_from_an_artifact_and_a_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    from autosqueeze.task import _load_checkpoint
+
+    model = _Versioned().eval()
+    plan = Plan({"body.0": LayerPlan(bits=4), "body.2": LayerPlan(bits=8)})
+    path = tmp_path / "m.safetensors"
+    save_artifact(compress(model, plan), path)
+    loaded = load_artifact(path, _Versioned())
+    x = torch.randn(3, 8)
+    assert (loaded(x) - model(x)).abs().max() < 0.2
+
+    save_file(model.state_dict(), tmp_path / "checkpoint.safetensors")
+    fresh = _Versioned()
+    torch.nn.init.zeros_(fresh.body[0].weight)
+    _load_checkpoint(fresh, tmp_path / "checkpoint.safetensors")
+    assert torch.equal(fresh(x), model(x))
