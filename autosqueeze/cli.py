@@ -519,8 +519,8 @@ def _finetune(args: argparse.Namespace) -> int:
         f"on the grid it is stored on; both measured from their files:\n"
         f"  {name}: {before.metric:.6f} -> {after.metric:.6f}"
         + (f"  (the original: {original:.6f})" if original is not None else "")
-        + f"\n  size_bytes: {before.size_bytes:,} -> {after.size_bytes:,}\n"
-        f"  speedup: {before.speedup:.2f}x -> {after.speedup:.2f}x\n"
+        + f"\n  size_bytes: {before.size_bytes:,} -> {after.size_bytes:,}  (layers and kernels "
+        "as they were: the speed is the trial's)\n"
         f"Wrote {args.output}. `autosqueeze evaluate CONFIG --artifact {args.output}` "
         "measures it again."
     )

@@ -307,9 +307,9 @@ TORCHVISION: dict[str, str] = {
     "regnet": CNN,
     "vit": TRANSFORMER,
 }
-"""torchvision's models: for ``benchmarks/zoo.py`` where torchvision imports (not in the
-tests: no CPU build of torchvision is on the registries here, and the CUDA build breaks
-``import transformers`` beside a CPU torch)."""
+"""torchvision's models: in ``test_zoo.py`` given ``AUTOSQUEEZE_TEST_TORCHVISION`` (a folder
+holding torchvision, out of the environment: the registries here carry only its CUDA build,
+which breaks ``import transformers`` beside a CPU torch), and in ``benchmarks/zoo.py``."""
 ZOO: dict[str, str] = {
     "torch_vit": TRANSFORMER,
     "gpt2": TRANSFORMER,
