@@ -4,6 +4,7 @@ model, and the search stage (``recovery.on_grid``)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,15 +55,14 @@ def test_training_on_the_grid_recovers_and_the_file_holds_what_was_trained(knobs
     assert after > before + 0.02, (before, after)
 
 
+def _harsh_space(folder: Path) -> Path:
+    """Every layer at 3 bits with 70% of its weights pruned: a plan that loses accuracy."""
+    rule = {"types": ["Linear", "Conv2d"], "names": ["*"], "knobs": {"bits": 3, "prune": 0.7}}
+    return write_yaml(folder / "space.yaml", {"rules": [rule]})
+
+
 def test_finetune_a_trial_from_the_cli(tmp_path, capsys):
-    space = write_yaml(
-        tmp_path / "space.yaml",
-        {
-            "rules": [
-                {"types": ["Linear", "Conv2d"], "names": ["*"], "knobs": {"bits": 3, "prune": 0.7}}
-            ]
-        },
-    )
+    space = _harsh_space(tmp_path)
     config = write_yaml(
         tmp_path / "study.yaml",
         study_config(
@@ -99,14 +99,7 @@ def test_finetune_a_trial_from_the_cli(tmp_path, capsys):
 
 def test_a_search_can_train_every_plan_on_its_grid(tmp_path, capsys):
     """``recovery.on_grid``: the trial's artifact is the distilled one, and it reproduces."""
-    space = write_yaml(
-        tmp_path / "space.yaml",
-        {
-            "rules": [
-                {"types": ["Linear", "Conv2d"], "names": ["*"], "knobs": {"bits": 3, "prune": 0.7}}
-            ]
-        },
-    )
+    space = _harsh_space(tmp_path)
     runs = {}
     for on_grid in (False, True):
         folder = tmp_path / str(on_grid)
