@@ -556,14 +556,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     study = open_existing(config)
     ref = reference(study) if study else None
     at_study = got.at_reference(ref.latency_ms).latency_ms if ref and ref.latency_ms else None
-    packed = _bit_packed_size(args.artifact, config)
+    stored, packed = _coded_sizes(args.artifact, config)
     if args.json:
-        print(json.dumps({**got.to_dict(), "study_latency_ms": at_study, "packed_bytes": packed}))
+        sizes = {"stored_bytes": stored, "packed_bytes": packed}
+        print(json.dumps({**got.to_dict(), "study_latency_ms": at_study, **sizes}))
         return 0
     coding = ""
     if packed is not None:
         saved = 1 - got.size_bytes / packed if packed else 0.0
-        coding = f"  (bit-packed without entropy coding: {packed}; coding saves {saved:.1%})"
+        deflated = f"deflated from {stored} as safetensors; " if stored != got.size_bytes else ""
+        coding = (
+            f"  ({deflated}bit-packed without entropy coding: {packed}; coding saves {saved:.1%})"
+        )
     print(
         f"{config.metric_name}: {got.metric:.6f}\nsize_bytes: {got.size_bytes}{coding}\n"
         f"latency_ms: {got.latency_ms:.4f}  (batch {config.budgets.batch_size} on "
@@ -586,14 +590,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bit_packed_size(artifact: Path, config: StudyConfig) -> int | None:
-    """The artifact's bytes with no tensor entropy-coded; None for a shipped ``.pt2`` or
-    ``.onnx`` file, or where the size is an ONNX export's (``budgets.runtime``)."""
+def _coded_sizes(artifact: Path, config: StudyConfig) -> tuple[int | None, int | None]:
+    """The artifact's safetensors file's bytes before deflate, and the artifact's bytes
+    with no tensor entropy-coded (deflated alike); None for a shipped ``.pt2`` or ``.onnx``
+    file, or where the size is an ONNX export's (``budgets.runtime``)."""
     if artifact.suffix in (".pt2", ".onnx") or config.budgets.runtime != "torch":
-        return None
-    from autosqueeze.artifact import bit_packed_bytes
+        return None, None
+    from autosqueeze.artifact import bit_packed_bytes, stored_bytes
 
-    return len(bit_packed_bytes(artifact))
+    return len(stored_bytes(artifact)), len(bit_packed_bytes(artifact))
 
 
 def _validate(args: argparse.Namespace) -> int:

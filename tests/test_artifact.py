@@ -1,11 +1,21 @@
 import json
+import os
 import struct
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as load_tensors
 
-from autosqueeze.artifact import bit_packed_bytes, load_artifact, read_plan, save_artifact
+from autosqueeze.artifact import (
+    _DEFLATED,
+    artifact_bytes,
+    bit_packed_bytes,
+    load_artifact,
+    read_plan,
+    save_artifact,
+    shipped,
+    stored_bytes,
+)
 from autosqueeze.codecs import decode, encode
 from autosqueeze.examples.digits import DigitsCNN, example_input, pretrained_cnn
 from autosqueeze.plan import LayerPlan, Plan
@@ -27,20 +37,31 @@ def test_size_is_the_file_and_the_file_is_only_packed_tensors(tmp_path):
     path = tmp_path / "model.safetensors"
     size = save_artifact(compressed, path)
     assert size == path.stat().st_size
-    header_len = struct.unpack("<Q", path.read_bytes()[:8])[0]
-    header = json.loads(path.read_bytes()[8 : 8 + header_len])
+    stored = stored_bytes(path)  # the safetensors file, deflated in the shipped one
+    assert size < len(stored)
+    header_len = struct.unpack("<Q", stored[:8])[0]
+    header = json.loads(stored[8 : 8 + header_len])
     data_bytes = sum(
         v["data_offsets"][1] - v["data_offsets"][0]
         for k, v in header.items()
         if k != "__metadata__"
     )
-    assert size == 8 + header_len + data_bytes
+    assert len(stored) == 8 + header_len + data_bytes
     dtypes = {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
     assert dtypes["classifier.1.0.weight::q"] == "U8"  # 5-bit values packed into bytes
     # fp16 (many of this layer's weights underflow to 0 in fp16, so it is stored sparse)
     assert dtypes["classifier.3.weight::values"] == "F16"
     fp32 = save_artifact(compress(pretrained_cnn(), Plan()), tmp_path / "fp32.safetensors")
     assert size * 5 < fp32
+
+
+def test_the_file_is_deflated_when_that_is_smaller_and_the_same_every_build():
+    compressed = compress(pretrained_cnn(), PLAN)
+    data = artifact_bytes(compressed)
+    assert data.startswith(_DEFLATED) and len(data) < len(stored_bytes(data))
+    assert all(artifact_bytes(compressed) == data for _ in range(4))  # byte for byte
+    noise = os.urandom(4096)  # nothing for deflate: shipped as it is
+    assert shipped(noise) == noise and stored_bytes(noise) == noise
 
 
 def test_loaded_artifact_is_the_compressed_model(tmp_path):
@@ -67,8 +88,7 @@ def test_lossless_plan_round_trips_bit_exactly(tmp_path):
     plan = Plan({"classifier.1": LayerPlan(prune=0.5)})  # fp32, stored as bitmap + values
     path = tmp_path / "pruned.safetensors"
     save_artifact(compress(original, plan), path)
-    with safe_open(path, "pt") as f:
-        assert "classifier.1.weight::mask" in f.keys()
+    assert "classifier.1.weight::mask" in load_tensors(stored_bytes(path))
     loaded = load_artifact(path, DigitsCNN())
     expected = compress(original, plan).module
     for key, value in expected.state_dict().items():
@@ -90,7 +110,6 @@ def test_artifact_that_does_not_fit_the_model_is_rejected(tmp_path):
 
 def test_reused_encodings_give_the_bytes_a_fresh_encoding_gives_and_follow_the_weights():
     from autosqueeze import artifact
-    from autosqueeze.artifact import artifact_bytes
 
     model = pretrained_cnn()
     artifact._ENCODINGS.clear()
@@ -115,18 +134,8 @@ def test_reused_encodings_give_the_bytes_a_fresh_encoding_gives_and_follow_the_w
 
 
 def assert_same_artifact(a: bytes, b: bytes) -> None:
-    """Same size, metadata and tensors (safetensors writes metadata keys in any order)."""
-    from safetensors.torch import load
-
-    def header(data: bytes) -> dict:
-        return json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
-
-    assert len(a) == len(b)
-    assert header(a) == header(b)
-    tensors_a, tensors_b = load(a), load(b)
-    assert tensors_a.keys() == tensors_b.keys()
-    for key in tensors_a:
-        assert torch.equal(tensors_a[key], tensors_b[key]), key
+    """The same file, byte for byte (metadata keys are written in sorted order)."""
+    assert a == b
 
 
 ELSEWHERE = """
@@ -205,19 +214,18 @@ def test_the_bit_packed_form_loads_the_same_model_and_shows_what_coding_saved(tm
     layouts = {m["layout"] for m in _encodings(coded).values() if "layout" in m}
     assert "coded" in layouts
     packed = bit_packed_bytes(coded)
-    assert len(packed) > coded.stat().st_size
+    assert len(stored_bytes(packed)) > len(stored_bytes(coded))  # before deflate
     assert "coded" not in {m.get("layout") for m in _encodings(packed).values()}
     a, b = load_artifact(coded, pretrained_cnn()), load_artifact(packed, pretrained_cnn())
     for (key, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(x, y), key  # the same levels, the same weights
     plain = tmp_path / "plain.safetensors"  # fp32: nothing coded, nothing to undo
     save_artifact(compress(model, Plan({})), plain)
-    same = bit_packed_bytes(plain)  # byte for byte but the metadata's order (safetensors')
-    assert len(same) == plain.stat().st_size and _encodings(same) == _encodings(plain)
+    assert bit_packed_bytes(plain) == plain.read_bytes()
 
 
 def _encodings(source) -> dict:
-    data = source if isinstance(source, bytes) else source.read_bytes()
+    data = stored_bytes(source)
     header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     return json.loads(header["__metadata__"]["encodings"])
 

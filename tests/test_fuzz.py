@@ -14,7 +14,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from autosqueeze.artifact import load_artifact, save_artifact
+from autosqueeze.artifact import load_artifact, save_artifact, stored_bytes
 from autosqueeze.config import load_config
 from autosqueeze.errors import UserError
 from autosqueeze.examples.digits import pretrained_cnn
@@ -172,11 +172,13 @@ def _load(data: bytes, folder) -> torch.nn.Module:
 @given(
     flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
     cut=st.none() | st.integers(0, 10**6),
+    deflated=st.booleans(),
 )
-def test_a_damaged_artifact_is_refused_by_name(tmp_path_factory, artifact, flips, cut):
+def test_a_damaged_artifact_is_refused_by_name(tmp_path_factory, artifact, flips, cut, deflated):
     """Any changed byte or a cut file is refused (the header is checked, the payload is
-    digested): never loaded as a different model."""
-    data = bytearray(artifact.data)
+    digested), shipped deflated or as the safetensors file in it: never loaded as a
+    different model."""
+    data = bytearray(artifact.data if deflated else stored_bytes(artifact.data))
     for at, xor in {at % len(data): xor for at, xor in flips}.items():
         data[at] ^= xor
     if cut is not None:
@@ -199,15 +201,16 @@ def test_a_damaged_artifact_is_refused_by_name(tmp_path_factory, artifact, flips
 def test_a_forged_artifact_header_is_refused_by_name(
     tmp_path_factory, artifact, tensor, field, value, metadata
 ):
-    n = struct.unpack("<Q", artifact.data[:8])[0]
-    header = json.loads(artifact.data[8 : 8 + n])
+    stored = stored_bytes(artifact.data)  # the safetensors file the shipped one deflates
+    n = struct.unpack("<Q", stored[:8])[0]
+    header = json.loads(stored[8 : 8 + n])
     names = sorted(k for k in header if k != "__metadata__")
     name = names[tensor % len(names)]
     header[name] = {**header[name], field: value}
     header["__metadata__"] = {**header["__metadata__"], **metadata}
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
-    forged = struct.pack("<Q", len(text)) + text + artifact.data[8 + n :]
+    forged = struct.pack("<Q", len(text)) + text + stored[8 + n :]
     try:
         loaded = _load(forged, tmp_path_factory.mktemp("forged"))
     except (ValueError, OSError):

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zlib
 
 import pytest
 import torch
 from conftest import study_config, write_yaml
 from safetensors.torch import load as load_tensors
 
-from autosqueeze.artifact import _digest, save_artifact
+from autosqueeze.artifact import _DEFLATED, _digest, save_artifact, stored_bytes
 from autosqueeze.cli import main
 from autosqueeze.examples.digits import pretrained_cnn
 from autosqueeze.plan import Plan
@@ -29,7 +30,13 @@ def artifact(tmp_path_factory):
     names = [n for n, m in model.named_modules() if type(m).__name__ in ("Conv2d", "Linear")]
     path = folder / "good.safetensors"
     save_artifact(compress(model, Plan.uniform(names, bits=4, prune=0.5)), path)
-    return path.read_bytes()
+    assert path.read_bytes().startswith(_DEFLATED)  # shipped deflated
+    return stored_bytes(path)  # the safetensors file in it: what a forger edits
+
+
+def _deflated(data: bytes, stated: int | None = None) -> bytes:
+    length = len(data) if stated is None else stated
+    return _DEFLATED + length.to_bytes(8, "little") + zlib.compress(data)
 
 
 def _variants(data: bytes) -> dict[str, bytes]:
@@ -105,6 +112,18 @@ def _variants(data: bytes) -> dict[str, bytes]:
         "one bias tied in another's place": changed(
             ties=json.dumps({"features.5.bias": "features.2.bias"})
         ),
+        # the shipped form: deflated
+        "deflated, a payload bit flipped": _deflated(bytes(flipped)),
+        "deflated, the stream cut short": _deflated(data)[:-50],
+        "deflated, the stream damaged": _deflated(data)[:40] + b"\x00" * 40 + _deflated(data)[80:],
+        "deflated, trailing bytes": _deflated(data) + b"more",
+        "deflated, a length stated short": _deflated(data, len(data) - 1),
+        "deflated, a length stated long": _deflated(data, len(data) + 1),
+        "deflated, only the mark": _DEFLATED,
+        "deflated, 64 MiB of zeros in 64 kB (a bomb)": _deflated(
+            bytes(1 << 26) + data, stated=1 << 40
+        ),
+        "deflated random bytes": _deflated(os.urandom(4096)),
     }
 
 
@@ -143,7 +162,7 @@ def test_an_artifact_whose_digest_key_is_renamed_is_refused(tmp_path):
 
     path = tmp_path / "m.safetensors"
     save_artifact(compress(pretrained_cnn(), Plan.uniform(["classifier.1"], bits=4)), path)
-    data = path.read_bytes()
+    data = stored_bytes(path)
     assert b'"sha256"' in data
     path.write_bytes(data.replace(b'"sha256"', b'"rha256"', 1))
     with pytest.raises(ValueError, match="SHA-256"):
