@@ -58,8 +58,14 @@ class LayerPlan:
         return replace(self, **own)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every knob's value, the registered techniques' beside the fields'."""
-        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        """The knobs this plan changes from their defaults, the registered techniques' beside
+        the fields' (the rest read back as their defaults): an artifact's header carries the
+        plan, and on a small model every byte of it counts."""
+        own = {
+            f.name: value
+            for f in fields(self)
+            if f.name != "extra" and (value := getattr(self, f.name)) != f.default
+        }
         return {**own, **dict(sorted(self.extra.items()))}
 
 
