@@ -26,7 +26,8 @@ class LayerPlan:
     prune_heads: float = 0.0  # fraction of an attention block's heads removed (structured)
     kernel: str = "fp32"  # execution form once loaded (autosqueeze.kernels)
     cluster: int = 0  # 2**cluster shared values (k-means codebook) instead of bits; 0 = off
-    prune_by: str = "magnitude"  # or "activation": |w| x its input's norm (Wanda); a rule's
+    prune_by: str = "magnitude"  # or "activation" (|w| x its input's norm, Wanda), "hessian"
+    separable: int = 0  # depthwise filters per input channel of a k x k conv made separable
     # the knobs of techniques registered from outside the package (``techniques.register``);
     # read as attributes like the fields above, stored beside them in the plan's JSON
     extra: dict[str, Any] = field(default_factory=dict, hash=False)
@@ -135,6 +136,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "kernel": (str,),
     "cluster": (int, float),  # a whole number, as bits
     "prune_by": (str,),
+    "separable": (int, float),  # a whole number, as bits
 }
 _EXTRA_TYPES: tuple[type, ...] = (float, int, str)  # a registered technique's: number or name
 _KNOB_NAME = re.compile(r"[a-z_][a-z0-9_]{0,63}")

@@ -252,7 +252,7 @@ def _shaped(
     margin = config.sensitivity.margin
     level = budget_level(table, drop)
     cap = level * margin if level is not None else None
-    keep = BASELINE_VALUES | (CHANNEL_VALUES if task.calibration else set())
+    keep = BASELINE_VALUES | (RECOVERED_VALUES if task.calibration else set())
     shaped = shaped_space(space, table, drop, margin, keep=keep, max_distortion=cap)
     before, after = _size(space), _size(shaped)
     within = f"{margin:g} x max_metric_drop" + (
@@ -295,23 +295,34 @@ WARM_STARTS = {
     "int4-kernel": {"bits": 4, "kernel": "int4_weight_only"},
     "channels-0.5": {"bits": 8, "prune_channels": 0.5},
     "channels-0.625": {"bits": 8, "prune_channels": 0.625},
+    "separable": {"bits": 8, "separable": 1},
 }
 """Queued next when there is no sensitivity pass, as the nearest plans the space offers (a
 knob or kernel a layer is not offered stays as it is): anchors along the size and speed axes
 (on MiniLM, int6 holds cosine 0.99 at 1/5 of the size, a region random start-up trials in 57
 dimensions rarely hit; int6 stored and run as bf16 is also 1.5x faster there)."""
-SPEED_STARTS = ("int6-bf16", "int8-dynamic", "int4-kernel", "channels-0.5", "channels-0.625")
+SPEED_STARTS = (
+    "int6-bf16",
+    "int8-dynamic",
+    "int4-kernel",
+    "channels-0.5",
+    "channels-0.625",
+    "separable",
+)
 """With a sensitivity pass, the knapsack plans take the uniform size anchors' place. Where
 the pass timed layers, the speed-first knapsack plans take the kernel anchors' place too;
-the latency model does not price channel pruning (it reshapes the neighbours), so the
-channel anchors stay (on the digits CNN at 24 trials, the fastest model within budget was
-0.73x the original's latency with them and 0.95x without)."""
-CHANNEL_STARTS = ("channels-0.5", "channels-0.625")
-CHANNEL_VALUES = {(k, v) for name in CHANNEL_STARTS for k, v in WARM_STARTS[name].items()}
-"""Kept in the shaped space where recovery training follows channel pruning: a probe does
-not train, so it judges them by the untrained model, and the space would lose the anchors
-(on the digits CNN at 60 trials, the fastest model within budget was 0.90x the original's
-with them shaped away, 0.74x for plain random search, which kept them)."""
+the latency model does not price channel pruning (it reshapes the neighbours) or depthwise
+separation (the size model does not price its shapes), so those anchors stay (on the digits
+CNN at 24 trials, the fastest model within budget was 0.73x the original's latency with
+the channel anchors and 0.95x without). A space that does not offer separation makes the
+``separable`` start the int8 baseline, which is queued once."""
+RECOVERED_STARTS = ("channels-0.5", "channels-0.625", "separable")
+RECOVERED_VALUES = {(k, v) for name in RECOVERED_STARTS for k, v in WARM_STARTS[name].items()}
+"""Kept in the shaped space where recovery training follows the structural change: a probe
+does not train, so it judges them by the untrained model, and the space would lose the
+anchors (on the digits CNN at 60 trials, the fastest model within budget was 0.90x the
+original's with the channel values shaped away, 0.74x for plain random search, which kept
+them; separated at m = 1 the residual CNN scores 0.16 untrained, 0.993 recovered)."""
 
 
 def _enqueue_baselines(
@@ -347,7 +358,7 @@ def _enqueue_baselines(
             levels = ladder(table, config.sensitivity.speed_candidates, drop)
             for candidate in knapsack.plans(levels, SPEED_FIRST):
                 _queue_candidate(space, candidate, queue)
-            starts = CHANNEL_STARTS
+            starts = RECOVERED_STARTS
     for name in starts:  # the nearest plan the space can express
         queue(space.nearest_params(**WARM_STARTS[name]), {BASELINE: name})
     return notes

@@ -49,8 +49,13 @@ MAX_RANGE_PROBES = 10  # a range knob is probed at this many points at most
 
 def _speed_knobs() -> set[str]:
     """The knobs the latency model prices: they change how a layer runs and leave its
-    neighbours alone (read when asked: a technique may be registered after import)."""
-    return {k for k, t in TECHNIQUES.items() if t.changes_speed and not t.reaches_neighbours}
+    neighbours alone, and the size model prices any change of shape they make (not a
+    depthwise separation: read when asked, a technique may be registered after import)."""
+    return {
+        k
+        for k, t in TECHNIQUES.items()
+        if t.changes_speed and not t.reaches_neighbours and (not t.structural or k in SIZE_KNOBS)
+    }
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from torch import nn
 
 from autosqueeze.anatomy import anatomy
 from autosqueeze.errors import UserError
-from autosqueeze.knobs import KnobValues, contains, nearest, values_of
+from autosqueeze.knobs import KnobValues, contains, flat_values, nearest, values_of
 from autosqueeze.plan import LayerPlan, Plan
 from autosqueeze.techniques import Site, Target, technique_for
 from autosqueeze.user_code import describe
@@ -272,7 +272,8 @@ def build_space(
             except Exception as exc:  # noqa: BLE001 - a third-party analysis failed on this layer
                 failed.append(f"{knob}: {describe(exc)}")
                 continue
-            if offered is None and (why := technique.why_not(site)):
+            off = all(v == technique.identity for v in flat_values(values))  # separable: 0
+            if offered is None and not off and (why := technique.why_not(site)):
                 failed.append(f"{knob}: {why}")
             if isinstance(offered, BaseDistribution):
                 searched[knob] = offered

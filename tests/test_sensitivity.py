@@ -478,3 +478,25 @@ def test_the_values_the_queued_plans_use_stay_in_the_shaped_space():
         assert bare.layers[name].searched["prune_channels"].high == pytest.approx(0.125)
         checked += 1
     assert checked >= 2
+
+
+def test_separation_probed_untrained_stays_in_the_shaped_space_where_recovery_follows(tmp_path):
+    """A separated conv scores near chance as fitted and close to the original once
+    distilled: with calibration data the search keeps the value its warm start uses."""
+    from autosqueeze.search import RECOVERED_VALUES
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(
+        DEFAULT_SPACE.read_text().replace("separable: 0 ", "separable: [0, 1, 2] ")
+    )
+    space = build_space(pretrained_cnn(), space_file, Target("cpu", example_input()))
+    separable = [n for n, layer in space.layers.items() if "separable" in layer.searched]
+    assert separable == ["features.2", "features.5"]  # not the one-input stem: that is rank
+    table = SensitivityTable(64, base=0.98)
+    for probe in probes_of(space):
+        table.drops[probe.key] = 0.5 if probe.knob == "separable" else 0.0
+    shaped = shaped_space(space, table, 0.01, 1.5, keep=RECOVERED_VALUES)
+    bare = shaped_space(space, table, 0.01, 1.5, keep=set())
+    for name in separable:
+        assert shaped.layers[name].searched["separable"].choices == (0, 1)
+        assert "separable" not in bare.layers[name].searched

@@ -6,13 +6,22 @@ from optuna.distributions import CategoricalDistribution
 from torch import nn
 
 from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.techniques import TECHNIQUES, Site, Target, compress, rebuild
+from autosqueeze.techniques import TECHNIQUES, Site, Target, applied, compress, rebuild
 from autosqueeze.techniques.factorize import helps, rank_for
 from autosqueeze.techniques.prune import prune_by_magnitude
 
 
 def test_techniques_apply_in_the_documented_order():
-    order = ["prune_channels", "prune_heads", "rank", "prune", "bits", "cluster", "kernel"]
+    order = [
+        "prune_channels",
+        "prune_heads",
+        "rank",
+        "separable",
+        "prune",
+        "bits",
+        "cluster",
+        "kernel",
+    ]
     assert list(TECHNIQUES) == order
 
 
@@ -183,3 +192,77 @@ def test_cluster_stores_a_layer_as_shared_values_and_replaces_its_bits(tmp_path)
     assert TECHNIQUES["cluster"].offer(_site(nn.Linear(8, 8)), [0, 2, 4]) is not None
     with pytest.raises(ValueError, match="cluster is 0"):
         TECHNIQUES["cluster"].validate([0, 9])
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv2d, nn.Conv3d])
+def test_a_separable_conv_is_depthwise_then_pointwise_and_exact_at_full_rank(conv):
+    """Each input channel's filters (outputs x taps) fitted at rank m: exact once m reaches
+    the taps, and at m = 1 what a rank-1 fit of each channel's filters gives."""
+    torch.manual_seed(0)
+    layer = conv(6, 32, 3, padding=1, stride=2, dilation=1)
+    model = nn.Sequential(layer)
+    taps = layer.weight[0, 0].numel()
+    x = torch.randn(2, 6, *([7] * (layer.weight.dim() - 2)))
+    exact = compress(model, Plan({"0": LayerPlan(separable=taps)})).module
+    depthwise, pointwise = exact[0]
+    assert depthwise.groups == 6 and depthwise.out_channels == 6 * taps
+    assert depthwise.stride == layer.stride and depthwise.padding == layer.padding
+    assert pointwise.in_channels == 6 * taps and pointwise.out_channels == 32
+    assert set(pointwise.kernel_size) == {1} and pointwise.bias is not None
+    torch.testing.assert_close(exact(x), model(x), atol=1e-4, rtol=1e-4)
+
+    one = compress(model, Plan({"0": LayerPlan(separable=1)})).module
+    fitted = torch.empty_like(layer.weight)  # the best rank-1 fit, channel by channel
+    for c in range(6):
+        u, s, vh = torch.linalg.svd(layer.weight[:, c].reshape(32, -1).double())
+        fitted[:, c] = (s[0] * u[:, :1] @ vh[:1]).reshape(fitted[:, c].shape).float()
+    expected = conv(6, 32, 3, padding=1, stride=2)
+    with torch.no_grad():
+        expected.weight.copy_(fitted)
+        expected.bias.copy_(layer.bias)
+    torch.testing.assert_close(one(x), expected(x), atol=1e-4, rtol=1e-4)
+
+
+def test_separable_is_offered_only_where_it_saves_parameters():
+    offer = TECHNIQUES["separable"].offer
+    # 32 -> 64 3x3: m (9 + 64) per input against 576: m <= 7 saves, and m <= 9 (the taps)
+    offered = offer(_site(nn.Conv2d(32, 64, 3)), [0, 1, 2, 8])
+    assert isinstance(offered, CategoricalDistribution) and offered.choices == (0, 1, 2)
+    assert offer(_site(nn.Conv2d(2, 32, 3)), [0, 1]).choices == (0, 1)  # 2 (9 + 32) < 576
+    assert offer(_site(nn.Conv2d(1, 32, 3)), [0, 1]) is None  # one input: that is rank
+    assert offer(_site(nn.Conv2d(8, 1, 3)), [0, 1]) is None  # 9 + 1 per input: not < 9
+    assert offer(_site(nn.Conv2d(8, 8, 1)), [0, 1]) is None  # no spatial filter
+    assert offer(_site(nn.Conv2d(8, 8, 3, groups=8)), [0, 1]) is None  # separated already
+    assert offer(_site(nn.ConvTranspose2d(8, 8, 3)), [0, 1]) is None
+    assert offer(_site(nn.Linear(8, 8)), [0, 1]) is None
+    with pytest.raises(ValueError, match="depth multiplier"):
+        TECHNIQUES["separable"].validate([0, 1.5])
+
+
+def test_a_factorized_layer_is_separated_in_its_kxk_half_and_loads_back(tmp_path):
+    from autosqueeze.artifact import load_artifact, save_artifact
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 3))
+    plan = Plan(
+        {
+            "0": LayerPlan(rank=0.5, separable=2, bits=6, prune=0.3),
+            "2": LayerPlan(separable=1, kernel="bf16"),
+        }
+    )
+    compressed = compress(model, plan)
+    (kxk, across), rest = compressed.module[0]
+    assert kxk.groups == 16 and kxk.out_channels == 32 and across.out_channels == 16  # rank 16
+    assert rest.in_channels == 16 and rest.out_channels == 32
+    path = tmp_path / "m.safetensors"
+    save_artifact(compressed, path)
+    fresh = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 3))
+    loaded = load_artifact(path, fresh)
+    x = torch.randn(2, 16, 9, 9)
+    with applied(model, plan) as probed:  # a probe is the model the artifact loads
+        torch.testing.assert_close(probed(x), loaded(x), atol=0, rtol=0)
+    shapes = {k: v.shape for k, v in compressed.module.state_dict().items()}
+    rebuilt = rebuild(
+        nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 3)), plan
+    )
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == shapes

@@ -1,6 +1,6 @@
 """Compression techniques, applied in a fixed order: structured pruning (channels, heads),
-factorization, unstructured pruning, quantization, weight sharing (which replaces a layer's
-quantization); and at load time the execution form (kernel).
+factorization, depthwise separation, unstructured pruning, quantization, weight sharing
+(which replaces a layer's quantization); and at load time the execution form (kernel).
 
 The registry maps a plan knob to its technique; a new technique is one new module plus one
 line here, or, from outside the package, one module whose class carries ``@register``
@@ -29,6 +29,7 @@ from autosqueeze.techniques.heads import PruneHeads
 from autosqueeze.techniques.kernel import KernelChoice
 from autosqueeze.techniques.prune import Prune
 from autosqueeze.techniques.quantize import Quantize
+from autosqueeze.techniques.separable import Separable
 
 _FIELDS = {f.name for f in dataclasses.fields(LayerPlan)}  # built in: not a new knob
 TECHNIQUES: dict[str, Technique] = {
@@ -37,6 +38,7 @@ TECHNIQUES: dict[str, Technique] = {
         PruneChannels(),
         PruneHeads(),
         Factorize(),
+        Separable(),
         Prune(),
         Quantize(),
         Cluster(),
