@@ -179,6 +179,12 @@ class SearchConfig(_Strict):
         None, description="database URL or journal file; default: output_dir/study.log"
     )
     trial_timeout_s: float | None = Field(None, gt=0, description="fail a trial that runs longer")
+    warm_starts: bool = Field(
+        True,
+        description="queue the hand anchors (uniform int6 and int4, kernels, channel pruning, "
+        "separation) before the sampler; false: only the original and int8 baselines and "
+        "the knapsack plans",
+    )
 
     @field_validator("storage")
     @classmethod

@@ -359,7 +359,7 @@ def _enqueue_baselines(
             for candidate in knapsack.plans(levels, SPEED_FIRST):
                 _queue_candidate(space, candidate, queue)
             starts = RECOVERED_STARTS
-    for name in starts:  # the nearest plan the space can express
+    for name in starts if config.search.warm_starts else ():  # the nearest the space has
         queue(space.nearest_params(**WARM_STARTS[name]), {BASELINE: name})
     return notes
 

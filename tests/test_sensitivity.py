@@ -500,3 +500,16 @@ def test_separation_probed_untrained_stays_in_the_shaped_space_where_recovery_fo
     for name in separable:
         assert shaped.layers[name].searched["separable"].choices == (0, 1)
         assert "separable" not in bare.layers[name].searched
+
+
+def test_without_warm_starts_only_the_baselines_come_before_the_sampler(tmp_path):
+    """``search.warm_starts: false`` with no sensitivity pass: RandomSampler over the whole
+    space after the original and int8, as benchmarks/search_quality.py's random-bare."""
+    overrides = {
+        "search": {"trials": 5, "sampler": "random", "warm_starts": False},
+        "sensitivity": {"enabled": False},
+    }
+    config = load_config(write_yaml(tmp_path / "s.yaml", study_config(tmp_path, **overrides)))
+    result = run_search(config, progress=False)
+    kinds = [t.user_attrs.get(BASELINE) for t in result.study.trials]
+    assert kinds == ["original", "int8", None, None, None]
