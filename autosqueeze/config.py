@@ -58,6 +58,12 @@ class RecoveryConfig(_Strict):
         "costs more. `autosqueeze finetune` does this for one front model after the search",
     )
 
+    labels: bool = Field(
+        False,
+        description="add the cross-entropy with task.calibration's targets (class indices, "
+        "where it yields (inputs, targets) pairs) to matching the original's outputs; off: "
+        "on the digits CNN it gained nothing over the original's outputs alone",
+    )
     steps: int = Field(200, ge=0, description="optimizer steps at most, one calibration batch each")
     lr: float = Field(1e-3, gt=0)
     min_gain: float = Field(

@@ -57,6 +57,10 @@ class Recovery:
     window: int = 25
     between_windows: Callable[[], None] | None = None  # e.g. let a latency timing go first
     on_grid: bool = False  # in a search: after every plan, each weight trained on its grid
+    # per input batch, the task's targets where its calibration has them: class indices
+    # for a model whose first output is (batch, classes) logits add their cross-entropy to
+    # the loss (the rest are left out); None: the teacher's outputs alone
+    labels: list[Any] | None = None
 
     def run(
         self,
@@ -89,15 +93,17 @@ class Recovery:
             targets = [floating_tensors(call_model(teacher, x)) for x in self.inputs]
         held, trained = _split(len(self.inputs))
 
+        def loss_of(i: int) -> torch.Tensor:
+            got = floating_tensors(call_model(student, self.inputs[i]))
+            loss = sum(nn.functional.mse_loss(g, t.clone()) for g, t in zip(got, targets[i]))
+            label = self.labels[i] if self.labels else None
+            if got and _class_indices(label, got[0]):
+                loss = loss + nn.functional.cross_entropy(got[0], label)
+            return loss  # type: ignore[return-value]
+
         def held_loss() -> float:
             with torch.no_grad():
-                return sum(
-                    float(nn.functional.mse_loss(g, t))
-                    for i in held
-                    for g, t in zip(
-                        floating_tensors(call_model(student, self.inputs[i])), targets[i]
-                    )
-                )
+                return sum(float(loss_of(i)) for i in held)
 
         generator = torch.Generator().manual_seed(self.seed)
         params = [p for p in student.parameters() if p.is_floating_point()]
@@ -111,8 +117,7 @@ class Recovery:
         with torch.enable_grad():
             while step < self.steps:
                 i = trained[int(torch.randint(len(trained), (1,), generator=generator))]
-                got = floating_tensors(call_model(student, self.inputs[i]))
-                loss = sum(nn.functional.mse_loss(g, t.clone()) for g, t in zip(got, targets[i]))
+                loss = loss_of(i)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[union-attr]
                 optimizer.step()
@@ -133,6 +138,18 @@ class Recovery:
                 p.copy_(kept)
                 p.requires_grad_(False)
         return step
+
+
+def _class_indices(label: Any, logits: torch.Tensor) -> bool:
+    """Whether ``label`` holds a class index per sample of ``logits`` (batch, classes)."""
+    return (
+        isinstance(label, torch.Tensor)
+        and not label.is_floating_point()
+        and label.dim() == 1
+        and logits.dim() == 2
+        and len(label) == len(logits)
+        and bool(((label >= 0) & (label < logits.shape[1])).all())
+    )
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ class Task:
     metric: Metric
     device: torch.device
     calibration: list[Any] | None = None  # input batches for recovery training
+    calibration_labels: list[Any] | None = None  # their targets, where the batches had them
 
     @property
     def recovery(self) -> Recovery | None:
@@ -43,6 +44,7 @@ class Task:
             lr=settings.lr,
             min_gain=settings.min_gain,
             on_grid=settings.on_grid,
+            labels=self.calibration_labels if settings.labels else None,
         )
 
     @property
@@ -125,7 +127,8 @@ def load_task(config: StudyConfig) -> Task:
         field="task.metric",
         ref=config.task.metric,
     )
-    return Task(config, model, data, example, metric, device, _load_calibration(config))
+    calibration, labels = _load_calibration(config)
+    return Task(config, model, data, example, metric, device, calibration, labels)
 
 
 def degenerate_warnings(task: Task, metric: float) -> list[str]:
@@ -220,19 +223,28 @@ def _load_checkpoint(model: nn.Module, path: Any) -> None:
         ) from None
 
 
-def _load_calibration(config: StudyConfig) -> list[Any] | None:
-    """Input batches from ``task.calibration``; (inputs, targets) pairs give their inputs."""
+def _load_calibration(config: StudyConfig) -> tuple[list[Any] | None, list[Any] | None]:
+    """Input batches from ``task.calibration``, and their targets where it gave (inputs,
+    targets) pairs (None where it gave inputs alone)."""
     ref = config.task.calibration
     if ref is None:
-        return None
+        if config.recovery.labels:
+            raise UserError("recovery.labels: there is no task.calibration to take labels from.")
+        return None, None
     fn = load_callable(ref, field="task.calibration", search_dir=config.folder)
     batches = call_user(lambda: list(fn()), field="task.calibration", ref=ref)
     if not batches:
         raise UserError(f"task.calibration: {ref!r} returned no batches.")
-    return [
-        to_device(b[0] if isinstance(b, (tuple, list)) and len(b) == 2 else b, torch.device("cpu"))
-        for b in batches
-    ]
+    pairs = [isinstance(b, (tuple, list)) and len(b) == 2 for b in batches]
+    if config.recovery.labels and not all(pairs):
+        raise UserError(
+            f"recovery.labels: task.calibration ({ref!r}) yields input batches, not the "
+            "(inputs, targets) pairs labels come from."
+        )
+    cpu = torch.device("cpu")
+    inputs = [to_device(b[0] if pair else b, cpu) for b, pair in zip(batches, pairs)]
+    labels = [to_device(b[1], cpu) if pair else None for b, pair in zip(batches, pairs)]
+    return inputs, labels if any(pairs) else None
 
 
 def _load_data(config: StudyConfig) -> list[tuple[Any, Any]]:

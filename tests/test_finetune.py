@@ -124,3 +124,37 @@ def test_a_search_can_train_every_plan_on_its_grid(tmp_path, capsys):
         assert main(["evaluate", str(config), "--artifact", str(artifact), "--json"]) == 0
         runs[on_grid] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["metric"]
     assert runs[True] > runs[False] + 0.02, runs
+
+
+def test_labels_add_their_cross_entropy_where_the_outputs_are_class_logits():
+    """A student equal to its teacher has nothing to learn from the teacher's outputs: it
+    moves only when the calibration's labels (here, not the teacher's answers) are used."""
+    from autosqueeze.recovery import Recovery
+
+    teacher = digits.pretrained_cnn().eval()
+    images = digits.calibration()[:6]
+    wrong = [(teacher(x).argmax(1) + 1) % 10 for x in images]  # every label the teacher's + 1
+    alone, labelled = digits.pretrained_cnn().eval(), digits.pretrained_cnn().eval()
+    Recovery(images, steps=10, lr=1e-3).run(alone, teacher)
+    Recovery(images, steps=10, lr=1e-3, labels=wrong).run(labelled, teacher)
+    for (key, a), t in zip(alone.state_dict().items(), teacher.state_dict().values()):
+        assert torch.equal(a, t), key  # no loss, no step away
+    moved = [
+        k for k, b in labelled.state_dict().items() if not torch.equal(b, teacher.state_dict()[k])
+    ]
+    assert moved  # the kept weights are those that matched best on held-out batches: changed
+    not_classes = [torch.full((16,), 10)] * 6  # out of range: not class indices, left out
+    untouched = digits.pretrained_cnn().eval()
+    Recovery(images, steps=10, lr=1e-3, labels=not_classes).run(untouched, teacher)
+    assert all(torch.equal(a, b) for a, b in zip(untouched.parameters(), teacher.parameters()))
+
+
+def test_recovery_labels_need_calibration_pairs(tmp_path, capsys):
+    config = study_config(
+        tmp_path,
+        task={"calibration": "autosqueeze.examples.digits:calibration"},  # images alone
+        recovery={"labels": True},
+    )
+    path = write_yaml(tmp_path / "s.yaml", config)
+    assert main(["validate", str(path)]) == 2
+    assert "recovery.labels" in capsys.readouterr().err

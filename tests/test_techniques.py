@@ -266,3 +266,20 @@ def test_a_factorized_layer_is_separated_in_its_kxk_half_and_loads_back(tmp_path
         nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 3)), plan
     )
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == shapes
+
+
+def test_a_kernel_runs_the_parts_of_a_separated_conv_it_can_and_leaves_the_rest():
+    """int8_dynamic runs plain convs only: the pointwise half takes it, the depthwise half
+    (a grouped conv) runs as it is (found by a residual-CNN search: it raised in int_mm)."""
+    from autosqueeze.artifact import artifact_bytes, load_artifact
+    from autosqueeze.kernels import Int8DynamicConv2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1))
+    plan = Plan({"0": LayerPlan(separable=1, kernel="int8_dynamic")})
+    loaded = load_artifact(artifact_bytes(compress(model, plan)), copy.deepcopy(model))
+    depthwise, pointwise = loaded[0]
+    assert type(depthwise) is nn.Conv2d and isinstance(pointwise, Int8DynamicConv2d)
+    x = torch.randn(2, 16, 8, 8)
+    with applied(model, Plan({"0": LayerPlan(separable=1)})) as fp32:
+        torch.testing.assert_close(loaded(x), fp32(x), atol=0.05, rtol=0.05)

@@ -52,6 +52,10 @@ class KernelChoice(Technique):
         """Nothing to store: the kernel is chosen when the artifact is loaded."""
 
     def deploy(self, module: nn.Module, name: str, layer_plan: LayerPlan) -> None:
+        """Each part of the layer in the kernel's form; a part the kernel cannot run (the
+        depthwise half of a separated conv, under an int8 kernel) runs as it is, and the
+        trial's latency is what that gives."""
         kernel = kernel_for(layer_plan.kernel)
         for part_name, part in weighted_parts(module, name):
-            module.set_submodule(part_name, kernel.deploy(part))
+            if kernel.fits(part, next(part.parameters()).device.type):
+                module.set_submodule(part_name, kernel.deploy(part))
