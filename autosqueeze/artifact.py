@@ -97,6 +97,8 @@ def _canonical(stored: bytes) -> bytes:
     header = json.loads(stored[8 : 8 + length])
     header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > length:  # escaped otherwise than safetensors escapes (never seen)
+        return stored
     return stored[:8] + text.ljust(length) + stored[8 + length :]
 
 
