@@ -31,12 +31,13 @@ def test_minilm_keeps_its_embeddings_at_a_quarter_of_the_size(tmp_path, capsys):
     capsys.readouterr()
     study = open_study(load_config(config).with_overrides(study_dir=tmp_path), create=False)
     reference = study_reference(study)
-    assert reference.metric == pytest.approx(1.0) and reference.size_bytes > 90e6
+    # the fp32 file deflated: 82.4 MB of the 90.9 MB safetensors (fp32 exponents repeat)
+    assert reference.metric == pytest.approx(1.0) and 80e6 < reference.size_bytes < 86e6
     # by baseline, not by front membership: which of them the front keeps depends on speed
     trials = {r.baseline: r for r in records(study) if r.baseline}
     int8 = trials["int8"].measurements
     assert int8.metric >= 0.999  # mean cosine to the original's sentence embeddings
-    assert int8.size_bytes < reference.size_bytes / 3.8
+    assert int8.size_bytes < reference.size_bytes / 3.6  # 3.7x: its integers barely deflate
     int6 = trials["int6"].measurements  # a warm start
     assert int6.metric >= 0.99 and int6.size_bytes <= reference.size_bytes / 4
     bf16 = trials["int6-bf16"]  # bf16 Linears
