@@ -10,7 +10,7 @@ from optuna.distributions import BaseDistribution
 from torch import nn
 
 from autosqueeze.codecs import TensorCodec
-from autosqueeze.knobs import KnobValues, flat_values, to_distribution
+from autosqueeze.knobs import KnobValues, Range, flat_values, to_distribution
 from autosqueeze.plan import LayerPlan, Plan
 
 WEIGHTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
@@ -74,8 +74,14 @@ class Technique(ABC):
     # and skips the rest once one breaks the layer far past the budget
     harm_grows_with_strength: ClassVar[bool] = False
 
+    # what a list of this knob's values holds, for a knob searched only as a choice (a
+    # range of values is refused); "": a range is fine
+    listed: ClassVar[str] = ""
+
     def validate(self, values: KnobValues) -> None:
         """Raise ValueError when the space file gives this knob values it cannot take."""
+        if self.listed and isinstance(values, Range):
+            raise ValueError(f"{self.knob} takes a list of {self.listed}, not a range")
         for value in flat_values(values):
             self.check_value(value)
 

@@ -20,7 +20,7 @@ from torch.nn.utils import skip_init
 
 from autosqueeze.content_cache import ContentCache, content_key
 from autosqueeze.kernels import as_linear, is_conv1d
-from autosqueeze.knobs import KnobValues, Range
+from autosqueeze.knobs import KnobValues
 from autosqueeze.plan import LayerPlan
 from autosqueeze.techniques.base import CompressedModel, Site, Technique
 
@@ -60,14 +60,10 @@ def helps(layer: nn.Module, fraction: float) -> bool:
 class Factorize(Technique):
     knob = "rank"
     harm_grows_with_strength = True
+    listed = "fractions of the full rank"
     structural = True
     identity = 1.0
     changes_speed = True
-
-    def validate(self, values: KnobValues) -> None:
-        if isinstance(values, Range):
-            raise ValueError("rank takes a list of fractions of the full rank, not a range")
-        super().validate(values)
 
     def check_value(self, value: float) -> None:
         if not 0 < value <= 1:

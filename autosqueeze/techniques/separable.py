@@ -28,7 +28,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from torch import nn
 from torch.nn.utils import skip_init
 
-from autosqueeze.knobs import KnobValues, Range
+from autosqueeze.knobs import KnobValues
 from autosqueeze.plan import LayerPlan
 from autosqueeze.techniques.base import CompressedModel, Site, Technique, weighted_parts
 
@@ -42,11 +42,7 @@ class Separable(Technique):
     structural = True
     changes_speed = True
     harm_grows_with_strength = True
-
-    def validate(self, values: KnobValues) -> None:
-        if isinstance(values, Range):
-            raise ValueError("separable takes a list of depth multipliers (0 = off), not a range")
-        super().validate(values)
+    listed = "depth multipliers (0 = off)"
 
     def check_value(self, value: float) -> None:
         if value != int(value) or not 0 <= value <= MAX_MULTIPLIER:
