@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,11 @@ class Kernel(ABC):
     def deploy(self, layer: nn.Module) -> nn.Module:
         """``convert``, a Hugging Face ``Conv1D`` first turned into the Linear it is."""
         return self.convert(as_linear(layer))
+
+    def refuses(self, layer_plan: Any) -> str:
+        """Why a layer plan cannot run in this form (a kernel that needs a weight pattern the
+        plan does not make), or "": a plan is refused when it is compressed, not loaded."""
+        return ""
 
     def refuses_export(self, deployed: nn.Module) -> str:
         """Why ``torch.export`` cannot trace ``deployed`` (a layer in this form), or ""."""
@@ -122,6 +127,11 @@ class DynamicInt8(Kernel):
             warnings.simplefilter("ignore")
             return QuantizedLinear.from_float(layer)
 
+    def refuses(self, layer_plan: Any) -> str:
+        """Why a layer plan cannot run in this form (a kernel that needs a weight pattern the
+        plan does not make), or "": a plan is refused when it is compressed, not loaded."""
+        return ""
+
     def refuses_export(self, deployed: nn.Module) -> str:
         packed = any(type(m).__module__.startswith("torch.ao.") for m in deployed.modules())
         return self.export_refusal if packed else ""  # Int8DynamicConv2d traces
@@ -159,11 +169,67 @@ class WeightOnlyInt4(Kernel):
         return Int4WeightOnlyLinear(layer, 32 if layer.weight.device.type == "cpu" else 128)
 
 
+class SemiStructured24(Kernel):
+    """fp16 weights pruned 2 of every 4 (``prune_by: "2:4"``, ``prune: 0.5``) held in NVIDIA's
+    semi-structured sparse format (the kept half and 2-bit positions) and run by CUTLASS's
+    sparse tensor-core GEMM (``torch.sparse.to_sparse_semi_structured``; Ampere and later).
+    Its shapes: out_features a multiple of 32, in_features of 64. A weight that is not 2:4
+    when it loads is refused, naming the layer: the kernel would silently drop weights."""
+
+    name = "sparse24"
+    devices = frozenset({"cuda"})
+    layers = (nn.Linear,)
+    weight_bits = 10  # half the weights at 16 bits, and their positions
+    export_refusal = "a semi-structured sparse tensor subclass, which torch.export cannot trace"
+
+    def fits(self, layer: nn.Module, device: str) -> bool:
+        if not super().fits(layer, device):
+            return False
+        rows, cols = layer.weight.shape
+        out, inputs = (cols, rows) if is_conv1d(layer) else (rows, cols)
+        return out % 32 == 0 and inputs % 64 == 0
+
+    def refuses(self, layer_plan: Any) -> str:
+        if layer_plan.prune_by == "2:4" and layer_plan.prune == 0.5:
+            return ""
+        return "kernel sparse24 runs weights pruned 2:4: its plan needs prune_by '2:4', prune 0.5"
+
+    def convert(self, layer: nn.Module) -> nn.Module:
+        from torch.sparse import to_sparse_semi_structured
+
+        weight = layer.weight.detach().half()
+        if not is_two_of_four(weight):
+            raise ValueError(
+                "kernel sparse24 runs weights pruned 2:4 (prune_by: '2:4', prune: 0.5); "
+                "this layer's are not"
+            )
+        layer = layer.half()
+        layer.weight = nn.Parameter(to_sparse_semi_structured(weight), requires_grad=False)
+        return CastLayer(layer, torch.float16)
+
+
 KERNELS: dict[str, Kernel] = {
     k.name: k
-    for k in (Float32(), BFloat16(), Float16(), DynamicInt8(), WeightOnlyInt8(), WeightOnlyInt4())
+    for k in (
+        Float32(),
+        BFloat16(),
+        Float16(),
+        DynamicInt8(),
+        WeightOnlyInt8(),
+        WeightOnlyInt4(),
+        SemiStructured24(),
+    )
 }
 """kernel name -> kernel; the names a space file's ``kernel`` knob may list."""
+
+
+def is_two_of_four(weight: torch.Tensor) -> bool:
+    """Whether at least 2 of every 4 consecutive weights along each row are 0 (``sparse24``'s
+    pattern; ``techniques.prune.prune_two_of_four`` makes it)."""
+    flat = weight.detach().reshape(weight.shape[0], -1)
+    if flat.shape[1] % 4:
+        return False
+    return bool(((flat.reshape(flat.shape[0], -1, 4) == 0).sum(-1) >= 2).all())
 
 
 def is_conv1d(layer: nn.Module) -> bool:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import REPO, study_config, write_yaml
 
-from autosqueeze.artifact import load_artifact, save_artifact
+from autosqueeze.artifact import artifact_bytes, load_artifact, save_artifact
 from autosqueeze.cli import main
 from autosqueeze.config import load_config
 from autosqueeze.kernels import kernel_for
@@ -157,3 +157,25 @@ def test_an_artifact_loads_on_the_gpu_into_each_cuda_kernel(tmp_path, kernel):
         got = loaded(**inputs).logits.flatten(1).float()
     cosine = torch.nn.functional.cosine_similarity(got, want).min().item()
     assert cosine >= CUDA_FORMS[kernel], f"{kernel}: cosine {cosine:.5f}"
+
+
+def test_a_two_of_four_pruned_linear_runs_the_sparse_tensor_core_kernel():
+    """sparse24: 2:4-pruned fp16 weights in the semi-structured format, against the same
+    pruned weights run dense."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64)
+    ).eval()
+    layers = {"0": LayerPlan(prune=0.5, prune_by="2:4", kernel="sparse24")}
+    layers["2"] = layers["0"]
+    compressed = compress(model, Plan(layers), Target("cuda"))
+    artifact = artifact_bytes(compressed)
+    skeleton = copy.deepcopy(model)
+    loaded = load_artifact(artifact, skeleton, Target("cuda"))
+    assert type(loaded[0]).__name__ == "CastLayer"
+    dense = load_artifact(artifact, copy.deepcopy(model), Target("cuda"), execution_form=False)
+    x = torch.randn(64, 256, device=CUDA)
+    with torch.inference_mode():
+        got, want = loaded(x).float(), dense(x).float()
+    cosine = torch.nn.functional.cosine_similarity(got, want).min().item()
+    assert cosine >= 0.999, f"sparse24: cosine {cosine:.5f}"

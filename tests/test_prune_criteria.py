@@ -127,3 +127,41 @@ def test_the_hessian_criterion_takes_the_activation_one_on_convolutions():
         for criterion in ("activation", "hessian")
     }
     assert torch.equal(got["activation"], got["hessian"])
+
+
+def test_two_of_four_keeps_the_larger_two_of_every_four_inputs_of_each_row(tmp_path):
+    """2:4: in each row, each run of 4 inputs loses its 2 smallest |w| (ties: the first go);
+    GPT-2's Conv1D is grouped along its inputs too, the rows of its transposed weight."""
+    weight = torch.tensor([[1.0, -4.0, 3.0, 2.0, 0.5, 0.1, -0.2, 9.0], [4, 3, 2, 1, 1, 1, 1, 1]])
+    model = nn.Sequential(nn.Linear(8, 2, bias=False)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(weight)
+    plan = Plan({"0": LayerPlan(prune=0.5, prune_by="2:4")})
+    pruned = compress(model, plan).module[0].weight
+    assert _zeros(pruned) == [[0, 3, 5, 6], [2, 3, 4, 5]]
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    conv1d = nn.Sequential(pytorch_utils.Conv1D(2, 8)).eval()
+    with torch.no_grad():
+        conv1d[0].weight.copy_(weight.t())
+    assert _zeros(compress(conv1d, plan).module[0].weight.t()) == [[0, 3, 5, 6], [2, 3, 4, 5]]
+    artifact = tmp_path / "model.safetensors"  # stored as any half-pruned weight: a bitmap
+    save_artifact(compress(model, plan), artifact)
+    assert _zeros(load_artifact(artifact, _linear8())[0].weight) == [[0, 3, 5, 6], [2, 3, 4, 5]]
+
+
+def _linear8() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(8, 2, bias=False)).eval()
+
+
+def test_two_of_four_is_half_the_weights_and_the_sparse24_kernel_needs_it(tmp_path):
+    model = _linear8()
+    with pytest.raises(ValueError, match="layer '0': prune_by 2:4 .* prune is 0.5, not 0.25"):
+        compress(model, Plan({"0": LayerPlan(prune=0.25, prune_by="2:4")}))
+    with pytest.raises(ValueError, match="layer '0': kernel sparse24 runs weights pruned 2:4"):
+        compress(model, Plan({"0": LayerPlan(prune=0.5, kernel="sparse24")}))
+    compress(model, Plan({"0": LayerPlan(prune=0.5, prune_by="2:4", kernel="sparse24")}))
+    rule = {"types": ["Linear"], "knobs": {"prune": [0.0, 0.25]}, "prune_by": "2:4"}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"rules": [rule]}))
+    with pytest.raises(UserError, match=r"prune_by 2:4 zeroes half the weights: list prune as"):
+        build_space(model, path)

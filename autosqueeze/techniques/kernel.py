@@ -49,7 +49,10 @@ class KernelChoice(Technique):
         return 1.0 - KERNELS[str(value)].weight_bits / 32  # bits a weight takes as it runs
 
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
-        """Nothing to store: the kernel is chosen when the artifact is loaded."""
+        """Nothing to store: the kernel is chosen when the artifact is loaded. A plan the
+        kernel cannot run (sparse24 without 2:4 pruning) is refused here, naming the layer."""
+        if why := kernel_for(layer_plan.kernel).refuses(layer_plan):
+            raise ValueError(f"layer {name!r}: {why}")
 
     def deploy(self, module: nn.Module, name: str, layer_plan: LayerPlan) -> None:
         """Each part of the layer in the kernel's form; a part the kernel cannot run (the

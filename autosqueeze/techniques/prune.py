@@ -10,7 +10,9 @@ blocks of 128, zeroes in each block the weights of least w^2 / [H^-1]_jj^2 and m
 zeroed weight's error onto the columns not yet visited, so the layer's outputs on the
 calibration inputs change least. Convolutions take the activation criterion instead. The
 statistics are taken once per compression, on the model as it is when pruning starts, from
-``task.calibration`` (else the example input).
+``task.calibration`` (else the example input). ``prune_by: "2:4"`` (with ``prune: 0.5``)
+zeroes the smaller 2 of every 4 consecutive weights of a row: the semi-structured pattern
+NVIDIA's sparse tensor cores run (the ``sparse24`` kernel, on CUDA).
 
 Zeros alone save nothing; the artifact stores a weight as a bitmap plus its nonzeros when
 that is smaller than dense storage, which is where pruning's bytes are won.
@@ -29,7 +31,7 @@ from autosqueeze.metrics import call_model, to_device
 from autosqueeze.plan import LayerPlan
 from autosqueeze.techniques.base import CompressedModel, Technique, matrices, weighted_parts
 
-CRITERIA = ("magnitude", "activation", "hessian")
+CRITERIA = ("magnitude", "activation", "hessian", "2:4")
 NORM_BATCHES = 8
 """Calibration batches the input norms are taken over (Wanda used 128 sequences)."""
 
@@ -74,18 +76,45 @@ class Prune(Technique):
                 f"prune_by is one of {', '.join(CRITERIA)}, got {layer_plan.prune_by!r}"
             )
         criterion = layer_plan.prune_by if layer_plan.prune > 0 else "magnitude"
+        if criterion == TWO_OF_FOUR and layer_plan.prune != 0.5:
+            raise ValueError(
+                f"layer {name!r}: prune_by 2:4 zeroes 2 of every 4 weights, so its prune is "
+                f"0.5, not {layer_plan.prune}"
+            )
         parts = weighted_parts(compressed.module, name)
         linear = {n for n, p in parts if isinstance(p, nn.Linear) or is_conv1d(p)}
         hessians = _input_hessians(compressed, linear) if criterion == "hessian" else {}
-        norms = _input_norms(compressed) if criterion != "magnitude" else {}
+        norms = _input_norms(compressed) if criterion in ("activation", "hessian") else {}
         for part_name, part in parts:
             for key, matrix in matrices(part).items():
-                if key == "weight" and part_name in hessians:
+                if criterion == TWO_OF_FOUR:
+                    prune_two_of_four(matrix.t() if is_conv1d(part) else matrix)
+                elif key == "weight" and part_name in hessians:
                     prune_by_hessian(part, hessians[part_name], layer_plan.prune)
                 elif key == "weight" and part_name in norms:
                     prune_by_activation(part, norms[part_name], layer_plan.prune)
                 else:  # an embedding, or attention's in_proj_weight: no input features
                     prune_by_magnitude(matrix, layer_plan.prune)
+
+
+TWO_OF_FOUR = "2:4"
+
+
+def prune_two_of_four(weight: torch.Tensor) -> None:
+    """Zero the 2 smallest |w| of every 4 consecutive weights along each output row's inputs
+    (ties broken by position), in place: NVIDIA's semi-structured pattern, which the
+    ``sparse24`` kernel runs on sparse tensor cores. Half the weights go, as with
+    ``prune: 0.5`` by magnitude, but a row may not keep its 3 largest of 4 where they sit
+    together: the price of the pattern a kernel can use."""
+    rows = weight.shape[0]
+    flat = weight.detach().reshape(rows, -1)
+    if flat.shape[1] % 4:
+        raise ValueError(f"2:4 pruning takes a row's weights 4 by 4; its {flat.shape[1]} do not")
+    groups = flat.abs().reshape(rows, -1, 4)
+    smallest = groups.argsort(dim=-1, stable=True)[..., :2]
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, smallest, True)
+    with torch.no_grad():
+        weight.copy_(flat.masked_fill(mask.reshape(rows, -1), 0).reshape(weight.shape))
 
 
 BLOCK = 128
