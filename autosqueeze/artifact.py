@@ -282,14 +282,15 @@ def save_artifact(compressed: CompressedModel | bytes, path: str | Path) -> int:
     return path.stat().st_size
 
 
-def read_plan(path: str | Path) -> Plan:
-    """The plan an artifact was made from (reads only the header); ValueError when the file
-    is not an artifact or its plan is malformed."""
+def read_plan(source: str | Path | bytes) -> Plan:
+    """The plan an artifact (its file or bytes) was made from, read from its header;
+    ValueError when it is not an artifact or its plan is malformed."""
+    where = "the artifact" if isinstance(source, bytes) else source
     try:
-        plan = Plan.from_json(_read_metadata(path)["plan"])
+        plan = Plan.from_json(_read_metadata(source)["plan"])
         check_plan(plan)
-    except (SafetensorError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path} is not a readable autosqueeze artifact: {exc}") from None
+    except (SafetensorError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{where} is not a readable autosqueeze artifact: {exc}") from None
     return plan
 
 
@@ -458,12 +459,20 @@ def _decode(parts: dict[str, torch.Tensor], meta: dict[str, object]) -> torch.Te
     return _DECODED.get(key, lambda: decode(parts, meta))
 
 
-def _read_metadata(path: str | Path) -> dict[str, str]:
-    """A file's metadata, reading only its header unless it is deflated."""
-    if _is_deflated(_existing(path)):
-        return _read(path)[0]
-    with safe_open(path, framework="pt") as f:
-        return _metadata(f, path)
+def _read_metadata(source: str | Path | bytes) -> dict[str, str]:
+    """An artifact's metadata, reading only its header unless it is deflated."""
+    if isinstance(source, bytes):
+        data = stored_bytes(source)
+        length = int.from_bytes(data[:8], "little")
+        if length > len(data) - 8:
+            raise ValueError("the artifact is not a readable safetensors file: its header is cut")
+        header = json.loads(data[8 : 8 + length])
+        metadata = header.get("__metadata__") if isinstance(header, dict) else None
+        return _checked(metadata, "the artifact")
+    if _is_deflated(_existing(source)):
+        return _read(source)[0]
+    with safe_open(source, framework="pt") as f:
+        return _metadata(f, source)
 
 
 def _is_deflated(path: Path) -> bool:

@@ -263,7 +263,7 @@ def _config(args: argparse.Namespace) -> StudyConfig:
 def _search(args: argparse.Namespace) -> int:
     from autosqueeze.budgets import check_reachable, explain_empty_front
     from autosqueeze.search import run_search
-    from autosqueeze.space import build_space
+    from autosqueeze.space import study_space
     from autosqueeze.tables import front_table, summary
     from autosqueeze.task import load_task
 
@@ -271,7 +271,7 @@ def _search(args: argparse.Namespace) -> int:
     # with --json, stdout holds the JSON alone (Ray reports a dead worker on stdout)
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         task = load_task(config)
-        check_reachable(config, task, build_space(task.model, config.space, task.target))
+        check_reachable(config, task, study_space(task))
         result = run_search(config, progress=not args.no_progress, task=task)
     name = config.metric_name
     interrupted = (
@@ -407,7 +407,6 @@ def _export(args: argparse.Namespace) -> int:
 def _export_as(form: str, task: Task, artifact: bytes, record: TrialRecord, output: Path) -> int:
     """``export --format pt2|onnx``: the trial's artifact loaded as the search measured it
     (for ONNX: as torch's own layers, its integers kept aside), then traced and written."""
-    import copy
 
     from autosqueeze.artifact import load_artifact, stored_integers
     from autosqueeze.export import export_onnx, export_program
@@ -416,7 +415,7 @@ def _export_as(form: str, task: Task, artifact: bytes, record: TrialRecord, outp
         raise UserError(f"-o/--output: cannot write {output}: {output.parent} is not a folder")
     if form == "onnx":
         _require("onnx", "onnxruntime", "onnxscript", why="--format onnx")
-    model = copy.deepcopy(task.model)
+    model = task.skeleton(record.plan.base)
     tracer = "torch.export" if form == "pt2" else "torch.onnx"
     try:
         if form == "pt2":
@@ -482,11 +481,12 @@ def _finetune(args: argparse.Namespace) -> int:
     evaluator = Evaluator(task)
     try:
         before = evaluator.measure_artifact(evaluator.artifact(record.plan))
-        compressed = compress(task.model, record.plan, task.target, task.recovery)
+        base = task.base_model(record.plan.base)
+        compressed = compress(base, record.plan, task.target, task.recovery)
         longer = replace(
             task.recovery, steps=args.steps, lr=args.lr or task.recovery.lr, min_gain=0.0
         )
-        steps = longer.run(compressed.module, task.model, compressed.codecs)
+        steps = longer.run(compressed.module, base, compressed.codecs)
         try:
             save_artifact(artifact_bytes(compressed), args.output)
         except OSError as exc:
@@ -605,7 +605,7 @@ def _validate(args: argparse.Namespace) -> int:
     from autosqueeze.budgets import check_reachable
     from autosqueeze.executors import executor_name
     from autosqueeze.search import knob_warnings
-    from autosqueeze.space import build_space, coverage
+    from autosqueeze.space import coverage, study_space
     from autosqueeze.storage import check_storage
     from autosqueeze.study import sampler_of
     from autosqueeze.tables import coverage_table
@@ -623,9 +623,17 @@ def _validate(args: argparse.Namespace) -> int:
             raise UserError(
                 f"task.metric: returned {metric!r} for the original model, not a finite number."
             )
-        space = build_space(task.model, config.space, task.target)
+        space = study_space(task)
         floor = check_reachable(config, task, space)
         n_params = sum(p.numel() for p in task.model.parameters())
+        students = {  # name -> (factory, parameters, layers searched)
+            name: (
+                config.model.candidates[name],
+                sum(p.numel() for p in task.skeleton(name).parameters()),
+                len(student.layers),
+            )
+            for name, student in space.students.items()
+        }
         share = config.sensitivity.knapsack_share if config.sensitivity.enabled else 0.0
         rows = coverage(task.model, space)
         total = sum(r.parameters for r in rows)
@@ -640,7 +648,11 @@ def _validate(args: argparse.Namespace) -> int:
     if args.json:
         found = {
             "config": str(config.source),
-            "model": {"factory": config.model.factory, "parameters": n_params},
+            "model": {
+                "factory": config.model.factory,
+                "parameters": n_params,
+                "candidates": students,
+            },
             "data": {"source": config.task.data, "batches": len(task.data)},
             "metric": {"name": config.task.metric, "original": metric},
             "space": {
@@ -665,6 +677,8 @@ def _validate(args: argparse.Namespace) -> int:
         return 0
     print(f"config    {config.source}: ok")
     print(f"model     {config.model.factory}: {n_params:,} parameters")
+    for name, (ref, params, layers) in students.items():
+        print(f"candidate {name} ({ref}): {params:,} parameters, {layers} layers searched")
     print(f"data      {config.task.data}: {len(task.data)} batches")
     print(f"metric    {config.task.metric} of the original model: {metric:.6f}")
     print(

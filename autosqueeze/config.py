@@ -28,6 +28,25 @@ class ModelConfig(_Strict):
     factory: str = Field(description="'module:callable' returning the trained torch.nn.Module")
     checkpoint: Path | None = Field(None, description="optional state dict loaded into it")
     example_input: str | None = Field(None, description="'module:callable' returning one batch")
+    candidates: dict[str, str] = Field(
+        {},
+        description="name -> 'module:callable' returning a smaller student (fewer channels or "
+        "blocks; its layers named as the model's where they match): each is distilled from the "
+        "model on task.calibration once (cached) and the search chooses which model to compress",
+    )
+    distill_steps: int = Field(1000, ge=1, description="optimizer steps distilling a candidate")
+    distill_lr: float = Field(1e-3, gt=0, description="Adam's learning rate distilling one")
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidate_names(cls, candidates: dict[str, str]) -> dict[str, str]:
+        for name in candidates:
+            if name == "original" or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]{0,63}", name):
+                raise ValueError(
+                    f"{name[:80]!r} is not a candidate name (letters, digits, _ and -, not "
+                    "'original', which is the model itself)"
+                )
+        return candidates
 
 
 class TaskConfig(_Strict):

@@ -21,6 +21,7 @@ from torch import nn
 from autosqueeze.artifact import (
     artifact_bytes,
     load_artifact,
+    read_plan,
     save_artifact,
     stored_integers,
 )
@@ -163,7 +164,8 @@ class Evaluator:
             if recovery is not None:  # training is long: let latency timings in between
                 recovery = replace(recovery, between_windows=pause)
             try:
-                compressed = compress(self.task.model, plan, self.task.target, recovery)
+                base = self.task.base_model(plan.base)
+                compressed = compress(base, plan, self.task.target, recovery)
             except ValueError as exc:
                 raise TrialError(str(exc)) from exc
             return artifact_bytes(compressed)
@@ -285,9 +287,8 @@ class Evaluator:
         if self._scratch is None:
             self._scratch = tempfile.TemporaryDirectory(prefix="autosqueeze-onnx-")
         path = Path(self._scratch.name) / name
-        decoded = load_artifact(
-            artifact, copy.deepcopy(self.task.model), self.task.target, execution_form=False
-        )
+        skeleton = self.task.skeleton(read_plan(artifact).base)
+        decoded = load_artifact(artifact, skeleton, self.task.target, execution_form=False)
         integers = stored_integers(artifact)
         export_onnx(decoded, Plan({}), integers, self.task.example_input, path)  # notes unused
         return OnnxModel(path, threads=self.task.config.measure.threads or 0)
@@ -305,7 +306,8 @@ class Evaluator:
             if self.task.device.type != "cpu":
                 raise ValueError("an ONNX file is measured in ONNX Runtime on the CPU only")
             return OnnxModel(source, threads=self.task.config.measure.threads or 0)
-        return load_artifact(source, copy.deepcopy(self.task.model), self.task.target)
+        skeleton = self.task.skeleton(read_plan(source).base)
+        return load_artifact(source, skeleton, self.task.target)
 
     def _measure_extra(self, model: nn.Module, clock: _PhaseClock) -> dict[str, float]:
         """The study's objectives that carry their own ``measure`` (those it optimizes, or

@@ -75,12 +75,14 @@ class Plan:
     """Layer name (as in ``model.named_modules()``) -> LayerPlan; unnamed layers stay fp32."""
 
     layers: dict[str, LayerPlan] = field(default_factory=dict)
+    # the model compressed: "" the original, else a distilled student named in
+    # ``model.candidates`` (whose layers the plan names)
+    base: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": PLAN_FORMAT,
-            "layers": {name: lp.to_dict() for name, lp in sorted(self.layers.items())},
-        }
+        layers = {name: lp.to_dict() for name, lp in sorted(self.layers.items())}
+        base = {"base": self.base} if self.base else {}
+        return {"format": PLAN_FORMAT, **base, "layers": layers}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -96,6 +98,9 @@ class Plan:
             raise ValueError(f"unsupported plan format {found!r}")
         if not isinstance(data.get("layers"), dict):
             raise ValueError("a plan's layers are not a mapping of layer names")
+        base = data.get("base", "")
+        if not isinstance(base, str) or (base and not _BASE_NAME.fullmatch(base)):
+            raise ValueError(f"a plan's base {str(base)[:80]!r} is not a candidate's name")
         layers = {}
         for name, values in data["layers"].items():
             if not isinstance(values, dict):
@@ -110,7 +115,7 @@ class Plan:
             own = {k: v for k, v in values.items() if k in _FIELD_TYPES}
             extra = {k: v for k, v in values.items() if k not in own}
             layers[name] = LayerPlan(**own, extra=extra)  # its technique checks it when used
-        return cls(layers)
+        return cls(layers, base)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -140,6 +145,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 _EXTRA_TYPES: tuple[type, ...] = (float, int, str)  # a registered technique's: number or name
 _KNOB_NAME = re.compile(r"[a-z_][a-z0-9_]{0,63}")
+_BASE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")  # as config's model.candidates
 
 
 def _registered(values: dict[str, Any]) -> dict[str, Any]:

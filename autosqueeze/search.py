@@ -55,7 +55,7 @@ from autosqueeze.sensitivity import (
     refined_levels,
     shaped_space,
 )
-from autosqueeze.space import SearchSpace, build_space
+from autosqueeze.space import BASE, SearchSpace, study_space
 from autosqueeze.study import (
     BASELINE,
     BASELINES_QUEUED,
@@ -94,12 +94,13 @@ def run_search(
 ) -> SearchResult:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     task = task or load_task(config)
-    space = build_space(task.model, config.space, task.target)
+    space = study_space(task)
     study = open_study(config, create=True)
     notes: list[str] = knob_warnings(space, task)
     stale = recover_interrupted(study)
     if stale:
         notes.append(f"re-queued {len(stale)} trial(s) left running by an earlier run: {stale}")
+    notes += _distil_students(task, progress)  # before the executor: they travel with the task
     executor = create_executor(config, task)
     front_csv = table = knapsack = None
     searched = space
@@ -156,6 +157,25 @@ def run_search(
         searched,
         terminated=stop == signal.SIGTERM,
     )
+
+
+def _distil_students(task: Task, progress: bool) -> list[str]:
+    """``model.candidates`` distilled from the original (or loaded from the cache)."""
+    if not task.candidates:
+        return []
+    notes: list[str] = []
+    steps = task.config.model.distill_steps
+    with tqdm(
+        total=len(task.candidates), unit="student", desc="distil", disable=not progress or None
+    ) as bar:
+
+        def done(name: str, cached: bool) -> None:
+            how = "from the cache" if cached else f"distilled ({steps} steps at most)"
+            notes.append(f"student {name!r}: {how}")
+            bar.update()
+
+        task.distil_students(done)
+    return notes
 
 
 def knob_warnings(space: SearchSpace, task: Task) -> list[str]:
@@ -331,7 +351,8 @@ def _enqueue_baselines(
     config: StudyConfig,
     knapsack: Knapsack | None,
 ) -> list[str]:
-    """The baselines, then the knapsack plans (or, without a table, the warm starts): no more
+    """The baselines, each ``model.candidates`` student (as distilled, and int8), then the
+    knapsack plans (or, without a table, the warm starts): no more
     than ``search.trials``, so a short study leaves none waiting. A study resumed with more
     trials queues those its first run had no room for (Optuna skips the ones it has)."""
     queued_for = study.user_attrs.get(BASELINES_QUEUED)
@@ -347,6 +368,10 @@ def _enqueue_baselines(
             notes.append(f"baseline {name!r} skipped: the space cannot express it")
         else:
             queue(params, {BASELINE: name})
+    for student in space.students:  # each student as distilled, and at int8
+        for start, choices in STUDENT_STARTS.items():
+            params = space.nearest_params(**choices) | {BASE: student}
+            queue(params, {BASELINE: f"{student}-{start}" if start else student})
     starts: tuple[str, ...] = tuple(WARM_STARTS)
     if knapsack is not None:
         table = knapsack.table
@@ -362,6 +387,10 @@ def _enqueue_baselines(
     for name in starts if config.search.warm_starts else ():  # the nearest the space has
         queue(space.nearest_params(**WARM_STARTS[name]), {BASELINE: name})
     return notes
+
+
+STUDENT_STARTS: dict[str, dict[str, Any]] = {"": {}, "int8": {"bits": 8}}
+"""The plans queued for each ``model.candidates`` student: as distilled, and every layer int8."""
 
 
 KNAPSACK = "knapsack"

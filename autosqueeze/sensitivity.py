@@ -507,7 +507,7 @@ def shaped_space(
             else:
                 fixed[knob] = shaped
         layers[name] = replace(layer, searched=searched, fixed=fixed)
-    return SearchSpace(layers)
+    return replace(space, layers=layers)
 
 
 def _harmless(

@@ -12,19 +12,29 @@ import fnmatch
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from optuna.distributions import BaseDistribution, CategoricalDistribution
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from torch import nn
 
 from autosqueeze.anatomy import anatomy
 from autosqueeze.errors import UserError
-from autosqueeze.knobs import KnobValues, contains, flat_values, nearest, values_of
+from autosqueeze.knobs import KnobValues, Range, contains, flat_values, nearest, values_of
 from autosqueeze.plan import LayerPlan, Plan
 from autosqueeze.techniques import Site, Target, technique_for
 from autosqueeze.user_code import describe
+
+if TYPE_CHECKING:
+    from autosqueeze.task import Task
 
 
 class Rule(BaseModel):
@@ -36,7 +46,7 @@ class Rule(BaseModel):
     exclude: list[str] = []
     knobs: dict[str, KnobValues] = {}
     group_size: int | None = Field(None, ge=1)
-    prune_by: Literal["magnitude", "activation"] = "magnitude"
+    prune_by: Literal["magnitude", "activation", "hessian", "2:4"] = "magnitude"
     name: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
     share: str | None = None  # None: knobs per layer; "all": one set; a regex: one per match
 
@@ -61,6 +71,15 @@ class Rule(BaseModel):
         if match is None:
             return layer
         return f"{label}[{match.group(1) if match.groups() else match.group(0)}]"
+
+    @model_validator(mode="after")
+    def _two_of_four_halves(self) -> Rule:
+        """2:4 pruning zeroes exactly half a layer's weights: prune is 0 or 0.5."""
+        values = self.knobs.get("prune")
+        if self.prune_by == "2:4" and values is not None:
+            if isinstance(values, Range) or not set(flat_values(values)) <= {0, 0.5}:
+                raise ValueError("prune_by 2:4 zeroes half the weights: list prune as [0, 0.5]")
+        return self
 
     @field_validator("types")
     @classmethod
@@ -104,24 +123,37 @@ class LayerKnobs:
         return {"group_size": self.group_size, "prune_by": self.prune_by}
 
 
+BASE = "base"  # the parameter choosing the model a plan compresses, with model.candidates
+ORIGINAL = "original"  # its value for the original model
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     layers: dict[str, LayerKnobs]
     # layer -> why some of its rule's knobs are not offered (tied, read from outside, failed)
     withheld: dict[str, str] = field(default_factory=dict)
+    # ``model.candidates``: each student's own space, from the same rules
+    students: dict[str, SearchSpace] = field(default_factory=dict)
 
     @property
     def distributions(self) -> dict[str, BaseDistribution]:
         """Every searched knob, named ``<layer>.<knob>`` (or ``<group>.<knob>`` when layers
-        share knobs), in model order."""
-        return {
+        share knobs), in model order; first, with students, ``base``: which model."""
+        base = {BASE: CategoricalDistribution([ORIGINAL, *self.students])} if self.students else {}
+        return base | {
             f"{layer.prefix}.{knob}": dist
             for layer in self.layers.values()
             for knob, dist in layer.searched.items()
         }
 
     def plan(self, params: dict[str, Any]) -> Plan:
-        """The plan for a trial's parameters; knobs not in ``params`` take their fixed value."""
+        """The plan for a trial's parameters; knobs not in ``params`` take their fixed value.
+        A student's layer takes the value sampled for the original's layer of its name (the
+        nearest it offers), so one set of parameters serves every base model; the student's
+        layers the original lacks are left as they are."""
+        base = params.get(BASE, ORIGINAL)
+        if base != ORIGINAL:
+            return self.students[base].student_plan(params, base)
         layers = {}
         for layer in self.layers.values():
             values = dict(layer.fixed)
@@ -132,6 +164,18 @@ class SearchSpace:
             layers[layer.name] = LayerPlan.of(**layer.settings, **values)
         return Plan(layers)
 
+    def student_plan(self, params: dict[str, Any], base: str) -> Plan:
+        """This (a student's) space's plan for parameters sampled in the original's."""
+        layers = {}
+        for layer in self.layers.values():
+            values = dict(layer.fixed)
+            for knob, dist in layer.searched.items():
+                value = params.get(f"{layer.prefix}.{knob}")
+                if value is not None:
+                    values[knob] = value if contains(dist, value) else nearest(dist, value)
+            layers[layer.name] = LayerPlan.of(**layer.settings, **values)
+        return Plan(layers, base)
+
     def uniform_plan(self, **choices: Any) -> Plan:
         """One choice for every layer in the space (e.g. ``bits=8``), others untouched."""
         return Plan(
@@ -139,8 +183,11 @@ class SearchSpace:
         )
 
     def params_for(self, plan: Plan) -> dict[str, Any] | None:
-        """The trial parameters that give ``plan``, or None when the space cannot express it."""
-        params: dict[str, Any] = {}
+        """The trial parameters that give ``plan`` (of the original), or None when the space
+        cannot express it."""
+        if plan.base:
+            return None
+        params: dict[str, Any] = {BASE: ORIGINAL} if self.students else {}
         for layer in self.layers.values():
             lp = plan.layers.get(layer.name, LayerPlan(**layer.settings))
             for knob, dist in layer.searched.items():
@@ -152,9 +199,11 @@ class SearchSpace:
         return params if self.plan(params).layers == wanted else None
 
     def nearest_params(self, **choices: Any) -> dict[str, Any]:
-        """The trial parameters closest to a uniform plan: each knob takes the offered value
-        nearest to ``choices`` (or to leaving the layer alone, for knobs not named)."""
-        return {
+        """The trial parameters closest to a uniform plan of the original: each knob takes the
+        offered value nearest to ``choices`` (or to leaving the layer alone, for knobs not
+        named)."""
+        base = {BASE: ORIGINAL} if self.students else {}
+        return base | {
             f"{layer.prefix}.{knob}": nearest(dist, choices.get(knob, technique_for(knob).identity))
             for layer in self.layers.values()
             for knob, dist in layer.searched.items()
@@ -296,6 +345,19 @@ def build_space(
     return SearchSpace(_tie(layers), withheld)
 
 
+def study_space(task: Task) -> SearchSpace:
+    """A study's space: the original model's, and each ``model.candidates`` student's from
+    the same rules (a UserError naming the student whose layers none of them matches)."""
+    spec = load_space_file(task.config.space)
+    students = {}
+    for name in task.candidates:
+        try:
+            students[name] = build_space(task.skeleton(name), spec, task.target)
+        except UserError as exc:
+            raise UserError(f"model.candidates.{name}: {exc}") from None
+    return replace(build_space(task.model, spec, task.target), students=students)
+
+
 def _tie(layers: dict[str, LayerKnobs]) -> dict[str, LayerKnobs]:
     """Layers of one group get one set of distributions: what every member can take
     (e.g. the ranks that save parameters in all of them)."""
@@ -350,6 +412,8 @@ def _layer_types(model: nn.Module) -> list[str]:
 
 
 __all__ = [
+    "BASE",
+    "ORIGINAL",
     "LayerCoverage",
     "LayerKnobs",
     "SearchSpace",
@@ -357,4 +421,5 @@ __all__ = [
     "build_space",
     "coverage",
     "load_space_file",
+    "study_space",
 ]

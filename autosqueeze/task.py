@@ -6,7 +6,9 @@ UserError naming the config field, never as a traceback.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ from autosqueeze.errors import UserError
 from autosqueeze.metrics import Metric, call_model, pooled, resolve_metric, to_device
 from autosqueeze.nested import map_tensors, tensors
 from autosqueeze.recovery import Recovery
+from autosqueeze.students import build, distilled, load_factories
 from autosqueeze.techniques import Target
 from autosqueeze.user_code import call_user, describe, load_callable
 
@@ -31,6 +34,10 @@ class Task:
     device: torch.device
     calibration: list[Any] | None = None  # input batches for recovery training
     calibration_labels: list[Any] | None = None  # their targets, where the batches had them
+    # ``model.candidates``: name -> factory of a smaller student, and the students distilled
+    # so far (``distil_students``; they travel with the task to the evaluators)
+    candidates: dict[str, Callable[[], nn.Module]] = field(default_factory=dict)
+    students: dict[str, nn.Module] = field(default_factory=dict)
 
     @property
     def recovery(self) -> Recovery | None:
@@ -46,6 +53,57 @@ class Task:
             on_grid=settings.on_grid,
             labels=self.calibration_labels if settings.labels else None,
         )
+
+    def distil_students(self, progress: Callable[[str, bool], None] | None = None) -> None:
+        """Distil every candidate not distilled yet (loading those the cache holds);
+        ``progress(name, cached)`` after each."""
+        for name in self.candidates:
+            if name not in self.students:
+                cached = self._distil(name)
+                if progress is not None:
+                    progress(name, cached)
+
+    def base_model(self, base: str) -> nn.Module:
+        """The model a plan with this ``base`` compresses: the original, or a distilled
+        student (distilled now, or loaded from the cache, if this process has not yet)."""
+        if not base:
+            return self.model
+        self._check_base(base)
+        if base not in self.students:
+            self._distil(base)
+        return self.students[base]
+
+    def _distil(self, name: str) -> bool:
+        """Distil one candidate into ``students``; whether the cache had it."""
+        model = self.config.model
+        recovery = Recovery(
+            self.calibration or [],
+            steps=model.distill_steps,
+            lr=model.distill_lr,
+            labels=self.calibration_labels if self.config.recovery.labels else None,
+        )
+        ref = model.candidates[name]
+        self.students[name], cached = distilled(
+            name, self.candidates[name], ref, self.model, recovery
+        )
+        return cached
+
+    def skeleton(self, base: str) -> nn.Module:
+        """A fresh model of the architecture a plan with this ``base`` compresses, for its
+        artifact to load into (its weights are the artifact's)."""
+        if not base:
+            return copy.deepcopy(self.model)
+        self._check_base(base)
+        field_name = f"model.candidates.{base}"
+        return build(self.candidates[base], field_name, self.config.model.candidates[base])
+
+    def _check_base(self, base: str) -> None:
+        if base not in self.candidates:
+            named = ", ".join(self.candidates) or "none"
+            raise ValueError(
+                f"its plan compresses the student {base!r}, which this study's "
+                f"model.candidates does not name (it names: {named})"
+            )
 
     @property
     def target(self) -> Target:
@@ -128,7 +186,8 @@ def load_task(config: StudyConfig) -> Task:
         ref=config.task.metric,
     )
     calibration, labels = _load_calibration(config)
-    return Task(config, model, data, example, metric, device, calibration, labels)
+    candidates = load_factories(config, model, example)
+    return Task(config, model, data, example, metric, device, calibration, labels, candidates)
 
 
 def degenerate_warnings(task: Task, metric: float) -> list[str]:

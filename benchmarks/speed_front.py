@@ -15,7 +15,6 @@ side-by-side speedup (median over rounds, with the range of the per-round ratios
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import tempfile
 import warnings
@@ -55,13 +54,13 @@ def main() -> None:
             fast_path = Path(tmp) / "fast.safetensors"
             evaluator.build(result.space.uniform_plan(), original_path)
             evaluator.build(fastest.plan, fast_path)
-            original = load_artifact(original_path, copy.deepcopy(task.model), task.target)
-            fast = load_artifact(fast_path, copy.deepcopy(task.model), task.target)
+            original = load_artifact(original_path, task.skeleton(""), task.target)
+            fast = load_artifact(fast_path, task.skeleton(fastest.plan.base), task.target)
             fast_metric = task.evaluate_metric(fast)
             ratios, fp32_ms, fast_ms = [], [], []
             measure = config.measure
             for _ in range(args.rounds):  # one round: fp32, then the compressed model
-                b, a = measure_latency_beside(
+                timing = measure_latency_beside(
                     fast,
                     original,
                     task.example_input,
@@ -70,16 +69,17 @@ def main() -> None:
                     repeats=measure.repeats,
                     rounds=1,
                 )
-                fp32_ms.append(a)
-                fast_ms.append(b)
-                ratios.append(a / b)
+                fp32_ms.append(timing.reference_ms)
+                fast_ms.append(timing.latency_ms)
+                ratios.append(timing.speedup)
         evaluator.close()
         got = fastest.measurements
         rows.append(
             {
                 "study": config.name,
                 "trial": str(fastest.number)
-                + (f" ({fastest.baseline})" if fastest.baseline else ""),
+                + (f" ({fastest.baseline})" if fastest.baseline else "")
+                + (f", student {fastest.plan.base}" if fastest.plan.base else ""),
                 "metric fp32": f"{ref.metric:.4f}",
                 "metric (reloaded)": f"{got.metric:.4f} ({fast_metric:.4f})",
                 "size": f"{ref.size_bytes / got.size_bytes:.1f}x smaller",

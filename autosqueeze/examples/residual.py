@@ -58,12 +58,22 @@ def pretrained() -> ResidualCNN:
     return with_weights(ResidualCNN(), WEIGHTS)
 
 
+def shallow() -> ResidualCNN:
+    """A student for ``model.candidates``: the trained model with the second block of each
+    stage dropped (6 convs of 10), as DistilBERT keeps every other layer of its teacher; the
+    search distils it from the whole model before compressing it."""
+    model = pretrained()
+    model.stage1 = model.stage1[:1]
+    model.stage2 = model.stage2[:1]
+    return model
+
+
 def train(epochs: int = 30, seed: int = 0) -> ResidualCNN:
     """Deterministic training on the digits training split (under a minute on a CPU)."""
     return fit(ResidualCNN, epochs=epochs, lr=2e-3, seed=seed)
 
 
-__all__ = ["ResidualCNN", "example_input", "loaders", "pretrained", "train"]
+__all__ = ["ResidualCNN", "example_input", "loaders", "pretrained", "shallow", "train"]
 
 if __name__ == "__main__":  # pragma: no cover - maintenance entry point
     from safetensors.torch import save_file
