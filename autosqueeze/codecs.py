@@ -43,12 +43,15 @@ class TensorCodec:
     bits: int = 32
     group_size: int | None = None
     codebook: bool = False
+    rows: int | None = None  # with a codebook: rows sharing one (None: the whole tensor)
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {list(SUPPORTED_BITS)}, got {self.bits}")
         if self.codebook and self.bits not in INT_BITS:
             raise ValueError(f"a codebook has 2**bits values, bits in 2-8, got {self.bits}")
+        if self.rows is not None and (not self.codebook or self.rows < 1):
+            raise ValueError(f"rows per codebook is a positive count with a codebook: {self}")
 
 
 @dataclass
@@ -79,7 +82,7 @@ def encode(tensor: torch.Tensor, codec: TensorCodec = TensorCodec()) -> Encoded:
             {"": values}, {"codec": f"fp{codec.bits}", "layout": "dense", "shape": shape}
         )
     if codec.codebook:
-        return encode_shared(*shared_values(tensor, codec.bits), shape)
+        return encode_shared(*shared_values(tensor, codec.bits, codec.rows), shape, codec.rows)
     q, scale = quantize(tensor, codec.bits, codec.group_size)
     return encode_quantized(q, scale, codec)
 
@@ -93,11 +96,18 @@ def encode_quantized(q: torch.Tensor, scale: torch.Tensor, codec: TensorCodec) -
 
 
 def encode_shared(
-    levels: torch.Tensor, values: torch.Tensor, zero: int, shape: list[int]
+    levels: torch.Tensor,
+    values: torch.Tensor,
+    zero: int,
+    shape: list[int],
+    rows: int | None = None,
 ) -> Encoded:
-    """The smallest layout of ``shared_values``' output (``shape``: the tensor's)."""
-    bits = int(values.numel()).bit_length() - 1
+    """The smallest layout of ``shared_values``' output (``shape``: the tensor's; ``rows``:
+    the rows per codebook it was given)."""
+    bits = int(values.shape[-1]).bit_length() - 1
     meta = {"codec": f"cb{bits}", "shape": shape, "zero": zero}
+    if values.dim() == 2:  # a codebook per group of rows
+        meta["rows"] = rows
     return _smallest_layout(levels, levels != zero, bits, {"codebook": values}, meta)
 
 
@@ -153,11 +163,21 @@ def _bit_packed(
     return Encoded({"q": _pack(unsigned, bits), **side}, {**meta, "layout": "dense", "count": n})
 
 
-def shared_values(tensor: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def shared_values(
+    tensor: torch.Tensor, bits: int, rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Weight sharing: each value's level (uint8) among 2**bits shared fp16 values, found by
     1-D k-means (Lloyd's iterations from evenly spaced quantiles, on at most 2**20 evenly
     strided values: deterministic), sorted; and the level of an exact 0 (-1 where there is
-    none). Exact zeros (pruned weights) get a value of their own, so they stay zero."""
+    none). Exact zeros (pruned weights) get a value of their own, so they stay zero.
+
+    With ``rows`` (fewer than the tensor has), each group of that many rows gets its own
+    codebook, found on its own values: the values come back as (groups, 2**bits), each
+    group's 0 (where the tensor has zeros) at level 0 and the rest sorted after it, so one
+    zero level serves every group. Rows that differ in range (attention's value
+    projections) then keep their own values, as per-row scales do for integers."""
+    if rows is not None and tensor.dim() > 1 and rows < tensor.shape[0]:
+        return _shared_by_rows(tensor, bits, rows)
     flat = tensor.detach().flatten().float()
     zeros = flat == 0
     has_zero = bool(zeros.any())
@@ -174,17 +194,66 @@ def shared_values(tensor: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
     return levels.to(torch.uint8), values, zero
 
 
-def _kmeans(values: torch.Tensor, count: int, rounds: int = 30) -> torch.Tensor:
-    """``count`` centroids of 1-D ``values`` (sorted; an empty input gives zeros). Values
-    already on at most ``count`` levels (a decoded tensor) keep exactly those."""
+def _shared_by_rows(
+    tensor: torch.Tensor, bits: int, rows: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``shared_values`` with a codebook per group of ``rows`` rows (see there)."""
+    matrix = tensor.detach().reshape(tensor.shape[0], -1).float()
+    has_zero = bool((matrix == 0).any())
+    levels, books = [], []
+    for start in range(0, matrix.shape[0], rows):
+        block = matrix[start : start + rows].flatten()
+        if has_zero:
+            kept = block != 0
+            found = _kmeans_either(block[kept], 2**bits - 1).to(torch.float16).sort().values
+            exact = found.float()
+            level = torch.bucketize(block, (exact[1:] + exact[:-1]) / 2) + 1
+            level[~kept] = 0
+            books.append(torch.cat([torch.zeros(1, dtype=torch.float16), found]))
+        else:
+            found = _kmeans_either(block, 2**bits).to(torch.float16).sort().values
+            exact = found.float()
+            level = torch.bucketize(block, (exact[1:] + exact[:-1]) / 2)
+            books.append(found)
+        levels.append(level)
+    return torch.cat(levels).to(torch.uint8), torch.stack(books), 0 if has_zero else -1
+
+
+def _kmeans_either(values: torch.Tensor, count: int) -> torch.Tensor:
+    """``_kmeans`` from quantiles and from evenly spaced values, whichever ends with the
+    smaller squared error. On a small group of rows the quantiles leave no centroid near a
+    row's few large weights (Lloyd's iterations cannot move one there), which matter most;
+    Deep Compression found evenly spaced starts best for that reason."""
+    found = [_kmeans(values, count), _kmeans(values, count, spaced=True)]
+    if values.numel() == 0:
+        return found[0]
+
+    def error(centroids: torch.Tensor) -> float:
+        exact = centroids.to(torch.float16).float()
+        nearest = exact[torch.bucketize(values, (exact[1:] + exact[:-1]) / 2)]
+        return float((values - nearest).square().sum())
+
+    return min(found, key=error)
+
+
+def _kmeans(
+    values: torch.Tensor, count: int, rounds: int = 30, spaced: bool = False
+) -> torch.Tensor:
+    """``count`` centroids of 1-D ``values`` (sorted; an empty input gives zeros), from
+    evenly spaced quantiles (or, ``spaced``, values evenly spaced from the least to the
+    largest). Values already on at most ``count`` levels (a decoded tensor) keep exactly
+    those."""
     if values.numel() == 0:
         return torch.zeros(count)
     sample = values[:: max(1, values.numel() >> 20)].contiguous()  # bucketize warns on strides
     if sample.unique().numel() <= count and (levels := values.unique()).numel() <= count:
         return torch.cat([levels, levels[-1:].expand(count - levels.numel())])
-    centroids = torch.quantile(
-        sample[:: max(1, sample.numel() >> 16)], (torch.arange(count) + 0.5) / count
-    )
+    if spaced:
+        centroids = torch.linspace(float(values.min()), float(values.max()), count)
+    else:
+        centroids = torch.quantile(
+            sample[:: max(1, sample.numel() >> 16)], (torch.arange(count) + 0.5) / count
+        )
     for _ in range(rounds):
         nearest = torch.bucketize(sample, (centroids[1:] + centroids[:-1]) / 2)
         sums = torch.zeros(count).index_add_(0, nearest, sample)
@@ -206,7 +275,9 @@ def encoded_nbytes(
     n = math.prod(shape)
     nonzero = n if nonzero is None else nonzero
     if codec.codebook:
-        return _packed_nbytes(n, nonzero, codec.bits) + 2 * 2**codec.bits
+        rows = shape[0] if len(shape) > 1 else 1
+        books = -(-rows // codec.rows) if codec.rows and codec.rows < rows else 1
+        return _packed_nbytes(n, nonzero, codec.bits) + 2 * 2**codec.bits * books
     if codec.bits in FLOAT_BITS:
         width = 8 * FLOAT_BITS[codec.bits].itemsize
         if _sparse_is_smaller(n, nonzero, width):
@@ -281,12 +352,16 @@ def check_encoding(parts: dict[str, torch.Tensor], meta: Any) -> None:
     if layout != "bitmap" and count != n:
         raise ValueError("its count does not match its shape")
     if codec in shared:
-        zero = meta.get("zero")
-        if parts["codebook"].shape != (2**bits,):
+        zero, per = meta.get("zero"), meta.get("rows")
+        rows = shape[0] if len(shape) > 1 else 1
+        if per is not None and (type(per) is not int or not 1 <= per < rows):
+            raise ValueError(f"its rows per codebook {per!r} is not a count below its {rows} rows")
+        books = (-(-rows // per),) if per is not None else ()
+        if parts["codebook"].shape != (*books, 2**bits):
             raise ValueError(f"its codebook does not hold the {2**bits} values of {codec}")
         if type(zero) is not int or not (-1 <= zero < 2**bits) or layout == "bitmap" and zero < 0:
             raise ValueError(f"its zero level {zero!r} is not a level of its codebook")
-        if zero >= 0 and parts["codebook"][zero] != 0:
+        if zero >= 0 and bool((parts["codebook"][..., zero] != 0).any()):
             raise ValueError("its zero level does not hold 0")
         return
     group = meta.get("group_size")
@@ -327,8 +402,13 @@ def decode(parts: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor
         full[_unpack_mask(parts["mask"], n)] = parts["values"].float()
         return full.reshape(shape)
     if codec.startswith("cb"):
-        levels = _levels(parts, meta, int(codec[2:]), meta["zero"])
-        return parts["codebook"].float()[levels.long()].reshape(meta["shape"])
+        levels = _levels(parts, meta, int(codec[2:]), meta["zero"]).long()
+        book = parts["codebook"].float()
+        if book.dim() == 2:  # a codebook per group of rows: index the flattened books
+            shape = meta["shape"]
+            row = torch.arange(levels.numel()) // max(1, math.prod(shape[1:]))
+            levels = levels + (row // meta["rows"]) * book.shape[1]
+        return book.flatten()[levels].reshape(meta["shape"])
     q, scale = integers(parts, meta)
     return dequantize(q, scale, meta["group_size"])
 

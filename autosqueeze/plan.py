@@ -28,6 +28,7 @@ class LayerPlan:
     cluster: int = 0  # 2**cluster shared values (k-means codebook) instead of bits; 0 = off
     prune_by: str = "magnitude"  # or "activation" (|w| x its input's norm, Wanda), "hessian"
     separable: int = 0  # depthwise filters per input channel of a k x k conv made separable
+    cluster_rows: int | None = None  # rows sharing one codebook under cluster; None = all
     # the knobs of techniques registered from outside the package (``techniques.register``);
     # read as attributes like the fields above, stored beside them in the plan's JSON
     extra: dict[str, Any] = field(default_factory=dict, hash=False)
@@ -142,6 +143,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "cluster": (int, float),  # a whole number, as bits
     "prune_by": (str,),
     "separable": (int, float),  # a whole number, as bits
+    "cluster_rows": (int, type(None)),
 }
 _EXTRA_TYPES: tuple[type, ...] = (float, int, str)  # a registered technique's: number or name
 _KNOB_NAME = re.compile(r"[a-z_][a-z0-9_]{0,63}")

@@ -168,8 +168,12 @@ def _on_grid(module: nn.Module, stored: dict[str, TensorCodec]) -> Iterator[None
                 continue
             keep = (weight != 0) if bool((weight == 0).any()) else None  # pruned stay pruned
             if codec.codebook:
-                levels, values, zero = shared_values(weight.detach().cpu(), codec.bits)
-                grid = _SharedValues(levels.long().reshape(weight.shape), values.float(), zero)
+                levels, values, zero = shared_values(weight.detach().cpu(), codec.bits, codec.rows)
+                index = levels.long()
+                if values.dim() == 2:  # a codebook per group of rows: index them flattened
+                    row = torch.arange(index.numel()) // max(1, weight[0].numel())
+                    index = index + (row // codec.rows) * values.shape[1]
+                grid = _SharedValues(index.reshape(weight.shape), values.float(), zero)
                 parametrize.register_parametrization(layer, name, grid, unsafe=True)
             else:
                 parametrize.register_parametrization(layer, name, _Rounded(codec, keep))
@@ -210,7 +214,8 @@ class _Rounded(nn.Module):
 
 class _SharedValues(nn.Module):
     """A clustered weight: each entry its shared value (trained, rounded to fp16 as stored)
-    at the index k-means gave it; the value of pruned zeros stays 0."""
+    at the index k-means gave it (into the flattened codebooks, where a group of rows has
+    its own); the value of pruned zeros stays 0."""
 
     def __init__(self, levels: torch.Tensor, values: torch.Tensor, zero: int) -> None:
         super().__init__()
@@ -222,10 +227,10 @@ class _SharedValues(nn.Module):
         return self.values.to(weight.device, weight.dtype)
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
-        if self.zero >= 0:
-            values = values * (torch.arange(values.numel(), device=values.device) != self.zero)
+        if self.zero >= 0:  # the zero level of every codebook
+            values = values * (torch.arange(values.shape[-1], device=values.device) != self.zero)
         values = values + (values.to(torch.float16).to(values.dtype) - values).detach()
-        return values[self.levels]
+        return values.flatten()[self.levels]
 
 
 def floating_tensors(output: Any) -> list[torch.Tensor]:

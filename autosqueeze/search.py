@@ -376,8 +376,10 @@ def _enqueue_baselines(
     if knapsack is not None:
         table = knapsack.table
         drop, count = config.budgets.max_metric_drop, config.sensitivity.candidates
-        for candidate in knapsack.plans(ladder(table, count, drop), _size_first(config)):
+        size_first = list(knapsack.plans(ladder(table, count, drop), _size_first(config)))
+        for candidate in size_first:
             _queue_candidate(space, candidate, queue)
+        _queue_for_students(space, size_first, queue)
         starts = SPEED_STARTS
         if prices_time(config) and table.model_ms and config.sensitivity.speed_candidates:
             levels = ladder(table, config.sensitivity.speed_candidates, drop)
@@ -388,6 +390,23 @@ def _enqueue_baselines(
         queue(space.nearest_params(**WARM_STARTS[name]), {BASELINE: name})
     return notes
 
+
+def _queue_for_students(space: SearchSpace, candidates: list[Candidate], queue: Callable) -> None:
+    """The original's knapsack plans at its budget estimate and one step safer, applied to
+    each student's layers of the same names (a student starts from its teacher's layers, so
+    they tend to bear what the teacher's bear; the table itself is the original's)."""
+    if not candidates or not space.students:
+        return
+    first = candidates[0].level  # the ladder tries the budget's estimate first
+    cautious = sorted((c for c in candidates if c.level <= first), key=lambda c: -c.level)
+    for student in space.students:
+        for candidate in cautious[:STUDENT_PLANS]:
+            if (params := space.params_for(candidate.plan)) is not None:
+                queue(params | {BASE: student}, {BASELINE: f"{student}-{KNAPSACK}"})
+
+
+STUDENT_PLANS = 2
+"""Knapsack plans of the original queued for each student (``_queue_for_students``)."""
 
 STUDENT_STARTS: dict[str, dict[str, Any]] = {"": {}, "int8": {"bits": 8}}
 """The plans queued for each ``model.candidates`` student: as distilled, and every layer int8."""

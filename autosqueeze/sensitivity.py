@@ -596,7 +596,7 @@ def group_options(
             for m in layers:
                 layer, key = modules[m.name], (m.name, 0 if cluster else bits, cluster)
                 if key not in stored:
-                    stored[key] = stored_weights(layer, bits, m.group_size, cluster)
+                    stored[key] = stored_weights(layer, bits, m.group_size, cluster, m.cluster_rows)
                 nbytes += layer_bytes(layer, stored[key], **settings)
             speed = math.prod(
                 table.speed(Probe(prefix, k, v))

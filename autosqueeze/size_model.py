@@ -53,6 +53,7 @@ class StoredWeights:
     group_size: int | None
     matrices: tuple[StoredMatrix, ...]
     codebook: bool = False
+    rows: int | None = None  # rows per codebook (shared values)
 
     @property
     def nbytes(self) -> int:
@@ -67,21 +68,26 @@ class StoredWeights:
 
 
 def stored_weights(
-    layer: nn.Module, bits: int, group_size: int | None, cluster: int = 0
+    layer: nn.Module,
+    bits: int,
+    group_size: int | None,
+    cluster: int = 0,
+    cluster_rows: int | None = None,
 ) -> StoredWeights:
     """Quantize ``layer``'s matrices to ``bits`` (fp16/fp32: cast), or share 2**``cluster``
-    values among them, and take their census."""
+    values among them (a codebook per ``cluster_rows`` rows), and take their census."""
     if cluster:
         shared = []
         for matrix in matrices(layer).values():
-            weight = matrix.detach().cpu().flatten()
-            levels, values, zero = shared_values(weight, int(cluster))
-            nbytes = encode_shared(levels, values, zero, list(matrix.shape)).nbytes
-            counts = np.bincount(levels.numpy(), minlength=values.numel())
-            sample = weight[:: max(1, weight.numel() // SAMPLE)].clone()
-            side = 2 * values.numel()  # the fp16 codebook
+            weight = matrix.detach().cpu()
+            levels, values, zero = shared_values(weight, int(cluster), cluster_rows)
+            nbytes = encode_shared(levels, values, zero, list(matrix.shape), cluster_rows).nbytes
+            counts = np.bincount(levels.numpy(), minlength=values.shape[-1])
+            flat = weight.flatten()
+            sample = flat[:: max(1, flat.numel() // SAMPLE)].clone()
+            side = 2 * values.numel()  # the fp16 codebooks
             shared.append(StoredMatrix(tuple(matrix.shape), nbytes, 0, counts, side, sample))
-        return StoredWeights(int(cluster), None, tuple(shared), codebook=True)
+        return StoredWeights(int(cluster), None, tuple(shared), True, cluster_rows)
     codec = TensorCodec(int(bits), group_size if int(bits) < 16 else None)
     found = []
     for matrix in matrices(layer).values():
@@ -121,7 +127,7 @@ def layer_bytes(
     if prune == 0 and rank >= 1:
         return stored.nbytes
     codec = TensorCodec(
-        stored.bits, stored.group_size if stored.bits < 16 else None, stored.codebook
+        stored.bits, stored.group_size if stored.bits < 16 else None, stored.codebook, stored.rows
     )
     if rank < 1:
         packed = sum(

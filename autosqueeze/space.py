@@ -46,6 +46,7 @@ class Rule(BaseModel):
     exclude: list[str] = []
     knobs: dict[str, KnobValues] = {}
     group_size: int | None = Field(None, ge=1)
+    cluster_rows: int | None = Field(None, ge=1)  # a codebook per this many rows (cluster)
     prune_by: Literal["magnitude", "activation", "hessian", "2:4"] = "magnitude"
     name: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
     share: str | None = None  # None: knobs per layer; "all": one set; a regex: one per match
@@ -112,6 +113,7 @@ class LayerKnobs:
     group_size: int | None
     key: str = ""  # the Optuna parameter prefix: the layer's name, or its shared group's
     prune_by: str = "magnitude"
+    cluster_rows: int | None = None
 
     @property
     def prefix(self) -> str:
@@ -120,7 +122,11 @@ class LayerKnobs:
     @property
     def settings(self) -> dict[str, Any]:
         """What its rule sets for every plan of the layer, beside the knobs' values."""
-        return {"group_size": self.group_size, "prune_by": self.prune_by}
+        return {
+            "group_size": self.group_size,
+            "prune_by": self.prune_by,
+            "cluster_rows": self.cluster_rows,
+        }
 
 
 BASE = "base"  # the parameter choosing the model a plan compresses, with model.candidates
@@ -336,7 +342,9 @@ def build_space(
             failed.clear()
         if searched or fixed:
             key = rule.group_of(spec.rules.index(rule), name)
-            layers[name] = LayerKnobs(name, searched, fixed, rule.group_size, key, rule.prune_by)
+            layers[name] = LayerKnobs(
+                name, searched, fixed, rule.group_size, key, rule.prune_by, rule.cluster_rows
+            )
     if not layers:
         raise UserError(
             "space: no layer of the model matches any rule of the space file; "

@@ -233,3 +233,57 @@ def test_a_forged_codebook_is_refused(change, message):
     change(parts, meta)
     with pytest.raises(ValueError, match=message):
         check_encoding(parts, meta)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 15])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_a_codebook_per_group_of_rows_decodes_bit_for_bit_and_its_size_is_exact(rows, pruned):
+    """``cluster_rows``: each group of rows indexes its own codebook (the last group may be
+    short); a pruned zero is level 0 of every one and stays zero; packed bytes exact."""
+    from autosqueeze.codecs import shared_values
+
+    torch.manual_seed(rows)
+    weight = torch.randn(40, 72) * torch.linspace(0.05, 1.0, 40)[:, None]  # rows differ
+    if pruned:
+        weight[weight.abs() < 0.05] = 0
+    codec = TensorCodec(3, codebook=True, rows=rows)
+    encoded = encode(weight, codec)
+    check_encoding(encoded.parts, encoded.meta)
+    restored = decode(encoded.parts, encoded.meta)
+    levels, values, zero = shared_values(weight, 3, rows)
+    groups = -(-40 // rows)
+    assert values.shape == (groups, 8) and encoded.meta["rows"] == rows
+    book = torch.arange(40).repeat_interleave(72) // rows
+    assert torch.equal(restored.flatten(), values.float()[book, levels.long()])
+    assert (restored[weight == 0] == 0).all() and zero == (0 if pruned else -1)
+    nonzero = int(torch.count_nonzero(restored))
+    if encoded.meta["layout"] == "coded":
+        assert encoded.nbytes < encoded_nbytes([40, 72], codec, nonzero)
+    else:
+        assert encoded.nbytes == encoded_nbytes([40, 72], codec, nonzero)
+    # rows that differ in range: their own codebooks fit them better than one for all
+    one = encode(weight, TensorCodec(3, codebook=True))
+    error = {
+        name: float((decode(e.parts, e.meta) - weight).square().mean())
+        for name, e in (("rows", encoded), ("one", one))
+    }
+    assert error["rows"] < error["one"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p, m: m.update(rows=40), "rows per codebook"),
+        (lambda p, m: m.update(rows="8"), "rows per codebook"),
+        (lambda p, m: m.update(rows=4), "codebook does not hold"),
+        (lambda p, m: p.update(codebook=p["codebook"].flip(1)), "zero level does not hold 0"),
+    ],
+)
+def test_a_forged_codebook_per_group_of_rows_is_refused(change, message):
+    weight = torch.randn(40, 16, generator=torch.Generator().manual_seed(0))
+    weight[0] = 0
+    encoded = encode(weight, TensorCodec(2, codebook=True, rows=8))
+    parts, meta = dict(encoded.parts), dict(encoded.meta)
+    change(parts, meta)
+    with pytest.raises(ValueError, match=message):
+        check_encoding(parts, meta)

@@ -26,7 +26,13 @@ def _accuracy(model: torch.nn.Module) -> float:
 
 
 @pytest.mark.parametrize(
-    "knobs", [{"bits": 3, "prune": 0.7}, {"cluster": 3, "prune": 0.8}], ids=["int3", "shared"]
+    "knobs",
+    [
+        {"bits": 3, "prune": 0.7},
+        {"cluster": 3, "prune": 0.8},
+        {"cluster": 2, "prune": 0.8, "cluster_rows": 4},
+    ],
+    ids=["int3", "shared", "shared-per-4-rows"],
 )
 def test_training_on_the_grid_recovers_and_the_file_holds_what_was_trained(knobs):
     model = digits.pretrained_cnn()
@@ -47,8 +53,10 @@ def test_training_on_the_grid_recovers_and_the_file_holds_what_was_trained(knobs
         trained = compressed.module.get_parameter(key)
         assert torch.equal(trained, loaded.get_parameter(key)), key
         assert bool((trained[zeros[key]] == 0).all()), key  # pruned stay pruned
-        if "cluster" in knobs:
-            assert trained.unique().numel() <= 2 ** knobs["cluster"]
+        if "cluster" in knobs:  # each group of rows on its own codebook's values
+            rows = knobs.get("cluster_rows") or trained.shape[0]
+            for group in trained.split(rows):
+                assert group.unique().numel() <= 2 ** knobs["cluster"]
     if "bits" in knobs:
         assert set(stored_integers(data)) == set(compressed.codecs)
     after = _accuracy(loaded)

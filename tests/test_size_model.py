@@ -81,3 +81,25 @@ def test_shared_value_layers_are_priced_as_stored():
                 assert abs(predicted - stored) <= 0.1 * stored, case
             else:
                 assert stored <= predicted, case
+
+
+def test_a_codebook_per_group_of_rows_is_priced_as_stored():
+    """``cluster_rows``: exact alone, each group's fp16 codebook counted; pruned, within
+    15% (the coded estimate clusters a sample of the whole matrix)."""
+    model = pretrained_cnn()
+    for name in ("features.2", "classifier.1"):
+        layer = model.get_submodule(name)
+        for cluster, prune in itertools.product((2, 4), (0.0, 0.5)):
+            lp = LayerPlan(cluster=cluster, prune=prune, cluster_rows=8)
+            compressed = compress(model, Plan({name: lp}))
+            stored = sum(
+                encode(value, compressed.codecs[key]).nbytes
+                for key, value in compressed.module.state_dict().items()
+                if key in compressed.codecs
+            )
+            weights = stored_weights(layer, 32, None, cluster, cluster_rows=8)
+            predicted = layer_bytes(layer, weights, prune)
+            if prune == 0:
+                assert predicted == stored, (name, cluster)
+            else:
+                assert abs(predicted - stored) <= 0.15 * stored, (name, cluster, predicted, stored)

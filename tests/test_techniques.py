@@ -5,6 +5,7 @@ import torch
 from optuna.distributions import CategoricalDistribution
 from torch import nn
 
+from autosqueeze.errors import UserError
 from autosqueeze.plan import LayerPlan, Plan
 from autosqueeze.techniques import TECHNIQUES, Site, Target, applied, compress, rebuild
 from autosqueeze.techniques.factorize import helps, rank_for
@@ -192,6 +193,32 @@ def test_cluster_stores_a_layer_as_shared_values_and_replaces_its_bits(tmp_path)
     assert TECHNIQUES["cluster"].offer(_site(nn.Linear(8, 8)), [0, 2, 4]) is not None
     with pytest.raises(ValueError, match="cluster is 0"):
         TECHNIQUES["cluster"].validate([0, 9])
+
+
+def test_a_rules_cluster_rows_gives_each_group_of_rows_a_codebook_in_the_file(tmp_path):
+    """``cluster_rows`` in a space rule: the plan carries it, the artifact stores one
+    codebook per group of rows, and the loaded layer's groups each hold at most 2**cluster
+    values (more than that across the layer)."""
+    import yaml
+
+    from autosqueeze.artifact import load_artifact, read_plan, save_artifact
+    from autosqueeze.examples.digits import pretrained_cnn
+    from autosqueeze.space import build_space
+
+    rule = {"types": ["Linear"], "names": ["classifier.1"], "knobs": {"cluster": [0, 2]}}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"rules": [{**rule, "cluster_rows": 16}]}))
+    space = build_space(pretrained_cnn(), path)
+    plan = space.plan({"classifier.1.cluster": 2})
+    assert plan.layers["classifier.1"] == LayerPlan(cluster=2, cluster_rows=16)
+    save_artifact(compress(pretrained_cnn(), plan), tmp_path / "m.safetensors")
+    assert read_plan(tmp_path / "m.safetensors") == plan
+    weight = load_artifact(tmp_path / "m.safetensors", pretrained_cnn()).classifier[1].weight
+    assert all(group.unique().numel() <= 4 for group in weight.split(16))
+    assert weight.unique().numel() > 4
+    path.write_text(yaml.safe_dump({"rules": [{**rule, "cluster_rows": 0}]}))
+    with pytest.raises(UserError, match="cluster_rows"):
+        build_space(pretrained_cnn(), path)
 
 
 @pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv2d, nn.Conv3d])

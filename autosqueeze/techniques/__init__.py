@@ -221,8 +221,9 @@ def check_plan(plan: Plan) -> None:
                 technique.validate(getattr(layer_plan, technique.knob))
             except ValueError as exc:
                 raise ValueError(f"layer {name!r}: {exc}") from None
-        if layer_plan.group_size is not None and layer_plan.group_size < 1:
-            raise ValueError(f"layer {name!r}: group_size {layer_plan.group_size} is not positive")
+        for setting in ("group_size", "cluster_rows"):  # a count, or None
+            if (count := getattr(layer_plan, setting)) is not None and count < 1:
+                raise ValueError(f"layer {name!r}: {setting} {count} is not positive")
 
 
 def _check_knobs(plan: Plan) -> None:

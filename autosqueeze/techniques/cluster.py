@@ -7,7 +7,9 @@ Against uniform integers of the same width, the shared values sit where the weig
 (a bell curve's middle, its few outliers) and need no per-row scales; uniform integers
 keep a scale per row (or group), which suits layers whose rows differ in range. The
 sensitivity pass measures both per layer and the search picks. A layer's ``cluster``
-replaces its ``bits``: the codebook is its storage.
+replaces its ``bits``: the codebook is its storage. A rule's ``cluster_rows`` gives each
+group of that many rows a codebook of its own (``codecs.shared_values``): for layers whose
+rows differ in range, at 2 * 2**cluster bytes per group.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class Cluster(Technique):
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
         if not layer_plan.cluster:
             return
-        codec = TensorCodec(int(layer_plan.cluster), codebook=True)
+        codec = TensorCodec(int(layer_plan.cluster), codebook=True, rows=layer_plan.cluster_rows)
         for part_name, part in weighted_parts(compressed.module, name):
             for matrix in matrices(part):
                 compressed.codecs[f"{part_name}.{matrix}"] = codec
