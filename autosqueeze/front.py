@@ -25,6 +25,7 @@ from autosqueeze.records import TrialRecord, records, reference
 FRONT_COLUMNS = [
     "trial",
     "baseline",
+    "model",  # "original", or the model.candidates student the plan compresses
     "metric",
     "metric_drop",
     "size_bytes",
@@ -63,6 +64,7 @@ class Front:
         return {
             "trial": member.number,
             "baseline": member.baseline or "",
+            "model": (member.plan.base if member.plan else "") or "original",
             "metric": round(got.metric, 6),
             "metric_drop": round(ref.metric - got.metric, 6) if ref else "",
             "size_bytes": got.size_bytes,

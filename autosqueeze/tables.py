@@ -34,6 +34,7 @@ def front_table(front: Front, metric_name: str) -> str:
             {
                 "trial": row["trial"],
                 "baseline": row["baseline"],
+                "model": row["model"],
                 metric_name: f"{row['metric']:.4f}",
                 "drop": f"{row['metric_drop']:+.4f}" if row["metric_drop"] != "" else "",
                 "size_kB": f"{int(row['size_bytes']) / 1e3:,.1f}",
@@ -44,7 +45,10 @@ def front_table(front: Front, metric_name: str) -> str:
                 **{o.name: f"{row[o.name]:.4g}" for o in extra_objectives() if row[o.name] != ""},
             }
         )
-    return table(rows, list(rows[0]), right=set(rows[0]) - {"baseline"})
+    if all(row["model"] == "original" for row in rows):  # a study without students
+        for row in rows:
+            del row["model"]
+    return table(rows, list(rows[0]), right=set(rows[0]) - {"baseline", "model"})
 
 
 def summary(front: Front, metric_name: str, max_drop: float | None, runtime: str = "torch") -> str:

@@ -3,6 +3,8 @@ a choice of base model (autosqueeze.students)."""
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 from conftest import DEFAULT_SPACE, study_config, write_yaml
@@ -17,6 +19,7 @@ from autosqueeze.search import BASELINE, run_search
 from autosqueeze.space import BASE, ORIGINAL, study_space
 from autosqueeze.students import distilled
 from autosqueeze.study import open_study
+from autosqueeze.tables import front_table
 from autosqueeze.task import load_task
 
 SHALLOW = "autosqueeze.examples.residual:shallow"
@@ -137,6 +140,13 @@ def test_a_search_compresses_the_students_and_their_files_reproduce(tmp_path):
     assert again.metric == pytest.approx(student.user_attrs["metric"])
     assert again.size_bytes == student.user_attrs["size_bytes"]
     assert len(artifact) < trials["int8"].user_attrs["size_bytes"]  # 6 convs of 10
+    # front.csv and the front table say which model each front model compresses
+    bases = {t.number: t.params[BASE] for t in result.study.trials}
+    with result.front_csv.open() as f:
+        for row in csv.DictReader(f):
+            assert row["model"] == bases[int(row["trial"])]
+    shown = front_table(result.front, "accuracy")
+    assert ("model" in shown.splitlines()[0]) == any(m.plan.base for m in result.front.members)
     resumed = run_search(config.with_overrides(trials=6), progress=False)
     assert "student 'shallow': from the cache" in resumed.notes
     assert len(open_study(config, create=False).trials) == 6
