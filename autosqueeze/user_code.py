@@ -81,12 +81,13 @@ def load_callable(ref: str, *, field: str, search_dir: Path | None = None) -> Ca
 
 
 def import_user_modules(config: StudyConfig) -> None:
-    """Import every module the config names (model, data, metric, calibration), as the
-    driver did when it loaded the task: what they register on import (a kernel, say:
-    docs/extending.md) is then known in this process too. An evaluator gets the model and
-    data pickled, which imports only the modules their classes live in."""
+    """Import every module the config names (model, its candidates, data, metric,
+    calibration), as the driver did when it loaded the task: what they register on import
+    (a kernel, say: docs/extending.md) is then known in this process too. An evaluator gets
+    the model and data pickled, which imports only the modules their classes live in."""
     refs = {
         "model.factory": config.model.factory,
+        **{f"model.candidates.{n}": ref for n, ref in config.model.candidates.items()},
         "model.example_input": config.model.example_input,
         "task.data": config.task.data,
         "task.metric": config.task.metric,

@@ -160,3 +160,19 @@ def test_validate_lists_the_students(tmp_path, capsys):
     shown = capsys.readouterr().out
     assert "candidate shallow (autosqueeze.examples.residual:shallow):" in shown
     assert DEFAULT_SPACE.name in shown
+
+
+def test_ray_evaluators_compress_the_student_the_driver_distilled(tmp_path, capsys):
+    """The student travels with the task to two Ray evaluators (none distils it again: the
+    driver's note says distilled, and the cache holds one file)."""
+    from autosqueeze.cli import main
+
+    config = residual(tmp_path, compute={"workers": 2})
+    assert main(["search", str(config.source), "--no-progress"]) == 0
+    capsys.readouterr()
+    trials = open_study(config, create=False).trials
+    students = [t for t in trials if t.user_attrs.get(BASELINE) in ("shallow", "shallow-int8")]
+    assert len(students) == 2 and all(t.params[BASE] == "shallow" for t in students)
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in students)
+    assert len({t.user_attrs["worker"] for t in trials}) == 2
+    assert len(list((tmp_path / "cache" / "students").glob("*.safetensors"))) == 1
