@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 from autosqueeze.content_cache import content_key
@@ -94,7 +94,7 @@ def distilled(
     path = (folder or cache_dir() / FOLDER) / f"{_key(student, teacher, recovery)}.safetensors"
     if path.is_file():
         try:
-            student.load_state_dict(load_file(path), strict=True)
+            load_model(student, path, strict=True)  # tied weights stay tied
             return student.eval(), True
         except Exception:  # noqa: BLE001 - a damaged or foreign file: distil again
             path.unlink(missing_ok=True)
@@ -106,8 +106,7 @@ def distilled(
         torch.set_num_threads(previous)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    state = {k: v.detach().contiguous() for k, v in student.state_dict().items()}
-    save_file(state, partial)
+    save_model(student, str(partial))  # a tied weight stored once
     partial.replace(path)  # a reader never sees half a file
     return student.eval(), False
 

@@ -17,7 +17,7 @@ from autosqueeze.plan import LayerPlan, Plan
 from autosqueeze.recovery import Recovery
 from autosqueeze.search import BASELINE, run_search
 from autosqueeze.space import BASE, ORIGINAL, study_space
-from autosqueeze.students import distilled
+from autosqueeze.students import build, distilled
 from autosqueeze.study import open_study
 from autosqueeze.tables import front_table
 from autosqueeze.task import load_task
@@ -176,3 +176,33 @@ def test_ray_evaluators_compress_the_student_the_driver_distilled(tmp_path, caps
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in students)
     assert len({t.user_attrs["worker"] for t in trials}) == 2
     assert len(list((tmp_path / "cache" / "students").glob("*.safetensors"))) == 1
+
+
+def test_a_library_students_tied_weights_survive_the_cache(tmp_path):
+    """transformers' GPT-2 (2 blocks, random weights under a seed) teaches a 1-block GPT-2
+    whose head is tied to its embedding: cached once, read back tied and equal."""
+    pytest.importorskip("transformers")
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "tests" / "zoo"))
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from zoo_models import VOCAB, _tokens, build_gpt2
+
+    def one_block():
+        config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=1, n_head=4)
+        return GPT2LMHeadModel(config)
+
+    teacher = build_gpt2().eval()
+    inputs = [batch for batch, _ in _tokens()]
+    recovery = Recovery(inputs, steps=10, lr=1e-3)
+    folder = tmp_path / "students"
+    first, cached = distilled("one", one_block, "zoo:one_block", teacher, recovery, folder)
+    second, again = distilled("one", one_block, "zoo:one_block", teacher, recovery, folder)
+    assert not cached and again
+    assert second.lm_head.weight is second.transformer.wte.weight
+    for (key, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), key
+    start = build(one_block, "model.candidates.one", "zoo:one_block")  # as distilling began
+    assert not torch.equal(start.transformer.wte.weight, second.transformer.wte.weight)
