@@ -38,7 +38,7 @@ from autosqueeze.sensitivity import (
     group_options,
 )
 from autosqueeze.size_model import SIZE_KNOBS
-from autosqueeze.space import SearchSpace
+from autosqueeze.space import BASE, ORIGINAL, SearchSpace
 
 PROPOSED = "proposed_by"
 """Trial attr: "knapsack" on the sampled trials ``KnapsackSampler`` proposed."""
@@ -214,11 +214,14 @@ class Knapsack:
         return [found for found in self._tried.values() if found is not None]
 
     def _judged(self, trial: FrozenTrial) -> tuple[float, bool] | None:
-        metric, plan = trial.user_attrs.get("metric"), trial.user_attrs.get("plan")
-        if plan is None or not isinstance(metric, (int, float)) or not math.isfinite(metric):
+        metric, text = trial.user_attrs.get("metric"), trial.user_attrs.get("plan")
+        if text is None or not isinstance(metric, (int, float)) or not math.isfinite(metric):
             return None
         try:
-            predicted = self.table.predicted_distortion(self.space, Plan.from_json(plan))
+            plan = Plan.from_json(text)
+            if plan.base:  # a student's: the table (the original's) does not price it
+                return None
+            predicted = self.table.predicted_distortion(self.space, plan)
         except (ValueError, TypeError, KeyError):
             return None
         if predicted is None:
@@ -255,7 +258,9 @@ class Knapsack:
 
     def propose(self, trials: list[FrozenTrial], rng: np.random.Generator) -> dict[str, Any] | None:
         """The params of a knapsack plan at a calibrated level, on perturbed costs (None if
-        there is none)."""
+        there is none). With ``model.candidates``, its base is drawn evenly among the
+        original and the students: the original's plan on a student's layers of the same
+        names (the level is fitted on the original's trials alone)."""
         level = self.level(self.tried(trials), rng)
         if level is None or not self.options:
             return None
@@ -268,4 +273,8 @@ class Knapsack:
             )
         perturbed = {group: _perturbed_all(opts, rng) for group, opts in self.options.items()}
         found = candidate_plans(self.space, self.table, self.model, [level], speed, perturbed)
-        return self.space.params_for(found[0].plan) if found else None
+        params = self.space.params_for(found[0].plan) if found else None
+        if params is not None and self.space.students:  # the plan, on a base drawn evenly
+            bases = [ORIGINAL, *self.space.students]
+            params[BASE] = bases[int(rng.integers(len(bases)))]
+        return params

@@ -206,3 +206,29 @@ def test_a_library_students_tied_weights_survive_the_cache(tmp_path):
         assert torch.equal(a, b), key
     start = build(one_block, "model.candidates.one", "zoo:one_block")  # as distilling began
     assert not torch.equal(start.transformer.wte.weight, second.transformer.wte.weight)
+
+
+def test_knapsack_proposals_draw_the_base_and_learn_from_the_originals_trials(tmp_path):
+    """With the pass: each student gets the original's knapsack plans on its layers; a
+    proposal's base is drawn among the original and the students; a student's trial does
+    not feed the fit of levels (the table prices the original's layers)."""
+    import numpy as np
+
+    from autosqueeze.proposals import Knapsack
+
+    overrides = {
+        "sensitivity": {"enabled": True, "candidates": 2, "speed_candidates": 0, "refine": 0},
+        "search": {"trials": 8, "seed": 0, "warm_starts": False},
+    }
+    result = run_search(residual(tmp_path, **overrides), progress=False)
+    kinds = [t.user_attrs.get(BASELINE) for t in result.study.trials]
+    assert "shallow-knapsack" in kinds and "knapsack" in kinds
+    knapsack = Knapsack(
+        result.searched, result.sensitivity, result.task.model,
+        min_metric=None, max_drop=0.02, prices_time=False,
+    )  # fmt: skip
+    proposed = [knapsack.propose([], np.random.default_rng(seed)) for seed in range(12)]
+    assert {p[BASE] for p in proposed if p} == {ORIGINAL, "shallow"}
+    for trial in result.study.trials:
+        judged = knapsack._judged(trial)
+        assert (judged is None) == (trial.params[BASE] == "shallow" or trial.state.name == "FAIL")
