@@ -219,6 +219,19 @@ def _shared_by_rows(
     return torch.cat(levels).to(torch.uint8), torch.stack(books), 0 if has_zero else -1
 
 
+def codebook_index(
+    levels: torch.Tensor, shape: list[int] | torch.Size, rows: int | None, count: int
+) -> torch.Tensor:
+    """Each value's index into its tensor's codebooks flattened: its level, in the codebook
+    of its group of ``rows`` rows (each of ``count`` values); its level alone with one
+    codebook (``rows`` None)."""
+    index = levels.long().flatten()
+    if rows is None:
+        return index
+    row = torch.arange(index.numel()) // max(1, math.prod(shape[1:]))
+    return index + (row // rows) * count
+
+
 def _kmeans_either(values: torch.Tensor, count: int) -> torch.Tensor:
     """``_kmeans`` from quantiles and from evenly spaced values, whichever ends with the
     smaller squared error. On a small group of rows the quantiles leave no centroid near a
@@ -402,13 +415,10 @@ def decode(parts: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor
         full[_unpack_mask(parts["mask"], n)] = parts["values"].float()
         return full.reshape(shape)
     if codec.startswith("cb"):
-        levels = _levels(parts, meta, int(codec[2:]), meta["zero"]).long()
+        levels = _levels(parts, meta, int(codec[2:]), meta["zero"])
         book = parts["codebook"].float()
-        if book.dim() == 2:  # a codebook per group of rows: index the flattened books
-            shape = meta["shape"]
-            row = torch.arange(levels.numel()) // max(1, math.prod(shape[1:]))
-            levels = levels + (row // meta["rows"]) * book.shape[1]
-        return book.flatten()[levels].reshape(meta["shape"])
+        index = codebook_index(levels, meta["shape"], meta.get("rows"), book.shape[-1])
+        return book.flatten()[index].reshape(meta["shape"])
     q, scale = integers(parts, meta)
     return dequantize(q, scale, meta["group_size"])
 

@@ -29,7 +29,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from autosqueeze.codecs import FLOAT_BITS, TensorCodec, dequantize, quantize, shared_values
+from autosqueeze.codecs import (
+    FLOAT_BITS,
+    TensorCodec,
+    codebook_index,
+    dequantize,
+    quantize,
+    shared_values,
+)
 from autosqueeze.metrics import call_model
 from autosqueeze.nested import tensors
 
@@ -169,10 +176,8 @@ def _on_grid(module: nn.Module, stored: dict[str, TensorCodec]) -> Iterator[None
             keep = (weight != 0) if bool((weight == 0).any()) else None  # pruned stay pruned
             if codec.codebook:
                 levels, values, zero = shared_values(weight.detach().cpu(), codec.bits, codec.rows)
-                index = levels.long()
-                if values.dim() == 2:  # a codebook per group of rows: index them flattened
-                    row = torch.arange(index.numel()) // max(1, weight[0].numel())
-                    index = index + (row // codec.rows) * values.shape[1]
+                rows = codec.rows if values.dim() == 2 else None  # a codebook per group
+                index = codebook_index(levels, weight.shape, rows, values.shape[-1])
                 grid = _SharedValues(index.reshape(weight.shape), values.float(), zero)
                 parametrize.register_parametrization(layer, name, grid, unsafe=True)
             else:
