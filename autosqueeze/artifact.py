@@ -460,19 +460,39 @@ def _decode(parts: dict[str, torch.Tensor], meta: dict[str, object]) -> torch.Te
 
 
 def _read_metadata(source: str | Path | bytes) -> dict[str, str]:
-    """An artifact's metadata, reading only its header unless it is deflated."""
-    if isinstance(source, bytes):
-        data = stored_bytes(source)
-        length = int.from_bytes(data[:8], "little")
-        if length > len(data) - 8:
-            raise ValueError("the artifact is not a readable safetensors file: its header is cut")
-        header = json.loads(data[8 : 8 + length])
-        metadata = header.get("__metadata__") if isinstance(header, dict) else None
-        return _checked(metadata, "the artifact")
-    if _is_deflated(_existing(source)):
-        return _read(source)[0]
-    with safe_open(source, framework="pt") as f:
-        return _metadata(f, source)
+    """An artifact's metadata, from its header alone (of a deflated one, only as much of
+    the stream as the header takes is inflated: a trial reads the plan, then loads)."""
+    if not isinstance(source, bytes) and not _is_deflated(_existing(source)):
+        with safe_open(source, framework="pt") as f:
+            return _metadata(f, source)
+    where = "the artifact" if isinstance(source, bytes) else source
+    data = _stored_header(source if isinstance(source, bytes) else Path(source).read_bytes(), where)
+    length = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or length > len(data) - 8:
+        raise ValueError(f"{where} is not a readable safetensors file: its header is cut short")
+    header = json.loads(data[8 : 8 + length])
+    return _checked(header.get("__metadata__") if isinstance(header, dict) else None, where)
+
+
+def _stored_header(data: bytes, where: object) -> bytes:
+    """The stored file's first bytes, through its safetensors header: all of ``data`` when
+    it is not deflated, else no more of its stream inflated than the header takes (and than
+    the length it states)."""
+    if not data.startswith(_DEFLATED):
+        return data
+    head = len(_DEFLATED) + 8
+    stated = int.from_bytes(data[len(_DEFLATED) : head], "little")
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data[head:], 8)
+        need = min(8 + int.from_bytes(out[:8], "little"), stated, _inflation_bound(len(data)))
+        while len(out) < need and inflater.unconsumed_tail:
+            out += inflater.decompress(inflater.unconsumed_tail, need - len(out))
+    except zlib.error as exc:
+        raise ValueError(
+            f"{where} is not a readable artifact: its deflated stream is damaged: {exc}"
+        ) from None
+    return out
 
 
 def _is_deflated(path: Path) -> bool:
