@@ -159,26 +159,20 @@ class SearchSpace:
         layers the original lacks are left as they are."""
         base = params.get(BASE, ORIGINAL)
         if base != ORIGINAL:
-            return self.students[base].student_plan(params, base)
-        layers = {}
-        for layer in self.layers.values():
-            values = dict(layer.fixed)
-            for knob in layer.searched:
-                key = f"{layer.prefix}.{knob}"
-                if key in params:
-                    values[knob] = params[key]
-            layers[layer.name] = LayerPlan.of(**layer.settings, **values)
-        return Plan(layers)
+            return self.students[base]._plan_of(params, base)
+        return self._plan_of(params, "")
 
-    def student_plan(self, params: dict[str, Any], base: str) -> Plan:
-        """This (a student's) space's plan for parameters sampled in the original's."""
+    def _plan_of(self, params: dict[str, Any], base: str) -> Plan:
+        """This space's plan for ``params``; a student's (``base``) snapped to its values."""
         layers = {}
         for layer in self.layers.values():
             values = dict(layer.fixed)
             for knob, dist in layer.searched.items():
-                value = params.get(f"{layer.prefix}.{knob}")
-                if value is not None:
-                    values[knob] = value if contains(dist, value) else nearest(dist, value)
+                key = f"{layer.prefix}.{knob}"
+                if key in params:
+                    value = params[key]
+                    snap = base and not contains(dist, value)
+                    values[knob] = nearest(dist, value) if snap else value
             layers[layer.name] = LayerPlan.of(**layer.settings, **values)
         return Plan(layers, base)
 
