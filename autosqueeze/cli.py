@@ -424,7 +424,9 @@ def _export_as(form: str, task: Task, artifact: bytes, record: TrialRecord, outp
         else:
             model = load_artifact(artifact, model, task.target, execution_form=False)
             integers = stored_integers(artifact)
-            notes = export_onnx(model, record.plan, integers, task.example_input, output)
+            notes = export_onnx(
+                model, record.plan, integers, task.example_input, output, task.calibration_inputs
+            )
     except ValueError as exc:
         raise UserError(f"--format {form}: trial {record.number}: {exc}") from None
     except OSError:

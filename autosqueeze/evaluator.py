@@ -40,6 +40,7 @@ from autosqueeze.measure import (
 )
 from autosqueeze.metrics import call_model, distortion, recorded_outputs, to_device
 from autosqueeze.objectives import extra_objectives
+from autosqueeze.onnx_forms import one_call
 from autosqueeze.plan import Plan
 from autosqueeze.task import Task
 from autosqueeze.techniques import applied, compress, runs_differently
@@ -203,6 +204,8 @@ class Evaluator:
             exporting = self._runtime != "torch" and not isinstance(model, OnnxModel)
             with clock("export") if exporting else contextlib.nullcontext():
                 shipped, size = self._as_shipped(model, source)
+            if exporting:  # judged as it ships: ONNX Runtime's integer kernels are its own
+                model = shipped
             with clock("first_look"):
                 early = self._first_look_stop(model, limits)
             if early is not None:
@@ -273,10 +276,23 @@ class Evaluator:
         """The original model in the runtime ``shipped`` runs in, timed beside it."""
         if not isinstance(shipped, OnnxModel):
             return self._reference()
+        return self._original_in_ort()
+
+    def _original_in_ort(self) -> OnnxModel:
+        """The original model's fp32 ONNX export, in ONNX Runtime."""
         if self._original_onnx is None:
             original = artifact_bytes(compress(self.task.model, Plan({})))
             self._original_onnx = self._exported(original, "original.onnx")
         return self._original_onnx
+
+    def one_call(self, name: str, output: Path) -> Measurements:
+        """ONNX Runtime's one-call quantizer ``name`` (``onnx_forms.ONE_CALL``) applied to
+        the original's ONNX export on the task's calibration data, written to ``output``
+        and measured as a trial's file is: the baseline a search that ships there must
+        beat."""
+        with self.lock.shared():
+            one_call(name, self._original_in_ort().path, output, self.task.calibration_inputs)
+        return self.measure_artifact(output)
 
     def shipped_file(self, artifact: bytes) -> tuple[str, bytes]:
         """The file an artifact ships as in ONNX Runtime: its ONNX export's name and bytes."""
@@ -290,7 +306,9 @@ class Evaluator:
         skeleton = self.task.skeleton(read_plan(artifact).base)
         decoded = load_artifact(artifact, skeleton, self.task.target, execution_form=False)
         integers = stored_integers(artifact)
-        export_onnx(decoded, Plan({}), integers, self.task.example_input, path)  # notes unused
+        plan = read_plan(artifact)
+        calibration = self.task.calibration_inputs
+        export_onnx(decoded, plan, integers, self.task.example_input, path, calibration)
         return OnnxModel(path, threads=self.task.config.measure.threads or 0)
 
     def _load(self, source: Path | bytes, trust_pickle: bool) -> nn.Module:

@@ -12,10 +12,11 @@ An ONNX model (``export_onnx``) is the artifact's weights traced to ONNX operato
 weight the artifact stores as integers is stored so here too (int8, or int4 at 4 bits and
 fewer, with fp32 scales per row or per group) and turned back into floats by a
 ``DequantizeLinear`` node, so ONNX Runtime (or any ONNX runtime) runs it with no autosqueeze,
-torch or factory. What it runs is the decoded weights in fp32: the plan's kernels are torch's
-and are not carried. ONNX Runtime folds the dequantization once, when it loads the model,
-given the session option ``session.disable_quant_qdq=1`` (``OnnxModel`` sets it); without
-it, it dequantizes every weight on every call.
+torch or factory. A layer on one of ONNX Runtime's own kernels (``ort_int8_dynamic``,
+``ort_int8_static``) runs ONNX Runtime's integer operators (``onnx_forms``); torch's kernels
+are not carried, and those layers run their decoded weights in fp32. ``OnnxModel`` runs each
+file under the session options that make it fastest (``onnx_forms.session_entries``), and
+the export's notes name them.
 
 autosqueeze loads a program only when told to (``evaluate --trust-pickle``):
 ``torch.export.load`` unpickles parts of the file, so a program is code from whoever made it
@@ -36,13 +37,15 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from autosqueeze.kernels import KERNELS
+from autosqueeze.kernels import KERNELS, kernel_for
 from autosqueeze.metrics import call_arguments, call_model
 from autosqueeze.nested import leaves, map_leaves, map_tensors
+from autosqueeze.onnx_forms import quantize_layers, session_entries
 from autosqueeze.plan import Plan
 from autosqueeze.quiet import STDERR, STDOUT, silenced
 from autosqueeze.recovery import floating_tensors
 from autosqueeze.task import batch_of, samples_in
+from autosqueeze.techniques.base import weighted_parts
 
 T = TypeVar("T")
 
@@ -153,42 +156,78 @@ def export_onnx(
     integers: dict[str, tuple[torch.Tensor, torch.Tensor, int | None]],
     example_input: Any,
     path: Path,
+    calibration: list[Any] | None = None,
 ) -> list[str]:
     """Trace ``model`` (the artifact loaded as torch's own layers, ``execution_form=False``)
     to ONNX, store each weight of ``integers`` (``artifact.stored_integers``) at its integer
-    width, check that ONNX Runtime runs the file and computes what ``model`` does, and write
-    it to ``path`` (whole or not at all). Returns notes for the user."""
+    width, check that ONNX Runtime runs the file and computes what ``model`` does, put the
+    layers the plan gives ONNX Runtime's kernels in their integer form (``onnx_forms``;
+    static ranges calibrated on ``calibration``, input batches) and write it to ``path``
+    (whole or not at all). Returns notes for the user."""
     import onnx
 
     with _without_cache(model.eval(), example_input) as cache_note:
         proto, batch_note = _onnx_traced(model, example_input)
-    missing = _store_integers(proto, integers)
+    in_ort = _in_ort_kernels(model, plan)
+    missing = _store_integers(proto, {k: v for k, v in integers.items() if k not in in_ort})
     onnx.checker.check_model(proto)
     partial = path.with_name(f".{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.onnx")
     try:
         onnx.save_model(proto, partial)
         _check_runs_alike(partial, model, example_input)
+        left_fp32 = quantize_layers(partial, in_ort, calibration or [example_input])
+        options = OnnxModel(partial).entries  # loads: ONNX Runtime takes what it rewrote
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-    carried = sorted({lp.kernel for lp in plan.layers.values()} - {"fp32"})
-    notes = [
-        batch_note,
-        *cache_note,
-        f"{len(integers) - len(missing)} weights stored as integers (DequantizeLinear); run it "
-        "with the session option session.disable_quant_qdq=1, or ONNX Runtime dequantizes "
-        "them on every call instead of once (4.8x slower on MiniLM here)",
-    ]
+    stored = len(integers) - len(missing) - len(set(in_ort) & set(integers))
+    notes = [batch_note, *cache_note]
+    if stored:
+        notes.append(f"{stored} weights stored as integers (DequantizeLinear)")
+    if in_ort:
+        notes.append(
+            f"{len(in_ort) - len(left_fp32)} weights run ONNX Runtime's int8 kernels "
+            "(MatMulInteger for ort_int8_dynamic, QDQ for ort_int8_static)"
+        )
+    notes.append(f"run it with {_options_text(options)}")
     if missing:  # tied aliases the exporter merged, or weights it folded into others
         notes.append(
             f"kept in fp32, not found as weights in the traced graph: {', '.join(missing)}"
         )
+    if left_fp32:
+        notes.append(f"left in fp32 by ONNX Runtime's quantizer: {', '.join(left_fp32)}")
+    carried = sorted(
+        {lp.kernel for lp in plan.layers.values() if "torch" in kernel_for(lp.kernel).runtimes}
+        - {"fp32"}
+    )
     if carried:
         notes.append(
             f"the kernels {', '.join(carried)} are torch's and not carried: ONNX Runtime runs "
-            "the decoded weights in fp32"
+            "those layers' decoded weights in fp32"
         )
     return notes
+
+
+def _in_ort_kernels(model: nn.Module, plan: Plan) -> dict[str, str]:
+    """The weights of layers on ONNX Runtime's kernels: state-dict key -> its quantizer."""
+    found = {}
+    for name, lp in plan.layers.items():
+        kernel = kernel_for(lp.kernel)
+        if kernel.ort_quantizer:
+            for part_name, part in weighted_parts(model, name):
+                if kernel.fits(part, "cpu"):
+                    found[f"{part_name}.weight"] = kernel.ort_quantizer
+    return found
+
+
+def _options_text(entries: dict[str, str]) -> str:
+    if not entries:
+        return "ONNX Runtime's default session options (QDQ fusion on: its integer kernels)"
+    return (
+        "the session option "
+        + ", ".join(f"{k}={v}" for k, v in entries.items())
+        + (" (each integer weight dequantized once, at load)")
+    )
 
 
 ONNX_OPSET = 21  # DequantizeLinear with int4 and per-block scales
@@ -355,14 +394,13 @@ class OnnxModel(nn.Module):
         super().__init__()
         import onnxruntime as ort
 
-        _refuse_external_data(path)
+        proto = _refuse_external_data(path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        # fold each weight's DequantizeLinear once, at load: by default ONNX Runtime keeps it
-        # in the graph for quantized operators to fuse with, and with none it dequantizes
-        # on every call (MiniLM: 24 ms a sentence instead of 4.9)
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
+        self.entries = session_entries(proto)  # what makes this file fastest (onnx_forms)
+        for key, value in self.entries.items():
+            options.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.path = path
@@ -385,7 +423,7 @@ class OnnxModel(nn.Module):
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
-def _refuse_external_data(path: Path) -> None:
+def _refuse_external_data(path: Path) -> Any:
     """An ONNX file can point its tensors at other files by path; one from someone else
     would have ONNX Runtime read whatever it names. autosqueeze writes single files and
     runs only those."""
@@ -406,6 +444,7 @@ def _refuse_external_data(path: Path) -> None:
         for tensor in tensors:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 raise ValueError(f"{path}: tensor {tensor.name!r} points at data outside the file")
+    return proto
 
 
 __all__ = ["OnnxModel", "export_onnx", "export_program"]

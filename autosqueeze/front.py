@@ -10,7 +10,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from optuna._hypervolume import compute_hypervolume  # Optuna's exact WFG; no pu
 from autosqueeze.artifact import save_artifact
 from autosqueeze.measure import Measurements
 from autosqueeze.objectives import OBJECTIVES, extra_objectives
-from autosqueeze.records import TrialRecord, records, reference
+from autosqueeze.records import TrialRecord, one_call_baselines, records, reference
 
 FRONT_COLUMNS = [
     "trial",
@@ -52,6 +52,18 @@ class Front:
     reference: Measurements | None
     members: list[TrialRecord]  # sorted by size, smallest first
     trials: list[TrialRecord]
+    # ONNX Runtime's one-call quantizers, measured beside the trials (a study shipping there)
+    one_call: dict[str, Measurements] = field(default_factory=dict)
+
+    def dominating(self, baseline: Measurements) -> TrialRecord | None:
+        """The smallest member at least as good as ``baseline`` on every objective (metric,
+        bytes, latency, ...): what the search adds over it; None where none is."""
+        for member in self.members:
+            got = member.measurements
+            assert got is not None
+            if all(_no_worse(o, got, baseline) for o in self.objectives):
+                return member
+        return None
 
     @property
     def feasible(self) -> list[TrialRecord]:
@@ -60,11 +72,23 @@ class Front:
     def row(self, member: TrialRecord, artifact: str = "") -> dict[str, object]:
         got = member.measurements
         assert got is not None
+        row = self.measured_row(got, artifact)
+        row["trial"] = member.number
+        row["baseline"] = member.baseline or ""
+        row["model"] = (member.plan.base if member.plan else "") or "original"
+        row["feasible"] = member.feasible
+        return row
+
+    def baseline_row(self, name: str, artifact: str = "") -> dict[str, object]:
+        """A one-call quantizer's row: no trial, its name as the baseline."""
+        return self.measured_row(self.one_call[name], artifact) | {"baseline": f"ort.{name}"}
+
+    def measured_row(self, got: Measurements, artifact: str = "") -> dict[str, object]:
         ref = self.reference
         return {
-            "trial": member.number,
-            "baseline": member.baseline or "",
-            "model": (member.plan.base if member.plan else "") or "original",
+            "trial": "",
+            "baseline": "",
+            "model": "original",
             "metric": round(got.metric, 6),
             "metric_drop": round(ref.metric - got.metric, 6) if ref else "",
             "size_bytes": got.size_bytes,
@@ -73,9 +97,19 @@ class Front:
             "speedup": round(ref.latency_ms / got.latency_ms, 3) if ref else "",
             "memory_mb": round(got.memory_mb, 3) if got.memory_mb is not None else "",
             **{o.name: got.extra.get(o.name, "") for o in extra_objectives()},
-            "feasible": member.feasible,
+            "feasible": "",
             "artifact": artifact,
         }
+
+
+def _no_worse(objective: str, got: Measurements, baseline: Measurements) -> bool:
+    """``got`` at least as good as ``baseline`` on ``objective`` (unmeasured: no claim)."""
+    mine, theirs = getattr(got, objective, None), getattr(baseline, objective, None)
+    if objective in got.extra or objective in baseline.extra:
+        mine, theirs = got.extra.get(objective), baseline.extra.get(objective)
+    if mine is None or theirs is None:
+        return False
+    return mine >= theirs if OBJECTIVES[objective].direction == "maximize" else mine <= theirs
 
 
 def compute_front(study: optuna.Study, objectives: list[str]) -> Front:
@@ -84,15 +118,21 @@ def compute_front(study: optuna.Study, objectives: list[str]) -> Front:
     best = {t.number for t in study.best_trials}
     trials = records(study)
     members = [t for t in trials if t.number in best and t.feasible and t.measurements]
-    return _front(objectives, reference(study), members, trials)
+    ref = reference(study)
+    return _front(objectives, ref, members, trials, one_call_baselines(study, ref))
 
 
-def front_of(trials: list[TrialRecord], ref: Measurements | None, objectives: list[str]) -> Front:
+def front_of(
+    trials: list[TrialRecord],
+    ref: Measurements | None,
+    objectives: list[str],
+    one_call: dict[str, Measurements] | None = None,
+) -> Front:
     """The front of records already read (the dashboard keeps them between polls, where
     ``best_trials`` would copy every trial each time); the same set as ``compute_front``'s
     (tested)."""
     members = pareto([t for t in trials if t.feasible and t.measurements], objectives)
-    return _front(objectives, ref, members, trials)
+    return _front(objectives, ref, members, trials, one_call or {})
 
 
 def _front(
@@ -100,9 +140,10 @@ def _front(
     ref: Measurements | None,
     members: list[TrialRecord],
     trials: list[TrialRecord],
+    one_call: dict[str, Measurements],
 ) -> Front:
     members.sort(key=lambda t: (t.measurements.size_bytes, t.number))  # type: ignore[union-attr]
-    return Front(objectives, ref, members, trials)
+    return Front(objectives, ref, members, trials, one_call)
 
 
 def pareto(candidates: list[TrialRecord], objectives: list[str]) -> list[TrialRecord]:
@@ -156,6 +197,9 @@ def write_front(
 ) -> Path:
     """Write ``front.csv`` and ``front/trial-NNNN/{model.safetensors,plan.json,metrics.json}``.
 
+    ``front.csv`` ends with a row for each of ONNX Runtime's one-call quantizers the study
+    measured (no trial; ``baselines/NAME.onnx``, written when it was measured).
+
     ``artifacts`` gives (trial number, artifact bytes) for every member, rebuilt from its
     plan; a rebuilt artifact must have exactly the size the search measured, or the front
     would not be reproducible. With ``shipped_as`` (``budgets.runtime`` other than torch),
@@ -188,6 +232,9 @@ def write_front(
         metrics = {**row, "reference": front.reference.to_dict() if front.reference else None}
         (staging / name / "metrics.json").write_text(json.dumps(metrics, indent=2))
         rows.append(row)
+    for name in front.one_call:  # ONNX Runtime's one-call quantizers, for comparison
+        shipped = output_dir / "baselines" / f"{name}.onnx"
+        rows.append(front.baseline_row(name, str(shipped.relative_to(output_dir))))
     _swap_in(staging, folder)
     path = output_dir / "front.csv"
     partial = staging.with_suffix(".csv")

@@ -29,6 +29,11 @@ class Kernel(ABC):
     devices: ClassVar[frozenset[str]]
     layers: ClassVar[tuple[type[nn.Module], ...]]
     weight_bits: ClassVar[int]  # bits a weight takes in memory while it runs (compactness)
+    # where the layer runs in this form: torch (the loaded artifact), or onnxruntime (the
+    # ONNX export, whose node ONNX Runtime's quantizer rewrites: ``onnx_forms``); fp32 is both
+    runtimes: ClassVar[frozenset[str]] = frozenset({"torch"})
+    # ONNX Runtime's quantizer that puts the layer in this form ("dynamic" or "static"), "": none
+    ort_quantizer: ClassVar[str] = ""
     # why ``torch.export`` cannot trace a layer in this form ("": it can); ``export --format
     # pt2`` refuses a plan that uses it, naming the layer
     export_refusal: ClassVar[str] = ""
@@ -63,6 +68,7 @@ class Float32(Kernel):
     devices = frozenset({"cpu", "cuda"})
     layers = (nn.Linear, *_CONVS, nn.Embedding)
     weight_bits = 32
+    runtimes = frozenset({"torch", "onnxruntime"})
 
     def deploy(self, layer: nn.Module) -> nn.Module:
         return layer  # as the model wrote it, Conv1D included
@@ -208,6 +214,41 @@ class SemiStructured24(Kernel):
         return CastLayer(layer, torch.float16)
 
 
+class OrtInt8(Kernel):
+    """ONNX Runtime's int8 kernels, for a study that ships there (``budgets.runtime:
+    onnxruntime``): the export hands the layer's node to ONNX Runtime's own quantizer
+    (``onnx_forms``), int8 weights per output channel. In torch, where the sensitivity pass
+    probes it, the layer runs torch's dynamic int8 form, the nearest arithmetic torch has
+    (a layer that form does not fit runs as it is); each trial is measured in ONNX Runtime."""
+
+    devices = frozenset({"cpu"})
+    weight_bits = 8
+    runtimes = frozenset({"onnxruntime"})
+
+    def convert(self, layer: nn.Module) -> nn.Module:
+        twin = KERNELS["int8_dynamic"]
+        return twin.convert(layer) if twin.fits(layer, "cpu") else layer
+
+
+class OrtDynamicInt8(OrtInt8):
+    """MatMulInteger: activations quantized to uint8 on every call (DynamicQuantizeLinear),
+    what ``onnxruntime.quantization.quantize_dynamic`` makes of a MatMul."""
+
+    name = "ort_int8_dynamic"
+    layers = (nn.Linear,)
+    ort_quantizer = "dynamic"
+
+
+class OrtStaticInt8(OrtInt8):
+    """QDQ with activation ranges calibrated on ``task.calibration`` (MinMax), which ONNX
+    Runtime fuses at load into QLinearConv / QLinearMatMul / QGemm: what
+    ``onnxruntime.quantization.quantize_static`` makes of a Conv, MatMul or Gemm."""
+
+    name = "ort_int8_static"
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d)
+    ort_quantizer = "static"
+
+
 KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in (
@@ -218,6 +259,8 @@ KERNELS: dict[str, Kernel] = {
         WeightOnlyInt8(),
         WeightOnlyInt4(),
         SemiStructured24(),
+        OrtDynamicInt8(),
+        OrtStaticInt8(),
     )
 }
 """kernel name -> kernel; the names a space file's ``kernel`` knob may list."""

@@ -16,7 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autosqueeze.measure import Measurements, robust_latency
 from autosqueeze.plan import Plan
-from autosqueeze.study import BASELINE, FAIL_REASON, PLAN, REFERENCE, STOPPED
+from autosqueeze.study import BASELINE, FAIL_REASON, ONE_CALL, PLAN, REFERENCE, STOPPED
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,20 @@ def reference(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> M
         trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     samples = reference_timings(original, trials)
     return replace(original, latency_ms=robust_latency(samples) or original.latency_ms)
+
+
+def one_call_baselines(study: optuna.Study, ref: Measurements | None) -> dict[str, Measurements]:
+    """ONNX Runtime's one-call quantizers as the study measured them (a study that ships
+    there), their latencies against ``ref``'s, as a trial's are."""
+    found = study.user_attrs.get(ONE_CALL)
+    if not isinstance(found, dict):
+        return {}
+    baselines = {}
+    for name, attrs in found.items():
+        if isinstance(name, str) and isinstance(attrs, dict):
+            got = _measurements(attrs)
+            baselines[name] = got.at_reference(ref.latency_ms) if ref and ref.latency_ms else got
+    return baselines
 
 
 def reference_timings(original: Measurements, trials: list[FrozenTrial]) -> list[float]:

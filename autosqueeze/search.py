@@ -40,6 +40,7 @@ from autosqueeze.errors import Terminated, UserError
 from autosqueeze.executors import Executor, Outcome, create_executor, evaluate_now
 from autosqueeze.front import Front, compute_front, write_front
 from autosqueeze.measure import Limits, Measurements, robust_latency
+from autosqueeze.onnx_forms import ONE_CALL as ONE_CALL_QUANTIZERS
 from autosqueeze.proposals import PROPOSED, Knapsack, KnapsackSampler
 from autosqueeze.records import records, reference, reference_timings
 from autosqueeze.sensitivity import (
@@ -59,6 +60,7 @@ from autosqueeze.space import BASE, SearchSpace, study_space
 from autosqueeze.study import (
     BASELINE,
     BASELINES_QUEUED,
+    ONE_CALL,
     PLAN,
     PREDICTED_DISTORTION,
     PREDICTED_LATENCY,
@@ -108,6 +110,7 @@ def run_search(
     try:
         with Heartbeat(study):
             ref = _reference(study, executor, space)
+            notes += _measure_one_call(study, config, task)
             if config.sensitivity.enabled:
                 table = sensitivity_table(
                     study, config, space, executor, task=task, progress=progress
@@ -304,6 +307,37 @@ def _reference(study: optuna.Study, executor: Executor, space: SearchSpace) -> M
     return ref
 
 
+def _measure_one_call(study: optuna.Study, config: StudyConfig, task: Task) -> list[str]:
+    """For a study that ships to ONNX Runtime, its one-call quantizers (``quantize_dynamic``,
+    and ``quantize_static`` where the model has convolutions) on the original, measured
+    once per study in the driver before any trial runs (the device lock keeps timings
+    apart) and kept on the study; their files go to ``output_dir/baselines/``. One that
+    fails is a note, not an error: the search does not depend on it."""
+    if config.budgets.runtime != "onnxruntime" or ONE_CALL in study.user_attrs:
+        return []
+    from autosqueeze.evaluator import Evaluator
+
+    folder = config.output_dir / ONE_CALL_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    has_convs = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in task.model.modules())
+    evaluator, measured, notes = Evaluator(task), {}, []
+    try:
+        for name in ONE_CALL_QUANTIZERS if has_convs else ONE_CALL_QUANTIZERS[:1]:
+            try:
+                measured[name] = evaluator.one_call(name, folder / f"{name}.onnx").to_dict()
+            except Exception as exc:  # noqa: BLE001 - ONNX Runtime's quantizer, on any model
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                notes.append(f"ONNX Runtime's {name} failed on the original: {first}")
+    finally:
+        evaluator.close()
+    study.set_user_attr(ONE_CALL, measured)
+    return notes
+
+
+ONE_CALL_FOLDER = "baselines"
+"""Where a study's one-call quantizers' files are written, beside ``front/``."""
+
+
 BASELINES = {"original": {}, "int8": {"bits": 8}}
 """Queued first on every study: what a user would try by hand."""
 BASELINE_VALUES = {(k, v) for choices in BASELINES.values() for k, v in choices.items()}
@@ -316,6 +350,8 @@ WARM_STARTS = {
     "channels-0.5": {"bits": 8, "prune_channels": 0.5},
     "channels-0.625": {"bits": 8, "prune_channels": 0.625},
     "separable": {"bits": 8, "separable": 1},
+    "ort-int8-static": {"bits": 8, "kernel": "ort_int8_static"},
+    "ort-int8-dynamic": {"bits": 8, "kernel": "ort_int8_dynamic"},
 }
 """Queued next when there is no sensitivity pass, as the nearest plans the space offers (a
 knob or kernel a layer is not offered stays as it is): anchors along the size and speed axes
@@ -336,6 +372,11 @@ separation (the size model does not price its shapes), so those anchors stay (on
 CNN at 24 trials, the fastest model within budget was 0.73x the original's latency with
 the channel anchors and 0.95x without). A space that does not offer separation makes the
 ``separable`` start the int8 baseline, which is queued once."""
+ORT_STARTS = ("ort-int8-static", "ort-int8-dynamic")
+"""Queued after the baselines in every study that ships to ONNX Runtime: its int8 kernels
+on every layer they fit (int8 stored where a layer has none), what its one-call quantizers
+do, as plans the search then improves on; queued whatever the latency model says, since the
+sensitivity pass times layers in torch."""
 RECOVERED_STARTS = ("channels-0.5", "channels-0.625", "separable")
 RECOVERED_VALUES = {(k, v) for name in RECOVERED_STARTS for k, v in WARM_STARTS[name].items()}
 """Kept in the shaped space where recovery training follows the structural change: a probe
@@ -368,6 +409,9 @@ def _enqueue_baselines(
             notes.append(f"baseline {name!r} skipped: the space cannot express it")
         else:
             queue(params, {BASELINE: name})
+    if config.budgets.runtime == "onnxruntime":  # the nearest the space has, like a start
+        for name in ORT_STARTS:
+            queue(space.nearest_params(**WARM_STARTS[name]), {BASELINE: name})
     for student in space.students:  # each student as distilled, and at int8
         for start, choices in STUDENT_STARTS.items():
             params = space.nearest_params(**choices) | {BASE: student}

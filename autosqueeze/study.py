@@ -22,6 +22,7 @@ from autosqueeze.samplers import create_sampler
 from autosqueeze.storage import open_storage
 
 REFERENCE = "reference"  # study attr: measurements of the uncompressed model
+ONE_CALL = "one_call"  # study attr: ONNX Runtime's one-call quantizers' measurements, by name
 SENSITIVITY = "sensitivity"  # study attr: the sensitivity table (autosqueeze.sensitivity)
 PREDICTED_DISTORTION = "predicted_distortion"  # trial attr: a knapsack plan's level
 PREDICTED_LATENCY = "predicted_latency"  # trial attr: its latency model's, vs the original's

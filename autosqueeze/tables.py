@@ -28,8 +28,9 @@ def front_table(front: Front, metric_name: str) -> str:
     if not front.members:
         return "The front is empty: no trial met every budget yet."
     rows = []
-    for member in front.members:
-        row = front.row(member)
+    shown = [front.row(member) for member in front.members]
+    shown += [front.baseline_row(name) for name in front.one_call]  # last, for comparison
+    for row in shown:
         rows.append(
             {
                 "trial": row["trial"],
@@ -71,6 +72,23 @@ def summary(front: Front, metric_name: str, max_drop: float | None, runtime: str
         f"than the fp32 {'artifact' if runtime == 'torch' else 'ONNX file'} "
         f"({ref.size_bytes:,} bytes), {got.latency_ms:.3f} ms vs {ref.latency_ms:.3f} ms at "
         f"the budget's batch size{'' if runtime == 'torch' else ' in ONNX Runtime'}."
+        + "".join(_against(front, name) for name in front.one_call)
+    )
+
+
+def _against(front: Front, name: str) -> str:
+    """A sentence on whether a front model beats ONNX Runtime's one-call quantizer ``name``
+    on every objective at once, and by how much it is then faster."""
+    baseline = front.one_call[name]
+    best = front.dominating(baseline)
+    if best is None:
+        return f" No front model is at least as good as ONNX Runtime's {name} on every objective."
+    got = best.measurements
+    assert got is not None
+    faster = baseline.latency_ms / got.latency_ms if got.latency_ms and baseline.latency_ms else 0
+    return (
+        f" Trial {best.number} is at least as good as ONNX Runtime's {name} on every objective "
+        f"({baseline.size_bytes / got.size_bytes:.2f}x smaller, {faster:.2f}x as fast)."
     )
 
 

@@ -106,6 +106,12 @@ class Task:
             )
 
     @property
+    def calibration_inputs(self) -> list[Any]:
+        """Input batches that calibrate static int8 activations (``ort_int8_static``):
+        ``task.calibration``, or the task's own data where the config gives none."""
+        return self.calibration or [inputs for inputs, _ in self.data]
+
+    @property
     def target(self) -> Target:
         """Where compressed models run, with an input to trace them (structured pruning)."""
         return Target(

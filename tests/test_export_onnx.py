@@ -195,27 +195,40 @@ def test_an_onnx_file_pointing_at_other_files_is_refused(tmp_path, capsys):
 
 
 def test_a_study_shipping_to_onnx_runtime_is_measured_there(tmp_path, capsys):
-    """``budgets.runtime: onnxruntime``: torch's kernels are not searched, every trial is
-    timed as its ONNX export in ONNX Runtime and sized as that file, and the front holds
-    the files, whose metric and bytes ``evaluate`` reproduces."""
+    """``budgets.runtime: onnxruntime``: only ONNX Runtime's kernels are searched, every
+    trial is timed as its ONNX export in ONNX Runtime and sized as that file, ONNX Runtime's
+    one-call quantizers are measured beside them and shown last, and the front holds the
+    files, whose metric and bytes ``evaluate`` reproduces."""
     import csv
 
     from autosqueeze.config import load_config
+    from autosqueeze.records import records
     from autosqueeze.study import open_study
 
     config = write_yaml(
         tmp_path / "study.yaml",
-        study_config(tmp_path, budgets={"runtime": "onnxruntime"}, search={"trials": 4}),
+        study_config(tmp_path, budgets={"runtime": "onnxruntime"}, search={"trials": 6}),
     )
     assert main(["search", str(config), "--no-progress"]) == 0
-    assert "in ONNX Runtime" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "in ONNX Runtime" in out
+    assert "ort.quantize_dynamic" in out and "ort.quantize_static" in out  # a CNN: both
+    assert "ONNX Runtime's quantize_static on every objective" in out  # the summary says
     study = open_study(load_config(config), create=False)
-    assert not [p for t in study.trials for p in t.params if p.endswith("kernel")]
+    kernels = {v for t in study.trials for p, v in t.params.items() if p.endswith("kernel")}
+    assert kernels and kernels <= {"fp32", "ort_int8_dynamic", "ort_int8_static"}
+    baselines = {r.baseline for r in records(study)}
+    assert {"ort-int8-static", "ort-int8-dynamic"} <= baselines  # queued on every such study
     with open(tmp_path / "run" / "front.csv") as f:
         front = list(csv.DictReader(f))
     assert front and all(row["memory_mb"] == "" for row in front)
+    one_call = [row for row in front if row["baseline"].startswith("ort.")]
+    assert [row["baseline"] for row in one_call] == ["ort.quantize_dynamic", "ort.quantize_static"]
+    assert front[-2:] == one_call and all(row["trial"] == "" for row in one_call)
     for row in front:
-        shipped = tmp_path / "run" / Path(row["artifact"]).parent / "model.onnx"
+        shipped = tmp_path / "run" / row["artifact"]
+        if not row["baseline"].startswith("ort."):
+            shipped = shipped.parent / "model.onnx"
         assert shipped.stat().st_size == int(row["size_bytes"])
         assert main(["evaluate", str(config), "--artifact", str(shipped), "--json"]) == 0
         got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -1,8 +1,10 @@
 """The execution form of a layer: which real kernel runs it on the target device.
 
 It leaves the stored bytes alone; when the artifact is loaded, each layer (both halves of a
-factorized one) is converted to its kernel's form (``autosqueeze.kernels``). A space file lists
-kernel names; a layer is offered those that can run it on the config's device.
+factorized one) is converted to its kernel's form (``autosqueeze.kernels``), and when it is
+exported to ONNX, a layer on one of ONNX Runtime's kernels becomes ONNX Runtime's integer
+node (``autosqueeze.onnx_forms``). A space file lists kernel names; a layer is offered those
+that run it on the config's device in the runtime the model ships to (``budgets.runtime``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from torch import nn
 
-from autosqueeze.kernels import KERNELS, kernel_for
+from autosqueeze.kernels import KERNELS, Kernel, kernel_for
 from autosqueeze.knobs import KnobValues, Range
 from autosqueeze.plan import LayerPlan
 from autosqueeze.techniques.base import CompressedModel, Site, Technique, weighted_parts
@@ -30,19 +32,18 @@ class KernelChoice(Technique):
             kernel_for(str(value))
 
     def offer(self, site: Site, values: KnobValues) -> BaseDistribution | Any | None:
-        if site.target.runtime != "torch":
-            return None  # the model ships to another runtime, which has kernels of its own
         names = values if isinstance(values, list) else [values]
-        usable = [str(n) for n in names if KERNELS[str(n)].fits(site.layer, site.target.device)]
+        usable = [str(n) for n in names if _runs(KERNELS[str(n)], site)]
         if not usable:
             return None
         return CategoricalDistribution(usable) if len(usable) > 1 else usable[0]
 
     def why_not(self, site: Site) -> str:
-        if site.target.runtime != "torch":
-            return f"the model ships to {site.target.runtime}, which runs its own kernels"
-        if not any(k.fits(site.layer, site.target.device) for k in KERNELS.values()):
-            return f"no kernel runs a {type(site.layer).__name__[:40]} on {site.target.device}"
+        if not any(_runs(k, site) for k in KERNELS.values()):
+            return (
+                f"no kernel runs a {type(site.layer).__name__[:40]} on {site.target.device} "
+                f"in {site.target.runtime}"
+            )
         return ""
 
     def strength(self, value: Any) -> float:
@@ -62,3 +63,8 @@ class KernelChoice(Technique):
         for part_name, part in weighted_parts(module, name):
             if kernel.fits(part, next(part.parameters()).device.type):
                 module.set_submodule(part_name, kernel.deploy(part))
+
+
+def _runs(kernel: Kernel, site: Site) -> bool:
+    """Whether ``kernel`` runs the site's layer where the model ships (device and runtime)."""
+    return site.target.runtime in kernel.runtimes and kernel.fits(site.layer, site.target.device)

@@ -1,0 +1,301 @@
+"""ONNX Runtime's integer execution forms in an exported file, and the session options each
+file runs fastest under.
+
+A layer whose plan names one of ONNX Runtime's kernels (``kernels.OrtInt8``:
+``ort_int8_dynamic``, ``ort_int8_static``) keeps its decoded weights as fp32 initializers in
+the export; ``quantize_layers`` then hands exactly those layers' nodes to ONNX Runtime's own
+quantizer (``quantize_dynamic``: MatMulInteger; ``quantize_static``: QDQ, calibrated with
+MinMax on ``CALIBRATION_BATCHES`` batches of ``task.calibration``), per output channel, as
+the one-call quantizers do to a whole model (``one_call``). The file stores those weights as
+int8, whatever bits the artifact stored them at.
+
+Which session options make a file fastest depends on what it holds (``session_entries``):
+with activations quantized (QDQ), ONNX Runtime must keep its QDQ fusion on, or it runs the
+pairs as separate operators (0.7-0.8x fp32 on the digits CNN, against 1.2-1.5x fused); with
+weights alone stored as integers (a DequantizeLinear on an initializer), the option
+``session.disable_quant_qdq=1`` folds each once at load instead of on every call (4.8x
+faster on MiniLM). A file that holds both keeps fusion on and dequantizes its weight-only
+layers on every call: measured, as everything, not assumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autosqueeze.metrics import call_arguments
+from autosqueeze.quiet import STDERR, STDOUT, silenced
+from autosqueeze.task import samples_in
+
+CALIBRATION_BATCHES = 8
+"""Batches of ``task.calibration`` (or of the task's data) that calibrate static int8
+activations: what ONNX Runtime's examples use; the range MinMax finds settles within them."""
+
+DISABLE_QDQ = "session.disable_quant_qdq"
+
+
+def session_entries(proto: Any) -> dict[str, str]:
+    """The session config entries a file runs fastest under (see the module docstring)."""
+    quantizes_activations = any(
+        node.op_type == "QuantizeLinear" for node in _all_nodes(proto.graph)
+    )
+    return {} if quantizes_activations else {DISABLE_QDQ: "1"}
+
+
+def _all_nodes(graph: Any) -> Iterator[Any]:
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for sub in [attribute.g, *attribute.graphs]:
+                yield from _all_nodes(sub)
+
+
+def quantize_layers(
+    path: Path,
+    weights: dict[str, str],
+    calibration: list[Any],
+) -> list[str]:
+    """Rewrite the ONNX file at ``path`` in place: the node that multiplies by each weight of
+    ``weights`` (initializer name -> ``"dynamic"`` or ``"static"``) put in ONNX Runtime's
+    integer form by its quantizer. ``calibration``: input batches (a model's positional or
+    keyword inputs) for static ranges. Returns the weights ONNX Runtime left in fp32 (a node
+    its quantizer does not take), for the user's notes."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    nodes = _weight_nodes(proto, weights)
+    for mode in ("dynamic", "static"):  # dynamic first: calibration then runs its MatMulInteger
+        chosen = [node for key, node in nodes.items() if weights[key] == mode]
+        if not chosen:
+            continue
+        onnx.save_model(proto, str(path))
+        with _quiet():
+            if mode == "dynamic":
+                _quantize_dynamic(path, chosen)
+            else:
+                _quantize_static(path, chosen + _followers(proto, chosen), calibration)
+        proto = onnx.load(str(path))
+    left = {init.name for init in proto.graph.initializer}
+    return sorted(key for key in weights if key in left or f"{key}::t" in left)
+
+
+def _weight_nodes(proto: Any, weights: dict[str, str]) -> dict[str, str]:
+    """Weight key -> the name of the node that multiplies by it, each made a form ONNX
+    Runtime's quantizer takes: the weight an initializer input of the node, not the output
+    of a Transpose (folded here: the exporter leaves a Linear's ``x @ W.T`` so), and a
+    dynamic layer's Gemm written as MatMul and Add (its integer registry has no Gemm)."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    initializers = {init.name: init for init in graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found = {}
+    for key, mode in weights.items():
+        init = initializers.get(key)
+        users = consumers.get(key, [])
+        if init is None or len(users) != 1:
+            continue  # merged with a tied alias, or used twice: left as it is
+        node = users[0]
+        if node.op_type == "Transpose" and len(consumers.get(node.output[0], [])) == 1:
+            array = numpy_helper.to_array(init)
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            folded = numpy_helper.from_array(array.transpose(perm).copy(), f"{key}::t")
+            user = consumers[node.output[0]][0]
+            user.input[list(user.input).index(node.output[0])] = folded.name
+            graph.node.remove(node)
+            graph.initializer.remove(init)
+            graph.initializer.append(folded)
+            node = user
+        if node.op_type == "Gemm" and mode == "dynamic":
+            node = _gemm_as_matmul(graph, node, initializers, helper, numpy_helper)
+        if node is not None and node.op_type in ("MatMul", "Gemm", "Conv"):
+            found[key] = node.name
+    return found
+
+
+FOLLOWERS = frozenset(
+    {
+        "Relu",
+        "Clip",
+        "MaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+        "Flatten",
+        "Reshape",
+        "Squeeze",
+        "Unsqueeze",
+        "Transpose",
+    }
+)
+"""Operators that ONNX Runtime's static quantizer also takes when it quantizes a whole model
+(``quantize_static``'s default), so that a Relu folds into its convolution's output range
+and a pooling or a reshape runs on int8 between two integer layers: each is quantized where
+it follows a static layer, alone or through others of these (on the digits CNN, 1.25x fp32
+with them, 1.0x without)."""
+
+
+def _followers(proto: Any, quantized: list[str]) -> list[str]:
+    """The ``FOLLOWERS`` nodes whose data input comes from a node in ``quantized``, directly
+    or through other followers."""
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    taken, found = set(quantized), []
+    for node in proto.graph.node:  # topological: a follower's producer came first
+        source = producer.get(node.input[0]) if node.input else None
+        if node.op_type in FOLLOWERS and source is not None and source.name in taken:
+            taken.add(node.name)
+            found.append(node.name)
+    return found
+
+
+def _gemm_as_matmul(graph: Any, gemm: Any, initializers: dict, helper: Any, numpy_helper: Any):
+    """``Gemm(x, W, b)`` (alpha and beta 1, x untransposed) as ``MatMul(x, W') + b``, W'
+    the weight as stored or transposed (``transB``); None where the Gemm is another."""
+    attributes = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
+    if attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0:
+        return None
+    if attributes.get("beta", 1.0) != 1.0 or gemm.input[1] not in initializers:
+        return None
+    weight = initializers[gemm.input[1]]
+    if attributes.get("transB", 0):
+        array = numpy_helper.to_array(weight).T.copy()
+        graph.initializer.remove(weight)
+        weight = numpy_helper.from_array(array, f"{gemm.input[1]}::t")
+        graph.initializer.append(weight)
+    index = list(graph.node).index(gemm)
+    product = f"{gemm.output[0]}::product" if len(gemm.input) > 2 else gemm.output[0]
+    matmul = helper.make_node("MatMul", [gemm.input[0], weight.name], [product], f"{gemm.name}")
+    added = []
+    if len(gemm.input) > 2 and gemm.input[2]:
+        added.append(
+            helper.make_node(
+                "Add", [product, gemm.input[2]], [gemm.output[0]], f"{gemm.name}::bias"
+            )
+        )
+    graph.node.remove(gemm)
+    for offset, node in enumerate([matmul, *added]):
+        graph.node.insert(index + offset, node)
+    return matmul
+
+
+def _quantize_dynamic(path: Path, nodes: list[str]) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        path, path, per_channel=True, weight_type=QuantType.QInt8, nodes_to_quantize=nodes
+    )
+
+
+def _quantize_static(path: Path, nodes: list[str], calibration: list[Any]) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+    quantize_static(
+        path,
+        path,
+        calibration_reader(path, calibration),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        nodes_to_quantize=nodes,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+
+
+ONE_CALL = ("quantize_dynamic", "quantize_static")
+"""ONNX Runtime's one-call quantizers: what a user who wants a faster model on a CPU runs
+instead of a search, and so the baselines of every study that ships there."""
+
+
+def one_call(name: str, original: Path, output: Path, calibration: list[Any]) -> None:
+    """Write ``output``: ONNX Runtime's one-call quantizer ``name`` applied to the original's
+    fp32 export as a user would call it (per channel, its other options left as they are;
+    static ranges calibrated on ``calibration``)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
+
+    with _quiet():
+        if name == "quantize_dynamic":
+            quantize_dynamic(original, output, per_channel=True, weight_type=QuantType.QInt8)
+        elif name == "quantize_static":
+            quantize_static(
+                original, output, calibration_reader(original, calibration), per_channel=True
+            )
+        else:
+            raise ValueError(f"unknown one-call quantizer {name!r} (the known: {ONE_CALL})")
+
+
+def calibration_reader(path: Path, batches: list[Any]) -> Any:
+    """ONNX Runtime's ``CalibrationDataReader`` over the first ``CALIBRATION_BATCHES`` of
+    ``batches``, fed by input name (a file exported for a fixed batch fed that many samples
+    at a time)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {init.name for init in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    names = [i.name for i in inputs]
+    firsts = {
+        i.type.tensor_type.shape.dim[0].dim_value for i in inputs if i.type.tensor_type.shape.dim
+    }
+    held = next(iter(firsts)) if len(firsts) == 1 else 0
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter(
+                feed
+                for batch in batches[:CALIBRATION_BATCHES]
+                for feed in feeds(names, batch, held)
+            )
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.feeds, None)
+
+    return Reader()
+
+
+def feeds(names: list[str], batch: Any, held: int = 0) -> list[dict[str, Any]]:
+    """A model's input batch (as ``metrics.call_arguments`` splits it) as ONNX Runtime feeds
+    by input name; ``held`` samples each where the file takes a fixed batch (0: any)."""
+    args, kwargs = call_arguments(batch)
+    given = dict(zip(names, args)) | kwargs
+    tensors = {
+        name: value.detach().cpu()
+        for name, value in given.items()
+        if name in names and isinstance(value, torch.Tensor)
+    }
+    total = samples_in(tuple(tensors.values())) if held else 0
+    if not held or total == held:
+        return [{name: t.numpy() for name, t in tensors.items()}]
+    return [
+        {name: t[start : start + held].numpy() for name, t in tensors.items()}
+        for start in range(0, total - held + 1, held)
+    ]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """ONNX Runtime's quantizer logs its advice (pre-processing, per-tensor warnings) on
+    the root logger and prints shapes: none of it is the user's business here."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with silenced(STDOUT), silenced(STDERR):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+__all__ = [
+    "CALIBRATION_BATCHES",
+    "calibration_reader",
+    "feeds",
+    "quantize_layers",
+    "session_entries",
+]

@@ -1,0 +1,156 @@
+"""ONNX Runtime's integer kernels as searched execution forms (``ort_int8_dynamic``,
+``ort_int8_static``): a plan's layers become ONNX Runtime's integer operators in the export,
+each file runs under the session options its content needs, and the forms are offered only
+where the model ships to ONNX Runtime."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from autosqueeze.artifact import artifact_bytes, load_artifact, stored_integers
+from autosqueeze.examples.digits import calibration, example_input, pretrained_cnn
+from autosqueeze.plan import LayerPlan, Plan
+from autosqueeze.techniques import Target, compress
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from autosqueeze.export import OnnxModel, export_onnx  # noqa: E402 - after the skips
+from autosqueeze.onnx_forms import DISABLE_QDQ, one_call  # noqa: E402
+
+DIGITS_LAYERS = ["features.0", "features.2", "features.5", "classifier.1", "classifier.3"]
+
+
+def _exported(model: nn.Module, plan: Plan, x, path: Path, batches=None) -> list[str]:
+    """``plan`` applied to ``model``, stored, decoded and exported to ``path``: the
+    evaluator's way to the shipped file."""
+    target = Target("cpu", x, "onnxruntime", batches)
+    data = artifact_bytes(compress(copy.deepcopy(model), plan, target))
+    decoded = load_artifact(data, copy.deepcopy(model), target, execution_form=False)
+    return export_onnx(decoded, plan, stored_integers(data), x, path, batches)
+
+
+def _ops(path: Path) -> collections.Counter:
+    return collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+
+def _digits_batch() -> torch.Tensor:
+    return torch.cat(calibration()[:4])
+
+
+@pytest.mark.parametrize("bits", [32, 8, 4])
+def test_dynamic_int8_runs_matmul_integer_within_its_error(tmp_path, bits):
+    """Every Linear of the digits CNN (Gemm in the export: rewritten as MatMul and Add, which
+    ONNX Runtime's dynamic quantizer takes) on ``ort_int8_dynamic``: two MatMulInteger, the
+    weights int8 per output channel whatever bits the artifact stored, the outputs within
+    int8's error of the decoded model's, weight-only storage folded once at load."""
+    model, x = pretrained_cnn().eval(), example_input()
+    plan = Plan({n: LayerPlan.of(bits=bits, kernel="ort_int8_dynamic") for n in DIGITS_LAYERS})
+    notes = _exported(model, plan, x, tmp_path / "d.onnx")
+    ops = _ops(tmp_path / "d.onnx")
+    assert ops["MatMulInteger"] == 2 and ops["DynamicQuantizeLinear"] == 2
+    assert ops["Gemm"] == 0 and ops["Conv"] == 3  # the convolutions have no dynamic kernel
+    assert "2 weights run ONNX Runtime's int8 kernels" in " ".join(notes)
+    shipped = OnnxModel(tmp_path / "d.onnx")
+    assert shipped.entries == {DISABLE_QDQ: "1"}  # no QDQ: stored integers fold at load
+    batch = _digits_batch()
+    target = Target("cpu", x, "onnxruntime")
+    decoded = load_artifact(
+        artifact_bytes(compress(copy.deepcopy(model), plan, target)),
+        copy.deepcopy(model),
+        target,
+        execution_form=False,
+    )
+    with torch.no_grad():
+        want, got = decoded(batch), shipped(batch)
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.95
+
+
+def test_static_int8_is_what_the_one_call_quantizer_makes_of_the_same_layers(tmp_path):
+    """Every layer on ``ort_int8_static``: QDQ calibrated on the calibration batches, the
+    Relu and pooling between integer layers taken too, so the file holds the operators ONNX
+    Runtime's ``quantize_static`` writes for the whole model, runs with QDQ fusion on, and
+    classifies as the fp32 model does."""
+    model, x = pretrained_cnn().eval(), example_input()
+    batches = calibration()
+    plan = Plan({n: LayerPlan.of(kernel="ort_int8_static") for n in DIGITS_LAYERS})
+    _exported(model, plan, x, tmp_path / "ours.onnx", batches)
+    _exported(model, Plan({}), x, tmp_path / "fp32.onnx")
+    one_call("quantize_static", tmp_path / "fp32.onnx", tmp_path / "one.onnx", batches)
+    ours = _ops(tmp_path / "ours.onnx")
+    assert ours == _ops(tmp_path / "one.onnx")
+    assert ours["QuantizeLinear"] > 0 and ours["Relu"] == 0  # folded into the conv ranges
+    shipped = OnnxModel(tmp_path / "ours.onnx")
+    assert shipped.entries == {}  # QDQ fusion on: ONNX Runtime's integer kernels
+    batch = _digits_batch()
+    with torch.no_grad():
+        want, got = model(batch), shipped(batch)
+        theirs = OnnxModel(tmp_path / "one.onnx")(batch)
+    assert torch.allclose(got, theirs, atol=1e-5)
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.95
+
+
+def test_a_file_with_weight_only_and_static_layers_keeps_fusion_on(tmp_path):
+    """One conv static, one Linear stored at 4 bits and run in fp32: fusion on (the static
+    layer needs it); the 4-bit weight stays a DequantizeLinear of int4 values."""
+    model, x = pretrained_cnn().eval(), example_input()
+    plan = Plan(
+        {
+            "features.0": LayerPlan.of(kernel="ort_int8_static"),
+            "classifier.1": LayerPlan.of(bits=4),
+        }
+    )
+    notes = _exported(model, plan, x, tmp_path / "m.onnx", calibration())
+    assert OnnxModel(tmp_path / "m.onnx").entries == {}
+    assert "1 weights stored as integers" in " ".join(notes)
+    stored = {i.name: i.data_type for i in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
+    assert stored["classifier.1.weight::q"] == onnx.TensorProto.INT4
+
+
+def test_dynamic_int8_on_a_transformers_bert(tmp_path):
+    """transformers' BertModel: a Linear exported as Transpose and MatMul gets its weight
+    folded, so ONNX Runtime's quantizer takes it; only the layers the plan names change."""
+    sys.path.insert(0, str(Path(__file__).parent / "zoo"))
+    from zoo_models import build_bert
+
+    model = build_bert()
+    batch = {
+        "input_ids": torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(0))
+    }
+    named = ["encoder.layer.0.intermediate.dense", "encoder.layer.1.output.dense"]
+    plan = Plan({n: LayerPlan.of(kernel="ort_int8_dynamic") for n in named})
+    _exported(model, plan, batch, tmp_path / "b.onnx")
+    assert _ops(tmp_path / "b.onnx")["MatMulInteger"] == 2
+    with torch.no_grad():
+        want = model(**batch).last_hidden_state
+        got = OnnxModel(tmp_path / "b.onnx")(**batch)
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(1), want.flatten(1))
+    assert cosine.min() > 0.99
+
+
+def test_onnx_runtime_kernels_are_offered_only_where_the_model_ships_there():
+    """The same space file: under the torch runtime the ``ort_*`` kernels are left out, under
+    onnxruntime torch's own (int8_dynamic, bf16, ...) are, and each layer gets the ONNX
+    Runtime forms its type takes (static int8 on a conv, dynamic on a Linear only)."""
+    from autosqueeze.space import build_space, load_space_file
+
+    spec = load_space_file(Path(__file__).parents[1] / "search_spaces" / "default.yaml")
+    model, x = pretrained_cnn().eval(), example_input()
+    torch_space = build_space(model, spec, Target("cpu", x))
+    ort_space = build_space(model, spec, Target("cpu", x, "onnxruntime", calibration()))
+
+    def kernels(space, layer):
+        dist = space.layers[layer].searched.get("kernel")
+        return set(dist.choices) if dist is not None else set()
+
+    assert not {k for k in kernels(torch_space, "classifier.1") if k.startswith("ort_")}
+    assert kernels(ort_space, "classifier.1") == {"fp32", "ort_int8_dynamic", "ort_int8_static"}
+    assert kernels(ort_space, "features.0") == {"fp32", "ort_int8_static"}
