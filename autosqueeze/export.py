@@ -233,8 +233,20 @@ def _options_text(entries: dict[str, str]) -> str:
 ONNX_OPSET = 21  # DequantizeLinear with int4 and per-block scales
 
 
-def _onnx_traced(model: nn.Module, example_input: Any) -> tuple[Any, str]:
-    """The model as ONNX (see ``_free_or_fixed``)."""
+def export_onnx_as_users_do(model: nn.Module, example_input: Any, path: Path) -> None:
+    """Write ``model`` as ``torch.onnx.export`` writes it by default (its graph optimizer on):
+    the fp32 file a user hands ONNX Runtime's one-call quantizers (``onnx_forms.one_call``)."""
+    import onnx
+
+    with _without_cache(model.eval(), example_input):
+        proto, _ = _onnx_traced(model, example_input, optimize=True)
+    onnx.save_model(proto, path)
+
+
+def _onnx_traced(model: nn.Module, example_input: Any, optimize: bool = False) -> tuple[Any, str]:
+    """The model as ONNX (see ``_free_or_fixed``), by default as the exporter traced it: its
+    optimizer folds a Linear's transposed weight into a new, renamed initializer, and the
+    export finds each weight by its own name."""
 
     def trace(args: tuple[Any, ...], kwargs: dict[str, Any], shapes: Any) -> Any:
         return torch.onnx.export(
@@ -244,7 +256,7 @@ def _onnx_traced(model: nn.Module, example_input: Any) -> tuple[Any, str]:
             dynamic_shapes=shapes,
             dynamo=True,
             opset_version=ONNX_OPSET,
-            optimize=False,  # its folding renames weights (a Linear's, transposed)
+            optimize=optimize,
             verbose=False,
         ).model_proto
 

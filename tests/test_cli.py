@@ -226,6 +226,7 @@ def test_budgets_no_trial_met_are_explained_and_the_study_kept(make_config, caps
     assert len(load(config).trials) == 4
 
 
+@pytest.mark.slow  # the long tests: python -m pytest -m slow
 @pytest.mark.parametrize("how", ["kill", "interrupt", "terminate"])
 def test_a_killed_or_interrupted_search_resumes(tmp_path, make_config, how):
     import signal
@@ -332,6 +333,7 @@ def test_console_script_help_and_errors_without_traceback(tmp_path):
         assert run.returncode == code and said in run.stderr, run.stderr
 
 
+@pytest.mark.slow  # the long tests: python -m pytest -m slow
 def test_two_drivers_share_one_study_without_failing_each_other(tmp_path, make_config):
     from conftest import SLOW_METRIC
 

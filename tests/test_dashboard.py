@@ -75,6 +75,7 @@ def test_unknown_and_empty_studies_give_a_message_not_a_crash(make_config, tmp_p
         server.shutdown()
 
 
+@pytest.mark.slow  # the long tests: python -m pytest -m slow
 @pytest.mark.parametrize("storage", ["journal", "sqlite"])
 def test_polling_while_a_search_writes_holds_no_lock(tmp_path, storage):
     (tmp_path / "slow_metric_dash.py").write_text(SLOW_METRIC)
@@ -119,6 +120,7 @@ def test_report_is_one_self_contained_file(searched, tmp_path, capsys):
     capsys.readouterr()
 
 
+@pytest.mark.slow  # the long tests: python -m pytest -m slow
 @pytest.mark.skipif(
     not Path(CHROMIUM).exists() and not os.environ.get("CI"),
     reason="needs Debian's chromium (.ci/run installs it)",

@@ -194,6 +194,7 @@ def test_an_onnx_file_pointing_at_other_files_is_refused(tmp_path, capsys):
     assert "is not a readable ONNX model" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the long tests: python -m pytest -m slow
 def test_a_study_shipping_to_onnx_runtime_is_measured_there(tmp_path, capsys):
     """``budgets.runtime: onnxruntime``: only ONNX Runtime's kernels are searched, every
     trial is timed as its ONNX export in ONNX Runtime and sized as that file, ONNX Runtime's
@@ -285,6 +286,7 @@ def test_the_residual_cnn_with_batchnorm_exports_to_both_formats(tmp_path):
     assert (in_program - want_deployed).abs().max() <= 1e-3 * want_deployed.abs().max()
 
 
+@pytest.mark.slow  # the long tests: python -m pytest -m slow
 def test_every_kernel_on_a_transformers_bert_exports_to_both_formats(tmp_path):
     """Each kernel the search offers on CPU, on a BERT from transformers' classes: the ONNX
     file computes the decoded weights' outputs; the program computes the deployed model's,

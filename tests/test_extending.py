@@ -70,6 +70,7 @@ def kernels_as_shipped():
         yield
 
 
+@pytest.mark.slow  # the long tests: python -m pytest -m slow
 def test_a_kernel_registered_outside_the_package_is_searched_and_deployed(
     tmp_path, capsys, kernels_as_shipped
 ):
@@ -95,6 +96,7 @@ def techniques_as_shipped():
         yield
 
 
+@pytest.mark.slow  # the long tests: python -m pytest -m slow
 def test_a_technique_registered_outside_the_package_is_searched_stored_and_loaded(
     tmp_path, capsys, techniques_as_shipped
 ):

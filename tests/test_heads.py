@@ -169,6 +169,7 @@ def test_grouped_query_attention_loses_a_key_value_head_with_its_query_heads(tmp
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)  # fp16 scales as stored
 
 
+@pytest.mark.slow  # the long tests: python -m pytest -m slow
 def test_a_model_torch_pruning_cannot_group_in_time_is_refused_with_the_reason():
     """LLaMA: Torch-Pruning's grouping of a layer runs without end; the first layer past
     the limit stops the analysis, for every layer, with a reason the space shows."""

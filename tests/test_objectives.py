@@ -138,6 +138,7 @@ def memory_study(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # the long tests: python -m pytest -m slow
 @pytest.mark.skipif(
     not Path(CHROMIUM).exists() and not os.environ.get("CI"),
     reason="needs Debian's chromium (.ci/run installs it)",

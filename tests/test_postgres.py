@@ -16,6 +16,8 @@ import optuna
 import pytest
 from conftest import GATED_METRIC, stop_midway
 
+pytestmark = pytest.mark.slow  # a real PostgreSQL: python -m pytest -m slow
+
 URL = os.environ.get("AUTOSQUEEZE_TEST_POSTGRES")
 
 if not URL and not os.environ.get("CI"):

@@ -14,6 +14,8 @@ from autosqueeze.cli import main
 from autosqueeze.config import load_config
 from autosqueeze.study import open_study
 
+pytestmark = pytest.mark.slow  # Ray clusters started and stopped: python -m pytest -m slow
+
 FAULTY_METRIC = """
 import math, os, time
 from autosqueeze.metrics import accuracy

@@ -208,6 +208,7 @@ def test_a_library_students_tied_weights_survive_the_cache(tmp_path):
     assert not torch.equal(start.transformer.wte.weight, second.transformer.wte.weight)
 
 
+@pytest.mark.slow  # the long tests: python -m pytest -m slow
 def test_knapsack_proposals_draw_the_base_and_learn_from_the_originals_trials(tmp_path):
     """With the pass: each student gets the original's knapsack plans on its layers; a
     proposal's base is drawn among the original and the students; a student's trial does

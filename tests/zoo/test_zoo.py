@@ -34,7 +34,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from zoo_models import TORCHVISION, ZOO  # noqa: E402
 
-pytestmark = pytest.mark.zoo
+pytestmark = [pytest.mark.zoo, pytest.mark.slow]
 TORCHVISION_DIR = os.environ.get("AUTOSQUEEZE_TEST_TORCHVISION")
 
 Command = Callable[[list[str]], tuple[int, str, str]]
