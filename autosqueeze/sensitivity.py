@@ -39,7 +39,13 @@ from torch import nn
 from autosqueeze.measure import ProbeResult
 from autosqueeze.plan import Plan
 from autosqueeze.quiet import STDOUT, silenced
-from autosqueeze.size_model import SIZE_KNOBS, StoredWeights, layer_bytes, stored_weights
+from autosqueeze.size_model import (
+    SIZE_KNOBS,
+    StoredWeights,
+    layer_bytes,
+    onnx_layer_bytes,
+    stored_weights,
+)
 from autosqueeze.space import LayerKnobs, SearchSpace
 from autosqueeze.techniques import TECHNIQUES, technique_for
 
@@ -576,12 +582,13 @@ def group_options(
     options = {}
     stored: dict[tuple[str, int, int], StoredWeights] = {}
     speed_knobs = _speed_knobs()
+    in_onnx = space.runtime == "onnxruntime"  # a kernel there decides the stored bytes too
     for prefix, layers in members.items():
         ms = table.group_ms(prefix) if table.model_ms else None
         knobs = {
             k: d
             for k, d in layers[0].searched.items()
-            if k in SIZE_KNOBS or ms is not None and k in speed_knobs
+            if k in SIZE_KNOBS or (ms is not None or in_onnx) and k in speed_knobs
         }
         choices = {k: probe_values(d) for k, d in knobs.items()}
         found = []
@@ -590,14 +597,13 @@ def group_options(
             harm = table.group_distortion(prefix, values)
             if not math.isfinite(harm):
                 continue
-            settings = _size_settings({**layers[0].fixed, **values})
-            bits, nbytes = int(settings.pop("bits", 32)), 0
-            cluster = int(settings.pop("cluster", 0))  # replaces bits where set
-            for m in layers:
-                layer, key = modules[m.name], (m.name, 0 if cluster else bits, cluster)
-                if key not in stored:
-                    stored[key] = stored_weights(layer, bits, m.group_size, cluster, m.cluster_rows)
-                nbytes += layer_bytes(layer, stored[key], **settings)
+            if in_onnx:
+                chosen = {**layers[0].fixed, **values}
+                nbytes = sum(
+                    onnx_layer_bytes(modules[m.name], chosen, m.group_size) for m in layers
+                )
+            else:
+                nbytes = _artifact_bytes(layers, modules, {**layers[0].fixed, **values}, stored)
             speed = math.prod(
                 table.speed(Probe(prefix, k, v))
                 for k, v in values.items()
@@ -607,6 +613,25 @@ def group_options(
         if found:
             options[prefix] = found
     return options
+
+
+def _artifact_bytes(
+    layers: list[LayerKnobs],
+    modules: dict[str, nn.Module],
+    values: dict[str, Any],
+    stored: dict[tuple[str, int, int], StoredWeights],
+) -> int:
+    """The group's weights' bytes in the artifact (``layer_bytes``), each layer quantized
+    once per bit width (kept in ``stored``)."""
+    settings = _size_settings(values)
+    bits, nbytes = int(settings.pop("bits", 32)), 0
+    cluster = int(settings.pop("cluster", 0))  # replaces bits where set
+    for m in layers:
+        layer, key = modules[m.name], (m.name, 0 if cluster else bits, cluster)
+        if key not in stored:
+            stored[key] = stored_weights(layer, bits, m.group_size, cluster, m.cluster_rows)
+        nbytes += layer_bytes(layer, stored[key], **settings)
+    return nbytes
 
 
 def _size_settings(values: dict[str, Any]) -> dict[str, Any]:

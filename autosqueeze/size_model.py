@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from autosqueeze.codecs import (
     quantize,
     shared_values,
 )
+from autosqueeze.kernels import kernel_for
 from autosqueeze.techniques.base import matrices
 from autosqueeze.techniques.factorize import factor_shapes
 
@@ -146,6 +148,27 @@ def layer_bytes(
             )
         )
     return sum(_pruned_bytes(m, codec, prune) for m in stored.matrices)
+
+
+def onnx_layer_bytes(layer: nn.Module, values: dict[str, Any], group_size: int | None) -> int:
+    """A layer's weight bytes in its ONNX export (``export.export_onnx``), where weights are
+    stored dense: int8 with an fp32 scale per row where one of ONNX Runtime's int8 kernels
+    runs the layer or the plan stores 5-8 bits, int4 at 4 bits and fewer (a scale per row
+    or group), fp32 otherwise (16 bits and shared values are decoded there). Pruning saves
+    nothing in that file; a rank, its factors' weights."""
+    bits, cluster = int(values.get("bits", 32)), int(values.get("cluster", 0))
+    rank = float(values.get("rank", 1.0))
+    shapes = factor_shapes(layer, rank) if rank < 1 else [m.shape for m in matrices(layer).values()]
+    integer = bool(kernel_for(str(values.get("kernel", "fp32"))).ort_quantizer)
+    if not integer and (cluster or bits > 8):
+        return sum(4 * math.prod(shape) for shape in shapes)
+    width = 0.5 if bits <= 4 and not integer else 1.0
+    total = 0
+    for shape in shapes:
+        rows, cols = shape[0], math.prod(shape[1:])
+        groups = math.ceil(cols / group_size) if group_size and group_size < cols else 1
+        total += math.ceil(width * rows * cols) + 4 * rows * (1 if integer else groups)
+    return total
 
 
 SAMPLE = 1 << 16

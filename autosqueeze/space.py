@@ -140,6 +140,7 @@ class SearchSpace:
     withheld: dict[str, str] = field(default_factory=dict)
     # ``model.candidates``: each student's own space, from the same rules
     students: dict[str, SearchSpace] = field(default_factory=dict)
+    runtime: str = "torch"  # where the model ships (``budgets.runtime``): what a byte costs
 
     @property
     def distributions(self) -> dict[str, BaseDistribution]:
@@ -344,7 +345,7 @@ def build_space(
             "space: no layer of the model matches any rule of the space file; "
             f"the model's layer types are {_layer_types(model)}."
         )
-    return SearchSpace(_tie(layers), withheld)
+    return SearchSpace(_tie(layers), withheld, runtime=target.runtime)
 
 
 def study_space(task: Task) -> SearchSpace:

@@ -21,7 +21,7 @@ from autosqueeze.errors import UserError
 from autosqueeze.front import Front, front_of, hypervolume, normalized, reference_point
 from autosqueeze.measure import Measurements
 from autosqueeze.objectives import OBJECTIVES, extra_objectives
-from autosqueeze.records import TrialRecord, reference
+from autosqueeze.records import TrialRecord, one_call_baselines, reference
 from autosqueeze.study import SENSITIVITY, open_study
 from autosqueeze.techniques import TECHNIQUES
 
@@ -143,7 +143,8 @@ def study_view(
             record = replace(record, measurements=record.measurements.at_reference(ref.latency_ms))
         records.append(record)
         plans.append(plan)
-    front = front_of(records, ref, config.objectives)
+    one_call = one_call_baselines(study, ref)
+    front = front_of(records, ref, config.objectives, one_call)
     on_front = {m.number for m in front.members}
     trials = [_trial(r, p, r.number in on_front) for r, p in zip(records, plans)]
     view = {
@@ -156,6 +157,7 @@ def study_view(
         "objective_info": _objective_info(config, ref),
         "trials": trials,
         "front": sorted(on_front),
+        "one_call": [_one_call(f"ort.{name}", got) for name, got in one_call.items()],
         "hypervolume": cache.hypervolume_series(front, config) if ref else [],
         "sensitivity": _sensitivity(study.user_attrs.get(SENSITIVITY)),
         "knobs": list(TECHNIQUES),
@@ -225,6 +227,21 @@ def _trial(record: TrialRecord, plan: dict[str, Any], on_front: bool) -> dict[st
         "constraints": record.constraints,
         "fail_reason": record.fail_reason or "",
         "plan": plan,
+    }
+
+
+def _one_call(name: str, got: Measurements) -> dict[str, Any]:
+    """ONNX Runtime's one-call quantizer as the page draws it: a point like a trial's, with
+    no trial number."""
+    return {
+        "number": None,
+        "baseline": name,
+        "metric": got.metric,
+        "size_bytes": got.size_bytes,
+        "latency_ms": got.latency_ms,
+        "speedup": got.speedup,
+        "memory_mb": None,
+        **{o.name: got.extra.get(o.name) for o in extra_objectives()},
     }
 
 

@@ -55,7 +55,7 @@ def main() -> None:
         started = time.perf_counter()
         result = run_search(config, progress=False)
         minutes = (time.perf_counter() - started) / 60
-        print(f"\n### {config.name}: {len(result.ran)} trials run, {minutes:.1f} min\n")
+        print(f"\n### {config.name}: {result.ran} trials run, {minutes:.1f} min\n")
         print(_table(result, config, args.rounds))
 
 

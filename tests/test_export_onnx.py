@@ -205,6 +205,7 @@ def test_a_study_shipping_to_onnx_runtime_is_measured_there(tmp_path, capsys):
     from autosqueeze.config import load_config
     from autosqueeze.records import records
     from autosqueeze.study import open_study
+    from autosqueeze.study_view import study_view
 
     config = write_yaml(
         tmp_path / "study.yaml",
@@ -220,6 +221,12 @@ def test_a_study_shipping_to_onnx_runtime_is_measured_there(tmp_path, capsys):
     assert kernels and kernels <= {"fp32", "ort_int8_dynamic", "ort_int8_static"}
     baselines = {r.baseline for r in records(study)}
     assert {"ort-int8-static", "ort-int8-dynamic"} <= baselines  # queued on every such study
+    view = study_view(load_config(config), config, study)  # the dashboard's and the report's
+    assert [p["baseline"] for p in view["one_call"]] == [
+        "ort.quantize_dynamic",
+        "ort.quantize_static",
+    ]
+    assert all(p["number"] is None and p["size_bytes"] > 0 for p in view["one_call"])
     with open(tmp_path / "run" / "front.csv") as f:
         front = list(csv.DictReader(f))
     assert front and all(row["memory_mb"] == "" for row in front)

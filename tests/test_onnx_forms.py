@@ -154,3 +154,32 @@ def test_onnx_runtime_kernels_are_offered_only_where_the_model_ships_there():
     assert not {k for k in kernels(torch_space, "classifier.1") if k.startswith("ort_")}
     assert kernels(ort_space, "classifier.1") == {"fp32", "ort_int8_dynamic", "ort_int8_static"}
     assert kernels(ort_space, "features.0") == {"fp32", "ort_int8_static"}
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"bits": 8},
+        {"bits": 4},
+        {"bits": 6, "prune": 0.5},  # int8 in the file, pruned or not
+        {"bits": 32, "cluster": 2},  # shared values: decoded to fp32 there
+        {"kernel": "ort_int8_dynamic"},
+        {"kernel": "ort_int8_static"},
+        {"bits": 8, "rank": 0.25},
+    ],
+    ids=str,
+)
+def test_the_size_model_prices_a_layer_as_its_onnx_file_stores_it(tmp_path, values):
+    """What the knapsack of a study shipping to ONNX Runtime believes a layer's plan saves
+    (``onnx_layer_bytes``) is what the ONNX file saves, within 3% of the layer's bytes."""
+    from autosqueeze.size_model import onnx_layer_bytes
+
+    model, x = pretrained_cnn().eval(), example_input()
+    name = "classifier.1"  # 1024 -> 128: most of the model's bytes
+    layer = model.get_submodule(name)
+    _exported(model, Plan({}), x, tmp_path / "fp32.onnx")
+    _exported(model, Plan({name: LayerPlan.of(**values)}), x, tmp_path / "m.onnx", calibration())
+    saved = (tmp_path / "fp32.onnx").stat().st_size - (tmp_path / "m.onnx").stat().st_size
+    whole = onnx_layer_bytes(layer, {}, None)
+    predicted = whole - onnx_layer_bytes(layer, values, None)
+    assert abs(saved - predicted) <= 0.03 * whole, (saved, predicted)

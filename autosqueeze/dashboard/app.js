@@ -47,6 +47,8 @@
       { name: "feasible", rows: done.filter(t => !t.baseline && !t.on_front && t.feasible), marker: { size: 7, color: "#1f77b4" } },
       { name: "infeasible", rows: done.filter(t => !t.baseline && !t.feasible && timed(t)), marker: { symbol: "x", size: 6, color: "#a0a7b0" } },
       { name: "stopped (missed a budget, not timed)", rows: done.filter(t => !t.baseline && !timed(t)), marker: { symbol: "x", size: 5, color: "#d3d7dc" } },
+      // ONNX Runtime's one-call quantizers (a study shipping there): what the search must beat
+      { name: "ONNX Runtime one-call", rows: view.one_call || [], marker: { symbol: "square", size: 10, color: "#2ca02c" }, text: true },
     ];
   }
 
@@ -71,7 +73,7 @@
       shapes, showlegend: pairs()[0].join() === [x, y].join(), legend: { orientation: "h", y: -0.25 },
     }, { displaylogo: false, responsive: true });
     const el = document.getElementById(id);
-    if (!el._clickBound) { el.on("plotly_click", e => select(e.points[0].customdata)); el._clickBound = true; }
+    if (!el._clickBound) { el.on("plotly_click", e => e.points[0].customdata !== null && select(e.points[0].customdata)); el._clickBound = true; }
   }
 
   function draw3d() {  // the study's first three objectives, where it has three
@@ -96,7 +98,7 @@
       scene: { xaxis: axis(kx), yaxis: axis(ky), zaxis: axis(kz) },
     }, { displaylogo: false, responsive: true });
     const el = document.getElementById("pareto-3d");
-    if (!el._clickBound) { el.on("plotly_click", e => select(e.points[0].customdata)); el._clickBound = true; }
+    if (!el._clickBound) { el.on("plotly_click", e => e.points[0].customdata !== null && select(e.points[0].customdata)); el._clickBound = true; }
   }
 
   function budgetPlanes(keys) {
@@ -202,13 +204,13 @@
     const table = document.getElementById("trials");
     table.innerHTML = "<thead><tr>" + cols.map(([k, l]) =>
       `<th data-key="${k}">${l}${k === sortKey ? (sortUp ? " ▲" : " ▼") : ""}</th>`).join("") + "</tr></thead><tbody>" +
-      rows.map(t => `<tr data-trial="${t.number}" class="${t.number === selected ? "chosen" : ""}">` + cols.map(([k]) =>
+      [...rows, ...(view.one_call || [])].map(t => `<tr${t.number === null ? ' class="one-call"' : ` data-trial="${t.number}" class="${t.number === selected ? "chosen" : ""}"`}>` + cols.map(([k]) =>
         `<td>${k === "size_bytes" && t[k] !== null ? (t[k] / 1e3).toFixed(1) : k === "feasible" || k === "on_front" ? (t[k] ? "✓" : "") : fmt(t[k])}</td>`).join("") + "</tr>").join("") +
       "</tbody>";
     table.querySelectorAll("th").forEach(th => th.onclick = () => {
       sortUp = th.dataset.key === sortKey ? !sortUp : true; sortKey = th.dataset.key; drawTable();
     });
-    table.querySelectorAll("tbody tr").forEach(tr => tr.onclick = () => select(Number(tr.dataset.trial)));
+    table.querySelectorAll("tbody tr[data-trial]").forEach(tr => tr.onclick = () => select(Number(tr.dataset.trial)));
   }
 
   function render() {
