@@ -239,7 +239,10 @@ def export_onnx_as_users_do(model: nn.Module, example_input: Any, path: Path) ->
     import onnx
 
     with _without_cache(model.eval(), example_input):
-        proto, _ = _onnx_traced(model, example_input, optimize=True)
+        try:
+            proto, _ = _onnx_traced(model, example_input, optimize=True)
+        except Exception:  # noqa: BLE001 - the optimizer's own failure: the graph as traced
+            proto, _ = _onnx_traced(model, example_input)
     onnx.save_model(proto, path)
 
 

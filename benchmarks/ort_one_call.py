@@ -8,9 +8,10 @@ and the smallest within the metric budget. Every metric is computed again from i
     python benchmarks/ort_one_call.py studies/digits-cnn.yaml studies/minilm.yaml \
         [--study-dir-root runs/ort] [--trials N] [--rounds 15] [--workers 0]
 
-The first two rows are the original's fp32 file as the search exports it (unoptimized, so
-each weight keeps its name) and as ``torch.onnx.export`` writes it by default (its graph
-optimizer on: what a user runs, and what the one-call quantizers are given).
+The first two rows are the original's fp32 file as ``torch.onnx.export`` writes it by default
+(its graph optimizer on: what a user runs, the study's reference and what the one-call
+quantizers are given) and as the search exports an artifact (unoptimized, so each weight
+keeps its name: BatchNorm then stays a node of its own).
 
 Prints one table per study (markdown: docs/results.md holds the current ones): each file's
 metric, bytes, median milliseconds at the budget's batch size, and its speed against ORT fp32
@@ -28,13 +29,13 @@ from pathlib import Path
 import torch
 
 from autosqueeze.config import load_config
-from autosqueeze.export import OnnxModel, export_onnx_as_users_do
+from autosqueeze.export import OnnxModel
 from autosqueeze.metrics import call_model
 from autosqueeze.search import run_search
 
 warnings.filterwarnings("ignore")
 
-_USERS = "ORT fp32, torch.onnx.export's defaults"
+REFERENCE = "ORT fp32 (torch.onnx.export's defaults)"
 
 
 def main() -> None:
@@ -64,11 +65,10 @@ def _table(result, config, rounds: int) -> str:
     ref = front.reference
     drop = config.budgets.max_metric_drop or 0.0
     files: dict[str, Path] = {
-        "ORT fp32 (the original)": out / "original.onnx",
-        "ORT fp32, torch.onnx.export's defaults": out / "original-optimized.onnx",
+        REFERENCE: out / "original.onnx",
+        "ORT fp32, the search's own export": out / "original-unoptimized.onnx",
     }
-    _write_original(result, files["ORT fp32 (the original)"])
-    export_onnx_as_users_do(task.model, task.example_input, files[_USERS])
+    _write_originals(result, files[REFERENCE], files["ORT fp32, the search's own export"])
     for name in front.one_call:
         files[f"ort.{name}"] = out / "baselines" / f"{name}.onnx"
     within = [m for m in front.members if ref.metric - m.measurements.metric <= drop + 1e-12]
@@ -88,7 +88,7 @@ def _table(result, config, rounds: int) -> str:
     threads = config.measure.threads or 0
     models = {label: OnnxModel(path, threads=threads) for label, path in files.items()}
     ms = _interleaved(models, task.example_input, rounds)
-    base = ms["ORT fp32 (the original)"]
+    base = ms[REFERENCE]
     one_calls = [label for label in files if label.startswith("ort.")]
     header = ["file", task.config.task.metric, "bytes", "ms", "x ORT fp32"] + [
         f"x {label}" for label in one_calls
@@ -107,12 +107,16 @@ def _table(result, config, rounds: int) -> str:
     return "\n".join(lines)
 
 
-def _write_original(result, path: Path) -> None:
+def _write_originals(result, reference: Path, own: Path) -> None:
+    """The original as the study's reference (``torch.onnx.export``'s defaults) and as the
+    search exports a trial's artifact (unoptimized, each weight under its own name)."""
     from autosqueeze.evaluator import Evaluator
 
     evaluator = Evaluator(result.task)
     try:
-        path.write_bytes(evaluator.original_in_ort().path.read_bytes())
+        reference.write_bytes(evaluator.original_in_ort().path.read_bytes())
+        uniform = evaluator.artifact(result.space.uniform_plan())
+        own.write_bytes(evaluator.shipped_file(uniform)[1])
     finally:
         evaluator.close()
 

@@ -183,3 +183,29 @@ def test_the_size_model_prices_a_layer_as_its_onnx_file_stores_it(tmp_path, valu
     whole = onnx_layer_bytes(layer, {}, None)
     predicted = whole - onnx_layer_bytes(layer, values, None)
     assert abs(saved - predicted) <= 0.03 * whole, (saved, predicted)
+
+
+def test_the_original_is_timed_as_torch_onnx_export_writes_it(tmp_path):
+    """The fp32 file every trial is timed beside (and the one-call quantizers are given) is
+    the original as a user exports it, the exporter's optimizer on: BatchNorm folded into the
+    convolutions, which the unoptimized export leaves as nodes that ONNX Runtime runs."""
+    from conftest import study_config, write_yaml
+
+    from autosqueeze.config import load_config
+    from autosqueeze.evaluator import Evaluator
+    from autosqueeze.task import load_task
+
+    config = study_config(
+        tmp_path,
+        model={"factory": "autosqueeze.examples.residual:pretrained"},
+        budgets={"runtime": "onnxruntime", "max_size_mb": None},
+    )
+    task = load_task(load_config(write_yaml(tmp_path / "study.yaml", config)))
+    evaluator = Evaluator(task)
+    try:
+        ops = _ops(evaluator.original_in_ort().path)
+        own = _ops(evaluator._exported(evaluator.artifact(Plan({})), "own.onnx").path)
+    finally:
+        evaluator.close()
+    assert ops["BatchNormalization"] == 0 and ops["Conv"] == own["Conv"] == 10
+    assert own["BatchNormalization"] == 10
