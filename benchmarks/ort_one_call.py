@@ -5,8 +5,11 @@ file the study wrote (``baselines/``) and the front's files that matter against 
 smallest front model at least as good as the one-call file on every objective, the fastest
 and the smallest within the metric budget. Every metric is computed again from its file.
 
-    python benchmarks/ort_one_call.py studies/digits-cnn.yaml studies/minilm.yaml \
+    python -P benchmarks/ort_one_call.py studies/digits-cnn.yaml studies/minilm.yaml \
         [--study-dir-root runs/ort] [--trials N] [--rounds 15] [--workers 0]
+
+(``-P``: benchmarks/kernels.py would otherwise shadow the ``kernels`` package transformers
+imports.)
 
 The first two rows are the original's fp32 file as ``torch.onnx.export`` writes it by default
 (its graph optimizer on: what a user runs, the study's reference and what the one-call
