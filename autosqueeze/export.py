@@ -40,7 +40,7 @@ from torch import nn
 from autosqueeze.kernels import KERNELS, kernel_for
 from autosqueeze.metrics import call_arguments, call_model
 from autosqueeze.nested import leaves, map_leaves, map_tensors
-from autosqueeze.onnx_forms import quantize_layers, session_entries
+from autosqueeze.onnx_forms import STORED_SUFFIX, quantize_layers, session_entries
 from autosqueeze.plan import Plan
 from autosqueeze.quiet import STDERR, STDOUT, silenced
 from autosqueeze.recovery import floating_tensors
@@ -289,7 +289,7 @@ def _store_integers(
         width = rows.shape[1]
         narrow = int(rows.abs().max()) <= 7  # fits int4: stored in half the bytes
         values = helper.make_tensor(
-            f"{key}::q",
+            f"{key}{STORED_SUFFIX}",
             TensorProto.INT4 if narrow else TensorProto.INT8,
             list(rows.shape),
             _int4_packed(rows) if narrow else numpy_helper.from_array(rows.numpy()).raw_data,

@@ -98,21 +98,25 @@ def test_static_int8_is_what_the_one_call_quantizer_makes_of_the_same_layers(tmp
     assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.95
 
 
-def test_a_file_with_weight_only_and_static_layers_keeps_fusion_on(tmp_path):
-    """One conv static, one Linear stored at 4 bits and run in fp32: fusion on (the static
-    layer needs it); the 4-bit weight stays a DequantizeLinear of int4 values."""
+@pytest.mark.parametrize(
+    ("static", "stored", "fused"),
+    [("classifier.1", "features.0", True), ("features.0", "classifier.1", False)],
+)
+def test_a_file_with_weight_only_and_static_layers_runs_as_the_larger_part_needs(
+    tmp_path, static, stored, fused
+):
+    """One layer static, one stored at 4 bits and run in fp32: QDQ fusion stays on where the
+    static layer holds more weights (131k against 288), and is turned off where the stored
+    one does, whose int4 values would otherwise be dequantized on every call."""
     model, x = pretrained_cnn().eval(), example_input()
-    plan = Plan(
-        {
-            "features.0": LayerPlan.of(kernel="ort_int8_static"),
-            "classifier.1": LayerPlan.of(bits=4),
-        }
-    )
+    plan = Plan({static: LayerPlan.of(kernel="ort_int8_static"), stored: LayerPlan.of(bits=4)})
     notes = _exported(model, plan, x, tmp_path / "m.onnx", calibration())
-    assert OnnxModel(tmp_path / "m.onnx").entries == {}
+    assert OnnxModel(tmp_path / "m.onnx").entries == ({} if fused else {DISABLE_QDQ: "1"})
     assert "1 weights stored as integers" in " ".join(notes)
-    stored = {i.name: i.data_type for i in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
-    assert stored["classifier.1.weight::q"] == onnx.TensorProto.INT4
+    stored_types = {
+        i.name: i.data_type for i in onnx.load(str(tmp_path / "m.onnx")).graph.initializer
+    }
+    assert stored_types[f"{stored}.weight::q"] == onnx.TensorProto.INT4
 
 
 def test_dynamic_int8_on_a_transformers_bert(tmp_path):
