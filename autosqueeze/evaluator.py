@@ -284,9 +284,7 @@ class Evaluator:
         the convolutions: 1.8x faster than the unoptimized export on the residual CNN), the
         fp32 baseline every trial is timed beside and the one-call quantizers are given."""
         if self._original_onnx is None:
-            if self._scratch is None:
-                self._scratch = tempfile.TemporaryDirectory(prefix="autosqueeze-onnx-")
-            path = Path(self._scratch.name) / "original.onnx"
+            path = self._scratch_dir() / "original.onnx"
             export_onnx_as_users_do(self.task.model, self.task.example_input, path)
             self._original_onnx = OnnxModel(path, threads=self.task.config.measure.threads or 0)
         return self._original_onnx
@@ -307,16 +305,20 @@ class Evaluator:
 
     def _exported(self, artifact: Path | bytes, name: str) -> OnnxModel:
         """An artifact's ONNX export (``export --format onnx``), loaded in ONNX Runtime."""
-        if self._scratch is None:
-            self._scratch = tempfile.TemporaryDirectory(prefix="autosqueeze-onnx-")
-        path = Path(self._scratch.name) / name
-        skeleton = self.task.skeleton(read_plan(artifact).base)
+        path = self._scratch_dir() / name
+        plan = read_plan(artifact)
+        skeleton = self.task.skeleton(plan.base)
         decoded = load_artifact(artifact, skeleton, self.task.target, execution_form=False)
         integers = stored_integers(artifact)
-        plan = read_plan(artifact)
         calibration = self.task.calibration_inputs
         export_onnx(decoded, plan, integers, self.task.example_input, path, calibration)
         return OnnxModel(path, threads=self.task.config.measure.threads or 0)
+
+    def _scratch_dir(self) -> Path:
+        """Where this evaluator's ONNX files are written (removed by ``close``)."""
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="autosqueeze-onnx-")
+        return Path(self._scratch.name)
 
     def _load(self, source: Path | bytes, trust_pickle: bool) -> nn.Module:
         if isinstance(source, Path) and source.suffix == ".pt2":

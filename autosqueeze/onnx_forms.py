@@ -107,7 +107,7 @@ def _weight_nodes(proto: Any, weights: dict[str, str]) -> dict[str, str]:
     Runtime's quantizer takes: the weight an initializer input of the node, not the output
     of a Transpose (folded here: the exporter leaves a Linear's ``x @ W.T`` so), and a
     dynamic layer's Gemm written as MatMul and Add (its integer registry has no Gemm)."""
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     graph = proto.graph
     initializers = {init.name: init for init in graph.initializer}
@@ -133,7 +133,7 @@ def _weight_nodes(proto: Any, weights: dict[str, str]) -> dict[str, str]:
             graph.initializer.append(folded)
             node = user
         if node.op_type == "Gemm" and mode == "dynamic":
-            node = _gemm_as_matmul(graph, node, initializers, helper, numpy_helper)
+            node = _gemm_as_matmul(graph, node, initializers)
         if node is not None and node.op_type in ("MatMul", "Gemm", "Conv"):
             found[key] = node.name
     return found
@@ -173,9 +173,11 @@ def _followers(proto: Any, quantized: list[str]) -> list[str]:
     return found
 
 
-def _gemm_as_matmul(graph: Any, gemm: Any, initializers: dict, helper: Any, numpy_helper: Any):
+def _gemm_as_matmul(graph: Any, gemm: Any, initializers: dict[str, Any]) -> Any:
     """``Gemm(x, W, b)`` (alpha and beta 1, x untransposed) as ``MatMul(x, W') + b``, W'
     the weight as stored or transposed (``transB``); None where the Gemm is another."""
+    from onnx import helper, numpy_helper
+
     attributes = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
     if attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0:
         return None
