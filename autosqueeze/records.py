@@ -102,7 +102,10 @@ def one_call_baselines(study: optuna.Study, ref: Measurements | None) -> dict[st
         return {}
     baselines = {}
     for name, attrs in found.items():
-        if isinstance(name, str) and isinstance(attrs, dict):
+        measured = isinstance(attrs, dict) and all(
+            _number(attrs.get(k)) for k in ("metric", "size_bytes", "latency_ms")
+        )
+        if isinstance(name, str) and measured:  # a storage is someone's file
             got = _measurements(attrs)
             baselines[name] = got.at_reference(ref.latency_ms) if ref and ref.latency_ms else got
     return baselines

@@ -69,3 +69,24 @@ def test_the_study_front_is_optunas_best_trials_and_the_dashboards_agrees():
     from_records = front_of(records(study), reference, objectives)
     assert [m.number for m in from_optuna.members] == [m.number for m in from_records.members]
     assert sorted(m.number for m in from_optuna.members) == [0, 1, 4, 5, 6]
+
+
+def test_one_call_baselines_read_from_a_storage_skip_what_is_not_measurements(tmp_path):
+    """The study attribute the one-call quantizers are kept in comes from a file someone may
+    have edited: an entry without numbers is left out, not a crash in the front table."""
+    import optuna
+
+    from autosqueeze.measure import Measurements
+    from autosqueeze.records import one_call_baselines
+    from autosqueeze.study import ONE_CALL
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    good = Measurements(0.9, 1000, 2.0, speedup=1.5).to_dict()
+    study.set_user_attr(
+        ONE_CALL,
+        {"quantize_dynamic": good, "quantize_static": {"metric": "x"}, "3": [1], "s": None},
+    )
+    ref = Measurements(0.95, 4000, 3.0)
+    found = one_call_baselines(study, ref)
+    assert list(found) == ["quantize_dynamic"]
+    assert found["quantize_dynamic"].latency_ms == 2.0  # ref 3.0 ms / speedup 1.5
