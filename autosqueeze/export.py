@@ -40,7 +40,12 @@ from torch import nn
 from autosqueeze.kernels import KERNELS, kernel_for
 from autosqueeze.metrics import call_arguments, call_model
 from autosqueeze.nested import leaves, map_leaves, map_tensors
-from autosqueeze.onnx_forms import STORED_SUFFIX, quantize_layers, session_entries
+from autosqueeze.onnx_forms import (
+    STORED_SUFFIX,
+    fold_batch_norms,
+    quantize_layers,
+    session_entries,
+)
 from autosqueeze.plan import Plan
 from autosqueeze.quiet import STDERR, STDOUT, silenced
 from autosqueeze.recovery import floating_tensors
@@ -170,6 +175,7 @@ def export_onnx(
         proto, batch_note = _onnx_traced(model, example_input)
     in_ort = _in_ort_kernels(model, plan)
     missing = _store_integers(proto, {k: v for k, v in integers.items() if k not in in_ort})
+    folded = fold_batch_norms(proto)
     onnx.checker.check_model(proto)
     partial = path.with_name(f".{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.onnx")
     try:
@@ -184,6 +190,8 @@ def export_onnx(
     notes = [batch_note, *cache_note]
     if stored:
         notes.append(f"{stored} weights stored as integers (DequantizeLinear)")
+    if folded:
+        notes.append(f"{folded} BatchNorms folded into the convolutions before them")
     if in_ort:
         notes.append(
             f"{len(in_ort) - len(left_fp32)} weights run ONNX Runtime's int8 kernels "

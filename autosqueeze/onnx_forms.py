@@ -139,6 +139,130 @@ def _weight_nodes(proto: Any, weights: dict[str, str]) -> dict[str, str]:
     return found
 
 
+def fold_batch_norms(proto: Any) -> int:
+    """Fold each inference BatchNormalization into the convolution before it, in place, as
+    ``torch.onnx.export``'s optimizer does for the file a user runs: the search exports each
+    weight under its own name (unoptimized), and ONNX Runtime's own Conv+BN fusion does not
+    take the exporter's computed zero bias, so the residual CNN ran 0.56x the optimized
+    file's speed, and a static int8 convolution's output went through BN in fp32. A weight
+    stored as integers keeps its integers (its per-channel scales take the factor); a
+    convolution's zero bias becomes an initializer or goes. Returns the count folded."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    for conv in [node for node in graph.node if node.op_type == "Conv"]:
+        if len(conv.input) > 2 and _zero_fill(conv.input[2], producer):
+            del conv.input[2]  # computed on every call, and it reads the weight's shape
+    _drop_unused(graph)
+    initializers = {init.name: init for init in graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in _all_nodes(graph):
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {out.name for out in graph.output}
+    folded = 0
+    for conv in [node for node in graph.node if node.op_type == "Conv"]:
+        bias = conv.input[2] if len(conv.input) > 2 else ""
+        users = consumers.get(conv.output[0], [])
+        norm = users[0] if len(users) == 1 and conv.output[0] not in outputs else None
+        if norm is None or norm.op_type != "BatchNormalization" or len(norm.output) != 1:
+            continue
+        parameters = [initializers.get(name) for name in norm.input[1:]]
+        if (bias and bias not in initializers) or any(
+            p is None or len(consumers[p.name]) != 1 for p in parameters
+        ):
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(p) for p in parameters)
+        epsilon = next((a.f for a in norm.attribute if a.name == "epsilon"), 1e-5)
+        factor = gamma / (var + epsilon) ** 0.5
+        if not _scale_weight(graph, conv.input[1], factor, initializers, producer, consumers):
+            continue
+        shift = beta - mean * factor
+        if bias:
+            shift = shift + numpy_helper.to_array(initializers[bias]) * factor
+        folded_bias = numpy_helper.from_array(shift.astype(gamma.dtype), f"{norm.output[0]}::bias")
+        graph.initializer.append(folded_bias)
+        del conv.input[2:]
+        conv.input.append(folded_bias.name)
+        conv.output[0] = norm.output[0]
+        graph.node.remove(norm)
+        folded += 1
+    _drop_unused(graph)
+    return folded
+
+
+def _zero_fill(name: str, producer: dict[str, Any]) -> bool:
+    """Whether ``name`` is the exporter's zero bias: a Constant zero, cast and expanded."""
+    from onnx import numpy_helper
+
+    node = producer.get(name)
+    while node is not None and node.op_type in ("Expand", "CastLike"):
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "Constant":
+        return False
+    value = next((a.t for a in node.attribute if a.name == "value"), None)
+    return value is not None and not numpy_helper.to_array(value).any()
+
+
+def _scale_weight(
+    graph: Any,
+    name: str,
+    factor: Any,
+    initializers: dict[str, Any],
+    producer: dict[str, Any],
+    consumers: dict[str, list[Any]],
+) -> bool:
+    """Multiply output channel c of the convolution weight ``name`` by ``factor[c]``: an fp32
+    initializer in place (under its own name, which ``quantize_layers`` looks up), a weight
+    stored as integers in its DequantizeLinear's scales (a negative factor would need its
+    integers negated: left unfolded). False where the weight is neither, or shared."""
+    from onnx import numpy_helper
+
+    if len(consumers.get(name, [])) != 1:
+        return False
+    if name in initializers:
+        weight = numpy_helper.to_array(initializers[name])
+        factor = factor.reshape(-1, *[1] * (weight.ndim - 1))
+        _replace(graph, initializers, name, (weight * factor).astype(weight.dtype))
+        return True
+    node = producer.get(name)
+    if node is not None and node.op_type == "Reshape":
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "DequantizeLinear" or (factor <= 0).any():
+        return False
+    scale_name = node.input[1]
+    if scale_name not in initializers or len(consumers.get(scale_name, [])) != 1:
+        return False
+    scale = numpy_helper.to_array(initializers[scale_name])
+    factor = factor.reshape(-1, *[1] * (scale.ndim - 1))
+    _replace(graph, initializers, scale_name, (scale * factor).astype(scale.dtype))
+    return True
+
+
+def _replace(graph: Any, initializers: dict[str, Any], name: str, array: Any) -> None:
+    from onnx import numpy_helper
+
+    graph.initializer.remove(initializers[name])
+    initializers[name] = numpy_helper.from_array(array, name)
+    graph.initializer.append(initializers[name])
+
+
+def _drop_unused(graph: Any) -> None:
+    """Remove the nodes whose outputs nothing reads (the zero biases' chains), then the
+    initializers nothing reads."""
+    outputs = {out.name for out in graph.output}
+    while True:
+        read = {name for node in _all_nodes(graph) for name in node.input} | outputs
+        dead = [node for node in graph.node if not any(out in read for out in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    for init in [init for init in graph.initializer if init.name not in read]:
+        graph.initializer.remove(init)
+
+
 FOLLOWERS = frozenset(
     {
         "Relu",
@@ -316,6 +440,7 @@ __all__ = [
     "CALIBRATION_BATCHES",
     "calibration_reader",
     "feeds",
+    "fold_batch_norms",
     "quantize_layers",
     "session_entries",
 ]

@@ -119,6 +119,64 @@ def test_a_file_with_weight_only_and_static_layers_runs_as_the_larger_part_needs
     assert stored_types[f"{stored}.weight::q"] == onnx.TensorProto.INT4
 
 
+def test_batch_norms_fold_into_convolutions_whatever_their_weights_hold(tmp_path):
+    """The residual CNN (10 Conv + BatchNorm) with one convolution's weight stored at 4 bits,
+    one on ``ort_int8_static`` and the rest fp32: every BatchNorm folds into its convolution
+    (the stored integers unchanged, their scales scaled), the exporter's zero biases are
+    gone, and ONNX Runtime computes what the decoded model does."""
+    from autosqueeze.examples.residual import pretrained
+
+    model, x = pretrained().eval(), example_input()
+    plan = Plan(
+        {
+            "stage1.0.conv1.0": LayerPlan.of(bits=4),
+            "stage2.0.conv2.0": LayerPlan.of(kernel="ort_int8_static"),
+        }
+    )
+    target = Target("cpu", x, "onnxruntime", calibration())
+    data = artifact_bytes(compress(copy.deepcopy(model), plan, target))
+    decoded = load_artifact(data, copy.deepcopy(model), target, execution_form=False)
+    notes = export_onnx(decoded, plan, stored_integers(data), x, tmp_path / "r.onnx", calibration())
+    ops = _ops(tmp_path / "r.onnx")
+    assert ops["BatchNormalization"] == 0 and ops["Expand"] == 0 and ops["Conv"] == 10
+    assert ops["QuantizeLinear"] > 0  # the static layer, in QDQ (fused at load)
+    assert "10 BatchNorms folded" in " ".join(notes)
+    initializers = {i.name: i for i in onnx.load(str(tmp_path / "r.onnx")).graph.initializer}
+    q, _, _ = stored_integers(data)["stage1.0.conv1.0.weight"]
+    stored = initializers["stage1.0.conv1.0.weight::q"]
+    assert stored.data_type == onnx.TensorProto.INT4 and list(stored.dims) == [
+        q.shape[0],
+        q[0].numel(),
+    ]
+    batch = _digits_batch()
+    with torch.no_grad():
+        want, got = decoded(batch), OnnxModel(tmp_path / "r.onnx")(batch)
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.95
+
+
+def test_a_batch_norm_that_would_negate_stored_integers_is_left_as_it_is(tmp_path):
+    """A negative BatchNorm scale on a convolution whose weight is stored as integers would
+    make its dequantization scale negative: that one stays a BatchNorm, and the file still
+    computes what torch does; an fp32 convolution takes a negative scale into its weight."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+    ).eval()
+    for norm in (model[1], model[3]):
+        norm.weight.data = torch.tensor([1.5, -0.5, 0.7, -2.0])
+        norm.running_mean.data = torch.randn(4)
+        norm.running_var.data = torch.rand(4) + 0.5
+    x = torch.randn(1, 1, 8, 8)
+    plan = Plan({"0": LayerPlan.of(bits=8)})
+    notes = _exported(model, plan, x, tmp_path / "n.onnx")
+    ops = _ops(tmp_path / "n.onnx")
+    assert ops["BatchNormalization"] == 1 and "1 BatchNorms folded" in " ".join(notes)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            OnnxModel(tmp_path / "n.onnx")(x), model(x), atol=0.05, rtol=0.05
+        )
+
+
 def test_dynamic_int8_on_a_transformers_bert(tmp_path):
     """transformers' BertModel: a Linear exported as Transpose and MatMul gets its weight
     folded, so ONNX Runtime's quantizer takes it; only the layers the plan names change."""
@@ -192,7 +250,8 @@ def test_the_size_model_prices_a_layer_as_its_onnx_file_stores_it(tmp_path, valu
 def test_the_original_is_timed_as_torch_onnx_export_writes_it(tmp_path):
     """The fp32 file every trial is timed beside (and the one-call quantizers are given) is
     the original as a user exports it, the exporter's optimizer on: BatchNorm folded into the
-    convolutions, which the unoptimized export leaves as nodes that ONNX Runtime runs."""
+    convolutions, as the search's own export (unoptimized, each weight under its own name)
+    folds them too (``onnx_forms.fold_batch_norms``)."""
     from conftest import study_config, write_yaml
 
     from autosqueeze.config import load_config
@@ -211,5 +270,5 @@ def test_the_original_is_timed_as_torch_onnx_export_writes_it(tmp_path):
         own = _ops(evaluator._exported(evaluator.artifact(Plan({})), "own.onnx").path)
     finally:
         evaluator.close()
-    assert ops["BatchNormalization"] == 0 and ops["Conv"] == own["Conv"] == 10
-    assert own["BatchNormalization"] == 10
+    assert ops["BatchNormalization"] == own["BatchNormalization"] == 0
+    assert ops["Conv"] == own["Conv"] == 10
