@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import zlib
 from collections import OrderedDict
 from pathlib import Path
@@ -57,6 +58,16 @@ _SEP = "::"
 _DIGEST = "sha256"  # metadata: of every stored tensor and metadata field, so damage is seen
 _DEFLATED = b"AQZ\x01"  # then the safetensors file's length (8 bytes, little-endian), deflated
 _MAX_INFLATION = 64  # times the deflated file, plus 64 MiB: past it a file is not believed
+
+# What an artifact's header may hold, checked before any of it is parsed: JSON nested
+# thousands deep overflows the parser's recursion, and a forged 60 MB metadata field (which
+# deflates to 108 kB) costs hundreds of MB to parse. A real header is ~300-500 bytes per
+# state-dict key, nested 3 deep: a 1B-parameter model with 200 Linear layers (~500 keys)
+# has a 0.26 MB header whose largest field, ``encodings``, is 75 kB. The limits leave 60x
+# that (a model of ~30,000 keys), and ten times the nesting.
+MAX_HEADER_BYTES = 16 << 20  # the safetensors header: tensor index and metadata
+MAX_FIELD_BYTES = 8 << 20  # one metadata field (the plan, the encodings, ...)
+MAX_NESTING = 32  # JSON depth of the header and of each metadata field
 
 
 def _digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -466,12 +477,37 @@ def _read_metadata(source: str | Path | bytes) -> dict[str, str]:
         with safe_open(source, framework="pt") as f:
             return _metadata(f, source)
     where = "the artifact" if isinstance(source, bytes) else source
-    data = _stored_header(source if isinstance(source, bytes) else Path(source).read_bytes(), where)
-    length = int.from_bytes(data[:8], "little")
-    if len(data) < 8 or length > len(data) - 8:
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    return _header_metadata(_stored_header(data, where), where)
+
+
+def _header_metadata(data: bytes, where: object) -> dict[str, str]:
+    """The metadata in a stored file's header (``data``: the file, or its first bytes through
+    the header), the header bounded before it is parsed."""
+    length = _header_length(data, where)
+    if length > len(data) - 8:
         raise ValueError(f"{where} is not a readable safetensors file: its header is cut short")
-    header = json.loads(data[8 : 8 + length])
+    text = data[8 : 8 + length]
+    _check_nesting(text, "its header", where)
+    try:
+        header = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{where} is not a readable safetensors file: {exc}") from None
     return _checked(header.get("__metadata__") if isinstance(header, dict) else None, where)
+
+
+def _header_length(data: bytes, where: object) -> int:
+    """The header length a stored file states in its first 8 bytes, within
+    ``MAX_HEADER_BYTES``."""
+    if len(data) < 8:
+        raise ValueError(f"{where} is not a readable safetensors file: its header is cut short")
+    length = int.from_bytes(data[:8], "little")
+    if length > MAX_HEADER_BYTES:
+        raise ValueError(
+            f"{where} is not a readable artifact: its header states {length:,} bytes; the "
+            f"limit is {MAX_HEADER_BYTES:,}"
+        )
+    return length
 
 
 def _stored_header(data: bytes, where: object) -> bytes:
@@ -485,7 +521,7 @@ def _stored_header(data: bytes, where: object) -> bytes:
     inflater = zlib.decompressobj()
     try:
         out = inflater.decompress(data[head:], 8)
-        need = min(8 + int.from_bytes(out[:8], "little"), stated, _inflation_bound(len(data)))
+        need = min(8 + _header_length(out, where), stated, _inflation_bound(len(data)))
         while len(out) < need and inflater.unconsumed_tail:
             out += inflater.decompress(inflater.unconsumed_tail, need - len(out))
     except zlib.error as exc:
@@ -496,8 +532,14 @@ def _stored_header(data: bytes, where: object) -> bytes:
 
 
 def _is_deflated(path: Path) -> bool:
+    """Whether the file is deflated; if not, the header length it states is checked, as
+    safetensors reads the whole header before anything else."""
     with path.open("rb") as f:
-        return f.read(len(_DEFLATED)) == _DEFLATED
+        prefix = f.read(8)
+    if prefix.startswith(_DEFLATED):
+        return True
+    _header_length(prefix, path)
+    return False
 
 
 def _read(source: str | Path | bytes) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -507,9 +549,7 @@ def _read(source: str | Path | bytes) -> tuple[dict[str, str], dict[str, torch.T
     try:
         if isinstance(source, bytes) or _is_deflated(where):
             data = stored_bytes(source)
-            header_length = int.from_bytes(data[:8], "little")
-            header = json.loads(data[8 : 8 + header_length])
-            return _checked(header.get("__metadata__"), where), load_tensors(data)
+            return _header_metadata(data, where), load_tensors(data)
         with safe_open(where, framework="pt") as f:
             metadata = _metadata(f, where)
             return metadata, {name: f.get_tensor(name) for name in f.keys()}
@@ -529,8 +569,41 @@ def _metadata(handle: object, path: str | Path) -> dict[str, str]:
     return _checked(handle.metadata(), path)  # type: ignore[attr-defined]
 
 
-def _checked(metadata: dict[str, str] | None, where: object) -> dict[str, str]:
-    metadata = metadata or {}
-    if metadata.get("autosqueeze_format") not in (ARTIFACT_FORMAT, _TENSORS_ONLY_FORMAT):
+def _checked(metadata: object, where: object) -> dict[str, str]:
+    """An artifact's metadata: text fields, each within ``MAX_FIELD_BYTES`` and
+    ``MAX_NESTING`` before any of them is parsed (the plan, the encodings and the ties are
+    JSON)."""
+    if not isinstance(metadata, dict) or metadata.get("autosqueeze_format") not in (
+        ARTIFACT_FORMAT,
+        _TENSORS_ONLY_FORMAT,
+    ):
         raise ValueError(f"{where} is not an autosqueeze artifact (format {ARTIFACT_FORMAT})")
+    for name, text in metadata.items():
+        field = f"metadata field {name[:40]!r}"
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: its {field} is not text")
+        raw = text.encode()
+        if len(raw) > MAX_FIELD_BYTES:
+            raise ValueError(
+                f"{where}: its {field} is {len(raw):,} bytes; the limit is {MAX_FIELD_BYTES:,}"
+            )
+        _check_nesting(raw, f"its {field}", where)
     return metadata
+
+
+# a JSON string, one left open running to the end: each match consumes what it scanned, so
+# the scan stays linear on hostile text
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # as int8: +1 opens, -1 closes
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+
+
+def _check_nesting(text: bytes, what: str, where: object) -> None:
+    """Refuse JSON ``text`` nested past ``MAX_NESTING``: its brackets outside strings,
+    counted in linear time without a parser (deep nesting is what overflows one)."""
+    steps = bytearray(_JSON_STRING.sub(b"", text).translate(_STEPS, _NOT_BRACKETS))
+    if not steps:
+        return
+    depth = int(torch.frombuffer(steps, dtype=torch.int8).cumsum(0, dtype=torch.int32).max())
+    if depth > MAX_NESTING:
+        raise ValueError(f"{where}: {what} nests {depth:,} deep; the limit is {MAX_NESTING}")

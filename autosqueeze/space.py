@@ -27,6 +27,7 @@ from pydantic import (
 from torch import nn
 
 from autosqueeze.anatomy import anatomy
+from autosqueeze.config import file_problem
 from autosqueeze.errors import UserError
 from autosqueeze.knobs import KnobValues, Range, contains, flat_values, nearest, values_of
 from autosqueeze.plan import LayerPlan, Plan
@@ -268,7 +269,7 @@ def _unmatched(module: nn.Module) -> str:
 
 def load_space_file(path: Path) -> SpaceFile:
     if not path.is_file():
-        raise UserError(f"space: file {path} does not exist.")
+        raise UserError(f"space: file {path} {file_problem(path)}.")
     try:
         raw = yaml.safe_load(path.read_text())
         return SpaceFile.model_validate(raw)

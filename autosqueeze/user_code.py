@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import signal
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable
@@ -48,10 +51,7 @@ def load_callable(ref: str, *, field: str, search_dir: Path | None = None) -> Ca
         with time_limit(limit, _TimeLimit):
             module = importlib.import_module(module_name)
     except _TimeLimit:
-        raise UserError(
-            f"{field}: importing {module_name!r} took more than {limit:g} s "
-            "(AUTOSQUEEZE_IMPORT_TIMEOUT); does the module do slow work when imported?"
-        ) from None
+        raise _too_slow(field, module_name, limit) from None
     except KeyboardInterrupt:
         raise UserError(f"{field}: importing {module_name!r} was interrupted") from None
     except ModuleNotFoundError as exc:
@@ -80,11 +80,16 @@ def load_callable(ref: str, *, field: str, search_dir: Path | None = None) -> Ca
     return target
 
 
-def import_user_modules(config: StudyConfig) -> None:
-    """Import every module the config names (model, its candidates, data, metric,
-    calibration), as the driver did when it loaded the task: what they register on import
-    (a kernel, say: docs/extending.md) is then known in this process too. An evaluator gets
-    the model and data pickled, which imports only the modules their classes live in."""
+def _too_slow(field: str, module_name: str, limit: float) -> UserError:
+    return UserError(
+        f"{field}: importing {module_name!r} took more than {limit:g} s "
+        "(AUTOSQUEEZE_IMPORT_TIMEOUT); does the module do slow work when imported?"
+    )
+
+
+def _user_refs(config: StudyConfig) -> dict[str, str]:
+    """Field -> "module:callable" for every reference to user code in the task's fields (a
+    built-in metric is a bare name)."""
     refs = {
         "model.factory": config.model.factory,
         **{f"model.candidates.{n}": ref for n, ref in config.model.candidates.items()},
@@ -93,9 +98,102 @@ def import_user_modules(config: StudyConfig) -> None:
         "task.metric": config.task.metric,
         "task.calibration": config.task.calibration,
     }
+    return {field: ref for field, ref in refs.items() if ref and ":" in ref}
+
+
+def import_user_modules(config: StudyConfig) -> None:
+    """Import every module the config names (model, its candidates, data, metric,
+    calibration), as the driver did when it loaded the task: what they register on import
+    (a kernel, say: docs/extending.md) is then known in this process too. An evaluator gets
+    the model and data pickled, which imports only the modules their classes live in."""
+    for field, ref in _user_refs(config).items():
+        load_callable(ref, field=field, search_dir=config.folder)
+
+
+CHILD_START_S = 60.0
+"""Time the child that tries the imports may take beyond their own limits: to start Python,
+and to end."""
+
+# Run by ``python -c``: it imports nothing of autosqueeze's (whose package imports torch).
+# Before each import it writes the import's index on its stdout; the modules' own output goes
+# to stderr. It ends with "done" whether an import raised or not (the import in the driver
+# then says what was raised), and with os._exit: a thread a module started cannot hold it.
+_IMPORT_CHILD = """\
+import importlib, json, os, signal, sys
+modules, path, limit = json.loads(sys.argv[1])
+sys.path[:0] = path
+report = os.dup(1)
+os.dup2(2, 1)
+for i, module in enumerate(modules):
+    os.write(report, b"%d\\n" % i)
+    signal.setitimer(signal.ITIMER_REAL, limit)  # SIGALRM's default action ends the process
+    try:
+        importlib.import_module(module)
+    except BaseException:
+        break
+    signal.setitimer(signal.ITIMER_REAL, 0)
+os.write(report, b"done\\n")
+os._exit(0)
+"""
+
+
+def check_imports(config: StudyConfig) -> None:
+    """Import the modules the config names in a child Python first: one that ends the process
+    while it is imported (``os._exit``, a signal, a crash) or hangs past the import time
+    limit is then named in a UserError, where in this process it would end the command, or
+    end it with status 0 and no report (``validate`` would look passed). Autosqueeze's own
+    modules are not user code, and are not tried."""
+    refs = dict(_user_refs(config))
+    if ":" in config.search.sampler:
+        refs["search.sampler"] = config.search.sampler
+    first: dict[str, str] = {}  # module -> the first field naming it
     for field, ref in refs.items():
-        if ref and ":" in ref:  # a built-in metric is a bare name
-            load_callable(ref, field=field, search_dir=config.folder)
+        if not ref.startswith("autosqueeze."):
+            first.setdefault(ref.partition(":")[0], field)
+    tried = [(field, module) for module, field in first.items()]
+    if not tried:
+        return
+    limit = _import_time_limit()
+    args = json.dumps([[module for _, module in tried], [str(config.folder), *sys.path], limit])
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _IMPORT_CHILD, args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=limit * len(tried) + CHILD_START_S,
+        )
+        out, err, code = done.stdout, done.stderr, done.returncode
+    except subprocess.TimeoutExpired as exc:
+        out, err, code = exc.stdout or b"", exc.stderr or b"", None
+    steps = out.split()
+    if steps[-1:] == [b"done"]:
+        return
+    said = next((line.strip() for line in reversed(err.splitlines()) if line.strip()), b"")
+    last = f" (its last output: {said.decode(errors='replace')[:200]!r})" if said else ""
+    if not steps or not steps[-1].isdigit():
+        raise UserError(
+            f"a new Python process ({sys.executable}) could not try importing the config's "
+            f"modules: {_ending(code)}{last}"
+        )
+    field, module_name = tried[int(steps[-1])]
+    if code is None or code == -signal.SIGALRM:
+        raise _too_slow(field, module_name, limit)
+    raise UserError(
+        f"{field}: importing {module_name!r} ended the process ({_ending(code)}) before the "
+        f"import finished{last}"
+    )
+
+
+def _ending(code: int | None) -> str:
+    """How a process ended, from its return code: ``exit status 0``, ``killed by SIGKILL``."""
+    if code is None:
+        return "it did not end, and was killed"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
 
 
 def call_user(fn: Callable[..., Any], *args: Any, field: str, ref: str) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import zlib
 
@@ -15,8 +16,17 @@ import pytest
 import torch
 from conftest import study_config, write_yaml
 from safetensors.torch import load as load_tensors
+from torch import nn
 
-from autosqueeze.artifact import _DEFLATED, _digest, save_artifact, stored_bytes
+from autosqueeze.artifact import (
+    _DEFLATED,
+    MAX_FIELD_BYTES,
+    MAX_HEADER_BYTES,
+    MAX_NESTING,
+    _digest,
+    save_artifact,
+    stored_bytes,
+)
 from autosqueeze.cli import main
 from autosqueeze.examples.digits import pretrained_cnn
 from autosqueeze.plan import Plan
@@ -34,17 +44,25 @@ def artifact(tmp_path_factory):
     return stored_bytes(path)  # the safetensors file in it: what a forger edits
 
 
+DEEP = "[" * 20_000 + "]" * 20_000
+
+
 def _deflated(data: bytes, stated: int | None = None) -> bytes:
     length = len(data) if stated is None else stated
     return _DEFLATED + length.to_bytes(8, "little") + zlib.compress(data)
 
 
-def _variants(data: bytes) -> dict[str, bytes]:
+def _variants(data: bytes, padding: int = MAX_FIELD_BYTES) -> dict[str, bytes]:
+    """Forged and damaged copies of ``data`` (the safetensors file an artifact holds) by what
+    was done to them; one field is padded with ``padding`` spaces, past its limit
+    (benchmarks/reliability.py pads it with the 60 MB of issue 35)."""
     n = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8 : 8 + n])
 
-    def with_header(h: dict) -> bytes:
+    def with_header(h: dict, extra: bytes = b"") -> bytes:
         text = json.dumps(h).encode()
+        if extra:  # JSON too deep for json.dumps to write
+            text = text[:-1] + b', "extra": ' + extra + b"}"
         return (
             struct.pack("<Q", len(text) + -len(text) % 8)
             + text
@@ -101,6 +119,26 @@ def _variants(data: bytes) -> dict[str, bytes]:
         "layers a list": changed(plan=json.dumps({**plan, "layers": [1, 2]})),
         "plan nested 20,000 deep": changed(plan="[" * 20000 + "]" * 20000),
         "plan not JSON": changed(plan="{bits: 4"),
+        "encodings nested 20,000 deep": changed(encodings=DEEP),
+        "deflated, encodings nested 20,000 deep": _deflated(changed(encodings=DEEP)),
+        "ties nested 20,000 deep": changed(ties=DEEP),
+        "a field of its own nested 20,000 deep": changed(extra=DEEP),
+        "the header nested 20,000 deep": with_header(header, DEEP.encode()),
+        "deflated, the header nested 20,000 deep": _deflated(with_header(header, DEEP.encode())),
+        "a metadata field a mapping, not text": with_header(
+            {**header, "__metadata__": {**header["__metadata__"], "plan": plan}}
+        ),
+        "deflated, a metadata field a mapping": _deflated(
+            with_header({**header, "__metadata__": {**header["__metadata__"], "plan": plan}})
+        ),
+        # a field of megabytes of spaces deflates to kilobytes
+        "deflated, encodings past the field limit": _deflated(
+            changed(encodings=json.dumps(encodings) + " " * padding)
+        ),
+        "deflated, a header past its limit": _deflated(
+            changed(**{f"pad{i}": " " * (MAX_FIELD_BYTES - 1) for i in range(3)})
+        ),
+        "header length just past the limit": struct.pack("<Q", MAX_HEADER_BYTES + 8) + data[8:],
         "codec int99": encoded(codec="int99"),
         "count beyond the shape": encoded(count=1 << 40),
         "shape of a terabyte": encoded(shape=[1 << 40]),
@@ -186,3 +224,59 @@ def test_an_artifact_of_the_first_format_still_loads(tmp_path, artifact):
     new = load_artifact(artifact, pretrained_cnn())
     for (name, a), (_, b) in zip(old.state_dict().items(), new.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_metadata_is_bounded_before_it_is_parsed_and_each_refusal_names_its_limit(artifact):
+    from autosqueeze.artifact import load_artifact, read_plan
+
+    variants = _variants(artifact)
+    nesting = f"deep; the limit is {MAX_NESTING}"
+    expected = {
+        "encodings nested 20,000 deep": f"'encodings' nests 20,000 {nesting}",
+        "deflated, the header nested 20,000 deep": f"its header nests 20,001 {nesting}",
+        "deflated, encodings past the field limit": f"bytes; the limit is {MAX_FIELD_BYTES:,}",
+        "deflated, a header past its limit": f"bytes; the limit is {MAX_HEADER_BYTES:,}",
+    }
+    for name, message in expected.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_artifact(variants[name], pretrained_cnn())
+    with pytest.raises(ValueError, match=f"'plan' nests 20,000 deep; the limit is {MAX_NESTING}"):
+        read_plan(variants["plan nested 20,000 deep"])
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        self.self_attn = nn.ModuleDict({n: nn.Linear(width, width) for n in names})
+        names = ("gate_proj", "up_proj", "down_proj")
+        self.mlp = nn.ModuleDict({n: nn.Linear(width, width) for n in names})
+        self.input_layernorm = nn.LayerNorm(width)
+        self.post_attention_layernorm = nn.LayerNorm(width)
+
+
+class _Decoder(nn.Module):
+    """A 1B-parameter decoder's layout (28 blocks, 197 Linear layers, 507 state-dict keys) at
+    a tiny width: the header grows with the names and the count of tensors, not their size."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(100, width)
+        self.model.layers = nn.ModuleList([_Block(width) for _ in range(28)])
+        self.lm_head = nn.Linear(width, 100)
+
+
+def test_the_limits_leave_room_for_a_model_of_200_layers():
+    from autosqueeze.artifact import artifact_bytes, load_artifact
+
+    model = _Decoder()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    plan = Plan.uniform(names, bits=4, prune=0.5, rank=0.5)
+    data = artifact_bytes(compress(model, plan))
+    stored = stored_bytes(data)
+    length = struct.unpack("<Q", stored[:8])[0]
+    metadata = json.loads(stored[8 : 8 + length])["__metadata__"]
+    assert length * 30 < MAX_HEADER_BYTES
+    assert max(len(field) for field in metadata.values()) * 30 < MAX_FIELD_BYTES
+    load_artifact(data, _Decoder())
