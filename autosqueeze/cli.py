@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -19,7 +20,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autosqueeze.config import StudyConfig, load_config
+from autosqueeze.config import StudyConfig, check_storage_writable, file_problem, load_config
 from autosqueeze.errors import Terminated, UserError, terminate
 
 if TYPE_CHECKING:  # the commands import what they use, so --help starts fast
@@ -94,6 +95,13 @@ def _parser() -> argparse.ArgumentParser:
             help="database URL (sqlite:///f.db, postgresql://...) or journal file path "
             "(default: study.log in the study dir)",
         )
+        if name in ("search", "sensitivity", "export", "finetune", "evaluate", "validate"):
+            p.add_argument(  # the commands that measure
+                "--runtime",
+                choices=("auto", "torch", "onnxruntime"),
+                help="where the model ships and is measured (default: budgets.runtime, auto: "
+                "ONNX Runtime on a CPU where the model exports there, else torch)",
+            )
         p.set_defaults(run=run)
         return p
 
@@ -244,20 +252,27 @@ def _workers(text: str) -> int | str:
 
 
 def _config(args: argparse.Namespace) -> StudyConfig:
+    from pydantic import ValidationError
+
     config = load_config(args.config)
     trials = getattr(args, "trials", None)
     if trials is not None and trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}.")
     workers = getattr(args, "workers", None)
-    return config.with_overrides(
-        trials=trials,
-        study_dir=args.study_dir,
-        storage=args.storage,
-        workers=workers,
-        ray_address=getattr(args, "ray_address", None),
-        sampler=getattr(args, "sampler", None),
-        sensitivity=False if getattr(args, "no_sensitivity", False) else None,
-    )
+    try:
+        return config.with_overrides(
+            trials=trials,
+            study_dir=args.study_dir,
+            storage=args.storage,
+            workers=workers,
+            ray_address=getattr(args, "ray_address", None),
+            sampler=getattr(args, "sampler", None),
+            sensitivity=False if getattr(args, "no_sensitivity", False) else None,
+            runtime=getattr(args, "runtime", None),
+        )
+    except ValidationError as exc:  # --runtime against the file's budgets
+        reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise UserError(f"--runtime {args.runtime}: {reason}") from None
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -266,10 +281,12 @@ def _search(args: argparse.Namespace) -> int:
     from autosqueeze.space import study_space
     from autosqueeze.tables import front_table, summary
     from autosqueeze.task import load_task
+    from autosqueeze.user_code import check_imports
 
     config = _config(args)
     # with --json, stdout holds the JSON alone (Ray reports a dead worker on stdout)
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        check_imports(config)  # a module that exits while imported must not pass for a search
         task = load_task(config)
         check_reachable(config, task, study_space(task))
         result = run_search(config, progress=not args.no_progress, task=task)
@@ -279,7 +296,7 @@ def _search(args: argparse.Namespace) -> int:
         f"{config.storage_shown}. Run the same command again to resume."
     )
     empty = None if result.front.members else explain_empty_front(config, result.front)
-    line = summary(result.front, name, config.budgets.max_metric_drop, config.budgets.runtime)
+    line = summary(result.front, name, config.budgets.max_metric_drop, result.task.runtime)
     if args.json:
         print(
             json.dumps(
@@ -316,7 +333,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
     import optuna
 
     from autosqueeze.executors import create_executor
-    from autosqueeze.search import sensitivity_table
+    from autosqueeze.search import pin_runtime, sensitivity_table
     from autosqueeze.space import build_space
     from autosqueeze.study import open_study
     from autosqueeze.tables import sensitivity_text
@@ -324,9 +341,9 @@ def _sensitivity(args: argparse.Namespace) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = _config(args)
-    task = load_task(config)
-    space = build_space(task.model, config.space, task.target)
     study = open_study(config, create=True)
+    task = pin_runtime(study, load_task(config))
+    space = build_space(task.model, config.space, task.target)
     # Ray reports a dead worker on stdout; what this command prints there is the table alone
     with contextlib.redirect_stdout(sys.stderr):
         executor = create_executor(config, task)
@@ -368,6 +385,18 @@ def _front_json(config: StudyConfig, front: Front) -> dict[str, Any]:
     return {"reference": front.reference.to_dict() if front.reference else None, "front": rows}
 
 
+def _study_task(config: StudyConfig) -> Task:
+    """The study's task, measuring in the runtime its study was measured in where one exists
+    (``runtime: auto`` decides afresh otherwise); the study is only read."""
+    from autosqueeze.search import in_study_runtime
+    from autosqueeze.study_view import open_existing
+    from autosqueeze.task import load_task
+
+    task = load_task(config)
+    study = open_existing(config)
+    return in_study_runtime(study, task) if study is not None else task
+
+
 def _trial(config: StudyConfig, number: int) -> TrialRecord:
     """The study's trial ``number``, which must hold a plan."""
     from autosqueeze.records import records
@@ -382,11 +411,10 @@ def _trial(config: StudyConfig, number: int) -> TrialRecord:
 
 def _export(args: argparse.Namespace) -> int:
     from autosqueeze.evaluator import Evaluator
-    from autosqueeze.task import load_task
 
     config = _config(args)
     record = _trial(config, args.trial)
-    task = load_task(config)
+    task = _study_task(config)
     evaluator = Evaluator(task)
     try:
         if args.format != "artifact":
@@ -459,7 +487,6 @@ def _finetune(args: argparse.Namespace) -> int:
     from autosqueeze.evaluator import Evaluator
     from autosqueeze.records import reference
     from autosqueeze.study_view import open_existing
-    from autosqueeze.task import load_task
     from autosqueeze.techniques import compress
 
     config = _config(args)
@@ -468,7 +495,7 @@ def _finetune(args: argparse.Namespace) -> int:
     if args.lr is not None and not args.lr > 0:
         raise UserError(f"--lr: {args.lr} is not a learning rate (above 0).")
     record = _trial(config, args.trial)
-    task = load_task(config)
+    task = _study_task(config)
     if task.recovery is None:
         raise UserError(
             "task.calibration: finetune distills the model from the original on calibration "
@@ -542,13 +569,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     from autosqueeze.evaluator import Evaluator
     from autosqueeze.records import reference
     from autosqueeze.study_view import open_existing
-    from autosqueeze.task import load_task
 
     config = _config(args)
     if not args.artifact.is_file():
-        what = "is not a regular file" if args.artifact.exists() else "does not exist"
-        raise UserError(f"--artifact: {args.artifact} {what}.")
-    evaluator = Evaluator(load_task(config))
+        raise UserError(f"--artifact: {args.artifact} {file_problem(args.artifact)}.")
+    evaluator = Evaluator(_study_task(config))
     try:
         got = evaluator.measure_artifact(args.artifact, trust_pickle=args.trust_pickle)
     except (ValueError, OSError) as exc:
@@ -558,7 +583,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     study = open_existing(config)
     ref = reference(study) if study else None
     at_study = got.at_reference(ref.latency_ms).latency_ms if ref and ref.latency_ms else None
-    stored, packed = _coded_sizes(args.artifact, config)
+    stored, packed = _coded_sizes(args.artifact, evaluator.task.runtime)
     if args.json:
         sizes = {"stored_bytes": stored, "packed_bytes": packed}
         print(json.dumps({**got.to_dict(), "study_latency_ms": at_study, **sizes}))
@@ -592,11 +617,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _coded_sizes(artifact: Path, config: StudyConfig) -> tuple[int | None, int | None]:
+def _coded_sizes(artifact: Path, runtime: str) -> tuple[int | None, int | None]:
     """The artifact's safetensors file's bytes before deflate, and the artifact's bytes
     with no tensor entropy-coded (deflated alike); None for a shipped ``.pt2`` or ``.onnx``
-    file, or where the size is an ONNX export's (``budgets.runtime``)."""
-    if artifact.suffix in (".pt2", ".onnx") or config.budgets.runtime != "torch":
+    file, or where the size is an ONNX export's (``Task.runtime``)."""
+    if artifact.suffix in (".pt2", ".onnx") or runtime != "torch":
         return None, None
     from autosqueeze.artifact import bit_packed_bytes, stored_bytes
 
@@ -612,12 +637,16 @@ def _validate(args: argparse.Namespace) -> int:
     from autosqueeze.study import sampler_of
     from autosqueeze.tables import coverage_table
     from autosqueeze.task import degenerate_warnings, load_task
+    from autosqueeze.user_code import check_imports
 
     config = _config(args)
     # with --json, stdout holds the JSON alone (a model factory may print)
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         check_storage(config)
+        check_storage_writable(config)
         executor = executor_name(config)
+        evaluators = _evaluators(config, executor)
+        check_imports(config)  # a module that exits while imported must not pass for "ok"
         sampler = type(sampler_of(config)).__name__
         task = load_task(config)
         metric = task.evaluate_metric(task.model)
@@ -663,6 +692,7 @@ def _validate(args: argparse.Namespace) -> int:
                 "searched_knobs": len(space.distributions),
             },
             "smallest_bytes": floor,
+            "runtime": {"runtime": task.runtime, "why": task.runtime_reason},
             "study": {
                 "name": config.name,
                 "storage": config.storage_shown,
@@ -688,15 +718,41 @@ def _validate(args: argparse.Namespace) -> int:
         f"{len(space.distributions)} searched knobs"
     )
     print(f"budgets   smallest model the space allows: {floor:,} bytes")
+    print(f"runtime   {task.runtime} ({task.runtime_reason})")
     proposed = f" ({share:.0%} of sampled trials: knapsack proposals)" if share else ""
     print(f"study     {config.name} in {config.storage_shown}, sampled by {sampler}{proposed}")
-    print(f"compute   {executor} executor, workers: {config.compute.workers}")
+    print(f"compute   {executor} executor, workers: {config.compute.workers}{evaluators}")
     print()
     print(coverage_table(rows))
     print(f"\nknobs reach {covered:,} of {total:,} parameters ({covered / max(total, 1):.0%})")
     for warning in warnings:
         print(f"warning: {warning}")
     return 0
+
+
+def _evaluators(config: StudyConfig, executor: str) -> str:
+    """What the executor can start here, said beside ``compute.workers``; a count past it is
+    refused (Ray would refuse it when the search starts). A local Ray starts one evaluator
+    per CPU (per GPU share on CUDA); a cluster's size is known only once joined."""
+    workers = config.compute.workers
+    if executor == "inprocess":
+        return "" if workers in (0, 1) else " (the in-process executor evaluates one at a time)"
+    if executor != "ray" or config.compute.ray_address or os.environ.get("RAY_ADDRESS"):
+        return " (as many as the cluster has room for, once joined)"
+    if config.budgets.device.startswith("cuda"):
+        import torch
+
+        per = config.compute.gpus_per_worker
+        can, unit = int(torch.cuda.device_count() / per), f"GPU share of {per:g}"
+    else:
+        can, unit = os.cpu_count() or 1, "CPU"
+    if isinstance(workers, int) and workers > can:
+        raise UserError(
+            f"compute.workers: {workers:,} evaluators cannot start here: a local Ray starts "
+            f"one per {unit}, {can} in all; ask for at most {can}, or 'auto', or join a "
+            "larger cluster (compute.ray_address)."
+        )
+    return f" (a local Ray: at most {can}, one per {unit})"
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -709,7 +765,7 @@ def _doctor(args: argparse.Namespace) -> int:
     path = Path(config.storage)
     if "://" not in config.storage:
         if not path.is_file():
-            raise UserError(f"search.storage: {path} does not exist or is not a file.")
+            raise UserError(f"search.storage: {path} {file_problem(path)}.")
         try:
             found, backup = repair(path) if args.repair else (diagnose(path), None)
         except OSError as exc:

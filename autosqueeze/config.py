@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -102,12 +103,13 @@ class Budgets(_Strict):
     )
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     batch_size: int = Field(1, ge=1, le=65536)
-    runtime: Literal["torch", "onnxruntime"] = Field(
-        "torch",
-        description="where the shipped model runs, and so where trials are timed: torch (the "
-        "artifact in its kernels) or onnxruntime (each trial exported to ONNX and timed in "
-        "ONNX Runtime on the CPU beside the original's export; torch's kernels are not "
-        "searched, and memory is not measured)",
+    runtime: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto",
+        description="where the shipped model runs, and so where trials are timed: onnxruntime "
+        "(each trial exported to ONNX and timed in ONNX Runtime on the CPU beside the "
+        "original's export; torch's kernels are not searched, and memory is not measured), "
+        "torch (the artifact in its kernels), or auto: onnxruntime on a CPU where the original "
+        "exports to ONNX and runs alike there, torch otherwise (validate says which and why)",
     )
 
     @model_validator(mode="after")
@@ -238,6 +240,16 @@ class ComputeConfig(_Strict):
         return workers
 
 
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "accuracy": (0.0, 1.0),  # a share of the samples
+    "neighbour_overlap": (0.0, 1.0),  # a share of the neighbours
+    "fidelity": (-1.0, 1.0),  # a mean cosine similarity
+}
+"""The values each built-in metric (autosqueeze.metrics) can take: a ``max_metric_drop``
+past the whole range is no budget at all, most likely a slip. A metric of the user's has
+no known range; its budget need only be finite."""
+
+
 class StudyConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128)
     model: ModelConfig
@@ -277,6 +289,16 @@ class StudyConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _drop_within_the_metric(self) -> StudyConfig:
+        drop, known = self.budgets.max_metric_drop, METRIC_RANGES.get(self.task.metric)
+        if drop is not None and known is not None and drop > known[1] - known[0]:
+            raise ValueError(
+                f"field 'budgets.max_metric_drop': {drop:g} is more than {self.task.metric} "
+                f"can drop at all (it runs from {known[0]:g} to {known[1]:g})"
+            )
+        return self
+
     @property
     def folder(self) -> Path:
         return self.source.parent
@@ -289,6 +311,15 @@ class StudyConfig(_Strict):
     def storage(self) -> str:
         """A database URL, or the path of an Optuna journal file (the default)."""
         return self.search.storage or str((self.output_dir / "study.log").resolve())
+
+    @property
+    def storage_file(self) -> Path | None:
+        """The file the study is kept in when it is local (a journal, a SQLite database)."""
+        if "://" not in self.storage:
+            return Path(self.storage)
+        if self.storage.startswith("sqlite:///"):
+            return Path(self.storage[len("sqlite:///") :])
+        return None
 
     @property
     def metric_name(self) -> str:
@@ -310,8 +341,10 @@ class StudyConfig(_Strict):
         sampler: str | None = None,
         ray_address: str | None = None,
         sensitivity: bool | None = None,
+        runtime: str | None = None,
     ) -> StudyConfig:
-        """Command-line options win over the file."""
+        """Command-line options win over the file (a runtime checked against the budgets
+        as the file's own is: pydantic's ValidationError where they do not fit)."""
         search = self.search.model_copy(
             update={
                 k: v
@@ -332,6 +365,10 @@ class StudyConfig(_Strict):
             }
         )
         update = {"search": search, "compute": compute}
+        if runtime is not None:
+            update["budgets"] = Budgets.model_validate(
+                self.budgets.model_dump() | {"runtime": runtime}
+            )
         if sensitivity is not None:
             update["sensitivity"] = self.sensitivity.model_copy(update={"enabled": sensitivity})
         return self.model_copy(update=update)
@@ -341,7 +378,7 @@ def load_config(path: str | Path) -> StudyConfig:
     """Read and validate a study config; relative paths in it are relative to its folder."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file {path} does not exist.")
+        raise UserError(f"config file {path} {file_problem(path)}.")
     try:
         text = path.read_text()
         _check_bounded(text, path)
@@ -377,6 +414,37 @@ def load_config(path: str | Path) -> StudyConfig:
             ),
         }
     )
+
+
+def file_problem(path: Path) -> str:
+    """Why ``path`` is not a file to read: it is not there, or it is something else (a
+    folder, a FIFO, /dev/zero: reading one would block or never end)."""
+    return "is not a regular file" if path.exists() else "does not exist"
+
+
+def check_storage_writable(config: StudyConfig) -> None:
+    """Refuse a local storage (journal or SQLite file) that a search could not write, found
+    without writing anything: the file, if there, must be a writable regular file, and its
+    folder (or the nearest one there: the rest is made) writable, as SQLite and the journal's
+    lock put files beside it."""
+    path = config.storage_file
+    if path is None:
+        return  # a database server: only connecting could tell
+    field = "search.storage" if config.search.storage else "search.output_dir"
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if path.exists() and not path.is_file():
+        problem = f"{path} {file_problem(path)}"
+    elif path.exists() and not os.access(path, os.W_OK):
+        problem = f"{path} is not writable"
+    elif not folder.is_dir():
+        problem = f"{folder} is not a folder"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        problem = f"the folder {folder} is not writable"
+    else:
+        return
+    raise UserError(f"{field}: the study cannot be written to {path}: {problem}.")
 
 
 def _relative_to(folder: Path, storage: str | None) -> str | None:
@@ -439,6 +507,9 @@ def _explain(exc: ValidationError) -> str:
     parts = []
     errors = exc.errors()
     for error in errors[:MAX_PROBLEMS]:
+        if not error["loc"] and error["type"] == "value_error":  # names its fields itself
+            parts.append(error["msg"].removeprefix("Value error, "))
+            continue
         field = ".".join(_short(str(p)) for p in error["loc"]) or "(top level)"
         message = error["msg"]
         if error["type"] == "extra_forbidden":

@@ -258,7 +258,7 @@ class Evaluator:
 
     @property
     def _runtime(self) -> str:
-        return self.task.config.budgets.runtime
+        return self.task.runtime
 
     def _as_shipped(self, model: nn.Module, source: Path | bytes) -> tuple[nn.Module, int]:
         """The model as it runs where it ships (``budgets.runtime``), and the bytes of the

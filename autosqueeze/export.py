@@ -254,6 +254,46 @@ def export_onnx_as_users_do(model: nn.Module, example_input: Any, path: Path) ->
     onnx.save_model(proto, path)
 
 
+def onnx_refusal(model: nn.Module, example_input: Any) -> str | None:
+    """Why ``model`` cannot ship to ONNX Runtime (None where it can): the exporter refuses
+    it (the operator named where the exporter says which), or ONNX Runtime does not compute
+    what torch does on the example input. What ``budgets.runtime: auto`` decides by."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="autosqueeze-onnx-") as folder:
+        path = Path(folder) / "original.onnx"
+        try:
+            with _without_cache(model.eval(), example_input):
+                proto, _ = _onnx_traced(model, example_input)
+            import onnx
+
+            onnx.save_model(proto, path)
+        except Exception as exc:  # noqa: BLE001 - the exporter's refusal, told to the user
+            return f"torch.onnx.export cannot trace it: {export_failure(exc)}"
+        try:
+            _check_runs_alike(path, model, example_input)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's refusal or a wrong answer
+            return f"ONNX Runtime does not run its export alike: {export_failure(exc)}"
+    return None
+
+
+def export_failure(exc: BaseException) -> str:
+    """The line of an exporter's exception a user can act on: the operator with no ONNX
+    function where it names one, else the last exception of its summary, else its first
+    line (the exporter's message is pages of advice to itself)."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    operator = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)'", text)
+    if operator:
+        return f"the operator {operator.group(1)} has no ONNX conversion"
+    causes = re.findall(r"<class '[\w.]+\.(\w+)'>: ([^\n]+)", text)
+    if causes:
+        return f"{causes[0][0]}: {causes[0][1][:300]}"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
 def _onnx_traced(model: nn.Module, example_input: Any, optimize: bool = False) -> tuple[Any, str]:
     """The model as ONNX (see ``_free_or_fixed``), by default as the exporter traced it: its
     optimizer folds a Linear's transposed weight into a new, renamed initializer, and the
@@ -479,4 +519,4 @@ def _refuse_external_data(path: Path) -> Any:
     return proto
 
 
-__all__ = ["OnnxModel", "export_onnx", "export_program"]
+__all__ = ["OnnxModel", "export_failure", "export_onnx", "export_program", "onnx_refusal"]

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ from autosqueeze.study import (
     PREDICTED_LATENCY,
     REFERENCE,
     REFINED,
+    RUNTIME,
     SENSITIVITY,
     constraints,
     objective_values,
@@ -96,8 +97,9 @@ def run_search(
 ) -> SearchResult:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     task = task or load_task(config)
-    space = study_space(task)
     study = open_study(config, create=True)
+    task = pin_runtime(study, task)
+    space = study_space(task)
     notes: list[str] = knob_warnings(space, task)
     stale = recover_interrupted(study)
     if stale:
@@ -160,6 +162,43 @@ def run_search(
         searched,
         terminated=stop == signal.SIGTERM,
     )
+
+
+def pin_runtime(study: optuna.Study, task: Task) -> Task:
+    """``in_study_runtime``, recorded on the study where it has no runtime yet: what a
+    command that measures into the study calls first."""
+    task = in_study_runtime(study, task)
+    if RUNTIME not in study.user_attrs:
+        study.set_user_attr(RUNTIME, task.runtime)
+    return task
+
+
+def in_study_runtime(study: optuna.Study, task: Task) -> Task:
+    """``task`` measuring in the runtime ``study``'s trials were measured in (read, never
+    written: readers call it too): a study resumed under ``runtime: auto`` keeps its
+    runtime; a runtime set otherwise in the config is the user's error, named."""
+    recorded = recorded_runtime(study)
+    if recorded is None or recorded == task.runtime:
+        return task
+    if task.config.budgets.runtime != "auto" or recorded not in ("torch", "onnxruntime"):
+        raise UserError(
+            f"budgets.runtime: {task.config.budgets.runtime}, but the study "
+            f"{task.config.name!r} was measured in {recorded}; set runtime: {recorded} (or "
+            "auto) to resume it, or give it another study_dir"
+        )
+    why = f"auto: the study was measured in {recorded} (kept on resume)"
+    return replace(task, runtime=recorded, runtime_reason=why)
+
+
+def recorded_runtime(study: optuna.Study) -> str | None:
+    """The runtime ``study``'s trials were measured in, recorded when it started (one made
+    before the record was kept: ONNX Runtime where it holds the one-call baselines, else
+    torch); None for a study that has measured nothing."""
+    if RUNTIME in study.user_attrs:
+        return str(study.user_attrs[RUNTIME])
+    if reference(study) is None:
+        return None
+    return "onnxruntime" if ONE_CALL in study.user_attrs else "torch"
 
 
 def _distil_students(task: Task, progress: bool) -> list[str]:
@@ -313,7 +352,7 @@ def _measure_one_call(study: optuna.Study, config: StudyConfig, task: Task) -> l
     once per study in the driver before any trial runs (the device lock keeps timings
     apart) and kept on the study; their files go to ``output_dir/baselines/``. One that
     fails is a note, not an error: the search does not depend on it."""
-    if config.budgets.runtime != "onnxruntime" or ONE_CALL in study.user_attrs:
+    if task.runtime != "onnxruntime" or ONE_CALL in study.user_attrs:
         return []
     from autosqueeze.evaluator import Evaluator
 
@@ -409,7 +448,7 @@ def _enqueue_baselines(
             notes.append(f"baseline {name!r} skipped: the space cannot express it")
         else:
             queue(params, {BASELINE: name})
-    if config.budgets.runtime == "onnxruntime":  # the nearest the space has, like a start
+    if space.runtime == "onnxruntime":  # the nearest the space has, like a start
         for name in ORT_STARTS:
             queue(space.nearest_params(**WARM_STARTS[name]), {BASELINE: name})
     for student in space.students:  # each student as distilled, and at int8
@@ -619,7 +658,7 @@ def _loop(
 def _shipped_as(task: Task) -> Callable[[bytes], tuple[str, bytes]] | None:
     """How a front member's file is made for ``budgets.runtime`` other than torch (the
     ONNX export of its artifact), or None: the artifact is the file."""
-    if task.config.budgets.runtime == "torch":
+    if task.runtime == "torch":
         return None
     from autosqueeze.evaluator import Evaluator
 

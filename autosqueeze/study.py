@@ -23,6 +23,7 @@ from autosqueeze.storage import open_storage
 
 REFERENCE = "reference"  # study attr: measurements of the uncompressed model
 ONE_CALL = "one_call"  # study attr: ONNX Runtime's one-call quantizers' measurements, by name
+RUNTIME = "runtime"  # study attr: the runtime its trials were measured in (budgets.runtime)
 SENSITIVITY = "sensitivity"  # study attr: the sensitivity table (autosqueeze.sensitivity)
 PREDICTED_DISTORTION = "predicted_distortion"  # trial attr: a knapsack plan's level
 PREDICTED_LATENCY = "predicted_latency"  # trial attr: its latency model's, vs the original's

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autosqueeze.config import StudyConfig
+from autosqueeze.config import StudyConfig, file_problem
 from autosqueeze.errors import UserError
 from autosqueeze.metrics import Metric, call_model, pooled, resolve_metric, to_device
 from autosqueeze.nested import map_tensors, tensors
@@ -38,6 +38,10 @@ class Task:
     # so far (``distil_students``; they travel with the task to the evaluators)
     candidates: dict[str, Callable[[], nn.Module]] = field(default_factory=dict)
     students: dict[str, nn.Module] = field(default_factory=dict)
+    # where the shipped model runs and trials are measured (``budgets.runtime`` resolved:
+    # never ``auto``; ``resolve_runtime``), and why
+    runtime: str = "torch"
+    runtime_reason: str = "set in budgets.runtime"
 
     @property
     def recovery(self) -> Recovery | None:
@@ -114,9 +118,7 @@ class Task:
     @property
     def target(self) -> Target:
         """Where compressed models run, with an input to trace them (structured pruning)."""
-        return Target(
-            self.device.type, self.example_input, self.config.budgets.runtime, self.calibration
-        )
+        return Target(self.device.type, self.example_input, self.runtime, self.calibration)
 
     def subset(self, samples: int) -> Task:
         """The task judged on its first ``samples`` samples (the last batch cut to fit): what
@@ -193,7 +195,64 @@ def load_task(config: StudyConfig) -> Task:
     )
     calibration, labels = _load_calibration(config)
     candidates = load_factories(config, model, example)
-    return Task(config, model, data, example, metric, device, calibration, labels, candidates)
+    runtime, reason = resolve_runtime(config, model, example)
+    return Task(
+        config,
+        model,
+        data,
+        example,
+        metric,
+        device,
+        calibration,
+        labels,
+        candidates,
+        runtime=runtime,
+        runtime_reason=reason,
+    )
+
+
+ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+
+
+def resolve_runtime(config: StudyConfig, model: nn.Module, example: Any) -> tuple[str, str]:
+    """The runtime a study measures in, and why: ``budgets.runtime`` as set, or for
+    ``auto`` ONNX Runtime where it can judge the model (a CPU, no memory budget, its
+    packages installed, the original exporting and running alike there: what a user who
+    ships to a CPU runs), torch otherwise. ``onnxruntime`` asked for a model that cannot
+    ship there is the user's error, named."""
+    import importlib.util
+
+    asked = config.budgets.runtime
+    if asked == "torch":
+        return "torch", "set in budgets.runtime"
+    missing = [m for m in ONNX_PACKAGES if importlib.util.find_spec(m) is None]
+    if asked == "onnxruntime" and missing:
+        raise UserError(
+            f"budgets.runtime: onnxruntime needs {', '.join(missing)}: "
+            f"pip install {' '.join(missing)}"
+        )
+    if asked == "auto":
+        if config.budgets.device != "cpu":
+            return (
+                "torch",
+                f"auto: ONNX Runtime is measured on the CPU, not {config.budgets.device}",
+            )
+        if config.budgets.max_memory_mb is not None or "memory_mb" in config.objectives:
+            return "torch", "auto: memory (a budget or an objective) is measured in torch"
+        if missing:
+            return "torch", f"auto: ONNX Runtime is not installed (pip install {' '.join(missing)})"
+    from autosqueeze.export import onnx_refusal
+
+    refusal = onnx_refusal(model, example)
+    if refusal is None:
+        why = "the model exports to ONNX and runs alike in ONNX Runtime on the CPU"
+        return "onnxruntime", f"auto: {why}" if asked == "auto" else "set in budgets.runtime"
+    if asked == "auto":
+        return "torch", f"auto: {refusal}"
+    raise UserError(
+        f"budgets.runtime: onnxruntime, but the model cannot ship there: {refusal}. Set "
+        "runtime: torch, or auto (which measures in torch where ONNX Runtime cannot)."
+    )
 
 
 def degenerate_warnings(task: Task, metric: float) -> list[str]:
@@ -272,7 +331,7 @@ def _load_checkpoint(model: nn.Module, path: Any) -> None:
     from autosqueeze.artifact import load_state
 
     if not path.is_file():
-        raise UserError(f"model.checkpoint: file {path} does not exist.")
+        raise UserError(f"model.checkpoint: file {path} {file_problem(path)}.")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

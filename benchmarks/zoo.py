@@ -1,7 +1,7 @@
 """Models nobody here wrote, searched as a user would: per architecture, its parameters, the
 share of them the space can compress, and the best model within a 0.02 fidelity budget.
 
-    python benchmarks/zoo.py [NAME ...] [--trials 24] [--workers 0]
+    python benchmarks/zoo.py [NAME ...] [--trials 24] [--workers 0] [--runtime auto]
 
 Models: ``tests/zoo/zoo_models.py`` (torch's and transformers' classes, tiny configs, random
 weights under a seed, judged by ``fidelity``), plus torchvision's where torchvision imports
@@ -9,11 +9,12 @@ weights under a seed, judged by ``fidelity``), plus torchvision's where torchvis
 installed apart: its CUDA-only wheel breaks ``import transformers`` beside a CPU torch).
 Each runs ``autosqueeze validate`` and ``autosqueeze search`` in a fresh process on a fresh
 study in a temporary folder, in-process by default (``--workers``). Columns: parameters;
-knobs' reach (share of parameters with knobs, from ``validate``); failed trials; the smallest
-model within budget (size / fp32 artifact) and the fastest (speedup timed beside the
-original); wall seconds of the search; and whether the smallest model reproduces from its
-file (``autosqueeze evaluate``: the metric's difference, and its bytes). Prints one markdown
-table (kept in docs/results.md).
+knobs' reach (share of parameters with knobs, from ``validate``); the runtime measured in
+(``budgets.runtime``, default auto: ONNX Runtime where the model exports there); failed
+trials; the smallest model within budget (size / fp32 artifact) and the fastest (speedup
+timed beside the original); wall seconds of the search; and whether the smallest model
+reproduces from its file (``autosqueeze evaluate``: the metric's difference, and its bytes).
+Prints one markdown table (kept in docs/results.md).
 """
 
 from __future__ import annotations
@@ -42,21 +43,22 @@ def main() -> None:
     parser.add_argument("names", nargs="*")
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default="auto")
     args = parser.parse_args()
     models = {**ZOO, **TORCHVISION}
     if not args.names:
         models = {**ZOO, **(TORCHVISION if _torchvision_imports() else {})}
     names = args.names or list(models)
     print(
-        "| model | space | parameters | knobs reach | trials failed | smallest within budget "
-        "| fastest within budget | search s | reproduced from the file |"
+        "| model | space | parameters | knobs reach | runtime | trials failed | smallest within "
+        "budget | fastest within budget | search s | reproduced from the file |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|---|")
     for name in names:
-        print(_row(name, models[name], args.trials, args.workers), flush=True)
+        print(_row(name, models[name], args.trials, args.workers, args.runtime), flush=True)
 
 
-def _row(name: str, space: str, trials: int, workers: int) -> str:
+def _row(name: str, space: str, trials: int, workers: int, runtime: str) -> str:
     with tempfile.TemporaryDirectory() as folder:
         config = Path(folder) / "study.yaml"
         config.write_text(
@@ -66,7 +68,7 @@ def _row(name: str, space: str, trials: int, workers: int) -> str:
                     "model": {"factory": f"zoo_models:build_{name}"},
                     "task": {"data": f"zoo_models:data_{name}", "metric": "fidelity"},
                     "space": str(REPO / "search_spaces" / space),
-                    "budgets": {"max_metric_drop": 0.02, "device": "cpu"},
+                    "budgets": {"max_metric_drop": 0.02, "device": "cpu", "runtime": runtime},
                     "search": {"trials": trials, "seed": 0, "output_dir": f"{folder}/run"},
                     "compute": {"workers": workers},
                 }
@@ -74,6 +76,7 @@ def _row(name: str, space: str, trials: int, workers: int) -> str:
         )
         validate = _autosqueeze("validate", config)
         params = re.search(r"knobs reach [\d,]+ of ([\d,]+) parameters \((\d+)%\)", validate)
+        measured_in = re.search(r"^runtime +(\S+)", validate, re.MULTILINE)
         start = time.monotonic()
         _autosqueeze("search", config, "--no-progress")
         seconds = time.monotonic() - start
@@ -90,7 +93,8 @@ def _row(name: str, space: str, trials: int, workers: int) -> str:
     reach = f"{params.group(2)}%" if params else "?"
     total = params.group(1) if params else "?"
     return (
-        f"| {name} | {space} | {total} | {reach} | {failed} | {smallest:.1f}x | {fastest:.2f}x "
+        f"| {name} | {space} | {total} | {reach} | {measured_in.group(1) if measured_in else '?'} "
+        f"| {failed} | {smallest:.1f}x | {fastest:.2f}x "
         f"| {seconds:.0f} | {reproduced} |"
     )
 

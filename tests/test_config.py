@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import study_config, write_yaml
@@ -87,6 +91,30 @@ def test_user_code_that_hangs_exits_or_interrupts_at_import_is_named(
     monkeypatch.setenv("AUTOSQUEEZE_IMPORT_TIMEOUT", "soon")
     err = fails(capsys, "validate", make_config())
     assert "AUTOSQUEEZE_IMPORT_TIMEOUT: expected seconds, got 'soon'" in err
+
+
+def test_user_code_that_ends_the_process_at_import_is_named(make_config, tmp_path):
+    """Imported in this process, a module calling os._exit(0) ended validate with status 0 and
+    no report; it is tried in a child process first. Run as a user runs it: a regression
+    must not end the test process too."""
+    (tmp_path / "quits.py").write_text("import os\nos._exit(0)\n")
+    (tmp_path / "dies.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    ended = "ended the process"
+    cases = [
+        ("validate", {"model": {"factory": "quits:build"}}, "model.factory: importing 'quits'"),
+        ("validate", {"task": {"data": "dies:data"}}, f"task.data: importing 'dies' {ended}"),
+        ("search", {"task": {"metric": "quits:metric"}}, "task.metric: importing 'quits'"),
+    ]
+    for command, override, named in cases:
+        run = subprocess.run(
+            [sys.executable, "-m", "autosqueeze", command, str(make_config(**override))],
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == 2 and named in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr and not run.stdout
+        how = "(killed by SIGKILL)" if "dies" in named else "(exit status 0)"
+        assert f"{ended} {how}" in run.stderr, run.stderr
 
 
 def test_missing_files_are_named(tmp_path, make_config, capsys):
@@ -213,6 +241,14 @@ def test_a_config_cannot_cost_more_than_a_config(tmp_path, capsys, name, text, e
         ({"search": {"storage": "/"}}, "search.storage: / is not a regular file"),
         ({"compute": {"executor": "kubernetes"}}, "compute.executor: unknown executor"),
         ({"compute": {"executor": "ray", "workers": 0}}, "compute.workers: 0 means in-process"),
+        ({"compute": {"workers": 10**6}}, "compute.workers: 1,000,000 evaluators cannot start"),
+        ({"budgets": {"max_metric_drop": float("nan")}}, "field 'budgets.max_metric_drop'"),
+        ({"budgets": {"max_metric_drop": 1e308}}, "field 'budgets.max_metric_drop': 1e+308 is"),
+        (
+            {"task": {"data": "x:y", "metric": "fidelity"}, "budgets": {"max_metric_drop": 2.5}},
+            "field 'budgets.max_metric_drop': 2.5 is more than fidelity can drop at all (it "
+            "runs from -1 to 1)",
+        ),
     ],
 )
 def test_hostile_config_values_are_named_errors(tmp_path, capsys, override, field):
@@ -220,6 +256,50 @@ def test_hostile_config_values_are_named_errors(tmp_path, capsys, override, fiel
     config = write_yaml(tmp_path / "study.yaml", study_config(tmp_path, **override))
     err = fails(capsys, "validate", config)
     assert field in err, err
+
+
+def test_every_built_in_metric_has_its_range():
+    from autosqueeze.config import METRIC_RANGES
+    from autosqueeze.metrics import METRICS, REFERENCE_METRICS
+
+    assert set(METRIC_RANGES) == {*METRICS, *REFERENCE_METRICS}
+
+
+def test_validate_refuses_a_storage_a_search_could_not_write(tmp_path, make_config, capsys):
+    """Checked without writing: validate reads, so it creates nothing, not even the folders
+    a search would make."""
+    (tmp_path / "a-file").write_text("")
+    under_a_file = tmp_path / "a-file" / "runs"
+    for storage in (f"sqlite:///{under_a_file}/study.db", str(under_a_file / "study.log")):
+        err = fails(capsys, "validate", make_config(search={"storage": storage}))
+        assert f"search.storage: the study cannot be written to {under_a_file}" in err
+        assert f"{tmp_path / 'a-file'} is not a folder" in err
+    err = fails(capsys, "validate", make_config(search={"output_dir": str(under_a_file)}))
+    assert "search.output_dir: the study cannot be written to" in err
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        err = fails(capsys, "validate", make_config(search={"storage": str(locked / "s.log")}))
+        assert f"the folder {locked} is not writable" in err
+    fresh = tmp_path / "new" / "deeper"
+    config = make_config(search={"storage": f"sqlite:///{fresh}/study.db"})
+    assert main(["validate", str(config)]) == 0
+    assert "compute   inprocess executor, workers: 0\n" in capsys.readouterr().out
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_device_or_a_fifo_given_as_a_file_is_not_said_missing(tmp_path, make_config, capsys):
+    fifo = tmp_path / "a-fifo"
+    os.mkfifo(fifo)  # opening it would block: it must never be opened
+    for odd in ("/dev/zero", fifo, tmp_path):
+        assert f"config file {odd} is not a regular file" in fails(capsys, "validate", odd)
+    err = fails(capsys, "validate", make_config(space="/dev/zero"))
+    assert "space: file /dev/zero is not a regular file" in err
+    model = {"factory": "autosqueeze.examples.digits:pretrained_cnn", "checkpoint": str(fifo)}
+    err = fails(capsys, "validate", make_config(model=model))
+    assert f"model.checkpoint: file {fifo} is not a regular file" in err
+    err = fails(capsys, "doctor", make_config(search={"storage": "/dev/zero"}))
+    assert "search.storage: /dev/zero is not a regular file" in err
 
 
 def test_the_executor_is_chosen_through_its_registry(tmp_path):

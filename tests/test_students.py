@@ -39,7 +39,7 @@ def residual(tmp_path, **overrides):
             "metric": "accuracy",
             "calibration": "autosqueeze.examples.digits:calibration",
         },
-        "budgets": {"max_metric_drop": 0.02, "device": "cpu"},
+        "budgets": {"max_metric_drop": 0.02, "device": "cpu", "runtime": "torch"},
         "recovery": {"steps": 10},
         "sensitivity": {"enabled": False},
         "search": {"trials": 5, "seed": 0, "output_dir": str(tmp_path / "run")},
