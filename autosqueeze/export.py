@@ -176,6 +176,7 @@ def export_onnx(
     in_ort = _in_ort_kernels(model, plan)
     missing = _store_integers(proto, {k: v for k, v in integers.items() if k not in in_ort})
     folded = fold_batch_norms(proto)
+    _without_trace_notes(proto)
     onnx.checker.check_model(proto)
     partial = path.with_name(f".{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.onnx")
     try:
@@ -363,6 +364,15 @@ def _store_integers(
     for node in reversed(nodes):
         graph.node.insert(0, node)
     return missing
+
+
+def _without_trace_notes(proto: Any) -> None:
+    """Drop what the exporter notes on each node for debugging (the FX node, the module
+    path, the stack trace: the source files' paths on the machine that exported it): 1.0 MB
+    of MiniLM's 24.8 MB file, and nothing a shipped file should tell."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
 
 
 def _int4_packed(values: torch.Tensor) -> bytes:

@@ -141,6 +141,7 @@ def test_batch_norms_fold_into_convolutions_whatever_their_weights_hold(tmp_path
     assert ops["BatchNormalization"] == 0 and ops["Expand"] == 0 and ops["Conv"] == 10
     assert ops["QuantizeLinear"] > 0  # the static layer, in QDQ (fused at load)
     assert "10 BatchNorms folded" in " ".join(notes)
+    assert b"stack_trace" not in (tmp_path / "r.onnx").read_bytes()  # no source paths shipped
     initializers = {i.name: i for i in onnx.load(str(tmp_path / "r.onnx")).graph.initializer}
     q, _, _ = stored_integers(data)["stage1.0.conv1.0.weight"]
     stored = initializers["stage1.0.conv1.0.weight::q"]
