@@ -46,9 +46,13 @@ def front_table(front: Front, metric_name: str) -> str:
                 **{o.name: f"{row[o.name]:.4g}" for o in extra_objectives() if row[o.name] != ""},
             }
         )
-    if all(row["model"] == "original" for row in rows):  # a study without students
-        for row in rows:
-            del row["model"]
+    for column, unused in (
+        ("model", all(row["model"] == "original" for row in rows)),  # a study without students
+        ("memory_MB", all(row["memory_MB"] == "" for row in rows)),  # not measured (ORT)
+    ):
+        if unused:
+            for row in rows:
+                del row[column]
     return table(rows, list(rows[0]), right=set(rows[0]) - {"baseline", "model"})
 
 
