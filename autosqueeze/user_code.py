@@ -197,7 +197,17 @@ def _ending(code: int | None) -> str:
 
 
 def call_user(fn: Callable[..., Any], *args: Any, field: str, ref: str) -> Any:
-    """Call user code; anything it raises becomes a UserError naming the field and the line."""
+    """Call user code; anything it raises becomes a UserError naming the field and the line,
+    and so does a call of ``os._exit`` in this process, which would otherwise end the
+    command at once, with whatever status it gives (0: ``validate`` would look passed)."""
+    real_exit, pid = os._exit, os.getpid()
+
+    def refused_exit(status: int) -> None:
+        if os.getpid() != pid:  # a forked child (a DataLoader's worker) ends as it means to
+            real_exit(status)
+        raise _ProcessExit(status)
+
+    os._exit = refused_exit
     try:
         return fn(*args)
     except UserError:
@@ -206,6 +216,19 @@ def call_user(fn: Callable[..., Any], *args: Any, field: str, ref: str) -> Any:
         raise UserError(f"{field}: {ref!r} raised {describe(exc)}") from None
     except SystemExit as exc:
         raise UserError(f"{field}: {ref!r} called sys.exit({exc.code!r})") from None
+    except _ProcessExit as exc:
+        raise UserError(f"{field}: {ref!r} called os._exit({exc.status})") from None
+    finally:
+        os._exit = real_exit
+
+
+class _ProcessExit(BaseException):
+    """``os._exit`` called by user code (a BaseException: its own ``except Exception``
+    does not swallow it)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 def describe(exc: BaseException) -> str:

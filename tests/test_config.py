@@ -117,6 +117,27 @@ def test_user_code_that_ends_the_process_at_import_is_named(make_config, tmp_pat
         assert f"{ended} {how}" in run.stderr, run.stderr
 
 
+def test_user_code_that_exits_when_called_is_named(make_config, tmp_path):
+    """A factory or metric calling os._exit(0) when called (not at import) ended validate
+    with status 0 and no report; it is refused as sys.exit is. Run as a user runs it."""
+    (tmp_path / "exits.py").write_text(
+        "import os, sys\n"
+        "def build():\n    os._exit(0)\n"
+        "def metric(model, data, device):\n    sys.exit(0)\n"
+    )
+    for override, named in [
+        ({"model": {"factory": "exits:build"}}, "model.factory: 'exits:build' called os._exit(0)"),
+        ({"task": {"metric": "exits:metric"}}, "task.metric: 'exits:metric' called sys.exit(0)"),
+    ]:
+        run = subprocess.run(
+            [sys.executable, "-m", "autosqueeze", "validate", str(make_config(**override))],
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == 2 and named in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr
+
+
 def test_missing_files_are_named(tmp_path, make_config, capsys):
     err = fails(capsys, "validate", make_config(space="nowhere.yaml"))
     assert "space: file" in err and "nowhere.yaml does not exist" in err
