@@ -18,6 +18,7 @@ import optuna
 from optuna._hypervolume import compute_hypervolume  # Optuna's exact WFG; no public alias
 
 from autosqueeze.artifact import save_artifact
+from autosqueeze.errors import UserError
 from autosqueeze.measure import Measurements
 from autosqueeze.objectives import OBJECTIVES, extra_objectives
 from autosqueeze.records import TrialRecord, one_call_baselines, records, reference
@@ -216,9 +217,12 @@ def write_front(
         assert member.plan is not None and member.measurements is not None
         name, shipped = shipped_as(data) if shipped_as else ("model.safetensors", data)
         if len(shipped) != member.measurements.size_bytes:
-            raise RuntimeError(
-                f"trial {number}: the rebuilt {name} has {len(shipped)} bytes, "
-                f"the search measured {member.measurements.size_bytes}"
+            shutil.rmtree(staging, ignore_errors=True)
+            raise UserError(
+                f"trial {number}: its {name} rebuilt from its plan has {len(shipped):,} bytes, "
+                f"the search measured {member.measurements.size_bytes:,}, so the front would "
+                "not reproduce from its files; the study was measured by another version of "
+                "autosqueeze or of the model (or its checkpoint): search into a new --study-dir"
             )
         member_dir = staging / f"trial-{number:04d}"
         save_artifact(data, member_dir / "model.safetensors")

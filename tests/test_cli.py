@@ -40,6 +40,21 @@ def searched(tmp_path_factory):
     return path
 
 
+def test_a_front_that_would_not_reproduce_is_not_written(searched, tmp_path):
+    """A rebuilt file of another size than the one measured (the study measured by another
+    version of autosqueeze or of the model) is the user's to resolve, named, and nothing is
+    left half written."""
+    from autosqueeze.errors import UserError
+    from autosqueeze.front import compute_front, write_front
+
+    config = load_config(searched)
+    front = compute_front(load(searched), config.objectives)
+    number = front.members[0].number
+    with pytest.raises(UserError, match=f"trial {number}: its model.safetensors rebuilt"):
+        write_front(front, tmp_path, [(number, b"not the artifact it measured")])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_search_writes_the_front_and_prints_the_summary(tmp_path, make_config, capsys):
     config = make_config()
     code, out, _ = run(capsys, "search", config, "--no-progress")
