@@ -6,13 +6,17 @@ Rows:
 - kill cycles: a digits search (in-process and with 2 Ray evaluators, in turn) is sent
   SIGKILL, SIGTERM or SIGINT at a random moment, then resumed; finished trials must never
   disappear, nothing may stay RUNNING once the study ends, no process may outlive the search.
-- hostile artifacts: the forged variants of tests/test_hostile_artifacts.py, randomly damaged
+- hostile artifacts: the forged variants of tests/test_hostile_artifacts.py (a metadata
+  field of 60 MB deflated to ~100 kB, JSON nested 20,000 deep among them), randomly damaged
   copies (bytes flipped, cut short), a folder, a FIFO and /dev/zero, through ``evaluate``.
-- hostile configs: the cases of tests/test_config.py and more, through ``validate``.
+- hostile configs: the cases of tests/test_config.py and more, through ``validate``: none
+  may exit 0 (a module calling os._exit(0) while imported once did, with no report).
 - journal: appends lost while readers read and a repair rewrites the file (the concurrency
   test of tests/test_journal.py, counted).
 - dashboard: requests a stranger could send; each must be refused or answered harmlessly,
-  and the server must print no traceback.
+  and the server must print no traceback. Then 200 clients trickle a header a byte every
+  3 s (reconnecting when dropped) while a normal poll is sent every 0.5 s for 20 s: each
+  must be answered within 1 s.
 - secrets: a storage URL with a password, through validate, front, report and the dashboard.
 Targets: 0 lost, 0 tracebacks, 0 wrong answers, 0 secrets shown.
 """
@@ -30,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -145,7 +150,7 @@ def kill_cycles(folder: Path, cycles: int, rng: random.Random) -> dict[str, int]
 def hostile_artifacts(folder: Path, random_count: int, rng: random.Random) -> dict[str, int]:
     from test_hostile_artifacts import _variants
 
-    from autosqueeze.artifact import save_artifact
+    from autosqueeze.artifact import save_artifact, stored_bytes
     from autosqueeze.cli import main
     from autosqueeze.examples.digits import pretrained_cnn
     from autosqueeze.plan import Plan
@@ -155,8 +160,8 @@ def hostile_artifacts(folder: Path, random_count: int, rng: random.Random) -> di
     names = [n for n, m in model.named_modules() if type(m).__name__ in ("Conv2d", "Linear")]
     good = folder / "good.safetensors"
     save_artifact(compress(model, Plan.uniform(names, bits=4, prune=0.5)), good)
-    data = good.read_bytes()
-    cases = list(_variants(data).values())
+    data = good.read_bytes()  # shipped deflated; the forgeries edit the file it holds
+    cases = list(_variants(stored_bytes(good), padding=60_000_000).values())
     for _ in range(random_count):
         damaged = bytearray(data)
         for at in rng.sample(range(len(data)), rng.randint(1, 4)):
@@ -191,6 +196,10 @@ def hostile_configs(folder: Path) -> dict[str, int]:
     (folder / "exits_on_import.py").write_text("import sys\nsys.exit(3)\n")
     (folder / "sleeps_on_import.py").write_text("import time\ntime.sleep(3600)\n")
     (folder / "interrupts.py").write_text("raise KeyboardInterrupt\n")
+    (folder / "quits_on_import.py").write_text("import os\nos._exit(0)\n")
+    (folder / "killed_on_import.py").write_text("import os\nos.kill(os.getpid(), 9)\n")
+    (folder / "a-file").write_text("")
+    os.mkfifo(folder / "a-fifo.yaml")
     texts = {
         "alias bomb": BOMB + "name: *i\n",
         "deep nesting": "name: " + "[" * 50_000 + "]" * 50_000 + "\n",
@@ -235,6 +244,12 @@ def hostile_configs(folder: Path) -> dict[str, int]:
         "factory not a ref": {"model": {"factory": "torch"}},
         "metric os:system": {"task": {"metric": "os:system"}},
         "data returns nothing": {"task": {"data": "builtins:print"}},
+        "factory os._exit(0) at import": {"model": {"factory": "quits_on_import:build"}},
+        "factory SIGKILLed at import": {"model": {"factory": "killed_on_import:build"}},
+        "SQLite under a file": {"search": {"storage": f"sqlite:///{folder}/a-file/s.db"}},
+        "journal under a file": {"search": {"storage": str(folder / "a-file" / "s.log")}},
+        "workers 10^6": {"compute": {"workers": 10**6}},
+        "max_metric_drop 1e308": {"budgets": {"max_metric_drop": 1e308}},
     }
     paths = {}
     for name, text in texts.items():
@@ -242,6 +257,7 @@ def hostile_configs(folder: Path) -> dict[str, int]:
         paths[name].write_text(text, encoding="utf-8", errors="surrogateescape")
     for name, override in overrides.items():
         paths[name] = write_yaml(folder / f"{len(paths)}.yaml", study_config(folder, **override))
+    paths |= {"config /dev/zero": Path("/dev/zero"), "config a FIFO": folder / "a-fifo.yaml"}
     outcome = {"tried": 0, "exit 2": 0, "traceback": 0, "other": []}
     for name, path in paths.items():
         code, out, err = autosqueeze("validate", path, AUTOSQUEEZE_IMPORT_TIMEOUT="5")
@@ -308,11 +324,9 @@ def dashboard_probes(config: Path) -> dict[str, int]:
         b"GET /api/study HTTP/1.0\r\nHost: localhost.evil.example\r\n\r\n": (b" 403 ", b" 400 "),
         b"GET /../../../etc/passwd HTTP/1.0\r\n" + host + b"\r\n": (b" 404 ", b" 400 "),
         b"GET /%2e%2e/%2e%2e/etc/passwd HTTP/1.0\r\n" + host + b"\r\n": (b" 404 ", b" 400 "),
-        b"POST /api/study HTTP/1.0\r\n" + host + b"Content-Length: 3\r\n\r\nabc": (
-            b" 405 ",
-            b" 501 ",
-        ),
-        b"DELETE / HTTP/1.0\r\n" + host + b"\r\n": (b" 405 ", b" 501 "),
+        b"GET /api/study HTTP/1.0\r\n" + host + b"Host: evil.example\r\n\r\n": (b" 400 ",),
+        b"POST /api/study HTTP/1.0\r\n" + host + b"Content-Length: 3\r\n\r\nabc": (b" 405 ",),
+        b"DELETE / HTTP/1.0\r\n" + host + b"\r\n": (b" 405 ",),
         b"GET / HTTP/1.0\r\n" + host + b"X: " + b"a" * 70_000 + b"\r\n\r\n": (b" 431 ", b" 400 "),
         b"GET /" + b"a" * 70_000 + b" HTTP/1.0\r\n" + host + b"\r\n": (
             b" 414 ",
@@ -338,6 +352,7 @@ def dashboard_probes(config: Path) -> dict[str, int]:
         refused += b" 200 " in raw(b"GET /api/study HTTP/1.0\r\n" + host + b"\r\n")[:20]
     for conn in held:
         conn.close()
+    slow = slow_clients(port)
     for _ in range(20):  # clients that leave before the answer
         with contextlib.suppress(OSError):
             raw(b"GET /api/study HTTP/1.0\r\n" + host + b"\r\n", wait=False)
@@ -354,6 +369,64 @@ def dashboard_probes(config: Path) -> dict[str, int]:
         "probes": len(probes) + 2,
         "handled": refused + (remote == 2),
         "tracebacks": ("Traceback" in err) + ("Traceback" in remote_err),
+        **slow,
+    }
+
+
+def slow_clients(port: int, clients: int = 200, seconds: float = 20) -> dict[str, float]:
+    """Normal polls, one every 0.5 s, while ``clients`` connections each send a header a
+    byte every 3 s and reconnect when the server drops them (as an attacker would)."""
+    host = b"Host: 127.0.0.1:%d\r\n" % port
+
+    def connect() -> socket.socket | None:
+        with contextlib.suppress(OSError):
+            conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+            conn.sendall(b"GET / HTTP/1.1\r\n" + host + b"X-Slow: ")
+            return conn
+        return None
+
+    slow = [connect() for _ in range(clients)]
+    dropped = 0
+    stop = threading.Event()
+
+    def trickle() -> None:
+        nonlocal dropped
+        while not stop.wait(3):
+            for i, conn in enumerate(slow):
+                try:
+                    conn.sendall(b"x")  # a closed peer shows on the second send after it
+                except (OSError, AttributeError):
+                    dropped += conn is not None
+                    if conn is not None:
+                        conn.close()
+                    slow[i] = connect()
+
+    trickler = threading.Thread(target=trickle, daemon=True)
+    trickler.start()
+    latencies = []  # seconds to a whole 200 answer; inf: none within 5 s
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        started = time.monotonic()
+        answer = b""
+        with contextlib.suppress(OSError):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                conn.sendall(b"GET /api/study HTTP/1.0\r\n" + host + b"\r\n")
+                while chunk := conn.recv(65536):
+                    answer += chunk
+        ok = b" 200 " in answer[:20] and answer.rstrip().endswith(b"}")
+        latencies.append(time.monotonic() - started if ok else float("inf"))
+        time.sleep(0.5)
+    stop.set()
+    trickler.join()
+    for conn in slow:
+        if conn is not None:
+            conn.close()
+    return {
+        "slow clients": clients,
+        "polls": len(latencies),
+        "polls within 1 s": sum(t <= 1 for t in latencies),
+        "worst poll s": max(latencies),
+        "slow dropped": dropped,
     }
 
 
@@ -425,9 +498,20 @@ def main() -> None:
         )
         dashboard = dashboard_probes(kills["config"])
         print(
-            f"| dashboard probes (rebinding, traversal, methods, oversized, 300 half-sent, "
-            f"disconnects, remote bind) | {dashboard['probes']} | {dashboard['handled']} "
-            f"refused or answered as they should, {dashboard['tracebacks']} tracebacks | all |",
+            f"| dashboard probes (rebinding, two Hosts, traversal, methods, oversized, "
+            f"300 half-sent, disconnects, remote bind) | {dashboard['probes']} | "
+            f"{dashboard['handled']} refused or answered as they should, "
+            f"{dashboard['tracebacks']} tracebacks | all |",
+            flush=True,
+        )
+        worst = dashboard["worst poll s"]
+        print(
+            f"| dashboard polls answered within 1 s while {dashboard['slow clients']} clients "
+            f"trickle a byte every 3 s | {dashboard['polls']} | {dashboard['polls within 1 s']} "
+            f"| all |\n| worst poll latency under that load ({dashboard['slow dropped']} slow "
+            f"connections cut off and reconnected) | {dashboard['polls']} | "
+            + (f"{worst:.3f} s" if worst != float("inf") else "some unanswered in 5 s")
+            + " | under 1 s |",
             flush=True,
         )
         secrets = secrets_shown(root / "secrets", kills["config"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -18,15 +19,15 @@ from conftest import REPO, SLOW_METRIC, study_config, write_yaml
 
 from autosqueeze.cli import main
 from autosqueeze.config import load_config
-from autosqueeze.dashboard import make_server
+from autosqueeze.dashboard.server import make_server
 from autosqueeze.study import open_study
 from autosqueeze.techniques import TECHNIQUES
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
-def start(config_path: Path):
-    server = make_server(load_config(config_path), config_path, "127.0.0.1", 0)
+def start(config_path: Path, **options):
+    server = make_server(load_config(config_path), config_path, "127.0.0.1", 0, **options)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_port}/"
 
@@ -262,8 +263,6 @@ def test_a_cached_view_equals_a_fresh_one_as_the_study_grows(tmp_path, capsys):
 
 
 def _raw(port: int, request: bytes) -> bytes:
-    import socket
-
     with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
         conn.sendall(request)
         chunks = []
@@ -272,19 +271,21 @@ def _raw(port: int, request: bytes) -> bytes:
     return b"".join(chunks)
 
 
+def _status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
 def test_the_dashboard_answers_only_loopback_names_and_tokens(searched, tmp_path, capsys):
     server, url = start(searched)
     port = server.server_port
     try:
         ok = _raw(port, b"GET /api/study HTTP/1.0\r\nHost: 127.0.0.1:%d\r\n\r\n" % port)
-        assert ok.startswith(b"HTTP/1.0 200") and b'"trials"' in ok
+        assert _status(ok) == 200 and b'"trials"' in ok
         rebound = _raw(port, b"GET /api/study HTTP/1.0\r\nHost: evil.example:%d\r\n\r\n" % port)
-        assert rebound.startswith(b"HTTP/1.0 403") and b"trials" not in rebound
+        assert _status(rebound) == 403 and b"trials" not in rebound
         head = _raw(port, b"HEAD / HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        assert head.startswith(b"HTTP/1.0 200") and head.endswith(b"\r\n\r\n")  # no body
-        assert _raw(port, b"GARBAGE\r\n\r\n").startswith(b"HTTP/1.0 400")
-        import socket
-
+        assert _status(head) == 200 and head.endswith(b"\r\n\r\n")  # no body
+        assert _status(_raw(port, b"GARBAGE\r\n\r\n")) == 400
         idle = socket.create_connection(("127.0.0.1", port))  # sends half a request, stays
         idle.sendall(b"GET / HTTP/1.1\r\n")
         assert get(url)[0] == 200  # others are still answered meanwhile
@@ -308,3 +309,74 @@ def test_the_dashboard_answers_only_loopback_names_and_tokens(searched, tmp_path
         token_server.server_close()
     code = main(["dashboard", str(searched), "--host", "0.0.0.0", "--port", "0"])
     assert code == 2 and "--allow-remote" in capsys.readouterr().err
+
+
+def test_one_host_header_and_only_reading_methods(make_config):
+    server, url = start(make_config())
+    port = server.server_port
+    try:
+        loopback = b"Host: 127.0.0.1:%d\r\n" % port
+        two = _raw(port, b"GET /api/study HTTP/1.0\r\n" + loopback + b"Host: evil.example\r\n\r\n")
+        assert _status(two) == 400 and b"status" not in two
+        for method in (b"DELETE", b"PUT", b"POST", b"PATCH", b"OPTIONS"):
+            for path in (b"/", b"/api/study", b"/nope"):
+                request = method + b" " + path + b" HTTP/1.0\r\n" + loopback
+                answer = _raw(port, request + b"Content-Length: 2\r\n\r\n{}")
+                assert _status(answer) == 405, (method, path)
+                assert b"\r\nallow: get, head\r\n" in answer.lower()
+        # a stranger learns nothing, not even which methods exist
+        foreign = _raw(port, b"DELETE / HTTP/1.0\r\nHost: evil.example\r\n\r\n")
+        assert _status(foreign) == 403
+    finally:
+        server.shutdown()
+
+
+def _trickle(port: int, seconds: float) -> float | None:
+    """Connect and send a header a byte at a time, 0.2 s apart, until the server hangs up:
+    the seconds from connecting to that (None: still open after ``seconds``)."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:  # 0.2: the pace
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
+        while time.monotonic() - started < seconds:
+            try:
+                sock.sendall(b"X")
+                if sock.recv(1024) == b"":
+                    return time.monotonic() - started
+            except TimeoutError:
+                continue
+            except OSError:  # reset
+                return time.monotonic() - started
+    return None
+
+
+def test_slow_clients_neither_hold_the_server_nor_stay_for_ever(make_config):
+    server, url = start(make_config())
+    port = server.server_port
+    slow = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(100)]
+    stop = threading.Event()
+
+    def trickle() -> None:  # a byte each second on every slow socket, until the end
+        while not stop.wait(1):
+            for sock in slow:
+                try:
+                    sock.sendall(b"X")
+                except OSError:
+                    pass
+
+    for sock in slow:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+    threading.Thread(target=trickle, daemon=True).start()
+    try:
+        assert get(url + "api/study")[0] == 200  # answered meanwhile (urlopen waits 30 s)
+    finally:
+        stop.set()
+        for sock in slow:
+            sock.close()
+        server.shutdown()
+
+    server, _ = start(make_config(), request_timeout=2)  # the whole request, not each read
+    try:
+        took = _trickle(server.server_port, seconds=60)
+        assert took is not None and took >= 2
+    finally:
+        server.shutdown()

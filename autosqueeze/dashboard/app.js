@@ -14,6 +14,16 @@
 
   const budgetLine = key => objective(key).budget;  // in plotted units; null: no budget
 
+  // titles sit on the left and plotly's toolbar (top right, on hover) keeps the buttons these
+  // plots use, so the two do not overlap
+  const title = text => ({ text, font: { size: 14 }, x: 0, xref: "paper", xanchor: "left" });
+  const CONFIG = {
+    displaylogo: false, responsive: true,
+    modeBarButtonsToRemove: ["select2d", "lasso2d", "zoomIn2d", "zoomOut2d", "autoScale2d", "resetCameraLastSave3d", "hoverClosest3d"],
+  };
+  // uirevision: a zoom, pan or 3D rotation the user made outlives the next poll's redraw
+  const draw = (id, traces, layout) => Plotly.react(id, traces, { uirevision: "user", ...layout }, CONFIG);
+
   function pairs() {  // every two of the study's objectives, in order
     const names = view.objective_info.map(o => o.name);
     return names.flatMap((x, i) => names.slice(i + 1).map(y => [x, y]));
@@ -52,13 +62,28 @@
     ];
   }
 
+  function edges(key, values) {
+    // where a value sits across the axis's shown span, 0 to 1 (log axes: in decades)
+    const f = objective(key).log ? Math.log10 : v => v;
+    const [lo, hi] = (metricRange(key) || [Math.min(...values), Math.max(...values)]).map(f);
+    return v => hi > lo ? (f(v) - lo) / (hi - lo) : 0.5;
+  }
+
   function drawPair(x, y) {
     const id = `pareto-${x}-${y}`;
     const has = t => value(t, x) !== null && value(t, y) !== null;
-    const traces = groups().map(g => ({ ...g, rows: g.rows.filter(has) })).filter(g => g.rows.length).map(g => ({
+    const shown = groups().map(g => ({ ...g, rows: g.rows.filter(has) })).filter(g => g.rows.length);
+    const rows = shown.flatMap(g => g.rows);
+    const ax = edges(x, rows.map(t => value(t, x))), ay = edges(y, rows.map(t => value(t, y)));
+    const inside = t => [ax(value(t, x)), ay(value(t, y))].every(f => f >= 0 && f <= 1);
+    // a label leans away from the nearest edge, so the plot does not cut it ("napsack");
+    // a point outside the shown range (the metric axis opens zoomed in) has none
+    const place = t => (ay(value(t, y)) > 0.8 ? "bottom " : "top ") +
+      (ax(value(t, x)) > 0.75 ? "left" : ax(value(t, x)) < 0.25 ? "right" : "center");
+    const traces = shown.map(g => ({
       type: "scatter", mode: g.text ? "markers+text" : "markers", name: g.name,
       x: g.rows.map(t => value(t, x)), y: g.rows.map(t => value(t, y)),
-      text: g.text ? g.rows.map(t => t.baseline) : undefined, textposition: "top center",
+      text: g.text ? g.rows.map(t => inside(t) ? t.baseline : "") : undefined, textposition: g.rows.map(place),
       customdata: g.rows.map(t => t.number), marker: g.marker,
       hovertemplate: "trial %{customdata}<br>" + label(x) + " %{x}<br>" + label(y) + " %{y}<extra></extra>",
     }));
@@ -66,12 +91,12 @@
     const bx = budgetLine(x), by = budgetLine(y);
     if (bx !== null) shapes.push({ type: "line", xref: "x", yref: "paper", x0: bx, x1: bx, y0: 0, y1: 1, line: { dash: "dash", color: "#d62728" } });
     if (by !== null) shapes.push({ type: "line", xref: "paper", yref: "y", x0: 0, x1: 1, y0: by, y1: by, line: { dash: "dash", color: "#d62728" } });
-    Plotly.react(id, traces, {
-      title: { text: `${label(x)} vs ${label(y)}`, font: { size: 14 } }, margin: { t: 34, r: 10, b: 40, l: 50 },
+    draw(id, traces, {
+      title: title(`${label(x)} vs ${label(y)}`), margin: { t: 34, r: 10, b: 40, l: 50 },
       xaxis: { title: { text: label(x) }, type: objective(x).log ? "log" : "linear", range: metricRange(x) },
       yaxis: { title: { text: label(y) }, type: objective(y).log ? "log" : "linear", range: metricRange(y) },
       shapes, showlegend: pairs()[0].join() === [x, y].join(), legend: { orientation: "h", y: -0.25 },
-    }, { displaylogo: false, responsive: true });
+    });
     const el = document.getElementById(id);
     if (!el._clickBound) { el.on("plotly_click", e => e.points[0].customdata !== null && select(e.points[0].customdata)); el._clickBound = true; }
   }
@@ -93,10 +118,15 @@
     }));
     traces.push(...budgetPlanes(keys));
     const axis = k => ({ title: { text: label(k) }, type: objective(k).log ? "log" : "linear" });
-    Plotly.react("pareto-3d", traces, {
-      title: { text: keys.map(label).join(", "), font: { size: 14 } }, margin: { t: 34, r: 0, b: 0, l: 0 }, showlegend: false,
-      scene: { xaxis: axis(kx), yaxis: axis(ky), zaxis: axis(kz) },
-    }, { displaylogo: false, responsive: true });
+    draw("pareto-3d", traces, {
+      title: title(keys.map(label).join(", ")), margin: { t: 34, r: 0, b: 0, l: 0 }, showlegend: false,
+      scene: {
+        xaxis: axis(kx), yaxis: axis(ky), zaxis: axis(kz),
+        // a flat box, seen from a little further: the whole of it fits the wide, short card
+        aspectmode: "manual", aspectratio: { x: 1.2, y: 1.2, z: 0.7 },
+        camera: { eye: { x: 1.6, y: 1.6, z: 0.9 }, center: { x: 0, y: 0, z: -0.15 } },
+      },
+    });
     const el = document.getElementById("pareto-3d");
     if (!el._clickBound) { el.on("plotly_click", e => e.points[0].customdata !== null && select(e.points[0].customdata)); el._clickBound = true; }
   }
@@ -119,13 +149,13 @@
   }
 
   function drawHypervolume() {
-    Plotly.react("hypervolume", [{
+    draw("hypervolume", [{
       type: "scatter", mode: "lines+markers", line: { shape: "hv" },
       x: view.hypervolume.map(p => p[0]), y: view.hypervolume.map(p => p[1]),
     }], {
-      title: { text: "hypervolume of feasible trials (vs the original model)", font: { size: 14 } },
+      title: title("hypervolume of feasible trials (vs the original model)"),
       margin: { t: 34, r: 10, b: 40, l: 60 }, xaxis: { title: { text: "trial" } }, yaxis: { title: { text: "hypervolume" } },
-    }, { displaylogo: false, responsive: true });
+    });
   }
 
   function select(number) {
@@ -151,15 +181,15 @@
     document.getElementById("selected-cli").textContent = view.export_command.replaceAll("{n}", t.number);
     const layers = Object.keys(t.plan), knobs = view.knobs;  // as autosqueeze.techniques registers them
     const strength = (k, v) => (view.knob_strength[k] || {})[String(v)] ?? 0;
-    Plotly.react("plan-heatmap", [{
+    draw("plan-heatmap", [{
       type: "heatmap", x: knobs, y: layers, colorscale: "YlOrRd", reversescale: true, zmin: 0, zmax: 1,
       z: layers.map(l => knobs.map(k => strength(k, t.plan[l][k]))),
       text: layers.map(l => knobs.map(k => String(fmt(t.plan[l][k] ?? "", 3)).replace("_weight_only", " w/o").replace("_dynamic", " dyn"))), texttemplate: "%{text}",
       hovertemplate: "%{y} %{x}: %{text}<extra></extra>", colorbar: { title: "compression" },
     }], {
-      title: { text: `plan of trial ${t.number} (layers x knobs)`, font: { size: 14 } },
-      margin: { t: 34, r: 10, b: 30, l: 110 }, yaxis: { autorange: "reversed" },
-    }, { displaylogo: false, responsive: true });
+      title: title(`plan of trial ${t.number} (layers x knobs)`),
+      margin: { t: 34, r: 10, b: 30, l: 110 }, yaxis: { autorange: "reversed" }, xaxis: { automargin: true },  // knob names whole
+    });
     document.getElementById("plan-heatmap").dataset.trial = String(t.number);
     drawTable();
   }
@@ -184,13 +214,13 @@
       const v = lost.get(key);
       return !lost.has(key) ? "" : v === null ? "failed" : v === "skipped" ? "more (not probed: a weaker value broke it)" : fmt(v, 4);
     }));
-    Plotly.react("sensitivity-heatmap", [{
+    draw("sensitivity-heatmap", [{
       type: "heatmap", x: columns, y: groups, z, text, colorscale: "YlOrRd", reversescale: true, zmin: 0, zmax: 3 * budget,
       hovertemplate: "%{y} %{x}: lost %{text}<extra></extra>", colorbar: { title: `${view.metric_name} lost` },
     }], {
-      title: { text: `sensitivity: ${view.metric_name} lost when one layer takes one value (first ${table.samples} samples; colour capped at 3x the budget)`, font: { size: 14 } },
+      title: title(`sensitivity: ${view.metric_name} lost when one layer takes one value (first ${table.samples} samples; colour capped at 3x the budget)`),
       margin: { t: 34, r: 10, b: 150, l: 160 }, yaxis: { autorange: "reversed" }, xaxis: { tickangle: -60, automargin: true },
-    }, { displaylogo: false, responsive: true });
+    });
   }
 
   function drawTable() {
