@@ -321,8 +321,10 @@ def _store_integers(
     proto: Any, integers: dict[str, tuple[torch.Tensor, torch.Tensor, int | None]]
 ) -> list[str]:
     """Replace each float initializer the artifact stores as integers by its integers, its
-    scales and a DequantizeLinear (then a Reshape back, for a convolution's kernel): the
-    values are the artifact's own, so the weights ONNX computes are the ones torch loads.
+    fp16 scales (cast to fp32, which ONNX Runtime folds at load) and a DequantizeLinear (then
+    a Reshape back, for a convolution's kernel): the values are the artifact's own, so the
+    weights ONNX computes are the ones torch loads; fp32 scales were 0.73 MB of MiniLM's
+    int8 word embeddings in groups of 64.
     Returns the keys it could not find as initializers (they stay fp32)."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -345,14 +347,15 @@ def _store_integers(
             raw=True,
         )
         per_group = group_size is not None and group_size < width
-        scales = scale.float().reshape(rows.shape[0], -1) if per_group else scale.float().flatten()
+        scales = scale.half().reshape(rows.shape[0], -1) if per_group else scale.half().flatten()
         attributes = {"axis": 1, "block_size": group_size} if per_group else {"axis": 0}
         flat = key if q.dim() == 2 else f"{key}::2d"
-        nodes.append(
+        nodes += [  # the scales as the artifact holds them (fp16), widened once at load
+            helper.make_node("Cast", [f"{key}::scale"], [f"{key}::scale32"], to=TensorProto.FLOAT),
             helper.make_node(
-                "DequantizeLinear", [values.name, f"{key}::scale"], [flat], **attributes
-            )
-        )
+                "DequantizeLinear", [values.name, f"{key}::scale32"], [flat], **attributes
+            ),
+        ]
         graph.initializer.remove(init)
         graph.initializer.extend([values, numpy_helper.from_array(scales.numpy(), f"{key}::scale")])
         if q.dim() != 2:

@@ -215,8 +215,9 @@ def _scale_weight(
 ) -> bool:
     """Multiply output channel c of the convolution weight ``name`` by ``factor[c]``: an fp32
     initializer in place (under its own name, which ``quantize_layers`` looks up), a weight
-    stored as integers in its DequantizeLinear's scales (a negative factor would need its
-    integers negated: left unfolded). False where the weight is neither, or shared."""
+    stored as integers in its DequantizeLinear's scales, widened to fp32 (a negative factor
+    would need its integers negated: left unfolded). False where the weight is neither, or
+    shared."""
     from onnx import numpy_helper
 
     if len(consumers.get(name, [])) != 1:
@@ -231,12 +232,16 @@ def _scale_weight(
         node = producer.get(node.input[0])
     if node is None or node.op_type != "DequantizeLinear" or (factor <= 0).any():
         return False
-    scale_name = node.input[1]
-    if scale_name not in initializers or len(consumers.get(scale_name, [])) != 1:
+    widened = producer.get(node.input[1])  # the export's fp16 scales, cast to fp32
+    scale_name = widened.input[0] if widened is not None and widened.op_type == "Cast" else ""
+    if scale_name not in initializers or len(consumers.get(node.input[1], [])) != 1:
         return False
-    scale = numpy_helper.to_array(initializers[scale_name])
+    scale = numpy_helper.to_array(initializers[scale_name]).astype("float32")
     factor = factor.reshape(-1, *[1] * (scale.ndim - 1))
-    _replace(graph, initializers, scale_name, (scale * factor).astype(scale.dtype))
+    folded = numpy_helper.from_array((scale * factor).astype("float32"), f"{scale_name}::folded")
+    graph.initializer.append(folded)  # fp32: the fold's own rounding stays out of fp16's
+    initializers[folded.name] = folded
+    node.input[1] = folded.name
     return True
 
 

@@ -153,9 +153,9 @@ def layer_bytes(
 def onnx_layer_bytes(layer: nn.Module, values: dict[str, Any], group_size: int | None) -> int:
     """A layer's weight bytes in its ONNX export (``export.export_onnx``), where weights are
     stored dense: int8 with an fp32 scale per row where one of ONNX Runtime's int8 kernels
-    runs the layer or the plan stores 5-8 bits, int4 at 4 bits and fewer (a scale per row
-    or group), fp32 otherwise (16 bits and shared values are decoded there). Pruning saves
-    nothing in that file; a rank, its factors' weights."""
+    runs the layer, int8 at 5-8 bits and int4 at 4 bits and fewer with the artifact's fp16
+    scales (per row or group), fp32 otherwise (16 bits and shared values are decoded
+    there). Pruning saves nothing in that file; a rank, its factors' weights."""
     bits, cluster = int(values.get("bits", 32)), int(values.get("cluster", 0))
     rank = float(values.get("rank", 1.0))
     shapes = factor_shapes(layer, rank) if rank < 1 else [m.shape for m in matrices(layer).values()]
@@ -167,7 +167,8 @@ def onnx_layer_bytes(layer: nn.Module, values: dict[str, Any], group_size: int |
     for shape in shapes:
         rows, cols = shape[0], math.prod(shape[1:])
         groups = math.ceil(cols / group_size) if group_size and group_size < cols else 1
-        total += math.ceil(width * rows * cols) + 4 * rows * (1 if integer else groups)
+        scales = 4 * rows if integer else 2 * rows * groups  # ORT's fp32; the artifact's fp16
+        total += math.ceil(width * rows * cols) + scales
     return total
 
 
