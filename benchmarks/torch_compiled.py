@@ -313,7 +313,7 @@ def forms_for(case: Case) -> list[Form]:
     model = case.model
 
     def eager(module: nn.Module) -> Callable[[], Callable[[Any], nn.Module]]:
-        return lambda: (lambda _inputs: module)
+        return lambda: lambda _inputs: module
 
     def quantize_dynamic() -> Callable[[Any], nn.Module]:
         quantized = torch.ao.quantization.quantize_dynamic(
@@ -370,9 +370,7 @@ def forms_for(case: Case) -> list[Form]:
 # --------------------------------------------------------------------------- measuring
 
 
-def time_forms(
-    forms: list[Form], inputs: Any, rounds: int, calls: int
-) -> dict[str, list[float]]:
+def time_forms(forms: list[Form], inputs: Any, rounds: int, calls: int) -> dict[str, list[float]]:
     """Per form, its median call (seconds) in each interleaved round."""
     live = [f for f in forms if not f.error]
     modules = {f.name: f.module(inputs) for f in live}
