@@ -81,6 +81,17 @@ def build_resnet18() -> nn.Module:
 
 
 def build_mobilenet_v2() -> nn.Module:
+    """MobileNetV2's first four stages, a block less where one repeats: every kind of block it
+    has in 20 layers of its 53, so the sensitivity pass probes a third as many (CI's time)."""
+    tv = _torchvision()
+    stages = [[1, 16, 1, 1], [6, 24, 1, 2], [6, 32, 2, 2], [6, 64, 2, 2]]
+    return _with_statistics(
+        _seeded(lambda: tv.models.MobileNetV2(num_classes=10, inverted_residual_setting=stages))
+    )
+
+
+def build_mobilenet_v2_full() -> nn.Module:
+    """torchvision's mobilenet_v2 as published (53 layers), for benchmarks/studies."""
     tv = _torchvision()
     return _with_statistics(_seeded(lambda: tv.models.mobilenet_v2(num_classes=10)))
 
@@ -91,13 +102,26 @@ def build_shufflenet() -> nn.Module:
 
 
 def build_mobilenet_v3() -> nn.Module:
+    """mobilenet_v3_small's first six blocks (ReLU and hardswish, with and without
+    squeeze-excitation) and its head: 29 layers of its 54."""
     tv = _torchvision()
-    return _with_statistics(_seeded(lambda: tv.models.mobilenet_v3_small(num_classes=10)))
+    blocks, last_channel = tv.models.mobilenetv3._mobilenet_v3_conf("mobilenet_v3_small")
+    return _with_statistics(
+        _seeded(lambda: tv.models.MobileNetV3(blocks[:6], last_channel, num_classes=10))
+    )
 
 
 def build_efficientnet() -> nn.Module:
+    """efficientnet_b0's first five stages at half width, one or two blocks each: 37 layers of
+    its 82."""
     tv = _torchvision()
-    return _with_statistics(_seeded(lambda: tv.models.efficientnet_b0(num_classes=10)))
+    b0 = [(1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2)]
+    b0 += [(6, 3, 2, 40, 80, 3), (6, 5, 1, 80, 112, 3)]
+    config = tv.models.efficientnet.MBConvConfig
+    stages = [config(*stage, width_mult=0.5, depth_mult=0.34) for stage in b0]
+    return _with_statistics(
+        _seeded(lambda: tv.models.EfficientNet(stages, dropout=0.2, num_classes=10))
+    )
 
 
 def build_squeezenet() -> nn.Module:
@@ -106,8 +130,13 @@ def build_squeezenet() -> nn.Module:
 
 
 def build_regnet() -> nn.Module:
+    """RegNetY (grouped convolutions, squeeze-excitation) drawn from the paper's RegNetY-200MF
+    parameters at depth 6 instead of 13: 35 layers, where regnet_y_400mf has 86."""
     tv = _torchvision()
-    return _with_statistics(_seeded(lambda: tv.models.regnet_y_400mf(num_classes=10)))
+    params = tv.models.regnet.BlockParams.from_init_params(
+        depth=6, w_0=24, w_a=36.44, w_m=2.49, group_width=8, se_ratio=0.25
+    )
+    return _with_statistics(_seeded(lambda: tv.models.RegNet(params, num_classes=10)))
 
 
 def build_vit() -> nn.Module:
