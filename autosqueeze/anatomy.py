@@ -17,7 +17,7 @@ module, narrowed) or only changed where it stands (its weight quantized or prune
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -60,7 +60,8 @@ def _own_forward(model: nn.Module, layers: list[str]) -> dict[str, str]:
         if is_conv1d(model.get_submodule(name)):
             continue  # Hugging Face's Conv1D is a Linear stored transposed: kernels take it as one
         cls = type(model.get_submodule(name))
-        base = next((c for c in cls.__mro__ if c.__module__.startswith("torch.nn.")), None)
+        torch_class = next((c for c in cls.__mro__ if c.__module__.startswith("torch.nn.")), None)
+        base = cast("type[nn.Module] | None", torch_class)  # the torch layer class it extends
         if base is not None and base is not cls and cls.forward is not base.forward:
             found[name] = cls.__name__
     return found
@@ -84,15 +85,15 @@ def _outside_reads(
     running: set[int] = set()
     watched: dict[str, tuple[nn.Module, type]] = {}
 
-    def watching(cls: type) -> type:
-        def __getattribute__(self: nn.Module, attr: str) -> Any:  # noqa: N807
+    def watching(cls: type[nn.Module]) -> type:
+        def __getattribute__(self: nn.Module, attr: str) -> Any:
             key = object.__getattribute__(self, "__dict__").get("_autosqueeze_watch")
             if key is not None and key not in running and not attr.startswith("_"):
                 if attr not in _CALLING:
                     reads[key].add(attr)
             return cls.__getattribute__(self, attr)
 
-        def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
+        def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             key = object.__getattribute__(self, "__dict__")["_autosqueeze_watch"]
             running.add(key)
             try:

@@ -22,6 +22,7 @@ import os
 import re
 import zlib
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ def _digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     for name in sorted(tensors):
         tensor = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
-        h.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
     if metadata.get("autosqueeze_format") != _TENSORS_ONLY_FORMAT:
         fields = {k: v for k, v in metadata.items() if k != _DIGEST}
         h.update(json.dumps(fields, sort_keys=True).encode())
@@ -128,8 +129,12 @@ def stored_bytes(source: str | Path | bytes) -> bytes:
     deflated file is untrusted: its stream must be whole, inflate to exactly the length it
     states, and state no more than ``_MAX_INFLATION`` times its own size (a small file that
     inflates to gigabytes would exhaust memory); else a ValueError saying which."""
-    where = "the artifact" if isinstance(source, bytes) else _existing(source)
-    data = source if isinstance(source, bytes) else where.read_bytes()
+    where: str | Path = "the artifact"
+    if isinstance(source, bytes):
+        data = source
+    else:
+        where = _existing(source)
+        data = where.read_bytes()
     if not data.startswith(_DEFLATED):
         return data
     head = len(_DEFLATED) + 8
@@ -442,7 +447,9 @@ def _parts(
     return parts
 
 
-def _ties(metadata: dict[str, str], encodings: dict[str, object], where: object) -> dict[str, str]:
+def _ties(
+    metadata: dict[str, str], encodings: Mapping[str, object], where: object
+) -> dict[str, str]:
     try:
         ties = json.loads(metadata.get("ties", "{}"))
         if all(isinstance(a, str) and owner in encodings for a, owner in ties.items()):
@@ -547,7 +554,7 @@ def _read(source: str | Path | bytes) -> tuple[dict[str, str], dict[str, torch.T
     deflated); anything that is not a readable safetensors file is a ValueError saying so."""
     where = "the artifact" if isinstance(source, bytes) else _existing(source)
     try:
-        if isinstance(source, bytes) or _is_deflated(where):
+        if isinstance(where, str) or _is_deflated(where):  # a str: ``source`` is the bytes
             data = stored_bytes(source)
             return _header_metadata(data, where), load_tensors(data)
         with safe_open(where, framework="pt") as f:

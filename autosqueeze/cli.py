@@ -25,6 +25,7 @@ from autosqueeze.errors import Terminated, UserError, terminate
 
 if TYPE_CHECKING:  # the commands import what they use, so --help starts fast
     from autosqueeze.front import Front
+    from autosqueeze.plan import Plan
     from autosqueeze.records import TrialRecord
     from autosqueeze.task import Task
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("autosqueeze: interrupted.", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception:  # noqa: BLE001 - any bug: one line and a report, not a traceback
         print(
             "autosqueeze: internal error (a bug in autosqueeze, not in your config; "
             "please report it with this traceback):",
@@ -397,14 +398,14 @@ def _study_task(config: StudyConfig) -> Task:
     return in_study_runtime(study, task) if study is not None else task
 
 
-def _trial(config: StudyConfig, number: int) -> TrialRecord:
-    """The study's trial ``number``, which must hold a plan."""
+def _trial(config: StudyConfig, number: int) -> tuple[TrialRecord, Plan]:
+    """The study's trial ``number``, which must hold a plan, and its plan."""
     from autosqueeze.records import records
     from autosqueeze.study import open_study
 
     study = open_study(config, create=False)
-    found = [r for r in records(study) if r.number == number]
-    if not found or found[0].plan is None:
+    found = [(r, r.plan) for r in records(study) if r.number == number and r.plan is not None]
+    if not found:
         raise UserError(f"--trial: study {config.name!r} has no trial {number} with a plan.")
     return found[0]
 
@@ -413,15 +414,15 @@ def _export(args: argparse.Namespace) -> int:
     from autosqueeze.evaluator import Evaluator
 
     config = _config(args)
-    record = _trial(config, args.trial)
+    record, plan = _trial(config, args.trial)
     task = _study_task(config)
     evaluator = Evaluator(task)
     try:
         if args.format != "artifact":
             return _export_as(
-                args.format, task, evaluator.artifact(record.plan), record, args.output
+                args.format, task, evaluator.artifact(plan), record, plan, args.output
             )
-        size = evaluator.build(record.plan, args.output)
+        size = evaluator.build(plan, args.output)
     except OSError as exc:
         raise UserError(f"-o/--output: cannot write {args.output}: {exc.strerror or exc}") from None
     finally:
@@ -432,7 +433,9 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_as(form: str, task: Task, artifact: bytes, record: TrialRecord, output: Path) -> int:
+def _export_as(
+    form: str, task: Task, artifact: bytes, record: TrialRecord, plan: Plan, output: Path
+) -> int:
     """``export --format pt2|onnx``: the trial's artifact loaded as the search measured it
     (for ONNX: as torch's own layers, its integers kept aside), then traced and written."""
 
@@ -443,23 +446,23 @@ def _export_as(form: str, task: Task, artifact: bytes, record: TrialRecord, outp
         raise UserError(f"-o/--output: cannot write {output}: {output.parent} is not a folder")
     if form == "onnx":
         _require("onnx", "onnxruntime", "onnxscript", why="--format onnx")
-    model = task.skeleton(record.plan.base)
+    model = task.skeleton(plan.base)
     tracer = "torch.export" if form == "pt2" else "torch.onnx"
     try:
         if form == "pt2":
             model = load_artifact(artifact, model, task.target)
-            notes = export_program(model, record.plan, task.example_input, output)
+            notes = export_program(model, plan, task.example_input, output)
         else:
             model = load_artifact(artifact, model, task.target, execution_form=False)
             integers = stored_integers(artifact)
             notes = export_onnx(
-                model, record.plan, integers, task.example_input, output, task.calibration_inputs
+                model, plan, integers, task.example_input, output, task.calibration_inputs
             )
     except ValueError as exc:
         raise UserError(f"--format {form}: trial {record.number}: {exc}") from None
     except OSError:
         raise
-    except Exception as exc:  # the tracer's own refusal of the model's code
+    except Exception as exc:  # noqa: BLE001 - the tracer's own refusal of the model's code
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise UserError(
             f"--format {form}: {tracer} cannot trace trial {record.number}'s model: "
@@ -494,7 +497,7 @@ def _finetune(args: argparse.Namespace) -> int:
         raise UserError(f"--steps: {args.steps} is not a number of steps (1 or more).")
     if args.lr is not None and not args.lr > 0:
         raise UserError(f"--lr: {args.lr} is not a learning rate (above 0).")
-    record = _trial(config, args.trial)
+    record, plan = _trial(config, args.trial)
     task = _study_task(config)
     if task.recovery is None:
         raise UserError(
@@ -506,12 +509,11 @@ def _finetune(args: argparse.Namespace) -> int:
         raise UserError(
             f"-o/--output: cannot write {args.output}: {args.output.parent} is not a folder"
         )
-    assert record.plan is not None
     evaluator = Evaluator(task)
     try:
-        before = evaluator.measure_artifact(evaluator.artifact(record.plan))
-        base = task.base_model(record.plan.base)
-        compressed = compress(base, record.plan, task.target, task.recovery)
+        before = evaluator.measure_artifact(evaluator.artifact(plan))
+        base = task.base_model(plan.base)
+        compressed = compress(base, plan, task.target, task.recovery)
         longer = replace(
             task.recovery, steps=args.steps, lr=args.lr or task.recovery.lr, min_gain=0.0
         )

@@ -58,9 +58,9 @@ def fail_trial(
         number, params, user_attrs = trial.number, trial.params, trial.user_attrs
     else:
         frozen = study.get_trials(deepcopy=False)[trial]
-        storage = study._storage  # noqa: SLF001 - see above
+        storage = study._storage  # Optuna has no public setter for a finished trial
         for key, value in attrs.items():
-            storage.set_trial_user_attr(frozen._trial_id, key, value)  # noqa: SLF001
+            storage.set_trial_user_attr(frozen._trial_id, key, value)
         number, params, user_attrs = frozen.number, frozen.params, frozen.user_attrs
     study.tell(number, state=TrialState.FAIL)
     if requeue and params:
@@ -143,5 +143,5 @@ class Heartbeat:
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 self._study.set_user_attr(f"heartbeat:{DRIVER_ID}", time.time())
-            except Exception:  # a storage hiccup must not kill the search; next beat retries
+            except Exception:  # noqa: BLE001 - a storage hiccup must not kill the search; next beat retries
                 continue

@@ -27,6 +27,7 @@ Runtime.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import uuid
 import warnings
@@ -87,7 +88,7 @@ def _without_cache(model: nn.Module, example_input: Any) -> Iterator[list[str]]:
     object (DynamicCache) is no pytree, so ``torch.export`` cannot return it. GPT-2, LLaMA,
     BART, ..."""
     config = getattr(model, "config", None)
-    if getattr(config, "use_cache", None) is not True:
+    if config is None or getattr(config, "use_cache", None) is not True:
         yield []
         return
     with torch.no_grad():
@@ -301,7 +302,7 @@ def _onnx_traced(model: nn.Module, example_input: Any, optimize: bool = False) -
     export finds each weight by its own name."""
 
     def trace(args: tuple[Any, ...], kwargs: dict[str, Any], shapes: Any) -> Any:
-        return torch.onnx.export(
+        program = torch.onnx.export(
             model,
             args,
             kwargs=kwargs,
@@ -310,7 +311,10 @@ def _onnx_traced(model: nn.Module, example_input: Any, optimize: bool = False) -
             opset_version=ONNX_OPSET,
             optimize=optimize,
             verbose=False,
-        ).model_proto
+        )
+        if program is None:  # only the legacy exporter (dynamo=False) returns none
+            raise RuntimeError("torch.onnx.export returned no ONNX program")
+        return program.model_proto
 
     with silenced(STDOUT), silenced(STDERR), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's progress and deprecation notes
@@ -443,7 +447,7 @@ def in_batches_of(size: int, call: Callable[..., Any], args: Any, kwargs: Any) -
     parts = []
     for start in range(0, given, size):
         part_args, part_kwargs = map_tensors(
-            lambda t, start=start: _rows(t, start, size), (args, kwargs)
+            functools.partial(_rows, start=start, size=size), (args, kwargs)
         )
         parts.append(call(*part_args, **part_kwargs))
     columns = iter(zip(*(list(leaves(part)) for part in parts), strict=True))

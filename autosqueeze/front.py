@@ -94,13 +94,21 @@ class Front:
             "metric_drop": round(ref.metric - got.metric, 6) if ref else "",
             "size_bytes": got.size_bytes,
             "compression": round(ref.size_bytes / got.size_bytes, 3) if ref else "",
-            "latency_ms": round(got.latency_ms, 4),
-            "speedup": round(ref.latency_ms / got.latency_ms, 3) if ref else "",
+            "latency_ms": round(_timed(got), 4),
+            "speedup": round(_timed(ref) / _timed(got), 3) if ref else "",
             "memory_mb": round(got.memory_mb, 3) if got.memory_mb is not None else "",
             **{o.name: got.extra.get(o.name, "") for o in extra_objectives()},
             "feasible": "",
             "artifact": artifact,
         }
+
+
+def _timed(got: Measurements) -> float:
+    """The latency of a model timed in full: the original, a front member, a baseline (a
+    trial stopped before it was timed is no member)."""
+    if got.latency_ms is None:
+        raise ValueError("a model stopped before it was timed has no latency to report")
+    return got.latency_ms
 
 
 def _no_worse(objective: str, got: Measurements, baseline: Measurements) -> bool:
@@ -237,8 +245,8 @@ def write_front(
         (staging / name / "metrics.json").write_text(json.dumps(metrics, indent=2))
         rows.append(row)
     for name in front.one_call:  # ONNX Runtime's one-call quantizers, for comparison
-        shipped = output_dir / "baselines" / f"{name}.onnx"
-        rows.append(front.baseline_row(name, str(shipped.relative_to(output_dir))))
+        onnx_file = output_dir / "baselines" / f"{name}.onnx"
+        rows.append(front.baseline_row(name, str(onnx_file.relative_to(output_dir))))
     _swap_in(staging, folder)
     path = output_dir / "front.csv"
     partial = staging.with_suffix(".csv")

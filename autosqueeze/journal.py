@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -101,7 +101,7 @@ class _Lines:
     def _reset(self) -> None:
         self._offsets = {0: (0, 0)}  # record number -> (byte offset, lines before it)
 
-    def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
+    def read_logs(self, log_number_from: int) -> Generator[dict[str, Any], None, None]:
         with open(self._path, "rb") as f:
             stat = os.fstat(f.fileno())  # of the file opened: a repair may replace the path
             if (stat.st_dev, stat.st_ino) != self._identity:  # replaced: read it anew
@@ -317,7 +317,7 @@ def _invalid(record: dict[str, Any]) -> str | None:
                 return "op_code 6: bad values"
         elif op in _ONE_ATTR and len(record[_ONE_ATTR[op]]) != 1:
             return f"op_code {op.value}: not one attribute"
-    except Exception as exc:  # anything Optuna's replay would have raised on
+    except Exception as exc:  # noqa: BLE001 - anything Optuna's replay would have raised on
         return f"op_code {op.value}: {type(exc).__name__}"
     return None
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -128,7 +128,8 @@ class DynamicInt8(Kernel):
         from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
         from torch.ao.quantization import per_channel_dynamic_qconfig
 
-        layer.qconfig = per_channel_dynamic_qconfig
+        # torch types Module.__setattr__'s value as Tensor | Module, not any attribute
+        layer.qconfig = per_channel_dynamic_qconfig  # type: ignore[assignment]
         with warnings.catch_warnings():  # torch.ao.quantization is deprecated, not yet replaced
             warnings.simplefilter("ignore")
             return QuantizedLinear.from_float(layer)
@@ -156,7 +157,7 @@ class WeightOnlyInt8(Kernel):
     def convert(self, layer: nn.Module) -> nn.Module:
         if isinstance(layer, nn.Embedding):
             return Int8Embedding(layer)
-        return Int8WeightOnlyLinear(layer)
+        return Int8WeightOnlyLinear(cast(nn.Linear, layer))  # a Conv1D is one already
 
 
 class WeightOnlyInt4(Kernel):
@@ -172,7 +173,8 @@ class WeightOnlyInt4(Kernel):
     weight_bits = 4
 
     def convert(self, layer: nn.Module) -> nn.Module:
-        return Int4WeightOnlyLinear(layer, 32 if layer.weight.device.type == "cpu" else 128)
+        linear = cast(nn.Linear, layer)  # a Conv1D is one already (``deploy``)
+        return Int4WeightOnlyLinear(linear, 32 if linear.weight.device.type == "cpu" else 128)
 
 
 class SemiStructured24(Kernel):
@@ -191,7 +193,7 @@ class SemiStructured24(Kernel):
     def fits(self, layer: nn.Module, device: str) -> bool:
         if not super().fits(layer, device):
             return False
-        rows, cols = layer.weight.shape
+        rows, cols = cast(torch.Tensor, layer.weight).shape
         out, inputs = (cols, rows) if is_conv1d(layer) else (rows, cols)
         return out % 32 == 0 and inputs % 64 == 0
 
@@ -203,7 +205,7 @@ class SemiStructured24(Kernel):
     def convert(self, layer: nn.Module) -> nn.Module:
         from torch.sparse import to_sparse_semi_structured
 
-        weight = layer.weight.detach().half()
+        weight = cast(torch.Tensor, layer.weight).detach().half()
         if not is_two_of_four(weight):
             raise ValueError(
                 "kernel sparse24 runs weights pruned 2:4 (prune_by: '2:4', prune: 0.5); "
@@ -291,15 +293,16 @@ def as_linear(layer: nn.Module) -> nn.Module:
     """A ``Conv1D`` as the ``nn.Linear`` that computes the same; any other layer as it is."""
     if not is_conv1d(layer):
         return layer
-    weight = layer.weight.detach()
+    weight = cast(torch.Tensor, layer.weight).detach()
+    bias = cast("torch.Tensor | None", layer.bias)
     linear = nn.Linear(
-        weight.shape[0], weight.shape[1], bias=layer.bias is not None,
+        weight.shape[0], weight.shape[1], bias=bias is not None,
         device=weight.device, dtype=weight.dtype,
     )  # fmt: skip
     with torch.no_grad():
         linear.weight.copy_(weight.T)
-        if layer.bias is not None:
-            linear.bias.copy_(layer.bias.detach())
+        if bias is not None:
+            linear.bias.copy_(bias.detach())
     return linear.train(layer.training)
 
 
@@ -354,6 +357,8 @@ class _PackedLinear(nn.Module):
     (what the packing needs; ``_weight_int8pack_mm`` also crashes on some narrow shapes in
     torch 2.13); inputs are padded to match and the extra outputs dropped."""
 
+    bias: torch.Tensor | None
+
     def __init__(self, layer: nn.Linear, in_multiple: int) -> None:
         super().__init__()
         out_features, in_features = layer.weight.shape
@@ -379,6 +384,9 @@ class _PackedLinear(nn.Module):
 
 
 class Int8WeightOnlyLinear(_PackedLinear):
+    codes: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, layer: nn.Linear) -> None:
         super().__init__(layer, in_multiple=16)
         codes, scale = _int8_rows(self.padded_weight(layer))
@@ -399,6 +407,10 @@ class Int8DynamicConv2d(nn.Module):
     (one scale per output channel) in ``torch._int_mm`` with int32 sums, then scaled back
     to fp32. The output is channels-last in memory, NCHW in shape."""
 
+    codes: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
         weight = conv.weight.detach().float()
@@ -407,6 +419,8 @@ class Int8DynamicConv2d(nn.Module):
         self.register_buffer("codes", codes.t().contiguous())  # (kh * kw * in, out)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float())
+        if isinstance(conv.padding, str):  # ``DynamicInt8.fits`` refuses it
+            raise ValueError(f"Int8DynamicConv2d takes numbers as padding, not {conv.padding!r}")
         self.out_channels, self.in_channels = conv.out_channels, conv.in_channels
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation = conv.padding, conv.dilation
@@ -432,6 +446,9 @@ class Int8DynamicConv2d(nn.Module):
 
 
 class Int8Embedding(nn.Module):
+    codes: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, layer: nn.Embedding) -> None:
         super().__init__()
         codes, scale = _int8_rows(layer.weight)
@@ -444,6 +461,9 @@ class Int8Embedding(nn.Module):
 
 
 class Int4WeightOnlyLinear(_PackedLinear):
+    packed: torch.Tensor
+    scales_and_zeros: torch.Tensor
+
     def __init__(self, layer: nn.Linear, group_size: int) -> None:
         super().__init__(layer, in_multiple=group_size)
         w = self.padded_weight(layer)
@@ -454,8 +474,8 @@ class Int4WeightOnlyLinear(_PackedLinear):
         codes = torch.round((w - low) / scale).clamp(0, 15).reshape(rows, -1)
         zero = low + 8 * scale  # the kernels compute (code - 8) * scale + zero
         scales_and_zeros = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1)
-        self.cpu = layer.weight.device.type == "cpu"
-        if self.cpu:
+        self.on_cpu = layer.weight.device.type == "cpu"  # not ``cpu``: Module.cpu() is a method
+        if self.on_cpu:
             packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
         else:
             uint8 = (codes[:, ::2].to(torch.uint8) << 4) | codes[:, 1::2].to(torch.uint8)
@@ -467,7 +487,7 @@ class Int4WeightOnlyLinear(_PackedLinear):
         self.group_size = group_size
 
     def matmul(self, flat: torch.Tensor) -> torch.Tensor:
-        mm = torch._weight_int4pack_mm_for_cpu if self.cpu else torch._weight_int4pack_mm
+        mm = torch._weight_int4pack_mm_for_cpu if self.on_cpu else torch._weight_int4pack_mm
         return mm(flat, self.packed, self.group_size, self.scales_and_zeros)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from optuna.distributions import (
     BaseDistribution,
@@ -28,7 +28,7 @@ KnobValues = list[float | str] | Range | float | str
 knobs, names for ``kernel``."""
 
 
-def to_distribution(values: KnobValues) -> BaseDistribution | float:
+def to_distribution(values: KnobValues) -> BaseDistribution | float | str:
     if isinstance(values, Range):
         if all(float(v).is_integer() for v in (values.low, values.high, values.step or 1)):
             return IntDistribution(int(values.low), int(values.high), step=int(values.step or 1))
@@ -39,11 +39,21 @@ def to_distribution(values: KnobValues) -> BaseDistribution | float:
     return _number(values)
 
 
-def flat_values(values: KnobValues) -> list[float]:
+def flat_values(values: KnobValues) -> list[float | str]:
     """The extreme values a knob spec can take, for validation."""
     if isinstance(values, Range):
         return [values.low, values.high]
     return list(values) if isinstance(values, list) else [values]
+
+
+def listed_numbers(values: KnobValues) -> list[float]:
+    """The values of a numeric knob searched only as a choice (``Technique.listed``), one value
+    as a list of one: ``Technique.validate`` refused a range or a name."""
+    listed = values if isinstance(values, list) else [values]
+    numbers = [v for v in listed if isinstance(v, (int, float))]
+    if len(numbers) != len(listed):
+        raise ValueError(f"a list of numbers is wanted, got {values!r}")
+    return numbers
 
 
 def values_of(dist: BaseDistribution) -> list[Any]:
@@ -65,8 +75,10 @@ def nearest(dist: BaseDistribution, target: float | str) -> Any:
     if isinstance(dist, CategoricalDistribution):
         if isinstance(target, str) or any(isinstance(c, str) for c in dist.choices):
             return target if target in dist.choices else dist.choices[0]
-        return min(dist.choices, key=lambda c: abs(float(c) - target))
+        return min(dist.choices, key=lambda c: abs(float(cast(float, c)) - target))
     assert isinstance(dist, (FloatDistribution, IntDistribution))
+    if isinstance(target, str):
+        raise TypeError(f"a numeric knob's value is a number, got {target!r}")
     value = min(max(target, dist.low), dist.high)
     if dist.step:
         value = dist.low + round((value - dist.low) / dist.step) * dist.step

@@ -173,7 +173,7 @@ def fold_batch_norms(proto: Any) -> int:
             p is None or len(consumers[p.name]) != 1 for p in parameters
         ):
             continue
-        gamma, beta, mean, var = (numpy_helper.to_array(p) for p in parameters)
+        gamma, beta, mean, var = (numpy_helper.to_array(p) for p in parameters if p is not None)
         epsilon = next((a.f for a in norm.attribute if a.name == "epsilon"), 1e-5)
         factor = gamma / (var + epsilon) ** 0.5
         if not _scale_weight(graph, conv.input[1], factor, initializers, producer, consumers):

@@ -60,7 +60,7 @@ _MEASURED = [f for f in Measurements.__dataclass_fields__ if f != "seconds"]
 
 
 def _measurements(attrs: dict[str, Any]) -> Measurements:
-    found = {k: attrs.get(k) for k in _MEASURED}
+    found: dict[str, Any] = {k: attrs.get(k) for k in _MEASURED}
     extra = found.get("extra")  # a storage is someone's file: numbers by name, or nothing
     found["extra"] = (
         {k: float(v) for k, v in extra.items() if _number(v) and isinstance(k, str)}

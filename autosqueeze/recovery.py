@@ -23,7 +23,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -147,7 +147,7 @@ class Recovery:
         return step
 
 
-def _class_indices(label: Any, logits: torch.Tensor) -> bool:
+def _class_indices(label: Any, logits: torch.Tensor) -> TypeGuard[torch.Tensor]:
     """Whether ``label`` holds a class index per sample of ``logits`` (batch, classes)."""
     return (
         isinstance(label, torch.Tensor)
@@ -201,6 +201,8 @@ class _Rounded(nn.Module):
     """A weight as its codec stores it (integers on per-row or per-group scales, or fp16),
     pruned zeros kept; the gradient passes the rounding unchanged."""
 
+    keep: torch.Tensor | None
+
     def __init__(self, codec: TensorCodec, keep: torch.Tensor | None) -> None:
         super().__init__()
         self.codec = codec
@@ -221,6 +223,8 @@ class _SharedValues(nn.Module):
     """A clustered weight: each entry its shared value (trained, rounded to fp16 as stored)
     at the index k-means gave it (into the flattened codebooks, where a group of rows has
     its own); the value of pruned zeros stays 0."""
+
+    levels: torch.Tensor
 
     def __init__(self, levels: torch.Tensor, values: torch.Tensor, zero: int) -> None:
         super().__init__()

@@ -380,7 +380,7 @@ ONE_CALL_FOLDER = "baselines"
 BASELINES = {"original": {}, "int8": {"bits": 8}}
 """Queued first on every study: what a user would try by hand."""
 BASELINE_VALUES = {(k, v) for choices in BASELINES.values() for k, v in choices.items()}
-WARM_STARTS = {
+WARM_STARTS: dict[str, dict[str, Any]] = {
     "int6": {"bits": 6},
     "int4": {"bits": 4},
     "int6-bf16": {"bits": 6, "kernel": "bf16"},
@@ -799,7 +799,7 @@ class _Stats:
         self.best_metric = max(self.best_metric or got.metric, got.metric)
 
     def summary(self) -> str:
-        if not self.feasible:
+        if not self.feasible or self.best_size is None:  # one is set with the other
             return "feasible=0"
         return (
             f"feasible={self.feasible} smallest={self.best_size / 1e3:.1f}kB "

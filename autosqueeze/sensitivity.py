@@ -209,8 +209,8 @@ class SensitivityTable:
         is measured again rather than believed."""
         if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
             return cls(samples)
-        parts = [data.get(k) for k in ("drops", "distortions", "failed")]
-        timings = [data.get(k) for k in ("speeds", "layer_ms", "untimed")]
+        parts: list[Any] = [data.get(k) for k in ("drops", "distortions", "failed")]
+        timings: list[Any] = [data.get(k) for k in ("speeds", "layer_ms", "untimed")]
         skipped = data.get("skipped", {})  # absent from tables written before it existed
         numbers = [parts[0], parts[1], timings[0], timings[1]]
         base, seconds, model_ms = data.get("base"), data.get("seconds"), data.get("model_ms")
@@ -222,8 +222,11 @@ class SensitivityTable:
             or not isinstance(seconds, (int, float))
         ):
             return cls(samples)
-        speeds, layer_ms, untimed = timings
-        return cls(samples, base, *parts, seconds, speeds, layer_ms, model_ms, untimed, skipped)
+        (drops, distortions, failed), (speeds, layer_ms, untimed) = parts, timings
+        return cls(
+            samples, base, drops, distortions, failed, seconds, speeds, layer_ms, model_ms,
+            untimed, skipped,
+        )  # fmt: skip
 
     def report(self, space: SearchSpace) -> dict[str, Any]:
         """What ``autosqueeze sensitivity --json`` prints."""

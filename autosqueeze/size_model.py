@@ -180,7 +180,8 @@ def _pruned_bytes(matrix: StoredMatrix, codec: TensorCodec, prune: float) -> int
     n = math.prod(matrix.shape)
     zeros = max(round(prune * n), matrix.zeros)
     packed = encoded_nbytes(matrix.shape, codec, n - zeros)
-    if matrix.sample is not None:  # shared values: the unpruned stream says how coding fares
+    # shared values (counted with their sample): the unpruned stream says how coding fares
+    if matrix.sample is not None and matrix.counts is not None:
         if prune not in matrix.priced:  # the knapsack asks once per combination of knobs
             matrix.priced[prune] = _shared_coded_bytes(matrix.sample, codec.bits, prune, n)
         estimate = matrix.priced[prune]
@@ -194,9 +195,9 @@ def _pruned_bytes(matrix: StoredMatrix, codec: TensorCodec, prune: float) -> int
     if matrix.nbytes >= unpruned_packed:  # coding did not pay unpruned: price by packing
         return packed
     coded = matrix.nbytes - matrix.scale_bytes
-    estimate = huffman_bits(matrix.counts, codec.bits)
+    unpruned_bits = huffman_bits(matrix.counts, codec.bits)
     pruned = huffman_bits(_moved_to_zero(matrix.counts, zeros), codec.bits)
-    return min(packed, matrix.scale_bytes + round(coded * pruned / estimate))
+    return min(packed, matrix.scale_bytes + round(coded * pruned / unpruned_bits))
 
 
 def _shared_coded_bytes(sample: torch.Tensor, bits: int, prune: float, n: int) -> int:

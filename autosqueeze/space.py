@@ -239,7 +239,7 @@ def coverage(model: nn.Module, space: SearchSpace) -> list[LayerCoverage]:
     rows = []
     seen: set[int] = set()
     for name, module in model.named_modules():
-        own = [p for p in module._parameters.values() if p is not None]  # noqa: SLF001
+        own = [p for p in module._parameters.values() if p is not None]
         fresh = [p for p in own if id(p) not in seen]
         seen.update(id(p) for p in own)
         if not own:
@@ -262,7 +262,7 @@ def _unmatched(module: nn.Module) -> str:
     if "Norm" in type(module).__name__:
         return "kept fp32 by design (a norm)"
     if list(module.children()):  # parameters held beside its layers: a position embedding
-        bare = ", ".join(k for k, p in module._parameters.items() if p is not None)  # noqa: SLF001
+        bare = ", ".join(k for k, p in module._parameters.items() if p is not None)
         return f"stored fp32: its own parameters ({bare[:60]}) are not a layer's, no rule names it"
     return "no rule of the space matches it"
 
@@ -375,10 +375,11 @@ def _tie(layers: dict[str, LayerKnobs]) -> dict[str, LayerKnobs]:
         shared: dict[str, BaseDistribution] = {}
         for knob in set.intersection(*(set(m.searched) for m in members)):
             dists = [m.searched[knob] for m in members]
+            lists = [d for d in dists if isinstance(d, CategoricalDistribution)]
             if all(d == dists[0] for d in dists):
                 shared[knob] = dists[0]
-            elif all(isinstance(d, CategoricalDistribution) for d in dists):
-                common = [c for c in dists[0].choices if all(c in d.choices for d in dists)]
+            elif len(lists) == len(dists):  # all categorical
+                common = [c for c in lists[0].choices if all(c in d.choices for d in lists)]
                 if len(common) > 1:
                     shared[knob] = CategoricalDistribution(common)
         for m in members:

@@ -36,9 +36,10 @@ def open_storage(config: StudyConfig, *, writable: bool = True) -> optuna.storag
         check_is_journal(path)
         if not writable and not path.is_file():
             raise UserError(_missing(config, path))
+        backend: JournalReader | JournalWriter
         if writable:
             path.parent.mkdir(parents=True, exist_ok=True)
-            backend: JournalReader | JournalWriter = JournalWriter(str(path))
+            backend = JournalWriter(str(path))
             backend.drop_torn_tail()
         else:
             backend = JournalReader(str(path))
@@ -52,7 +53,7 @@ def open_storage(config: StudyConfig, *, writable: bool = True) -> optuna.storag
             f"search.storage: {masked(target)!r} needs a database driver that is not installed; "
             "for PostgreSQL: pip install 'autosqueeze[postgres]'."
         ) from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the database driver's own errors, named for the user
         raise UserError(
             f"search.storage: cannot open {masked(target)!r}: {type(exc).__name__}: "
             f"{masked(str(exc))}"
@@ -87,7 +88,7 @@ def check_storage(config: StudyConfig) -> None:
             from sqlalchemy.engine import make_url
 
             make_url(target).get_dialect()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy's parse errors, named for the user
             raise UserError(
                 f"search.storage: {masked(target)!r} is not a usable database URL: "
                 f"{type(exc).__name__}: {masked(str(exc))[:200]}"

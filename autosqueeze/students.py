@@ -57,7 +57,7 @@ def load_factories(config: Any, original: nn.Module, example: Any) -> dict[str, 
         try:
             with torch.inference_mode():
                 got = [tuple(t.shape) for t in floating_tensors(call_model(student, example))]
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the user's student raised
             why = describe(exc)
             raise UserError(f"{field}: the student fails on the example input: {why}") from None
         if got != wanted:

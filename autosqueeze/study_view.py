@@ -139,7 +139,7 @@ def study_view(
     records, plans = [], []
     for trial in frozen:
         record, plan = cache.trial(trial)
-        if ref is not None and record.measurements is not None:
+        if ref is not None and ref.latency_ms is not None and record.measurements is not None:
             record = replace(record, measurements=record.measurements.at_reference(ref.latency_ms))
         records.append(record)
         plans.append(plan)
@@ -180,7 +180,9 @@ def _sensitivity(stored: dict[str, Any] | None) -> dict[str, Any] | None:
     the rows in model order and the columns by knob, then value."""
     if not isinstance(stored, dict) or stored.get("base") is None:
         return None
-    cells, groups, columns = [], {}, {}
+    cells: list[list[Any]] = []
+    groups: dict[str, int] = {}
+    columns: dict[str, tuple[str, int, float, str]] = {}
     found = [(key, drop) for key, drop in stored.get("drops", {}).items()]
     found += [(key, None) for key in stored.get("failed", {})]
     found += [(key, "skipped") for key in stored.get("skipped", {})]

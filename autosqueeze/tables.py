@@ -3,6 +3,9 @@ sensitivity table, and what the space offers each layer."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import SupportsInt, cast
+
 from autosqueeze.front import Front
 from autosqueeze.objectives import extra_objectives
 from autosqueeze.sensitivity import SensitivityTable
@@ -11,7 +14,7 @@ from autosqueeze.space import LayerCoverage, SearchSpace
 DEFAULT_DROP = 0.01
 
 
-def table(rows: list[dict[str, object]], columns: list[str], *, right: set[str]) -> str:
+def table(rows: Sequence[Mapping[str, object]], columns: list[str], *, right: set[str]) -> str:
     """A plain aligned table; the ``right`` columns are right-aligned."""
     cells = [[str(row.get(c, "")) for c in columns] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
@@ -38,7 +41,7 @@ def front_table(front: Front, metric_name: str) -> str:
                 "model": row["model"],
                 metric_name: f"{row['metric']:.4f}",
                 "drop": f"{row['metric_drop']:+.4f}" if row["metric_drop"] != "" else "",
-                "size_kB": f"{int(row['size_bytes']) / 1e3:,.1f}",
+                "size_kB": f"{int(cast(SupportsInt, row['size_bytes'])) / 1e3:,.1f}",
                 "smaller": f"{row['compression']:.1f}x" if row["compression"] != "" else "",
                 "latency_ms": f"{row['latency_ms']:.3f}",
                 "speedup": f"{row['speedup']:.2f}x" if row["speedup"] != "" else "",

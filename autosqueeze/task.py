@@ -177,7 +177,7 @@ def load_task(config: StudyConfig) -> Task:
     try:
         with torch.inference_mode():
             call_model(model, example)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the user's model raised
         source = "model.example_input" if config.model.example_input else "the first data batch"
         raise UserError(
             f"model.factory: the model fails on its example input ({source}): {describe(exc)}"
@@ -340,7 +340,7 @@ def _load_checkpoint(model: nn.Module, path: Any) -> None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
         load_state(model, state)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any load failure, named for the user
         raise UserError(
             f"model.checkpoint: {path} cannot be loaded into the model: "
             f"{str(exc).strip().splitlines()[0]}"

@@ -178,6 +178,7 @@ def probe_signatures(
             hook.remove()
     found: dict[str, str | None] = {}
     for key, plan in plans.items():
+        layers: list[list[Any]] | None
         layers = []
         for name, lp in sorted(plan.layers.items()):
             if not runs_differently(lp):

@@ -11,7 +11,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from autosqueeze.errors import UserError
 from autosqueeze.time_limit import time_limit
@@ -61,7 +61,7 @@ def load_callable(ref: str, *, field: str, search_dir: Path | None = None) -> Ca
                 f"{field}: cannot import module {module_name!r}; it is not in {where}PYTHONPATH."
             ) from None
         raise UserError(f"{field}: importing {module_name!r} failed: {describe(exc)}") from None
-    except Exception as exc:  # the user's module raised while importing
+    except Exception as exc:  # noqa: BLE001 - the user's module raised while importing
         raise UserError(f"{field}: importing {module_name!r} failed: {describe(exc)}") from None
     except SystemExit as exc:
         raise UserError(
@@ -202,7 +202,7 @@ def call_user(fn: Callable[..., Any], *args: Any, field: str, ref: str) -> Any:
     command at once, with whatever status it gives (0: ``validate`` would look passed)."""
     real_exit, pid = os._exit, os.getpid()
 
-    def refused_exit(status: int) -> None:
+    def refused_exit(status: int) -> NoReturn:
         if os.getpid() != pid:  # a forked child (a DataLoader's worker) ends as it means to
             real_exit(status)
         raise _ProcessExit(status)
@@ -212,7 +212,7 @@ def call_user(fn: Callable[..., Any], *args: Any, field: str, ref: str) -> Any:
         return fn(*args)
     except UserError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the user's code raised
         raise UserError(f"{field}: {ref!r} raised {describe(exc)}") from None
     except SystemExit as exc:
         raise UserError(f"{field}: {ref!r} called sys.exit({exc.code!r})") from None

@@ -63,7 +63,7 @@ def _finished(config: Path) -> set[int]:
 
     try:
         study = open_study(load_config(config), create=False)
-    except Exception:  # not created yet
+    except Exception:  # noqa: BLE001 - not created yet
         return set()
     return {t.number for t in study.trials if t.state.is_finished()}
 

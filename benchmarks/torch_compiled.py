@@ -492,7 +492,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    import torchao  # noqa: F401 - its version goes in the header
+    import torchao
 
     builders = {
         "digits": lambda: digits_case(residual=False),

@@ -129,7 +129,7 @@ def stop_midway(
             continue  # nothing waits at the gate: the search is computing
         try:
             states = [t.state.name for t in trials_now()]
-        except Exception:  # the study is not there yet
+        except Exception:  # noqa: BLE001 - the study is not there yet
             states = []
         if states.count("COMPLETE") + states.count("PRUNED") >= 2 and "RUNNING" in states:
             proc.send_signal(sig)  # a RUNNING trial is held in its metric: it cannot finish

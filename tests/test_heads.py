@@ -20,7 +20,7 @@ from autosqueeze.techniques import TECHNIQUES, Site, Target, compress
 
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent / "zoo"))
-import zoo_models  # noqa: E402
+import zoo_models
 
 HEAD = 16  # every zoo transformer: width 64, 4 heads
 

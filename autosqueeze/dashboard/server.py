@@ -42,7 +42,7 @@ def make_app(config: StudyConfig, config_arg: str | Path, token: str | None = No
     reader = StudyReader(config, config_arg)
     try:
         reader.view()  # replay the storage and fill the cache now, not on the first poll
-    except Exception:  # noqa: S110 - the page reports storage trouble on its polls
+    except Exception:  # noqa: BLE001 - the page reports storage trouble on its polls
         pass
     page = render_page(None)
     if token is not None:  # the page's own script request carries it too
@@ -60,7 +60,7 @@ def make_app(config: StudyConfig, config_arg: str | Path, token: str | None = No
         with one_view:
             try:
                 status, view = 200, reader.view()
-            except Exception as exc:  # a storage hiccup must not take the page down
+            except Exception as exc:  # noqa: BLE001 - a storage hiccup must not take the page down
                 status = 500
                 view = {"status": "error", "message": masked(f"{type(exc).__name__}: {exc}")}
         return _answer(status, "application/json", json.dumps(view).encode())

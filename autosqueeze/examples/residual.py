@@ -9,6 +9,7 @@ Data, splits and the example input are the digits example's.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -63,8 +64,8 @@ def shallow() -> ResidualCNN:
     stage dropped (6 convs of 10), as DistilBERT keeps every other layer of its teacher; the
     search distils it from the whole model before compressing it."""
     model = pretrained()
-    model.stage1 = model.stage1[:1]
-    model.stage2 = model.stage2[:1]
+    model.stage1 = cast(nn.Sequential, model.stage1[:1])  # a slice of a Sequential is one
+    model.stage2 = cast(nn.Sequential, model.stage2[:1])
     return model
 
 

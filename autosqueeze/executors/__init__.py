@@ -83,7 +83,7 @@ def _safely(run: Callable[[], T]) -> T | _Failure:
         return run()
     except (TrialError, UserError) as exc:
         return _Failure(str(exc))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a trial's failure, whatever raised it
         where = traceback.extract_tb(exc.__traceback__)[-1]
         return _Failure(f"{type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})")
 

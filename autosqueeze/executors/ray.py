@@ -281,7 +281,7 @@ def _init(ray: Any, address: str | None) -> None:
     on_term = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(address=address, **options)
-    except Exception as exc:  # ConnectionError, RuntimeError, ValueError depending on version
+    except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError depending on version
         raise UserError(
             f"compute.ray_address: cannot join the Ray cluster at {address!r}: {_reason(exc)}"
         ) from None

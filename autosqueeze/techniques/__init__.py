@@ -159,10 +159,11 @@ def _restore(layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         for key, tensor in tensors.items():
             owner, _, leaf = key.rpartition(".")
             module = layer.get_submodule(owner)
-            if leaf in module._parameters:  # noqa: SLF001 - the parameter object, not a copy
-                module._parameters[leaf].data = tensor  # noqa: SLF001
+            param = module._parameters.get(leaf)  # the parameter object, not a copy
+            if param is not None:
+                param.data = tensor
             else:
-                module._buffers[leaf] = tensor  # noqa: SLF001
+                module._buffers[leaf] = tensor
 
 
 def _round_trip(compressed: CompressedModel) -> CompressedModel:

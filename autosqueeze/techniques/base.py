@@ -85,8 +85,9 @@ class Technique(ABC):
         for value in flat_values(values):
             self.check_value(value)
 
-    def check_value(self, value: float) -> None:  # noqa: B027 - optional hook
-        """Raise ValueError for one value this knob cannot take."""
+    def check_value(self, value: Any) -> None:  # noqa: B027 - optional hook
+        """Raise ValueError for one value this knob cannot take (as the space file wrote it:
+        a number, or a name written by mistake)."""
 
     def offer(self, site: Site, values: KnobValues) -> BaseDistribution | Any | None:
         return to_distribution(values) if is_weighted(site.layer) else None
@@ -127,7 +128,7 @@ def matrices(layer: nn.Module) -> dict[str, nn.Parameter]:
     layers and Hugging Face's ``Conv1D``; ``in_proj_weight`` for nn.MultiheadAttention."""
     return {
         name: p
-        for name, p in layer._parameters.items()  # noqa: SLF001 - its own, not its children's
+        for name, p in layer._parameters.items()  # its own, not its children's
         if p is not None and p.dim() >= 2 and p.is_floating_point()
     }
 

@@ -47,7 +47,7 @@ class PruneChannels(RemovesFraction):
 
     def why_not(self, site: Site) -> str:
         layer = site.layer
-        if isinstance(layer, nn.modules.conv._ConvTransposeNd):  # noqa: SLF001
+        if isinstance(layer, nn.modules.conv._ConvTransposeNd):
             return "a transposed convolution keeps its channels"
         if not isinstance(layer, PRUNABLE):
             return ""

@@ -11,7 +11,7 @@ import copy
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import torch
 from torch import nn
@@ -52,7 +52,7 @@ class RemovesFraction(Technique):
 
 def width(layer: nn.Module) -> int:
     """A layer's output channels (features)."""
-    return int(layer.weight.shape[0])
+    return int(cast(torch.Tensor, layer.weight).shape[0])
 
 
 def out_channels(layer: nn.Module) -> Any:

@@ -11,7 +11,7 @@ a depthwise filter (one input per output) is rank 1 already.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from optuna.distributions import BaseDistribution, CategoricalDistribution
@@ -20,16 +20,17 @@ from torch.nn.utils import skip_init
 
 from autosqueeze.content_cache import ContentCache, content_key
 from autosqueeze.kernels import as_linear, is_conv1d
-from autosqueeze.knobs import KnobValues
+from autosqueeze.knobs import KnobValues, listed_numbers
 from autosqueeze.plan import LayerPlan
 from autosqueeze.techniques.base import CompressedModel, Site, Technique
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+Factorizable = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d  # a Conv1D once ``as_linear``
 
 
 def full_rank(layer: nn.Module) -> tuple[int, int]:
     """(outputs, inputs per output) of the layer's weight seen as a matrix, per group."""
-    weight = layer.weight
+    weight = cast(torch.Tensor, layer.weight)
     if is_conv1d(layer):  # stored (in, out)
         return weight.shape[1], weight.shape[0]
     return weight.shape[0] // _groups(layer), weight[0].numel()
@@ -73,7 +74,7 @@ class Factorize(Technique):
         layer = site.layer
         if not _factorizable(layer):
             return None
-        choices = values if isinstance(values, list) else [values]
+        choices = listed_numbers(values)
         useful = sorted({c for c in choices if c < 1 and helps(layer, c)})
         if not useful:
             return None
@@ -81,7 +82,7 @@ class Factorize(Technique):
         return CategoricalDistribution(options) if len(options) > 1 else options[0]
 
     def why_not(self, site: Site) -> str:
-        if isinstance(site.layer, nn.modules.conv._ConvTransposeNd):  # noqa: SLF001
+        if isinstance(site.layer, nn.modules.conv._ConvTransposeNd):
             return "a transposed convolution is not factorized"
         if not _factorizable(site.layer):
             return ""
@@ -93,7 +94,7 @@ class Factorize(Technique):
         return 1.0 - float(value)  # the share of the rank dropped
 
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
-        layer = as_linear(compressed.module.get_submodule(name))
+        layer = cast(Factorizable, as_linear(compressed.module.get_submodule(name)))
         r = rank_for(layer, layer_plan.rank)
         first, second = _factors(layer, r)
         matrix = layer.weight.detach().reshape(layer.weight.shape[0], -1)
@@ -106,12 +107,12 @@ class Factorize(Technique):
         with torch.no_grad():
             first.weight.copy_(torch.cat(lefts).reshape(first.weight.shape))
             second.weight.copy_(torch.cat(rights).reshape(second.weight.shape))
-            if layer.bias is not None:
+            if layer.bias is not None and second.bias is not None:  # both or neither
                 second.bias.copy_(layer.bias)
         compressed.module.set_submodule(name, nn.Sequential(first, second))
 
     def rebuild(self, model: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
-        layer = as_linear(model.module.get_submodule(name))
+        layer = cast(Factorizable, as_linear(model.module.get_submodule(name)))
         model.module.set_submodule(
             name, nn.Sequential(*_factors(layer, rank_for(layer, layer_plan.rank)))
         )
@@ -144,7 +145,7 @@ def _factorizable(layer: nn.Module) -> bool:
     return isinstance(layer, (nn.Linear, *_CONVS)) or is_conv1d(layer)
 
 
-def _factors(layer: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
+def _factors(layer: Factorizable, rank: int) -> tuple[Factorizable, Factorizable]:
     """The two layers, their weights left uninitialised: they are always overwritten (by the
     SVD, or by the artifact's weights), and random initialisation costs more than the SVD
     of a cached matrix."""

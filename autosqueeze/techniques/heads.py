@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from optuna.distributions import BaseDistribution
@@ -74,8 +74,10 @@ class PruneHeads(RemovesFraction):
 
     def why_not(self, site: Site) -> str:
         layer = site.layer
-        if is_conv1d(layer) and layer.weight.shape[1] == 3 * layer.weight.shape[0]:
-            return "a fused query-key-value projection: its heads are not cut apart"
+        if is_conv1d(layer):
+            rows, cols = cast(torch.Tensor, layer.weight).shape  # stored (in, out)
+            if cols == 3 * rows:
+                return "a fused query-key-value projection: its heads are not cut apart"
         if not isinstance(layer, nn.Linear) or site.target.example_input is None:
             return ""
         projections = own_projections(site.model, site.name)
@@ -144,7 +146,7 @@ class OwnProjections:
         """Keep the ``keep`` strongest key/value heads, each with its group of query heads
         (by the L2 norm of all their weights, each layer's share of its own total); return
         the query channels removed (the output's inputs)."""
-        q, k, v, o = (model.get_submodule(n) for n in self.names)
+        q, k, v, o = (cast(nn.Linear, model.get_submodule(n)) for n in self.names)
         size, groups = self.head_size, width(k) // self.head_size
         per_group = width(q) // groups  # query rows per key/value head
         if keep >= groups:
@@ -240,7 +242,8 @@ def _zeroing_matches(
                 groups = width(model.get_submodule(p.key)) // p.head_size
                 if groups < 2:
                     return False
-                zeroed.get_submodule(p.output).weight[:, p.remove_groups(pruned, groups - 1)] = 0
+                output = cast(nn.Linear, zeroed.get_submodule(p.output))
+                output.weight[:, p.remove_groups(pruned, groups - 1)] = 0
         return _same_outputs(outputs(zeroed, example_input), outputs(pruned, example_input))
     except Exception:  # noqa: BLE001 - the model does not run with fewer heads: not offered
         return False
@@ -248,7 +251,8 @@ def _zeroing_matches(
 
 def _same_outputs(want: list[torch.Tensor], got: list[torch.Tensor]) -> bool:
     return len(want) == len(got) and all(
-        w.shape == g.shape and torch.allclose(w, g, rtol=1e-3, atol=1e-5 * (1 + w.abs().max()))
+        w.shape == g.shape
+        and torch.allclose(w, g, rtol=1e-3, atol=float(1e-5 * (1 + w.abs().max())))
         for w, g in zip(want, got, strict=True)
     )
 
@@ -296,5 +300,5 @@ def _copy_with_inputs_zeroed(model: nn.Module, lost: dict[str, list[int]]) -> nn
     zeroed = copy.deepcopy(model)
     with torch.no_grad():
         for name, idxs in lost.items():
-            zeroed.get_submodule(name).weight[:, idxs] = 0
+            cast(torch.Tensor, zeroed.get_submodule(name).weight)[:, idxs] = 0
     return zeroed

@@ -20,7 +20,7 @@ that is smaller than dense storage, which is where pruning's bytes are won.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -127,7 +127,7 @@ def prune_by_hessian(layer: nn.Module, hessian: torch.Tensor, ratio: float) -> N
     """SparseGPT on a Linear (or Conv1D): zero ``round(ratio * n)`` of its weights, block of
     columns by block, those of least w^2 / [H^-1]_jj^2, and update the columns to their right
     by each zeroed weight's error times H^-1's row, so X W^T changes least."""
-    weight = layer.weight
+    weight = cast(torch.Tensor, layer.weight)
     stored = weight.t() if is_conv1d(layer) else weight  # (out, in)
     w = stored.detach().double().clone()
     rows, cols = w.shape
@@ -167,7 +167,7 @@ def prune_by_hessian(layer: nn.Module, hessian: torch.Tensor, ratio: float) -> N
 def prune_by_activation(layer: nn.Module, norms: torch.Tensor, ratio: float) -> None:
     """Zero, in each output row of ``layer.weight``, the ``round(ratio * row)`` entries of
     smallest |w| x norm of their input feature (ties broken by position)."""
-    weight = layer.weight
+    weight = cast(torch.Tensor, layer.weight)
     rows = weight.t() if is_conv1d(layer) else weight  # Conv1D stores (in, out)
     count = round(ratio * rows[0].numel())
     if not count:
@@ -189,10 +189,11 @@ def _per_weight(layer: nn.Module, norms: torch.Tensor) -> torch.Tensor:
     column, a convolution's input channel within its group."""
     if isinstance(layer, nn.Linear) or is_conv1d(layer):
         return norms[None, :]
-    out_channels, per_group = layer.weight.shape[:2]
-    group = torch.arange(out_channels, device=norms.device) // (out_channels // layer.groups)
-    by_row = norms.reshape(layer.groups, per_group)[group]  # (out, in per group)
-    return by_row.reshape(out_channels, per_group, *([1] * (layer.weight.dim() - 2)))
+    conv = cast("nn.Conv1d | nn.Conv2d | nn.Conv3d", layer)
+    out_channels, per_group = conv.weight.shape[:2]
+    group = torch.arange(out_channels, device=norms.device) // (out_channels // conv.groups)
+    by_row = norms.reshape(conv.groups, per_group)[group]  # (out, in per group)
+    return by_row.reshape(out_channels, per_group, *([1] * (conv.weight.dim() - 2)))
 
 
 _NORMED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -206,7 +207,8 @@ def _input_norms(compressed: CompressedModel) -> dict[str, torch.Tensor]:
         def squares(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
             if isinstance(layer, nn.Linear) or is_conv1d(layer):
                 return x.pow(2).reshape(-1, x.shape[-1]).sum(0)
-            channel = 1 if x.dim() == layer.weight.dim() else 0  # batched, or one image
+            weight = cast(torch.Tensor, layer.weight)
+            channel = 1 if x.dim() == weight.dim() else 0  # batched, or one image
             return x.pow(2).transpose(0, channel).reshape(x.shape[channel], -1).sum(1)
 
         module = compressed.module

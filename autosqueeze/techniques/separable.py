@@ -21,18 +21,19 @@ each extra layer's overhead outweighs the arithmetic saved; trials measure it.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from torch import nn
 from torch.nn.utils import skip_init
 
-from autosqueeze.knobs import KnobValues
+from autosqueeze.knobs import KnobValues, listed_numbers
 from autosqueeze.plan import LayerPlan
 from autosqueeze.techniques.base import CompressedModel, Site, Technique, weighted_parts
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 MAX_MULTIPLIER = 64
 
 
@@ -54,7 +55,7 @@ class Separable(Technique):
     def offer(self, site: Site, values: KnobValues) -> BaseDistribution | Any | None:
         if not _separable(site.layer):
             return None
-        choices = [int(v) for v in (values if isinstance(values, list) else [values])]
+        choices = [int(v) for v in listed_numbers(values)]
         useful = sorted({m for m in choices if m and _helps(site.layer, m)})
         if not useful:
             return None
@@ -63,7 +64,7 @@ class Separable(Technique):
 
     def why_not(self, site: Site) -> str:
         layer = site.layer
-        if isinstance(layer, nn.modules.conv._ConvTransposeNd):  # noqa: SLF001
+        if isinstance(layer, nn.modules.conv._ConvTransposeNd):
             return "a transposed convolution is not made separable"
         if not isinstance(layer, _CONVS):
             return ""
@@ -93,7 +94,7 @@ class Separable(Technique):
         with torch.no_grad():
             depthwise.weight.copy_(torch.cat(filters).reshape(depthwise.weight.shape))
             pointwise.weight.copy_(torch.cat(mixes, dim=1).reshape(pointwise.weight.shape))
-            if conv.bias is not None:
+            if conv.bias is not None and pointwise.bias is not None:  # both or neither
                 pointwise.bias.copy_(conv.bias)
         compressed.module.set_submodule(part_name, nn.Sequential(depthwise, pointwise))
 
@@ -103,7 +104,7 @@ class Separable(Technique):
         model.module.set_submodule(part_name, nn.Sequential(*halves))
 
 
-def _separable(layer: nn.Module) -> bool:
+def _separable(layer: nn.Module) -> TypeGuard[Conv]:
     return (
         isinstance(layer, _CONVS)
         and layer.groups == 1
@@ -112,22 +113,22 @@ def _separable(layer: nn.Module) -> bool:
     )
 
 
-def _taps(conv: nn.Module) -> int:
+def _taps(conv: Conv) -> int:
     return math.prod(conv.kernel_size)
 
 
-def _helps(conv: nn.Module, m: int) -> bool:
+def _helps(conv: Conv, m: int) -> bool:
     inputs, out, taps = conv.in_channels, conv.out_channels, _taps(conv)
     return m <= min(out, taps) and inputs * m * (taps + out) < out * inputs * taps
 
 
-def _multiplier(conv: nn.Module, m: int) -> int:
+def _multiplier(conv: Conv, m: int) -> int:
     """``m``, or the rank past which the fit is exact (a factorized layer's k x k half has
     fewer outputs than the layer the multiplier was offered on)."""
     return max(1, min(m, conv.out_channels, _taps(conv)))
 
 
-def _spatial_part(module: nn.Module, name: str) -> tuple[str, nn.Module]:
+def _spatial_part(module: nn.Module, name: str) -> tuple[str, Conv]:
     """The k x k convolution of layer ``name``: the layer itself, or a factorized layer's
     first half."""
     for part_name, part in weighted_parts(module, name):
@@ -136,7 +137,7 @@ def _spatial_part(module: nn.Module, name: str) -> tuple[str, nn.Module]:
     raise ValueError(f"layer {name!r} has no k x k convolution over all its inputs to separate")
 
 
-def _halves(conv: nn.Module, m: int) -> tuple[nn.Module, nn.Module]:
+def _halves(conv: Conv, m: int) -> tuple[Conv, Conv]:
     """The depthwise and pointwise convolutions, their weights left uninitialised (the fit,
     or the artifact's weights, overwrite them)."""
     kind, inputs = type(conv), conv.in_channels

@@ -31,7 +31,7 @@ def _torchvision() -> Any:
         try:
             return importlib.import_module("torchvision")
         except RuntimeError:
-            library = torch.library.Library("torchvision", "DEF")  # noqa: TID251
+            library = torch.library.Library("torchvision", "DEF")
             library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
             library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
             _LIBRARIES.append(library)  # dropping it would remove the definitions
