@@ -18,7 +18,7 @@ its front at fidelity >= 0.99 are taken instead, from their artifacts.
 Per plan and format: bytes on disk, fidelity in that runtime, and batch-1 latency timed in
 interleaved rounds beside the fp32 model in the same runtime (``measure_latency_beside``),
 as a speedup over it. One thread, as the search's evaluators time. Prints one markdown
-table (kept in docs/results.md).
+table (the front's kept in docs/results.md, the hand plans' in CHANGELOG.md).
 """
 
 from __future__ import annotations
