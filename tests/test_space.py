@@ -116,6 +116,8 @@ def test_rules_match_in_order_with_fixed_values_and_exclusions(tmp_path):
         ([{"knobs": {"bits": [1, 4]}}], "bits must be among"),
         ([{"knobs": {"prune": {"low": 0, "high": 1.5}}}], "prune is a fraction"),
         ([{"knobs": {"rank": {"low": 0.1, "high": 1}}}], "rank takes a list"),
+        ([{"knobs": {"prune": ["abc", 0.5]}}], "prune takes numbers, not 'abc'"),
+        ([{"knobs": {"bits": "four"}}], "bits takes numbers, not 'four'"),
         ([{"colour": "red"}], "Extra inputs are not permitted"),
     ],
 )

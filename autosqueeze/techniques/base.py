@@ -79,15 +79,17 @@ class Technique(ABC):
     listed: ClassVar[str] = ""
 
     def validate(self, values: KnobValues) -> None:
-        """Raise ValueError when the space file gives this knob values it cannot take."""
+        """Raise ValueError when the space file gives this knob values it cannot take (a knob
+        whose values are names, as ``kernel``'s are, overrides this)."""
         if self.listed and isinstance(values, Range):
             raise ValueError(f"{self.knob} takes a list of {self.listed}, not a range")
         for value in flat_values(values):
+            if isinstance(value, str):
+                raise ValueError(f"{self.knob} takes numbers, not {value[:40]!r}")
             self.check_value(value)
 
-    def check_value(self, value: Any) -> None:  # noqa: B027 - optional hook
-        """Raise ValueError for one value this knob cannot take (as the space file wrote it:
-        a number, or a name written by mistake)."""
+    def check_value(self, value: float) -> None:  # noqa: B027 - optional hook
+        """Raise ValueError for one value this knob cannot take."""
 
     def offer(self, site: Site, values: KnobValues) -> BaseDistribution | Any | None:
         return to_distribution(values) if is_weighted(site.layer) else None
