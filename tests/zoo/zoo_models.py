@@ -76,6 +76,15 @@ def _tokens(**extra: Any) -> list[tuple[dict[str, torch.Tensor], None]]:
 
 
 def build_resnet18() -> nn.Module:
+    """resnet18's class with one BasicBlock per stage where it has two (a ResNet-10: every
+    kind of layer it has, including the strided shortcuts, in 13 layers of its 21)."""
+    tv = _torchvision()
+    block = tv.models.resnet.BasicBlock
+    return _with_statistics(_seeded(lambda: tv.models.ResNet(block, [1, 1, 1, 1], num_classes=10)))
+
+
+def build_resnet18_full() -> nn.Module:
+    """torchvision's resnet18 as published, for benchmarks/studies."""
     tv = _torchvision()
     return _with_statistics(_seeded(lambda: tv.models.resnet18(num_classes=10)))
 
@@ -97,8 +106,12 @@ def build_mobilenet_v2_full() -> nn.Module:
 
 
 def build_shufflenet() -> nn.Module:
+    """shufflenet_v2_x0_5's widths with two units per stage instead of 4, 8 and 4 (channel
+    split, shuffle and both unit kinds in 27 layers of its 57)."""
     tv = _torchvision()
-    return _with_statistics(_seeded(lambda: tv.models.shufflenet_v2_x0_5(num_classes=10)))
+    return _with_statistics(
+        _seeded(lambda: tv.models.ShuffleNetV2([2, 2, 2], [24, 48, 96, 192, 1024], num_classes=10))
+    )
 
 
 def build_mobilenet_v3() -> nn.Module:
