@@ -38,6 +38,7 @@ from torch import nn
 
 from autosqueeze.measure import ProbeResult
 from autosqueeze.plan import Plan
+from autosqueeze.probe import BASE, Probe
 from autosqueeze.quiet import STDOUT, silenced
 from autosqueeze.size_model import (
     SIZE_KNOBS,
@@ -62,25 +63,6 @@ def _speed_knobs() -> set[str]:
         for k, t in TECHNIQUES.items()
         if t.changes_speed and not t.reaches_neighbours and (not t.structural or k in SIZE_KNOBS)
     }
-
-
-@dataclass(frozen=True)
-class Probe:
-    group: str  # a layer, or a tied group of layers: the space's parameter prefix
-    knob: str
-    value: Any
-
-    @property
-    def param(self) -> str:
-        return f"{self.group}.{self.knob}"
-
-    @property
-    def key(self) -> str:
-        return f"{self.param}={json.dumps(self.value)}"
-
-
-BASE = "(base)"
-"""The table key of the space's fixed choices alone (usually the original model)."""
 
 
 @dataclass
@@ -262,7 +244,8 @@ def _number_or_none(value: Any) -> bool:
 
 def _group_of(key: str) -> str:
     """A probe key's group: ``encoder.layer.0.kernel="bf16"`` -> ``encoder.layer.0``."""
-    return key.partition("=")[0].rpartition(".")[0]
+    probe = Probe.of(key)
+    return probe.group if probe else ""
 
 
 def _first_layers(space: SearchSpace) -> dict[str, LayerKnobs]:
@@ -280,11 +263,8 @@ def _lookup(
         return values[probe.key]
     if probe.key in failed or probe.key in skipped:
         return math.inf
-    known = sorted(
-        (json.loads(key.partition("=")[2]), value)
-        for key, value in values.items()
-        if key.partition("=")[0] == probe.param
-    )
+    probed = ((Probe.of(key), value) for key, value in values.items())
+    known = sorted((p.value, value) for p, value in probed if p and p.param == probe.param)
     if not known or isinstance(probe.value, str):
         return math.inf
     xs, ys = zip(*known, strict=True)
@@ -474,8 +454,8 @@ def _next_wave(
 
 def _value_of(key: str) -> str:
     """``encoder.layer.0.bits=4`` -> ``bits=4``."""
-    param, _, value = key.partition("=")
-    return f"{param.rpartition('.')[2]}={value}"
+    probe = Probe.of(key)
+    return f"{probe.knob}={json.dumps(probe.value)}" if probe else key
 
 
 # --- what the search does with the table ----------------------------------------------------

@@ -8,6 +8,7 @@ change (its parsed record and plan, the hypervolume series up to it) between pol
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from autosqueeze.errors import UserError
 from autosqueeze.front import Front, front_of, hypervolume, normalized, reference_point
 from autosqueeze.measure import Measurements
 from autosqueeze.objectives import OBJECTIVES, extra_objectives
+from autosqueeze.probe import Probe
 from autosqueeze.records import TrialRecord, one_call_baselines, reference
 from autosqueeze.study import SENSITIVITY, open_study
 from autosqueeze.techniques import TECHNIQUES
@@ -187,14 +189,14 @@ def _sensitivity(stored: dict[str, Any] | None) -> dict[str, Any] | None:
     found += [(key, None) for key in stored.get("failed", {})]
     found += [(key, "skipped") for key in stored.get("skipped", {})]
     for key, lost in found:
-        if "=" not in key:  # the unchanged model's own probe
+        probe = Probe.of(key)
+        if probe is None:  # the unchanged model's own probe
             continue
-        param, _, raw = key.partition("=")
-        group, _, knob = param.rpartition(".")
-        column = f"{knob}={raw.strip(chr(34))}"
-        cells.append([group, column, lost])
-        groups.setdefault(group, len(groups))  # the drops come in model order
-        columns.setdefault(column, (knob, *_value_order(raw)))
+        raw = json.dumps(probe.value)
+        column = f"{probe.knob}={raw.strip(chr(34))}"
+        cells.append([probe.group, column, lost])
+        groups.setdefault(probe.group, len(groups))  # the drops come in model order
+        columns.setdefault(column, (probe.knob, *_value_order(raw)))
     return {
         "samples": stored.get("samples"),
         "base": stored["base"],

@@ -19,12 +19,11 @@ from autosqueeze.examples.residual import example_input as residual_input
 from autosqueeze.executors.inprocess import InProcessExecutor
 from autosqueeze.measure import Limits
 from autosqueeze.plan import LayerPlan, Plan
+from autosqueeze.probe import BASE, Probe
 from autosqueeze.search import BASELINE, KNAPSACK, run_search, sensitivity_table
 from autosqueeze.sensitivity import (
-    BASE,
     CHAIN_STOP,
     SPEED_FIRST,
-    Probe,
     SensitivityTable,
     budget_level,
     candidate_plans,
@@ -513,3 +512,17 @@ def test_without_warm_starts_only_the_baselines_come_before_the_sampler(tmp_path
     result = run_search(config, progress=False)
     kinds = [t.user_attrs.get(BASELINE) for t in result.study.trials]
     assert kinds == ["original", "int8", None, None, None]
+
+
+@pytest.mark.parametrize(
+    "probe",
+    [Probe("features.0", "bits", 4), Probe("encoder.layer.0", "kernel", "bf16"),
+     Probe("classifier.1", "prune", 0.25)],
+)  # fmt: skip
+def test_a_probe_key_parses_back_to_its_probe(probe):
+    assert Probe.of(probe.key) == probe
+
+
+@pytest.mark.parametrize("key", [BASE, "bits=4", "features.0.bits", "features.0.bits=four"])
+def test_a_key_that_names_no_probe_parses_to_none(key):
+    assert Probe.of(key) is None
