@@ -35,6 +35,7 @@ from torch import nn
 from autosqueeze.codecs import (
     FLOAT_BITS,
     Encoded,
+    Format,
     TensorCodec,
     bit_packed,
     check_encoding,
@@ -401,7 +402,7 @@ def stored_integers(
     return {
         key: (*integers(parts[key], meta), meta["group_size"])
         for key, meta in encodings.items()
-        if str(meta["codec"]).startswith("int")
+        if Format.of(meta["codec"]).kind == "int"
     }
 
 
@@ -468,7 +469,7 @@ _DECODED: ContentCache[torch.Tensor] = ContentCache(
 def _decode(parts: dict[str, torch.Tensor], meta: dict[str, object]) -> torch.Tensor:
     """``decode``, reusing the result for stored bytes seen before (keyed by those bytes and
     their encoding, so it is the tensor decoding them again would give)."""
-    if not str(meta["codec"]).startswith("int"):
+    if Format.of(meta["codec"]).kind != "int":
         return decode(parts, meta)
     key = (
         json.dumps(meta, sort_keys=True),

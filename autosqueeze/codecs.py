@@ -54,6 +54,40 @@ class TensorCodec:
             raise ValueError(f"rows per codebook is a positive count with a codebook: {self}")
 
 
+@dataclass(frozen=True)
+class Format:
+    """A stored tensor's number format as an encoding names it (``meta["codec"]``): ``raw``
+    (as it was), ``fp16``/``fp32``, ``int2``-``int8`` (a uniform grid with scales) or
+    ``cb2``-``cb8`` (indices into shared values). Named and parsed here alone."""
+
+    kind: str  # "raw", "fp", "int" or "cb"
+    bits: int = 0
+
+    @property
+    def name(self) -> str:
+        return "raw" if self.kind == "raw" else f"{self.kind}{self.bits}"
+
+    @classmethod
+    def of(cls, name: object) -> Format:
+        """The format ``name`` stands for; ValueError for any other name (an artifact is
+        untrusted)."""
+        found = KNOWN_FORMATS.get(name) if isinstance(name, str) else None
+        if found is None:
+            raise ValueError(f"its codec {name!r} is none of {list(KNOWN_FORMATS)}")
+        return found
+
+
+KNOWN_FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in [
+        Format("raw"),
+        *(Format("fp", bits) for bits in FLOAT_BITS),
+        *(Format("int", bits) for bits in INT_BITS),
+        *(Format("cb", bits) for bits in INT_BITS),
+    ]
+}
+
+
 @dataclass
 class Encoded:
     """The stored form: named parts (suffix -> tensor) and what is needed to decode them."""
@@ -71,16 +105,15 @@ def encode(tensor: torch.Tensor, codec: TensorCodec = TensorCodec()) -> Encoded:
     tensor = tensor.detach().cpu()
     shape = list(tensor.shape)
     if not tensor.is_floating_point():
-        return Encoded({"": tensor.contiguous()}, {"codec": "raw", "shape": shape})
+        return Encoded({"": tensor.contiguous()}, {"codec": Format("raw").name, "shape": shape})
     n = tensor.numel()
     if codec.bits in FLOAT_BITS:
         values = tensor.to(FLOAT_BITS[codec.bits]).contiguous()
         nonzero = values.flatten() != 0
+        form = Format("fp", codec.bits).name
         if _sparse_is_smaller(n, int(torch.count_nonzero(nonzero)), 8 * values.element_size()):
-            return _bitmap(values.flatten(), nonzero, {"codec": f"fp{codec.bits}"}, shape)
-        return Encoded(
-            {"": values}, {"codec": f"fp{codec.bits}", "layout": "dense", "shape": shape}
-        )
+            return _bitmap(values.flatten(), nonzero, {"codec": form}, shape)
+        return Encoded({"": values}, {"codec": form, "layout": "dense", "shape": shape})
     if codec.codebook:
         return encode_shared(*shared_values(tensor, codec.bits, codec.rows), shape, codec.rows)
     q, scale = quantize(tensor, codec.bits, codec.group_size)
@@ -90,7 +123,11 @@ def encode(tensor: torch.Tensor, codec: TensorCodec = TensorCodec()) -> Encoded:
 def encode_quantized(q: torch.Tensor, scale: torch.Tensor, codec: TensorCodec) -> Encoded:
     """The smallest layout of ``quantize``'s output."""
     bits = codec.bits
-    meta = {"codec": f"int{bits}", "group_size": codec.group_size, "shape": list(q.shape)}
+    meta = {
+        "codec": Format("int", bits).name,
+        "group_size": codec.group_size,
+        "shape": list(q.shape),
+    }
     unsigned = (q.flatten() + _qmax(bits)).to(torch.uint8)
     return _smallest_layout(unsigned, q.flatten() != 0, bits, {"scale": scale}, meta)
 
@@ -105,7 +142,7 @@ def encode_shared(
     """The smallest layout of ``shared_values``' output (``shape``: the tensor's; ``rows``:
     the rows per codebook it was given)."""
     bits = int(values.shape[-1]).bit_length() - 1
-    meta = {"codec": f"cb{bits}", "shape": shape, "zero": zero}
+    meta = {"codec": Format("cb", bits).name, "shape": shape, "zero": zero}
     if values.dim() == 2:  # a codebook per group of rows
         meta["rows"] = rows
     return _smallest_layout(levels, levels != zero, bits, {"codebook": values}, meta)
@@ -137,9 +174,9 @@ def bit_packed(parts: dict[str, torch.Tensor], meta: dict[str, Any]) -> Encoded:
     ``evaluate`` sets the coded file beside."""
     if meta.get("layout") != "coded":
         return Encoded(parts, meta)
-    codec = meta["codec"]
-    bits = int(codec[2:]) if codec.startswith("cb") else int(codec[3:])
-    zero = meta["zero"] if codec.startswith("cb") else _qmax(bits)
+    form = Format.of(meta["codec"])
+    bits = form.bits
+    zero = meta["zero"] if form.kind == "cb" else _qmax(bits)
     unsigned = _levels(parts, meta, bits, zero)
     side = {k: v for k, v in parts.items() if k != "q"}
     return _bit_packed(unsigned, unsigned != zero, bits, side, meta)
@@ -322,36 +359,32 @@ def check_encoding(parts: dict[str, torch.Tensor], meta: Any) -> None:
     untrusted: this runs before ``decode`` allocates anything from those numbers."""
     if not isinstance(meta, dict):
         raise ValueError("its encoding is not a mapping")
-    shape, codec = meta.get("shape"), meta.get("codec")
+    shape = meta.get("shape")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise ValueError(f"its shape {shape!r} is not a list of sizes")
     n = math.prod(shape)
-    if codec == "raw":
+    form = Format.of(meta.get("codec"))
+    if form.kind == "raw":
         _expect(parts, {"": None}, n)
         return
     layout = meta.get("layout")
-    floats = {f"fp{bits}": dtype for bits, dtype in FLOAT_BITS.items()}
-    ints = {f"int{bits}": bits for bits in INT_BITS}
-    shared = {f"cb{bits}": bits for bits in INT_BITS}
-    if codec not in floats and codec not in ints and codec not in shared:
-        raise ValueError(f"its codec {codec!r} is none of {['raw', *floats, *ints, *shared]}")
-    if layout not in ("dense", "bitmap") and not (layout == "coded" and codec not in floats):
+    if layout not in ("dense", "bitmap") and not (layout == "coded" and form.kind != "fp"):
         raise ValueError(f"its layout {layout!r} is none of dense, bitmap, coded (integers)")
     mask = -(-n // 8)
-    if codec in floats:
+    if form.kind == "fp":
         if layout == "dense":
-            _expect(parts, {"": floats[codec]}, n)
+            _expect(parts, {"": FLOAT_BITS[form.bits]}, n)
         else:
             kept = parts.get("values")
-            _expect(parts, {"values": floats[codec], "mask": torch.uint8})
+            _expect(parts, {"values": FLOAT_BITS[form.bits], "mask": torch.uint8})
             if kept is None or kept.dim() != 1 or kept.numel() > n or parts["mask"].numel() != mask:
                 raise ValueError("its bitmap and values do not match its shape")
         return
-    count, bits = meta.get("count"), {**ints, **shared}[codec]
+    count, bits = meta.get("count"), form.bits
     if type(count) is not int or not 0 <= count <= n:
         raise ValueError(f"its count {count!r} is not a number of values up to {n}")
     bitmap = {"mask": torch.uint8} if layout == "bitmap" else {}
-    side = {"codebook": torch.float16} if codec in shared else {"scale": torch.float16}
+    side = {"codebook": torch.float16} if form.kind == "cb" else {"scale": torch.float16}
     _expect(parts, {"q": torch.uint8, **side, **bitmap})
     if parts["q"].dim() != 1:
         raise ValueError("its packed values are not a flat stream")
@@ -364,14 +397,14 @@ def check_encoding(parts: dict[str, torch.Tensor], meta: Any) -> None:
         raise ValueError("its bitmap does not match its shape")
     if layout != "bitmap" and count != n:
         raise ValueError("its count does not match its shape")
-    if codec in shared:
+    if form.kind == "cb":
         zero, per = meta.get("zero"), meta.get("rows")
         rows = shape[0] if len(shape) > 1 else 1
         if per is not None and (type(per) is not int or not 1 <= per < rows):
             raise ValueError(f"its rows per codebook {per!r} is not a count below its {rows} rows")
         books = (-(-rows // per),) if per is not None else ()
         if parts["codebook"].shape != (*books, 2**bits):
-            raise ValueError(f"its codebook does not hold the {2**bits} values of {codec}")
+            raise ValueError(f"its codebook does not hold the {2**bits} values of {form.name}")
         if type(zero) is not int or not (-1 <= zero < 2**bits) or layout == "bitmap" and zero < 0:
             raise ValueError(f"its zero level {zero!r} is not a level of its codebook")
         if zero >= 0 and bool((parts["codebook"][..., zero] != 0).any()):
@@ -403,10 +436,10 @@ def _expect(
 
 def decode(parts: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor:
     """The fp32 tensor an encoding stands for (raw tensors come back unchanged)."""
-    codec = meta["codec"]
-    if codec == "raw":
+    form = Format.of(meta["codec"])
+    if form.kind == "raw":
         return parts[""]
-    if codec.startswith("fp"):
+    if form.kind == "fp":
         shape = meta["shape"]
         n = math.prod(shape)
         if meta["layout"] != "bitmap":
@@ -414,8 +447,8 @@ def decode(parts: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor
         full = torch.zeros(n, dtype=torch.float32)
         full[_unpack_mask(parts["mask"], n)] = parts["values"].float()
         return full.reshape(shape)
-    if codec.startswith("cb"):
-        levels = _levels(parts, meta, int(codec[2:]), meta["zero"])
+    if form.kind == "cb":
+        levels = _levels(parts, meta, form.bits, meta["zero"])
         book = parts["codebook"].float()
         index = codebook_index(levels, meta["shape"], meta.get("rows"), book.shape[-1])
         return book.flatten()[index].reshape(meta["shape"])
@@ -429,7 +462,7 @@ def integers(
     """An integer encoding's values (int8-held, in [-qmax, qmax], the tensor's shape) and its
     fp16 scales (rows, groups): what ``decode`` multiplies, for a format that stores both
     (ONNX's ``DequantizeLinear``)."""
-    bits = int(meta["codec"][3:])
+    bits = Format.of(meta["codec"]).bits
     unsigned = _levels(parts, meta, bits, _qmax(bits))
     values = (unsigned.to(torch.int16) - _qmax(bits)).to(torch.int8)
     return values.reshape(meta["shape"]), parts["scale"]

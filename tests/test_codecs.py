@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from autosqueeze.codecs import (
+    KNOWN_FORMATS,
     SUPPORTED_BITS,
+    Format,
     TensorCodec,
     check_encoding,
     decode,
@@ -287,3 +289,22 @@ def test_a_forged_codebook_per_group_of_rows_is_refused(change, message):
     change(parts, meta)
     with pytest.raises(ValueError, match=message):
         check_encoding(parts, meta)
+
+
+@pytest.mark.parametrize(
+    ("codec", "format_name"),
+    [(TensorCodec(32), "fp32"), (TensorCodec(16), "fp16"), (TensorCodec(4, 8), "int4"),
+     (TensorCodec(3, codebook=True), "cb3")],
+)  # fmt: skip
+def test_an_encoding_names_its_format_and_the_name_parses_back(codec, format_name):
+    named = encode(torch.randn(4, 16), codec).meta["codec"]
+    assert named == format_name and Format.of(named).name == named
+    assert Format.of(named).bits == codec.bits
+    assert encode(torch.arange(3)).meta["codec"] == "raw"  # an integer tensor, as it was
+
+
+@pytest.mark.parametrize("name", ["int9", "cb1", "fp8", "int", "", None, 4, "INT4"])
+def test_a_format_name_no_encoding_writes_is_refused(name):
+    assert name not in KNOWN_FORMATS
+    with pytest.raises(ValueError, match="is none of"):
+        Format.of(name)
