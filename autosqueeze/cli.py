@@ -484,13 +484,9 @@ def _export_as(
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from autosqueeze.artifact import artifact_bytes, save_artifact
-    from autosqueeze.evaluator import Evaluator
+    from autosqueeze.finetune import finetune
     from autosqueeze.records import reference
     from autosqueeze.study_view import open_existing
-    from autosqueeze.techniques import compress
 
     config = _config(args)
     if args.steps < 1:
@@ -499,34 +495,11 @@ def _finetune(args: argparse.Namespace) -> int:
         raise UserError(f"--lr: {args.lr} is not a learning rate (above 0).")
     record, plan = _trial(config, args.trial)
     task = _study_task(config)
-    if task.recovery is None:
-        raise UserError(
-            "task.calibration: finetune distills the model from the original on calibration "
-            "inputs, and the config names none; add task.calibration: 'module:callable' "
-            "returning input batches kept apart from task.data."
-        )
-    if not args.output.parent.is_dir():
+    if task.recovery is not None and not args.output.parent.is_dir():
         raise UserError(
             f"-o/--output: cannot write {args.output}: {args.output.parent} is not a folder"
         )
-    evaluator = Evaluator(task)
-    try:
-        before = evaluator.measure_artifact(evaluator.artifact(plan))
-        base = task.base_model(plan.base)
-        compressed = compress(base, plan, task.target, task.recovery)
-        longer = replace(
-            task.recovery, steps=args.steps, lr=args.lr or task.recovery.lr, min_gain=0.0
-        )
-        steps = longer.run(compressed.module, base, compressed.codecs)
-        try:
-            save_artifact(artifact_bytes(compressed), args.output)
-        except OSError as exc:
-            raise UserError(
-                f"-o/--output: cannot write {args.output}: {exc.strerror or exc}"
-            ) from None
-        after = evaluator.measure_artifact(args.output)
-    finally:
-        evaluator.close()
+    done = finetune(task, plan, args.output, args.steps, args.lr)
     study = open_existing(config)
     ref = reference(study) if study else None
     original = ref.metric if ref else None
@@ -535,23 +508,23 @@ def _finetune(args: argparse.Namespace) -> int:
             json.dumps(
                 {
                     "trial": record.number,
-                    "steps": steps,
+                    "steps": done.steps,
                     "output": str(args.output),
                     "original_metric": original,
-                    "before": before.to_dict(),
-                    "after": after.to_dict(),
+                    "before": done.before.to_dict(),
+                    "after": done.after.to_dict(),
                 }
             )
         )
         return 0
     name = config.metric_name
     print(
-        f"Fine-tuned trial {record.number} for {steps} steps (lr {longer.lr:g}), each weight "
+        f"Fine-tuned trial {record.number} for {done.steps} steps (lr {done.lr:g}), each weight "
         f"on the grid it is stored on; both measured from their files:\n"
-        f"  {name}: {before.metric:.6f} -> {after.metric:.6f}"
+        f"  {name}: {done.before.metric:.6f} -> {done.after.metric:.6f}"
         + (f"  (the original: {original:.6f})" if original is not None else "")
-        + f"\n  size_bytes: {before.size_bytes:,} -> {after.size_bytes:,}  (layers and kernels "
-        "as they were: the speed is the trial's)\n"
+        + f"\n  size_bytes: {done.before.size_bytes:,} -> {done.after.size_bytes:,}  (layers and "
+        "kernels as they were: the speed is the trial's)\n"
         f"Wrote {args.output}. `autosqueeze evaluate CONFIG --artifact {args.output}` "
         "measures it again."
     )
