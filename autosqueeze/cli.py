@@ -495,7 +495,7 @@ def _finetune(args: argparse.Namespace) -> int:
         raise UserError(f"--lr: {args.lr} is not a learning rate (above 0).")
     record, plan = _trial(config, args.trial)
     task = _study_task(config)
-    if task.recovery is not None and not args.output.parent.is_dir():
+    if not args.output.parent.is_dir():
         raise UserError(
             f"-o/--output: cannot write {args.output}: {args.output.parent} is not a folder"
         )
