@@ -44,6 +44,7 @@ from autosqueeze.nested import leaves, map_leaves, map_tensors
 from autosqueeze.onnx_forms import (
     STORED_SUFFIX,
     fold_batch_norms,
+    fuse_for_ort,
     quantize_layers,
     session_entries,
 )
@@ -184,6 +185,7 @@ def export_onnx(
         onnx.save_model(proto, partial)
         _check_runs_alike(partial, model, example_input)
         left_fp32 = quantize_layers(partial, in_ort, calibration or [example_input])
+        fused = _fused(partial, example_input)
         options = OnnxModel(partial).entries  # loads: ONNX Runtime takes what it rewrote
         os.replace(partial, path)
     finally:
@@ -199,6 +201,8 @@ def export_onnx(
             f"{len(in_ort) - len(left_fp32)} weights run ONNX Runtime's int8 kernels "
             "(MatMulInteger for ort_int8_dynamic, QDQ for ort_int8_static)"
         )
+    if fused:
+        notes.append(fused)
     notes.append(f"run it with {_options_text(options)}")
     if missing:  # tied aliases the exporter merged, or weights it folded into others
         notes.append(
@@ -391,18 +395,48 @@ def _int4_packed(values: torch.Tensor) -> bytes:
     return (nibbles[0::2] | (nibbles[1::2] << 4)).numpy().tobytes()
 
 
+def _fused(path: Path, example_input: Any) -> str | None:
+    """Put the file at ``path`` in ONNX Runtime's fused operators (``onnx_forms.fuse_for_ort``)
+    where it then computes what it did; a note naming what was fused, or None (nothing
+    fused, or the fused file loaded or computed otherwise: the file stays as it was)."""
+    import onnx
+
+    try:
+        proto, made = fuse_for_ort(onnx.load(str(path)))
+    except Exception:  # noqa: BLE001 - onnxscript's rewriters are not the user's concern
+        return None
+    if not made:
+        return None
+    fused = path.with_name(f".fused-{path.name}")
+    try:
+        onnx.save_model(proto, fused)
+        if not _runs_alike(OnnxModel(path), OnnxModel(fused), example_input):
+            return None
+        os.replace(fused, path)
+    except Exception:  # noqa: BLE001 - ONNX Runtime refused the fused graph: keep the plain one
+        return None
+    finally:
+        fused.unlink(missing_ok=True)
+    done = ", ".join(f"{n} {op}" for op, n in sorted(made.items()))
+    return f"fused into ONNX Runtime's own operators ({done}): the file runs in ONNX Runtime"
+
+
 def _check_runs_alike(path: Path, model: nn.Module, example_input: Any) -> None:
     """ONNX Runtime loads the file and its outputs match ``model``'s (fp32 rounding apart)."""
-    ran = OnnxModel(path)
+    if not _runs_alike(model, OnnxModel(path), example_input):
+        raise ValueError("ONNX Runtime's outputs differ from the model's")
+
+
+def _runs_alike(model: nn.Module, other: nn.Module, example_input: Any) -> bool:
+    """Whether ``other`` computes ``model``'s outputs on ``example_input``, fp32 rounding apart."""
     with torch.inference_mode():
         want = floating_tensors(call_model(model, example_input))
-        got = floating_tensors(call_model(ran, example_input))
-    if len(want) != len(got) or not all(
+        got = floating_tensors(call_model(other, example_input))
+    return len(want) == len(got) and all(
         w.shape == g.shape
         and torch.allclose(w, g, rtol=1e-3, atol=1e-4 * (1 + float(w.abs().max())))
         for w, g in zip(want, got, strict=True)
-    ):
-        raise ValueError("ONNX Runtime's outputs differ from the model's")
+    )
 
 
 def load_program(path: Path, device: torch.device) -> nn.Module:

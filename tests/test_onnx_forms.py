@@ -199,6 +199,38 @@ def test_dynamic_int8_on_a_transformers_bert(tmp_path):
     assert cosine.min() > 0.99
 
 
+def test_a_bert_ships_in_onnx_runtimes_fused_operators(tmp_path):
+    """transformers' BertModel on ONNX Runtime's dynamic int8 kernels: the file holds its
+    attention as MultiHeadAttention and its residual norms as SkipLayerNormalization (no
+    Transpose or Softmax left of the attention), still MatMulInteger on every Linear, says
+    so in its notes, and computes what the model does; a CNN has nothing to fuse."""
+    sys.path.insert(0, str(Path(__file__).parent / "zoo"))
+    from zoo_models import build_bert
+
+    model = build_bert()
+    batch = {
+        "input_ids": torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(0))
+    }
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    plan = Plan({n: LayerPlan.of(kernel="ort_int8_dynamic") for n in linears})
+    notes = _exported(model, plan, batch, tmp_path / "b.onnx")
+    ops = _ops(tmp_path / "b.onnx")
+    layers = len(model.encoder.layer)
+    assert ops["MultiHeadAttention"] == layers and ops["SkipLayerNormalization"] == 2 * layers
+    assert ops["Softmax"] == 0 and ops["MatMulInteger"] == len(linears)
+    assert any("MultiHeadAttention" in note and "fused" in note for note in notes)
+    with torch.no_grad():
+        want = model(**batch).last_hidden_state
+        got = OnnxModel(tmp_path / "b.onnx")(**batch)
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(1), want.flatten(1))
+    assert cosine.min() > 0.99
+
+    cnn = pretrained_cnn()
+    notes = _exported(cnn, Plan({}), example_input(), tmp_path / "d.onnx")
+    assert not any("fused" in note for note in notes)
+    assert not any(node.domain for node in onnx.load(str(tmp_path / "d.onnx")).graph.node)
+
+
 def test_onnx_runtime_kernels_are_offered_only_where_the_model_ships_there():
     """The same space file: under the torch runtime the ``ort_*`` kernels are left out, under
     onnxruntime torch's own (int8_dynamic, bf16, ...) are, and each layer gets the ONNX
