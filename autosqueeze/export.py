@@ -10,13 +10,15 @@ kernel uses takes more bytes here; ``export_program`` names each such layer.
 
 An ONNX model (``export_onnx``) is the artifact's weights traced to ONNX operators: each
 weight the artifact stores as integers is stored so here too (int8, or int4 at 4 bits and
-fewer, with fp32 scales per row or per group) and turned back into floats by a
-``DequantizeLinear`` node, so ONNX Runtime (or any ONNX runtime) runs it with no autosqueeze,
-torch or factory. A layer on one of ONNX Runtime's own kernels (``ort_int8_dynamic``,
-``ort_int8_static``) runs ONNX Runtime's integer operators (``onnx_forms``); torch's kernels
-are not carried, and those layers run their decoded weights in fp32. ``OnnxModel`` runs each
-file under the session options that make it fastest (``onnx_forms.session_entries``), and
-the export's notes name them.
+fewer, with fp16 scales per row or per group) and turned back into floats by a
+``DequantizeLinear`` node (an int8 embedding table's rows are gathered first, then
+dequantized, so the table stays integers in memory), so ONNX Runtime runs it with no
+autosqueeze, torch or factory (any ONNX runtime, unless the export fused attention or norms
+into ONNX Runtime's own operators: ``onnx_forms.fuse_for_ort``). A layer on one of ONNX
+Runtime's own kernels (``ort_int8_dynamic``, ``ort_int8_static``) runs ONNX Runtime's integer
+operators (``onnx_forms``); torch's kernels are not carried, and those layers run their
+decoded weights in fp32. ``OnnxModel`` runs each file under the session options that make it
+fastest (``onnx_forms.session_entries``), and the export's notes name them.
 
 autosqueeze loads a program only when told to (``evaluate --trust-pickle``):
 ``torch.export.load`` unpickles parts of the file, so a program is code from whoever made it
@@ -357,6 +359,16 @@ def _store_integers(
         per_group = group_size is not None and group_size < width
         scales = scale.half().reshape(rows.shape[0], -1) if per_group else scale.half().flatten()
         attributes = {"axis": 1, "block_size": group_size} if per_group else {"axis": 0}
+        readers = [node for node in graph.node if key in node.input]
+        if not narrow and q.dim() == 2 and readers and all(_gathers(n, key) for n in readers):
+            graph.initializer.remove(init)
+            scales = scales.reshape(rows.shape[0], -1)  # a row's scales gathered with it
+            graph.initializer.extend(
+                [values, numpy_helper.from_array(scales.numpy(), f"{key}::scale")]
+            )
+            for reader in readers:
+                _gather_then_dequantize(graph, reader, key, width // scales.shape[1])
+            continue
         flat = key if q.dim() == 2 else f"{key}::2d"
         nodes += [  # the scales as the artifact holds them (fp16), widened once at load
             helper.make_node("Cast", [f"{key}::scale"], [f"{key}::scale32"], to=TensorProto.FLOAT),
@@ -375,6 +387,35 @@ def _store_integers(
     for node in reversed(nodes):
         graph.node.insert(0, node)
     return missing
+
+
+def _gathers(node: Any, key: str) -> bool:
+    """Whether ``node`` only gathers rows of the initializer ``key`` (an embedding lookup)."""
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    inputs = list(node.input)
+    return node.op_type == "Gather" and axis == 0 and inputs[0] == key and key not in inputs[1:]
+
+
+def _gather_then_dequantize(graph: Any, gather: Any, key: str, block: int) -> None:
+    """Replace ``gather`` (rows of ``key``) by a gather of the integer rows and of their fp16
+    scales, then a DequantizeLinear of those rows alone: an embedding table stays integers
+    in memory, whatever the session options (dequantized whole, MiniLM's word embeddings
+    took 22 ms a call where QDQ fusion was on)."""
+    from onnx import TensorProto, helper
+
+    out, ids = gather.output[0], gather.input[1]
+    nodes = [
+        helper.make_node("Gather", [f"{key}{STORED_SUFFIX}", ids], [f"{out}::q"], axis=0),
+        helper.make_node("Gather", [f"{key}::scale", ids], [f"{out}::scale"], axis=0),
+        helper.make_node("Cast", [f"{out}::scale"], [f"{out}::scale32"], to=TensorProto.FLOAT),
+        helper.make_node(
+            "DequantizeLinear", [f"{out}::q", f"{out}::scale32"], [out], axis=-1, block_size=block
+        ),
+    ]
+    index = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(index + offset, node)
 
 
 def _without_trace_notes(proto: Any) -> None:

@@ -127,8 +127,12 @@ def test_a_head_pruned_transformers_model_exports_with_keyword_inputs(tmp_path):
     notes = export_onnx(loaded, plan, integers, batch, tmp_path / "bert.onnx")
     assert notes[1].startswith(f"{len(integers)} weights stored as integers")  # all of them
     assert not any("kept in fp32" in note for note in notes)
-    stored = {i.name for i in onnx.load(tmp_path / "bert.onnx").graph.initializer}
+    graph = onnx.load(tmp_path / "bert.onnx").graph
+    stored = {i.name for i in graph.initializer}
     assert {f"{key}::q" for key in integers} <= stored and not set(integers) & stored
+    table = "embeddings.word_embeddings.weight::q"  # its rows gathered as int8, then scaled
+    readers = [node.op_type for node in graph.node if table in node.input]
+    assert readers == ["Gather"]
     from autosqueeze.export import OnnxModel
 
     runs = OnnxModel(tmp_path / "bert.onnx")
