@@ -10,6 +10,7 @@ import copy
 import math
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -36,12 +37,13 @@ from autosqueeze.measure import (
     measure_latency_beside,
     measure_layers_beside,
     measure_memory,
+    measure_pairs_beside,
     robust_latency,
 )
 from autosqueeze.metrics import call_model, distortion, recorded_outputs, to_device
 from autosqueeze.objectives import extra_objectives
 from autosqueeze.onnx_forms import one_call
-from autosqueeze.plan import Plan
+from autosqueeze.plan import LayerPlan, Plan
 from autosqueeze.task import Task
 from autosqueeze.techniques import applied, compress, runs_differently
 
@@ -103,7 +105,7 @@ class Evaluator:
                     timed = [n for n, lp in plan.layers.items() if runs_differently(lp)]
                     layer_ms = None
                     if timed and model is base:
-                        layer_ms = self._time_layers(model, timed, held)
+                        layer_ms = self._time_layers(model, plan, timed, held)
             except ValueError as exc:
                 raise TrialError(str(exc)) from exc
             return ProbeResult(layer_ms=layer_ms, model_ms=self._model_ms)
@@ -118,9 +120,10 @@ class Evaluator:
         return self._probe_model
 
     def _time_model(self, model: nn.Module) -> float:
+        """The whole original's milliseconds, in the runtime it ships to."""
         measure = self.task.config.measure
         return measure_latency(
-            model,
+            self.original_in_ort() if self._runtime == "onnxruntime" else model,
             self.task.example_input,
             self.task.device,
             warmup=measure.warmup,
@@ -129,10 +132,12 @@ class Evaluator:
         )
 
     def _time_layers(
-        self, model: nn.Module, names: list[str], held: Held
+        self, model: nn.Module, plan: Plan, names: list[str], held: Held
     ) -> tuple[float, float] | None:
         """(original, probed) milliseconds of layers ``names``, each pair timed side by side
-        in interleaved rounds on the inputs the layer gets from the example input."""
+        in interleaved rounds on the inputs the layer gets from the example input: in torch,
+        or, where the model ships to ONNX Runtime, each layer alone as its own ONNX file
+        there (``_alone_in_ort``), so the latency model prices ONNX Runtime's kernels."""
         inputs: dict[str, tuple[Any, Any]] = {}
         hooks = [
             model.get_submodule(name).register_forward_pre_hook(
@@ -149,14 +154,47 @@ class Evaluator:
                 hook.remove()
         if not inputs:
             return None
+        threads = self.task.config.measure.threads
+        if self._runtime == "onnxruntime":
+            pairs = {}
+            for name, (args, kwargs) in inputs.items():
+                alone = self._alone_in_ort(name, plan.layers[name], args, kwargs)
+                if alone is None:
+                    return None
+                pairs[name] = (*alone, args, kwargs)
+            with held.exclusive():
+                return measure_pairs_beside(pairs, self.task.device, threads)
         with held.exclusive():
             return measure_layers_beside(
-                self._reference(),
-                model,
-                inputs,
-                self.task.device,
-                self.task.config.measure.threads,
+                self._reference(), model, inputs, self.task.device, threads
             )
+
+    def _alone_in_ort(
+        self, name: str, lp: LayerPlan, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[OnnxModel, OnnxModel] | None:
+        """The original layer ``name`` and the layer as ``lp`` makes it, each exported alone
+        the way a trial's file is (stored integers, ONNX Runtime's kernels, fusions) and
+        loaded in ONNX Runtime; None where the layer's inputs mix positions and keywords or
+        it does not export alone (then it is not timed)."""
+        if args and kwargs:
+            return None
+        example = kwargs or (args[0] if len(args) == 1 else args)
+        directory = self._scratch_dir() / "layers"
+        directory.mkdir(exist_ok=True)
+        layer = _Alone(copy.deepcopy(self._reference().get_submodule(name)).cpu())
+        threads = self.task.config.measure.threads or 0
+        target = replace(self.task.target, example_input=example, calibration=[example])
+        found = []
+        try:
+            for index, alone_plan in enumerate((Plan({}), Plan({"layer": lp}))):
+                data = artifact_bytes(compress(copy.deepcopy(layer), alone_plan, target))
+                decoded = load_artifact(data, copy.deepcopy(layer), target, execution_form=False)
+                path = directory / f"{index}-{uuid.uuid4().hex[:8]}.onnx"
+                export_onnx(decoded, alone_plan, stored_integers(data), example, path, [example])
+                found.append(OnnxModel(path, threads=threads))
+        except Exception:  # noqa: BLE001 - a layer that will not export alone goes untimed
+            return None
+        return found[0], found[1]
 
     def artifact(self, plan: Plan) -> bytes:
         """Compress the base model by ``plan``: the artifact file's exact bytes."""
@@ -385,6 +423,17 @@ class Evaluator:
         if self._scratch is not None:
             self._scratch.cleanup()
             self._scratch, self._original_onnx = None, None
+
+
+class _Alone(nn.Module):
+    """One layer as a model of its own, named ``layer``: what ``_alone_in_ort`` exports."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.layer(*args, **kwargs)
 
 
 class _PhaseClock:

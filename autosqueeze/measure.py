@@ -18,7 +18,7 @@ import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -321,12 +321,25 @@ def measure_layers_beside(
     """(original, probed) milliseconds of the layers named in ``inputs`` (each with the
     (args, kwargs) it gets from the example input), summed, each layer of ``original``
     timed beside the same of ``probed`` (``_side_by_side``)."""
+    pairs = {
+        name: (original.get_submodule(name), probed.get_submodule(name), args, kwargs)
+        for name, (args, kwargs) in inputs.items()
+    }
+    return measure_pairs_beside(pairs, device, threads)
+
+
+def measure_pairs_beside(
+    pairs: Mapping[str, tuple[nn.Module, nn.Module, Any, Any]],
+    device: torch.device,
+    threads: int | None,
+) -> tuple[float, float]:
+    """(original, probed) milliseconds of each (original, probed, args, kwargs), summed, each
+    pair timed side by side (``_side_by_side``): a layer in torch, or alone in its own ONNX
+    file in ONNX Runtime (``Evaluator.time_probe``)."""
     base = changed = 0.0
     with _timing(device, threads) as sync:
-        for name, (args, kwargs) in inputs.items():
-            b, p = _side_by_side(
-                original.get_submodule(name), probed.get_submodule(name), args, kwargs, sync
-            )
+        for first, second, args, kwargs in pairs.values():
+            b, p = _side_by_side(first, second, args, kwargs, sync)
             base, changed = base + b, changed + p
     return base * 1000.0, changed * 1000.0
 

@@ -57,15 +57,21 @@ def cache_dir() -> Path:
     return Path(base) / "autosqueeze"
 
 
-def device_signature(device: torch.device, threads: int | None) -> str:
+def device_signature(device: torch.device, threads: int | None, runtime: str = "torch") -> str:
     """What a timing was taken on: the processor (or GPU) model, the threads it used, and
-    the torch build (a new build may bring new kernels)."""
+    the torch build (a new build may bring new kernels); for a layer timed alone in ONNX
+    Runtime (``budgets.runtime``), its version too."""
     if device.type == "cuda" and torch.cuda.is_available():
         name = torch.cuda.get_device_name(device)
     else:
         name = _cpu_model() or platform.processor() or platform.machine()
     threads = threads or usable_cpus()
-    return f"{device.type}|{name}|threads={threads}|torch={torch.__version__}|format={FORMAT}"
+    found = f"{device.type}|{name}|threads={threads}|torch={torch.__version__}|format={FORMAT}"
+    if runtime == "onnxruntime":
+        import onnxruntime
+
+        found += f"|onnxruntime={onnxruntime.__version__}"
+    return found
 
 
 def _cpu_model() -> str | None:
@@ -262,7 +268,7 @@ def cached_timings(
 
 def user_cached(timings: Timings, task: Task, threads: int | None) -> Timings:
     """``timings`` through the user's cache file, for ``task``'s model on its device."""
-    device = device_signature(task.device, threads)
+    device = device_signature(task.device, threads, task.runtime)
     return cached_timings(
         timings,
         TimingCache(cache_dir() / FILE),

@@ -4,9 +4,11 @@ says why; a study keeps the runtime it started in."""
 
 from __future__ import annotations
 
+import collections
 import json
 
 import pytest
+import torch
 from conftest import study_config, write_yaml
 
 from autosqueeze.cli import main
@@ -17,6 +19,7 @@ from autosqueeze.study import RUNTIME, open_study
 from autosqueeze.task import load_task
 
 pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
 
 NO_ONNX_MODEL = """
 import torch
@@ -107,3 +110,35 @@ def test_a_study_keeps_the_runtime_it_started_in(tmp_path):
     asked = load_task(config.with_overrides(runtime="onnxruntime"))
     with pytest.raises(UserError, match="was measured in torch; set runtime: torch"):
         in_study_runtime(study, asked)
+
+
+def test_a_study_that_ships_to_onnx_runtime_times_its_layers_there(tmp_path):
+    """The latency model's layer timings, for a study measured in ONNX Runtime: each layer
+    a probe changes is exported alone, as a trial's file is (its int8 kernels in the file),
+    and timed beside the original layer alone, also in ONNX Runtime; the whole model's time
+    is the original's ONNX file's."""
+    from autosqueeze.evaluator import Evaluator
+    from autosqueeze.plan import LayerPlan, Plan
+
+    task = load_task(load_config(_config(tmp_path)))
+    assert task.runtime == "onnxruntime"
+    evaluator = Evaluator(task)
+    try:
+        layer = "classifier.1"
+        args = (torch.randn(1, task.model.get_submodule(layer).in_features),)
+        for kernel, integer_op in (
+            ("ort_int8_dynamic", "MatMulInteger"),
+            ("ort_int8_static", "QuantizeLinear"),
+        ):
+            alone = evaluator._alone_in_ort(layer, LayerPlan.of(kernel=kernel), args, {})
+            assert alone is not None
+            original, probed = (
+                collections.Counter(n.op_type for n in onnx.load(str(m.path)).graph.node)
+                for m in alone
+            )
+            assert integer_op in probed and integer_op not in original
+        got = evaluator.time_probe(Plan({layer: LayerPlan.of(kernel="ort_int8_dynamic")}))
+        assert got.layer_ms is not None and min(got.layer_ms) > 0
+        assert got.model_ms is not None and got.model_ms > 0
+    finally:
+        evaluator.close()
