@@ -200,8 +200,9 @@ def export_onnx(
         notes.append(f"{folded} BatchNorms folded into the convolutions before them")
     if in_ort:
         notes.append(
-            f"{len(in_ort) - len(left_fp32)} weights run ONNX Runtime's int8 kernels "
-            "(MatMulInteger for ort_int8_dynamic, QDQ for ort_int8_static)"
+            f"{len(in_ort) - len(left_fp32)} weights run ONNX Runtime's integer kernels "
+            "(MatMulInteger for ort_int8_dynamic, QDQ for ort_int8_static, MatMulNBits for "
+            "ort_int4)"
         )
     if fused:
         notes.append(fused)

@@ -2,12 +2,13 @@
 file runs fastest under.
 
 A layer whose plan names one of ONNX Runtime's kernels (``kernels.OrtInt8``:
-``ort_int8_dynamic``, ``ort_int8_static``) keeps its decoded weights as fp32 initializers in
-the export; ``quantize_layers`` then hands exactly those layers' nodes to ONNX Runtime's own
-quantizer (``quantize_dynamic``: MatMulInteger; ``quantize_static``: QDQ, calibrated with
-MinMax on ``CALIBRATION_BATCHES`` batches of ``task.calibration``), per output channel, as
-the one-call quantizers do to a whole model (``one_call``). The file stores those weights as
-int8, whatever bits the artifact stored them at.
+``ort_int8_dynamic``, ``ort_int8_static``; ``kernels.OrtInt4``: ``ort_int4``) keeps its
+decoded weights as fp32 initializers in the export; ``quantize_layers`` then hands exactly
+those layers' nodes to ONNX Runtime's own quantizer (``quantize_dynamic``: MatMulInteger;
+``quantize_static``: QDQ, calibrated with MinMax on ``CALIBRATION_BATCHES`` batches of
+``task.calibration``; ``MatMulNBitsQuantizer``: MatMulNBits), per output channel (int4: per
+block), as the one-call quantizers do to a whole model (``one_call``). The file stores those
+weights as int8 (or int4), whatever bits the artifact stored them at.
 
 Which session options make a file fastest depends on what it holds (``session_entries``):
 with activations quantized (QDQ), ONNX Runtime must keep its QDQ fusion on, or it runs the
@@ -38,6 +39,7 @@ from typing import Any
 
 import torch
 
+from autosqueeze.kernels import OrtInt4
 from autosqueeze.metrics import call_arguments
 from autosqueeze.quiet import STDERR, STDOUT, silenced
 from autosqueeze.task import samples_in
@@ -124,21 +126,23 @@ def quantize_layers(
     calibration: list[Any],
 ) -> list[str]:
     """Rewrite the ONNX file at ``path`` in place: the node that multiplies by each weight of
-    ``weights`` (initializer name -> ``"dynamic"`` or ``"static"``) put in ONNX Runtime's
-    integer form by its quantizer. ``calibration``: input batches (a model's positional or
-    keyword inputs) for static ranges. Returns the weights ONNX Runtime left in fp32 (a node
-    its quantizer does not take), for the user's notes."""
+    ``weights`` (initializer name -> ``"int4"``, ``"dynamic"`` or ``"static"``) put in ONNX
+    Runtime's integer form by its quantizer. ``calibration``: input batches (a model's positional or
+    keyword inputs) for static ranges. Returns the weights ONNX Runtime left in fp32 (a node its
+    quantizer does not take), for the user's notes."""
     import onnx
 
     proto = onnx.load(str(path))
     nodes = _weight_nodes(proto, weights)
-    for mode in ("dynamic", "static"):  # dynamic first: calibration then runs its MatMulInteger
+    for mode in ("int4", "dynamic", "static"):  # static last: calibration runs the others
         chosen = [node for key, node in nodes.items() if weights[key] == mode]
         if not chosen:
             continue
         onnx.save_model(proto, str(path))
         with _quiet():
-            if mode == "dynamic":
+            if mode == "int4":
+                _quantize_int4(path, chosen)
+            elif mode == "dynamic":
                 _quantize_dynamic(path, chosen)
             else:
                 _quantize_static(path, chosen + _followers(proto, chosen), calibration)
@@ -151,7 +155,7 @@ def _weight_nodes(proto: Any, weights: dict[str, str]) -> dict[str, str]:
     """Weight key -> the name of the node that multiplies by it, each made a form ONNX
     Runtime's quantizer takes: the weight an initializer input of the node, not the output
     of a Transpose (folded here: the exporter leaves a Linear's ``x @ W.T`` so), and a
-    dynamic layer's Gemm written as MatMul and Add (its integer registry has no Gemm)."""
+    dynamic or int4 layer's Gemm written as MatMul and Add (neither quantizer takes Gemm)."""
     from onnx import numpy_helper
 
     graph = proto.graph
@@ -177,7 +181,7 @@ def _weight_nodes(proto: Any, weights: dict[str, str]) -> dict[str, str]:
             graph.initializer.remove(init)
             graph.initializer.append(folded)
             node = user
-        if node.op_type == "Gemm" and mode == "dynamic":
+        if node.op_type == "Gemm" and mode in ("dynamic", "int4"):
             node = _gemm_as_matmul(graph, node, initializers)
         if node is not None and node.op_type in ("MatMul", "Gemm", "Conv"):
             found[key] = node.name
@@ -385,6 +389,22 @@ def _quantize_dynamic(path: Path, nodes: list[str]) -> None:
     quantize_dynamic(
         path, path, per_channel=True, weight_type=QuantType.QInt8, nodes_to_quantize=nodes
     )
+
+
+def _quantize_int4(path: Path, nodes: list[str]) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(path)),
+        bits=4,
+        block_size=OrtInt4.block,
+        is_symmetric=True,
+        accuracy_level=4,  # int8 arithmetic on the unpacked weights: the fast path on a CPU
+        nodes_to_include=nodes,
+    )
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
 
 
 def _quantize_static(path: Path, nodes: list[str], calibration: list[Any]) -> None:

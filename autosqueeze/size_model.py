@@ -28,7 +28,7 @@ from autosqueeze.codecs import (
     quantize,
     shared_values,
 )
-from autosqueeze.kernels import kernel_for
+from autosqueeze.kernels import OrtInt4, kernel_for
 from autosqueeze.techniques.base import matrices
 from autosqueeze.techniques.factorize import factor_shapes
 
@@ -151,23 +151,28 @@ def layer_bytes(
 
 
 def onnx_layer_bytes(layer: nn.Module, values: dict[str, Any], group_size: int | None) -> int:
-    """A layer's weight bytes in its ONNX export (``export.export_onnx``), where weights are
-    stored dense: int8 with an fp32 scale per row where one of ONNX Runtime's int8 kernels
-    runs the layer, int8 at 5-8 bits and int4 at 4 bits and fewer with the artifact's fp16
-    scales (per row or group), fp32 otherwise (16 bits and shared values are decoded
-    there). Pruning saves nothing in that file; a rank, its factors' weights."""
+    """A layer's weight bytes in its ONNX export (``export.export_onnx``), where weights are stored
+    dense: int8 with an fp32 scale per row where one of ONNX Runtime's int8 kernels runs the layer
+    (int4 with one per block of ``OrtInt4.block`` for its MatMulNBits), int8 at 5-8 bits and int4 at
+    4 bits and fewer with the artifact's fp16 scales (per row or group), fp32 otherwise (16 bits and
+    shared values are decoded there). Pruning saves nothing in that file; a rank, its factors'
+    weights."""
     bits, cluster = int(values.get("bits", 32)), int(values.get("cluster", 0))
     rank = float(values.get("rank", 1.0))
     shapes = factor_shapes(layer, rank) if rank < 1 else [m.shape for m in matrices(layer).values()]
-    integer = bool(kernel_for(str(values.get("kernel", "fp32"))).ort_quantizer)
+    kernel = kernel_for(str(values.get("kernel", "fp32")))
+    integer = bool(kernel.ort_quantizer)
     if not integer and (cluster or bits > 8):
         return sum(4 * math.prod(shape) for shape in shapes)
-    width = 0.5 if bits <= 4 and not integer else 1.0
+    width = kernel.weight_bits / 8 if integer else 0.5 if bits <= 4 else 1.0
     total = 0
     for shape in shapes:
         rows, cols = shape[0], math.prod(shape[1:])
         groups = math.ceil(cols / group_size) if group_size and group_size < cols else 1
-        scales = 4 * rows if integer else 2 * rows * groups  # ORT's fp32; the artifact's fp16
+        if kernel.ort_quantizer == "int4":  # MatMulNBits: an fp32 scale per block
+            scales = 4 * rows * math.ceil(cols / OrtInt4.block)
+        else:  # ORT's int8 kernels: an fp32 scale per row; the artifact's fp16 ones
+            scales = 4 * rows if integer else 2 * rows * groups
         total += math.ceil(width * rows * cols) + scales
     return total
 

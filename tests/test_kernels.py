@@ -30,10 +30,11 @@ BOUNDS = {
     "int8_dynamic": 0.03,
     "int8_weight_only": 0.03,
     "int4_weight_only": 0.15,
-    # ONNX Runtime's int8 kernels, as torch runs them for the sensitivity pass's probes (its
-    # dynamic int8 form); in ONNX Runtime itself: tests/test_onnx_forms.py
+    # ONNX Runtime's integer kernels, as torch runs them for the sensitivity pass's probes
+    # (its dynamic int8 and int4 weight-only forms); in ONNX Runtime: tests/test_onnx_forms.py
     "ort_int8_dynamic": 0.03,
     "ort_int8_static": 0.03,
+    "ort_int4": 0.15,
 }
 
 LAYERS = {

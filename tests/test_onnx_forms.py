@@ -57,7 +57,7 @@ def test_dynamic_int8_runs_matmul_integer_within_its_error(tmp_path, bits):
     ops = _ops(tmp_path / "d.onnx")
     assert ops["MatMulInteger"] == 2 and ops["DynamicQuantizeLinear"] == 2
     assert ops["Gemm"] == 0 and ops["Conv"] == 3  # the convolutions have no dynamic kernel
-    assert "2 weights run ONNX Runtime's int8 kernels" in " ".join(notes)
+    assert "2 weights run ONNX Runtime's integer kernels" in " ".join(notes)
     shipped = OnnxModel(tmp_path / "d.onnx")
     assert shipped.entries == {DISABLE_QDQ: "1"}  # no QDQ: stored integers fold at load
     batch = _digits_batch()
@@ -72,6 +72,23 @@ def test_dynamic_int8_runs_matmul_integer_within_its_error(tmp_path, bits):
         want, got = decoded(batch), shipped(batch)
     assert (got - want).abs().max() <= 0.05 * want.abs().max()
     assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.95
+
+
+def test_int4_runs_matmul_nbits_within_its_error(tmp_path):
+    """The digits CNN's Linears on ``ort_int4``: MatMulNBits (int4 weights in blocks of 32),
+    the convolutions untouched, the outputs within int4's error of the decoded model's."""
+    model, x = pretrained_cnn().eval(), example_input()
+    linears = ["classifier.1", "classifier.3"]
+    plan = Plan({n: LayerPlan.of(kernel="ort_int4") for n in linears})
+    notes = _exported(model, plan, x, tmp_path / "d.onnx")
+    ops = _ops(tmp_path / "d.onnx")
+    assert ops["MatMulNBits"] == 2 and ops["Conv"] == 3 and ops["Gemm"] == 0
+    assert "2 weights run ONNX Runtime's integer kernels" in " ".join(notes)
+    batch = _digits_batch()
+    with torch.no_grad():
+        want, got = model(batch), OnnxModel(tmp_path / "d.onnx")(batch)
+    assert (got - want).abs().max() <= 0.15 * want.abs().max()
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.9
 
 
 def test_static_int8_is_what_the_one_call_quantizer_makes_of_the_same_layers(tmp_path):
@@ -260,6 +277,7 @@ def test_onnx_runtime_kernels_are_offered_only_where_the_model_ships_there():
         {"bits": 32, "cluster": 2},  # shared values: decoded to fp32 there
         {"kernel": "ort_int8_dynamic"},
         {"kernel": "ort_int8_static"},
+        {"kernel": "ort_int4"},
         {"bits": 8, "rank": 0.25},
     ],
     ids=str,
