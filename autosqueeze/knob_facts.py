@@ -57,6 +57,12 @@ class Knob:
     settings: tuple[Setting, ...] = ()
 
 
+# how prune picks the weights it zeroes: the smallest |w|, |w| x its input's norm (Wanda),
+# SparseGPT's saliency, or 2 of every 4
+PRUNE_BY = Setting("prune_by", "magnitude", NAME, ("magnitude", "activation", "hessian", "2:4"))
+GROUP_SIZE = Setting("group_size", None, COUNT)  # weights per quantization scale; None: per row
+CLUSTER_ROWS = Setting("cluster_rows", None, COUNT)  # rows per codebook; None: one per matrix
+
 KNOBS: dict[str, Knob] = {
     k.name: k
     for k in (
@@ -68,40 +74,12 @@ KNOBS: dict[str, Knob] = {
         Knob("rank", "factorize:Factorize", 1.0, FRACTION, sized=True),
         # depthwise filters per input channel of a k x k conv made separable; 0 = off
         Knob("separable", "separable:Separable", 0, WHOLE),
-        # fraction of weights zeroed, chosen by prune_by: the smallest |w|, |w| x its
-        # input's norm (Wanda), SparseGPT's saliency, or 2 of every 4
-        Knob(
-            "prune",
-            "prune:Prune",
-            0.0,
-            FRACTION,
-            sized=True,
-            settings=(
-                Setting(
-                    "prune_by", "magnitude", NAME, ("magnitude", "activation", "hessian", "2:4")
-                ),
-            ),
-        ),
-        # stored weight precision: 2-8 (integer, symmetric), 16 (fp16), 32 (fp32), with a
-        # scale per group_size weights (None: one per output row)
-        Knob(
-            "bits",
-            "quantize:Quantize",
-            32,
-            WHOLE,
-            sized=True,
-            settings=(Setting("group_size", None, COUNT),),
-        ),
-        # 2**cluster shared values (k-means codebook) instead of bits; 0 = off; a codebook
-        # per cluster_rows rows (None: one per matrix)
-        Knob(
-            "cluster",
-            "cluster:Cluster",
-            0,
-            WHOLE,
-            sized=True,
-            settings=(Setting("cluster_rows", None, COUNT),),
-        ),
+        # fraction of weights zeroed, chosen by prune_by
+        Knob("prune", "prune:Prune", 0.0, FRACTION, sized=True, settings=(PRUNE_BY,)),
+        # stored weight precision: 2-8 (integer, symmetric), 16 (fp16), 32 (fp32)
+        Knob("bits", "quantize:Quantize", 32, WHOLE, sized=True, settings=(GROUP_SIZE,)),
+        # 2**cluster shared values (k-means codebook) instead of bits; 0 = off
+        Knob("cluster", "cluster:Cluster", 0, WHOLE, sized=True, settings=(CLUSTER_ROWS,)),
         # execution form once loaded (autosqueeze.kernels)
         Knob("kernel", "kernel:KernelChoice", "fp32", NAME),
     )

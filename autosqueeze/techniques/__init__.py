@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from autosqueeze.codecs import decode, encode
-from autosqueeze.knob_facts import DEFAULTS, KNOBS, TECHNIQUES, Knob
+from autosqueeze.knob_facts import DEFAULTS, KNOBS, SETTINGS, TECHNIQUES, Knob
 from autosqueeze.plan import LayerPlan, Plan
 from autosqueeze.recovery import Recovery
 from autosqueeze.techniques.base import CompressedModel, Site, Target, Technique, weighted_parts
@@ -203,7 +203,7 @@ def _steps(plan: Plan, model: nn.Module) -> list[tuple[Technique, str, LayerPlan
 
 def check_plan(plan: Plan) -> None:
     """Raise ValueError for a choice no technique can take (a plan read from an artifact is
-    untrusted: bits 1, a negative prune, an unknown kernel or knob)."""
+    untrusted: bits 1, a negative prune, an unknown kernel, knob or pruning criterion)."""
     _check_knobs(plan)
     for name, layer_plan in plan.layers.items():
         for technique in TECHNIQUES.values():
@@ -211,9 +211,11 @@ def check_plan(plan: Plan) -> None:
                 technique.validate(getattr(layer_plan, technique.knob))
             except ValueError as exc:
                 raise ValueError(f"layer {name!r}: {exc}") from None
-        for setting in ("group_size", "cluster_rows"):  # a count, or None
-            if (count := getattr(layer_plan, setting)) is not None and count < 1:
-                raise ValueError(f"layer {name!r}: {setting} {count} is not positive")
+        for setting in SETTINGS.values():
+            try:
+                setting.check(getattr(layer_plan, setting.name))
+            except ValueError as exc:
+                raise ValueError(f"layer {name!r}: {exc}") from None
 
 
 def _check_knobs(plan: Plan) -> None:

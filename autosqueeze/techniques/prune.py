@@ -27,12 +27,12 @@ import torch
 from torch import nn
 
 from autosqueeze.kernels import is_conv1d
-from autosqueeze.knob_facts import SETTINGS
+from autosqueeze.knob_facts import PRUNE_BY
 from autosqueeze.metrics import call_model, to_device
 from autosqueeze.plan import LayerPlan
 from autosqueeze.techniques.base import CompressedModel, Technique, matrices, weighted_parts
 
-CRITERIA = SETTINGS["prune_by"].choices  # a space rule's prune_by (knob_facts)
+CRITERIA = PRUNE_BY.choices  # a space rule's prune_by
 NORM_BATCHES = 8
 """Calibration batches the input norms are taken over (Wanda used 128 sequences)."""
 
@@ -71,7 +71,7 @@ class Prune(Technique):
         return float(value)  # the share of weights zeroed
 
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
-        SETTINGS["prune_by"].check(layer_plan.prune_by)
+        PRUNE_BY.check(layer_plan.prune_by)
         criterion = layer_plan.prune_by if layer_plan.prune > 0 else "magnitude"
         if criterion == TWO_OF_FOUR and layer_plan.prune != 0.5:
             raise ValueError(
