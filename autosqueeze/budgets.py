@@ -25,35 +25,41 @@ def check_reachable(config: StudyConfig, task: Task, space: SearchSpace) -> int:
     from autosqueeze.errors import UserError
 
     evaluator = Evaluator(task)
+    budgets = config.budgets
+    size, memory, latency = (OBJECTIVES[n] for n in ("size_bytes", "memory_mb", "latency_ms"))
     try:
         plan = space.most_compressed_plan()
         artifact = artifact_bytes(compress(task.model, plan, task.target))
-        size = len(artifact)
-        budgets = config.budgets
-        if budgets.max_size_mb is not None and size > budgets.max_size_mb * 1e6:
+        nbytes = len(artifact)
+        if (limit := size.limit(budgets, None)) is not None and nbytes > limit:
             raise UserError(
-                f"budgets.max_size_mb: no model in this space can be {budgets.max_size_mb} MB "
-                f"or smaller; the most compressed plan (every knob at its extreme) is "
-                f"{size / 1e6:.4f} MB. Raise the budget or widen the space ({config.space})."
+                f"budgets.{size.budget}: no model in this space can be {size.budget_of(budgets)} "
+                f"MB or smaller; the most compressed plan (every knob at its extreme) is "
+                f"{nbytes / size.budget_scale:.4f} MB. Raise the budget or widen the space "
+                f"({config.space})."
             )
-        if budgets.max_latency_ms is None and budgets.max_memory_mb is None:
-            return size
+        if latency.budget_of(budgets) is None and memory.budget_of(budgets) is None:
+            return nbytes
         got = evaluator.measure_artifact(artifact)
-        if budgets.max_memory_mb is not None and (got.memory_mb or 0.0) > budgets.max_memory_mb:
+        if (limit := memory.limit(budgets, None)) is not None and (got.memory_mb or 0.0) > limit:
             raise UserError(
-                f"budgets.max_memory_mb: no model in this space runs in {budgets.max_memory_mb} "
-                f"MB at batch size {budgets.batch_size}; the most compressed plan (every knob "
-                f"at its extreme, the most compact kernels) peaks at {got.memory_mb:.3f} MB."
+                f"budgets.{memory.budget}: no model in this space runs in "
+                f"{memory.budget_of(budgets)} MB at batch size {budgets.batch_size}; the most "
+                f"compressed plan (every knob at its extreme, the most compact kernels) peaks "
+                f"at {got.memory_mb:.3f} MB."
             )
-        if budgets.max_latency_ms is not None and got.latency_ms is not None:
-            latency = got.latency_ms
-            if latency > budgets.max_latency_ms * LATENCY_NOISE:
-                raise UserError(
-                    f"budgets.max_latency_ms: no model in this space is likely to run in "
-                    f"{budgets.max_latency_ms} ms on {budgets.device} at batch size "
-                    f"{budgets.batch_size}; the most compressed plan measures {latency:.3f} ms."
-                )
-        return size
+        limit = latency.limit(budgets, None)
+        if (
+            limit is not None
+            and got.latency_ms is not None
+            and got.latency_ms > limit * LATENCY_NOISE
+        ):
+            raise UserError(
+                f"budgets.{latency.budget}: no model in this space is likely to run in "
+                f"{latency.budget_of(budgets)} ms on {budgets.device} at batch size "
+                f"{budgets.batch_size}; the most compressed plan measures {got.latency_ms:.3f} ms."
+            )
+        return nbytes
     finally:
         evaluator.close()
 

@@ -380,7 +380,7 @@ class Evaluator:
         config = self.task.config
         found = {}
         for objective in extra_objectives():
-            budgeted = objective.limit(config.budgets, None) is not None
+            budgeted = objective.budget_of(config.budgets) is not None
             if objective.name not in config.objectives and not budgeted:
                 continue
             with clock(objective.name):

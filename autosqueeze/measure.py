@@ -28,6 +28,7 @@ from torch import nn
 from autosqueeze.config import Budgets
 from autosqueeze.metrics import call_model, to_device
 from autosqueeze.nested import tensors
+from autosqueeze.objectives import OBJECTIVES
 from autosqueeze.quiet import STDERR, silenced
 
 
@@ -50,8 +51,6 @@ class Measurements:
         """An objective with its own ``measure`` reads like a field (None: not measured)."""
         if name.startswith("__"):
             raise AttributeError(name)
-        from autosqueeze.objectives import OBJECTIVES
-
         if name in OBJECTIVES:
             return self.__dict__.get("extra", {}).get(name)
         raise AttributeError(f"{type(self).__name__} has no {name!r}")
@@ -88,6 +87,10 @@ class ProbeResult:
     model_ms: float | None = None
 
 
+# the budgets a trial stops on: its metric and size are measured before latency and memory
+_METRIC, _SIZE = OBJECTIVES["metric"], OBJECTIVES["size_bytes"]
+
+
 @dataclass(frozen=True)
 class Limits:
     """What a trial must reach to possibly join the front; one that misses stops early."""
@@ -103,18 +106,18 @@ class Limits:
         """The limits the metric and size budgets set, given the original model's metric;
         with ``early_stop``, a trial whose metric on the first samples fell more than that
         many times ``max_metric_drop`` stops before the full metric."""
-        drop, size = budgets.max_metric_drop, budgets.max_size_mb
+        drop, size = _METRIC.budget_of(budgets), _SIZE.limit(budgets, None)
         return cls(
-            min_metric=original_metric - drop if drop is not None else None,
-            max_size_bytes=int(size * 1e6) if size is not None else None,
+            min_metric=_METRIC.limit(budgets, original_metric),
+            max_size_bytes=int(size) if size is not None else None,
             max_first_look_drop=drop * early_stop if drop is not None and early_stop else None,
         )
 
     def missed(self, metric: float, size: int) -> str | None:
         if self.min_metric is not None and metric < self.min_metric:
-            return f"metric {metric:.6g} is below {self.min_metric:.6g} (budgets.max_metric_drop)"
+            return f"metric {metric:.6g} is below {self.min_metric:.6g} (budgets.{_METRIC.budget})"
         if self.max_size_bytes is not None and size > self.max_size_bytes:
-            return f"{size:,} bytes exceed {self.max_size_bytes:,} (budgets.max_size_mb)"
+            return f"{size:,} bytes exceed {self.max_size_bytes:,} (budgets.{_SIZE.budget})"
         return None
 
 

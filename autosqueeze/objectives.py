@@ -1,7 +1,9 @@
 """What a study can optimize and budget: each measured quantity's facts, written once.
 
 The config's choices, Optuna's directions and axis names, the budgets' constraint slack,
-the front's dominance and hypervolume, and the dashboard's axes all read ``OBJECTIVES``.
+a trial's early stop (``measure.Limits``), the check that a space can meet the budgets
+(``budgets.check_reachable``), the front's dominance and hypervolume, and the dashboard's
+axes all read ``OBJECTIVES``.
 A new objective is one entry here, with ``measure`` (how a loaded model is measured for it;
 the value lands in ``Measurements.extra``), and a ``budgets.max_...`` field if it can be
 budgeted (docs/extending.md)."""
@@ -49,20 +51,24 @@ class Objective:
         value = getattr(got, self.name)
         return None if value is None else float(value)
 
-    def limit(self, budgets: Budgets, ref: Measurements | None) -> float | None:
-        """The budget's bound in measured units (None: unbudgeted, or relative to an
-        original not measured yet)."""
-        bound = None if self.budget is None else getattr(budgets, self.budget)
+    def budget_of(self, budgets: Budgets) -> float | None:
+        """Its budget as the config gives it, in budget units (None: unbudgeted)."""
+        return None if self.budget is None else getattr(budgets, self.budget)
+
+    def limit(self, budgets: Budgets, original: float | None) -> float | None:
+        """The budget's bound in measured units, given the original model's value of it
+        (None: unbudgeted, or relative to an original not measured yet)."""
+        bound = self.budget_of(budgets)
         if bound is None:
             return None
         if self.name == "metric":  # a drop from the original's metric
-            return None if ref is None else ref.metric - bound
+            return None if original is None else original - bound
         return bound * self.budget_scale
 
     def slack(self, budgets: Budgets, ref: Measurements, got: Measurements) -> float | None:
         """How far ``got`` is past the budget, in budget units (<= 0: within; Optuna's
         convention). None: no budget, or not measured (a trial that stopped early)."""
-        limit, value = self.limit(budgets, ref), self.measured(got)
+        limit, value = self.limit(budgets, self.measured(ref)), self.measured(got)
         if limit is None or value is None:
             return None
         past = value - limit if self.direction == "minimize" else limit - value
@@ -74,7 +80,7 @@ class Objective:
         """What a page needs to draw it: its label (the metric's own name for the metric),
         the scale to display units, a log axis or not, and where its budget puts a line (in
         display units; None without one)."""
-        limit = self.limit(budgets, ref)
+        limit = self.limit(budgets, None if ref is None else self.measured(ref))
         return {
             "name": self.name,
             "label": metric_name if self.name == "metric" else self.label,

@@ -8,67 +8,81 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any
+
+from autosqueeze.knob_facts import DEFAULTS, TECHNIQUES, TYPES
 
 PLAN_FORMAT = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False, eq=False)
 class LayerPlan:
-    """What to do to one layer. The defaults leave it untouched."""
+    """What to do to one layer: a value for each knob it changes, and for the settings its
+    techniques read beside them; every other reads as its default, which leaves the layer
+    untouched. The knobs and settings are the techniques' (``knob_facts``: those of the
+    package and those ``techniques.register`` adds), read as attributes: ``layer_plan.bits``,
+    ``layer_plan.group_size``."""
 
-    bits: int = 32  # stored weight precision: 2-8 (integer, symmetric), 16 (fp16), 32 (fp32)
-    prune: float = 0.0  # fraction of weights zeroed, chosen by ``prune_by``
-    rank: float = 1.0  # kept fraction of the full rank after SVD; 1.0 = no factorization
-    group_size: int | None = None  # weights per quantization scale; None = one per output row
-    prune_channels: float = 0.0  # fraction of output channels/neurons removed (structured)
-    prune_heads: float = 0.0  # fraction of an attention block's heads removed (structured)
-    kernel: str = "fp32"  # execution form once loaded (autosqueeze.kernels)
-    cluster: int = 0  # 2**cluster shared values (k-means codebook) instead of bits; 0 = off
-    prune_by: str = "magnitude"  # or "activation" (|w| x its input's norm, Wanda), "hessian"
-    separable: int = 0  # depthwise filters per input channel of a k x k conv made separable
-    cluster_rows: int | None = None  # rows sharing one codebook under cluster; None = all
-    # the knobs of techniques registered from outside the package (``techniques.register``);
-    # read as attributes like the fields above, stored beside them in the plan's JSON
-    extra: dict[str, Any] = field(default_factory=dict, hash=False)
+    values: dict[str, Any]  # as given, defaults included
+
+    def __init__(self, **values: Any) -> None:
+        for name in values:
+            _check_known(name)
+        object.__setattr__(self, "values", values)
+
+    @classmethod
+    def _read(cls, values: dict[str, Any]) -> LayerPlan:
+        """A stored layer plan, knobs this process does not know included (a reader without
+        a user's module still reads the study; ``techniques.check_plan`` refuses them)."""
+        plan = object.__new__(cls)
+        object.__setattr__(plan, "values", dict(values))
+        return plan
 
     def __getattr__(self, name: str) -> Any:
-        """A registered technique's knob: its value here, else its identity."""
+        """A knob's or setting's value here, else its default (a technique's identity)."""
         if name.startswith("__"):
             raise AttributeError(name)
-        extra = self.__dict__.get("extra", {})
-        if name in extra:
-            return extra[name]
-        from autosqueeze.techniques import TECHNIQUES
-
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        if name in DEFAULTS:
+            return DEFAULTS[name]
         if name in TECHNIQUES:
             return TECHNIQUES[name].identity
         raise AttributeError(f"{type(self).__name__} has no knob {name!r}")
 
     @classmethod
     def of(cls, **values: Any) -> LayerPlan:
-        """A layer plan from knob values, the fields' and any registered technique's."""
-        own = {k: v for k, v in values.items() if k in _FIELD_TYPES}
-        return cls(**own, extra=_registered({k: v for k, v in values.items() if k not in own}))
+        """A layer plan from knob values, the package's and any registered technique's."""
+        return cls(**values)
 
     def replace(self, **changes: Any) -> LayerPlan:
-        own = {k: v for k, v in changes.items() if k in _FIELD_TYPES}
-        extra = _registered({k: v for k, v in changes.items() if k not in own})
-        if extra:
-            own["extra"] = {**self.extra, **extra}
-        return replace(self, **own)
+        return LayerPlan._read({**self.values, **LayerPlan(**changes).values})
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """The knobs of techniques registered from outside the package (or unknown here)."""
+        return {k: v for k, v in self.values.items() if k not in DEFAULTS}
 
     def to_dict(self) -> dict[str, Any]:
-        """The knobs this plan changes from their defaults, the registered techniques' beside
-        the fields' (the rest read back as their defaults): an artifact's header carries the
-        plan, and on a small model every byte of it counts."""
-        own = {
-            f.name: value
-            for f in fields(self)
-            if f.name != "extra" and (value := getattr(self, f.name)) != f.default
+        """The values this plan sets, by name, less the package's knobs and settings at their
+        defaults: an artifact's header carries the plan, and on a small model every byte of
+        it counts. A registered technique's are all kept: a reader without its module then
+        refuses the plan instead of reading it as another."""
+        return {
+            k: v for k, v in sorted(self.values.items()) if k not in DEFAULTS or v != DEFAULTS[k]
         }
-        return {**own, **dict(sorted(self.extra.items()))}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LayerPlan) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.to_dict().items()))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
+        return f"{type(self).__name__}({shown})"
 
 
 @dataclass(frozen=True)
@@ -107,15 +121,13 @@ class Plan:
             if not isinstance(values, dict):
                 raise ValueError(f"layer {name!r}: its plan is not a mapping")
             for key, value in values.items():
-                if key not in _FIELD_TYPES and not _KNOB_NAME.fullmatch(str(key)):
+                if key not in TYPES and not _KNOB_NAME.fullmatch(str(key)):
                     raise ValueError(f"layer {name!r}: {str(key)[:80]!r} is not a knob name")
-                types = _FIELD_TYPES.get(key, _EXTRA_TYPES)
+                types = TYPES.get(key, _EXTRA_TYPES)
                 if type(value) not in types:
                     kind = types[0].__name__
                     raise ValueError(f"layer {name!r}: {key} is {value!r}, not a {kind}")
-            own = {k: v for k, v in values.items() if k in _FIELD_TYPES}
-            extra = {k: v for k, v in values.items() if k not in own}
-            layers[name] = LayerPlan(**own, extra=extra)  # its technique checks it when used
+            layers[name] = LayerPlan._read(values)  # its technique checks it when used
         return cls(layers, base)
 
     @classmethod
@@ -132,29 +144,13 @@ class Plan:
         return cls({name: LayerPlan.of(**choices) for name in layer_names})
 
 
-_FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "bits": (int, float),  # a whole number; 16.0 from a YAML list is 16
-    "prune": (float, int),
-    "rank": (float, int),
-    "group_size": (int, type(None)),
-    "prune_channels": (float, int),
-    "prune_heads": (float, int),
-    "kernel": (str,),
-    "cluster": (int, float),  # a whole number, as bits
-    "prune_by": (str,),
-    "separable": (int, float),  # a whole number, as bits
-    "cluster_rows": (int, type(None)),
-}
 _EXTRA_TYPES: tuple[type, ...] = (float, int, str)  # a registered technique's: number or name
 _KNOB_NAME = re.compile(r"[a-z_][a-z0-9_]{0,63}")
 _BASE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")  # as config's model.candidates
 
 
-def _registered(values: dict[str, Any]) -> dict[str, Any]:
-    """``values``, each the knob of a registered technique (else a ValueError naming it)."""
-    if values:
-        from autosqueeze.techniques import technique_for
-
-        for knob in values:
-            technique_for(knob)
-    return values
+def _check_known(name: str) -> None:
+    """Raise ValueError unless ``name`` is a knob or setting of the package or a registered
+    technique's knob."""
+    if name not in DEFAULTS and name not in TECHNIQUES:
+        raise ValueError(f"unknown knob {name!r}; the knobs are {', '.join(TECHNIQUES)}")

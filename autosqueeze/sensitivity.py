@@ -583,7 +583,8 @@ def group_options(
             if in_onnx:
                 chosen = {**layers[0].fixed, **values}
                 nbytes = sum(
-                    onnx_layer_bytes(modules[m.name], chosen, m.group_size) for m in layers
+                    onnx_layer_bytes(modules[m.name], chosen, m.settings["group_size"])
+                    for m in layers
                 )
             else:
                 nbytes = _artifact_bytes(layers, modules, {**layers[0].fixed, **values}, stored)
@@ -612,7 +613,8 @@ def _artifact_bytes(
     for m in layers:
         layer, key = modules[m.name], (m.name, 0 if cluster else bits, cluster)
         if key not in stored:
-            stored[key] = stored_weights(layer, bits, m.group_size, cluster, m.cluster_rows)
+            group, rows = m.settings["group_size"], m.settings["cluster_rows"]
+            stored[key] = stored_weights(layer, bits, group, cluster, rows)
         nbytes += layer_bytes(layer, stored[key], **settings)
     return nbytes
 

@@ -29,6 +29,7 @@ from autosqueeze.codecs import (
     shared_values,
 )
 from autosqueeze.kernels import OrtInt4, kernel_for
+from autosqueeze.knob_facts import KNOBS
 from autosqueeze.techniques.base import matrices
 from autosqueeze.techniques.factorize import factor_shapes
 
@@ -110,7 +111,7 @@ def stored_weights(
     return StoredWeights(bits, codec.group_size, tuple(found))
 
 
-SIZE_KNOBS = ("bits", "prune", "rank", "cluster")
+SIZE_KNOBS = tuple(name for name, knob in KNOBS.items() if knob.sized)
 """The knobs whose bytes ``layer_bytes`` predicts (the knapsack prices these; docs/search.md)."""
 
 

@@ -12,7 +12,7 @@ import fnmatch
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from optuna.distributions import BaseDistribution, CategoricalDistribution
@@ -29,6 +29,7 @@ from torch import nn
 from autosqueeze.anatomy import anatomy
 from autosqueeze.config import file_problem
 from autosqueeze.errors import UserError
+from autosqueeze.knob_facts import SETTINGS
 from autosqueeze.knobs import KnobValues, Range, contains, flat_values, nearest, values_of
 from autosqueeze.plan import LayerPlan, Plan
 from autosqueeze.techniques import Site, Target, technique_for
@@ -46,11 +47,29 @@ class Rule(BaseModel):
     names: list[str] = ["*"]
     exclude: list[str] = []
     knobs: dict[str, KnobValues] = {}
-    group_size: int | None = Field(None, ge=1)
-    cluster_rows: int | None = Field(None, ge=1)  # a codebook per this many rows (cluster)
-    prune_by: Literal["magnitude", "activation", "hessian", "2:4"] = "magnitude"
+    # the techniques' settings (``knob_facts.SETTINGS``), written beside ``knobs``
+    settings: dict[str, Any] = {}
     name: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
     share: str | None = None  # None: knobs per layer; "all": one set; a regex: one per match
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_settings(cls, data: Any) -> Any:
+        """A rule writes its techniques' settings beside its knobs (``group_size: 64``)."""
+        if isinstance(data, dict) and "settings" not in data:
+            given = {k: v for k, v in data.items() if k in SETTINGS}
+            data = {k: v for k, v in data.items() if k not in given} | {"settings": given}
+        return data
+
+    @field_validator("settings")
+    @classmethod
+    def _valid_settings(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        """Each checked as its technique checks a plan's; those not given at their defaults."""
+        for name, value in settings.items():
+            if name not in SETTINGS:
+                raise ValueError(f"{name!r} is not a setting; they are {', '.join(SETTINGS)}")
+            SETTINGS[name].check(value)
+        return {name: settings.get(name, s.default) for name, s in SETTINGS.items()}
 
     @field_validator("share")
     @classmethod
@@ -78,7 +97,7 @@ class Rule(BaseModel):
     def _two_of_four_halves(self) -> Rule:
         """2:4 pruning zeroes exactly half a layer's weights: prune is 0 or 0.5."""
         values = self.knobs.get("prune")
-        if self.prune_by == "2:4" and values is not None:
+        if self.settings["prune_by"] == "2:4" and values is not None:
             if isinstance(values, Range) or not set(flat_values(values)) <= {0, 0.5}:
                 raise ValueError("prune_by 2:4 zeroes half the weights: list prune as [0, 0.5]")
         return self
@@ -111,23 +130,12 @@ class LayerKnobs:
     name: str
     searched: dict[str, BaseDistribution]
     fixed: dict[str, Any]
-    group_size: int | None
+    settings: dict[str, Any]  # what its rule sets for every plan of the layer, beside the knobs
     key: str = ""  # the Optuna parameter prefix: the layer's name, or its shared group's
-    prune_by: str = "magnitude"
-    cluster_rows: int | None = None
 
     @property
     def prefix(self) -> str:
         return self.key or self.name
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        """What its rule sets for every plan of the layer, beside the knobs' values."""
-        return {
-            "group_size": self.group_size,
-            "prune_by": self.prune_by,
-            "cluster_rows": self.cluster_rows,
-        }
 
 
 BASE = "base"  # the parameter choosing the model a plan compresses, with model.candidates
@@ -338,9 +346,7 @@ def build_space(
             failed.clear()
         if searched or fixed:
             key = rule.group_of(spec.rules.index(rule), name)
-            layers[name] = LayerKnobs(
-                name, searched, fixed, rule.group_size, key, rule.prune_by, rule.cluster_rows
-            )
+            layers[name] = LayerKnobs(name, searched, fixed, rule.settings, key)
     if not layers:
         raise UserError(
             "space: no layer of the model matches any rule of the space file; "

@@ -43,6 +43,17 @@ def test_a_plan_field_of_the_wrong_type_or_name_is_rejected(values, why):
         Plan.from_dict({"format": 1, "layers": {"a": values}})
 
 
+def test_a_stored_plans_settings_are_checked_as_a_space_rules_are():
+    """A setting is checked by its ``Setting`` wherever it comes from: a plan read from an
+    artifact is refused with the criterion no technique has, not applied without it."""
+    plan = Plan.from_dict({"format": 1, "layers": {"a": {"prune_by": "obs"}}})
+    with pytest.raises(ValueError, match="layer 'a': prune_by is one of magnitude"):
+        check_plan(plan)
+    plan = Plan.from_dict({"format": 1, "layers": {"a": {"group_size": 0}}})
+    with pytest.raises(ValueError, match="layer 'a': group_size 0 is not positive"):
+        check_plan(plan)
+
+
 def test_a_plan_of_another_format_is_rejected():
     with pytest.raises(ValueError, match="unsupported plan format"):
         Plan.from_dict({"format": 99, "layers": {}})

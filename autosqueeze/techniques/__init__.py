@@ -2,16 +2,16 @@
 factorization, depthwise separation, unstructured pruning, quantization, weight sharing
 (which replaces a layer's quantization); and at load time the execution form (kernel).
 
-The registry maps a plan knob to its technique; a new technique is one new module plus one
-line here, or, from outside the package, one module whose class carries ``@register``
-(docs/extending.md).
+The registry maps a plan knob to its technique. A technique in the package is one new module
+plus its line in ``knob_facts.KNOBS``, which names the class; one from outside the package is
+one module whose class carries ``@register`` (docs/extending.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
+import importlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,33 +19,22 @@ import torch
 from torch import nn
 
 from autosqueeze.codecs import decode, encode
+from autosqueeze.knob_facts import DEFAULTS, KNOBS, SETTINGS, TECHNIQUES, Knob
 from autosqueeze.plan import LayerPlan, Plan
 from autosqueeze.recovery import Recovery
 from autosqueeze.techniques.base import CompressedModel, Site, Target, Technique, weighted_parts
-from autosqueeze.techniques.channels import PruneChannels
-from autosqueeze.techniques.cluster import Cluster
-from autosqueeze.techniques.factorize import Factorize
-from autosqueeze.techniques.heads import PruneHeads
-from autosqueeze.techniques.kernel import KernelChoice
-from autosqueeze.techniques.prune import Prune
-from autosqueeze.techniques.quantize import Quantize
-from autosqueeze.techniques.separable import Separable
 
-_FIELDS = {f.name for f in dataclasses.fields(LayerPlan)}  # built in: not a new knob
-TECHNIQUES: dict[str, Technique] = {
-    t.knob: t
-    for t in (
-        PruneChannels(),
-        PruneHeads(),
-        Factorize(),
-        Separable(),
-        Prune(),
-        Quantize(),
-        Cluster(),
-        KernelChoice(),
-    )
-}
-"""knob -> technique, in the order they are applied."""
+
+def _technique(knob: Knob) -> Technique:
+    """The technique a ``Knob`` line names, from its module in this package."""
+    module, _, name = knob.technique.partition(":")
+    technique: Technique = getattr(importlib.import_module(f"{__name__}.{module}"), name)()
+    if technique.knob != knob.name:
+        raise RuntimeError(f"{knob.technique} reads the knob {technique.knob!r}, not {knob.name!r}")
+    return technique
+
+
+TECHNIQUES.update((name, _technique(knob)) for name, knob in KNOBS.items())
 
 
 def register(technique: type[Technique] | None = None, *, before: str = "bits") -> Any:
@@ -57,7 +46,7 @@ def register(technique: type[Technique] | None = None, *, before: str = "bits") 
 
     def add(cls: type[Technique]) -> type[Technique]:
         instance = cls()
-        if instance.knob in _FIELDS:
+        if instance.knob in DEFAULTS:
             raise ValueError(f"technique {cls.__name__}: {instance.knob!r} is a built-in knob")
         if before not in TECHNIQUES:
             raise ValueError(f"register(before={before!r}): the knobs are {', '.join(TECHNIQUES)}")
@@ -214,7 +203,7 @@ def _steps(plan: Plan, model: nn.Module) -> list[tuple[Technique, str, LayerPlan
 
 def check_plan(plan: Plan) -> None:
     """Raise ValueError for a choice no technique can take (a plan read from an artifact is
-    untrusted: bits 1, a negative prune, an unknown kernel or knob)."""
+    untrusted: bits 1, a negative prune, an unknown kernel, knob or pruning criterion)."""
     _check_knobs(plan)
     for name, layer_plan in plan.layers.items():
         for technique in TECHNIQUES.values():
@@ -222,9 +211,11 @@ def check_plan(plan: Plan) -> None:
                 technique.validate(getattr(layer_plan, technique.knob))
             except ValueError as exc:
                 raise ValueError(f"layer {name!r}: {exc}") from None
-        for setting in ("group_size", "cluster_rows"):  # a count, or None
-            if (count := getattr(layer_plan, setting)) is not None and count < 1:
-                raise ValueError(f"layer {name!r}: {setting} {count} is not positive")
+        for setting in SETTINGS.values():
+            try:
+                setting.check(getattr(layer_plan, setting.name))
+            except ValueError as exc:
+                raise ValueError(f"layer {name!r}: {exc}") from None
 
 
 def _check_knobs(plan: Plan) -> None:

@@ -10,6 +10,7 @@ from optuna.distributions import BaseDistribution
 from torch import nn
 
 from autosqueeze.codecs import TensorCodec
+from autosqueeze.knob_facts import KNOBS
 from autosqueeze.knobs import KnobValues, Range, flat_values, to_distribution
 from autosqueeze.plan import LayerPlan, Plan
 
@@ -59,7 +60,6 @@ class Technique(ABC):
     """
 
     knob: ClassVar[str]
-    identity: ClassVar[Any]  # the value that leaves a layer untouched
     structural: ClassVar[bool] = False  # changes shapes: recovery training follows it
     reaches_neighbours: ClassVar[bool] = False  # changes layers other than the one it is on
     # changes the weight where it is (or only how it is stored), so a layer whose weight is
@@ -77,6 +77,12 @@ class Technique(ABC):
     # what a list of this knob's values holds, for a knob searched only as a choice (a
     # range of values is refused); "": a range is fine
     listed: ClassVar[str] = ""
+
+    @property
+    def identity(self) -> Any:
+        """The value that leaves a layer untouched: its ``Knob`` line's (``knob_facts``); a
+        technique registered from outside the package declares its own."""
+        return KNOBS[self.knob].identity
 
     def validate(self, values: KnobValues) -> None:
         """Raise ValueError when the space file gives this knob values it cannot take (a knob

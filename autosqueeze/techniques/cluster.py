@@ -23,7 +23,6 @@ from autosqueeze.techniques.base import CompressedModel, Technique, matrices, we
 
 class Cluster(Technique):
     knob = "cluster"
-    identity = 0
     harm_grows_with_strength = True
     keeps_layer = True  # values change where they are: tied weights stay tied
 

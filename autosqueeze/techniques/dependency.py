@@ -36,7 +36,6 @@ class RemovesFraction(Technique):
     harm_grows_with_strength = True
     structural = True
     reaches_neighbours = True  # the coupled layers lose their matching inputs
-    identity = 0.0
     changes_speed = True
 
     def check_value(self, value: float) -> None:

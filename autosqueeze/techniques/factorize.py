@@ -63,7 +63,6 @@ class Factorize(Technique):
     harm_grows_with_strength = True
     listed = "fractions of the full rank"
     structural = True
-    identity = 1.0
     changes_speed = True
 
     def check_value(self, value: float) -> None:

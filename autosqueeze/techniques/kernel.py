@@ -22,7 +22,6 @@ from autosqueeze.techniques.base import CompressedModel, Site, Technique, weight
 
 class KernelChoice(Technique):
     knob = "kernel"
-    identity = "fp32"
     changes_speed = True
 
     def validate(self, values: KnobValues) -> None:

@@ -27,11 +27,12 @@ import torch
 from torch import nn
 
 from autosqueeze.kernels import is_conv1d
+from autosqueeze.knob_facts import PRUNE_BY
 from autosqueeze.metrics import call_model, to_device
 from autosqueeze.plan import LayerPlan
 from autosqueeze.techniques.base import CompressedModel, Technique, matrices, weighted_parts
 
-CRITERIA = ("magnitude", "activation", "hessian", "2:4")
+CRITERIA = PRUNE_BY.choices  # a space rule's prune_by
 NORM_BATCHES = 8
 """Calibration batches the input norms are taken over (Wanda used 128 sequences)."""
 
@@ -61,7 +62,6 @@ class Prune(Technique):
     knob = "prune"
     harm_grows_with_strength = True
     keeps_layer = True
-    identity = 0.0
 
     def check_value(self, value: float) -> None:
         if not 0 <= value < 1:
@@ -71,10 +71,7 @@ class Prune(Technique):
         return float(value)  # the share of weights zeroed
 
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
-        if layer_plan.prune_by not in CRITERIA:
-            raise ValueError(
-                f"prune_by is one of {', '.join(CRITERIA)}, got {layer_plan.prune_by!r}"
-            )
+        PRUNE_BY.check(layer_plan.prune_by)
         criterion = layer_plan.prune_by if layer_plan.prune > 0 else "magnitude"
         if criterion == TWO_OF_FOUR and layer_plan.prune != 0.5:
             raise ValueError(

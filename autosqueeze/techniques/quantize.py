@@ -17,7 +17,6 @@ class Quantize(Technique):
     knob = "bits"
     harm_grows_with_strength = True
     keeps_layer = True
-    identity = 32
 
     def check_value(self, value: float) -> None:
         if value not in SUPPORTED_BITS:

@@ -39,7 +39,6 @@ MAX_MULTIPLIER = 64
 
 class Separable(Technique):
     knob = "separable"
-    identity = 0
     structural = True
     changes_speed = True
     harm_grows_with_strength = True
