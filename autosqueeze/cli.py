@@ -11,8 +11,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
-import os
 import signal
 import sys
 import threading
@@ -20,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autosqueeze.config import StudyConfig, check_storage_writable, file_problem, load_config
+from autosqueeze.config import StudyConfig, file_problem, load_config
 from autosqueeze.errors import Terminated, UserError, terminate
 
 if TYPE_CHECKING:  # the commands import what they use, so --help starts fast
@@ -604,130 +602,82 @@ def _coded_sizes(artifact: Path, runtime: str) -> tuple[int | None, int | None]:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from autosqueeze.budgets import check_reachable
-    from autosqueeze.executors import executor_name
-    from autosqueeze.search import knob_warnings
-    from autosqueeze.space import coverage, study_space
-    from autosqueeze.storage import check_storage
-    from autosqueeze.study import sampler_of
     from autosqueeze.tables import coverage_table
-    from autosqueeze.task import degenerate_warnings, load_task
-    from autosqueeze.user_code import check_imports
+    from autosqueeze.validation import validate
 
     config = _config(args)
     # with --json, stdout holds the JSON alone (a model factory may print)
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        check_storage(config)
-        check_storage_writable(config)
-        executor = executor_name(config)
-        evaluators = _evaluators(config, executor)
-        check_imports(config)  # a module that exits while imported must not pass for "ok"
-        sampler = type(sampler_of(config)).__name__
-        task = load_task(config)
-        metric = task.evaluate_metric(task.model)
-        if not isinstance(metric, (int, float)) or not math.isfinite(metric):
-            raise UserError(
-                f"task.metric: returned {metric!r} for the original model, not a finite number."
-            )
-        space = study_space(task)
-        floor = check_reachable(config, task, space)
-        n_params = sum(p.numel() for p in task.model.parameters())
-        students = {  # name -> (factory, parameters, layers searched)
-            name: (
-                config.model.candidates[name],
-                sum(p.numel() for p in task.skeleton(name).parameters()),
-                len(student.layers),
-            )
-            for name, student in space.students.items()
-        }
-        share = config.sensitivity.knapsack_share if config.sensitivity.enabled else 0.0
-        rows = coverage(task.model, space)
-        total = sum(r.parameters for r in rows)
-        covered = sum(r.parameters for r in rows if r.knobs)
-        warnings = knob_warnings(space, task)
-        if covered < 0.9 * total:
-            warnings.append(
-                f"the space reaches only {covered / max(total, 1):.0%} of the parameters: the "
-                "rest stays fp32 whatever the search does (see the table for why)"
-            )
-        warnings += degenerate_warnings(task, metric)
+        found = validate(config)
+    task, space = found.task, found.space
+    covered, total = found.parameters_reached, found.parameters_total
+    share = found.knapsack_share
     if args.json:
-        found = {
-            "config": str(config.source),
-            "model": {
-                "factory": config.model.factory,
-                "parameters": n_params,
-                "candidates": students,
-            },
-            "data": {"source": config.task.data, "batches": len(task.data)},
-            "metric": {"name": config.task.metric, "original": metric},
-            "space": {
-                "file": str(config.space),
-                "layers": len(space.layers),
-                "searched_knobs": len(space.distributions),
-            },
-            "smallest_bytes": floor,
-            "runtime": {"runtime": task.runtime, "why": task.runtime_reason},
-            "study": {
-                "name": config.name,
-                "storage": config.storage_shown,
-                "sampler": sampler,
-                "knapsack_share": share,
-                "executor": executor,
-            },
-            "coverage": [dataclasses.asdict(r) for r in rows],
-            "parameters_reached": covered,
-            "parameters": total,
-            "warnings": warnings,
-        }
-        print(json.dumps(found, indent=2, default=str))
+        print(
+            json.dumps(
+                {
+                    "config": str(config.source),
+                    "model": {
+                        "factory": config.model.factory,
+                        "parameters": found.parameters,
+                        "candidates": {
+                            name: (s.factory, s.parameters, s.layers)
+                            for name, s in found.students.items()
+                        },
+                    },
+                    "data": {"source": config.task.data, "batches": len(task.data)},
+                    "metric": {"name": config.task.metric, "original": found.metric},
+                    "space": {
+                        "file": str(config.space),
+                        "layers": len(space.layers),
+                        "searched_knobs": len(space.distributions),
+                    },
+                    "smallest_bytes": found.smallest_bytes,
+                    "runtime": {"runtime": task.runtime, "why": task.runtime_reason},
+                    "study": {
+                        "name": config.name,
+                        "storage": config.storage_shown,
+                        "sampler": found.sampler,
+                        "knapsack_share": share,
+                        "executor": found.executor,
+                    },
+                    "coverage": [dataclasses.asdict(r) for r in found.coverage],
+                    "parameters_reached": covered,
+                    "parameters": total,
+                    "warnings": found.warnings,
+                },
+                indent=2,
+                default=str,
+            )
+        )
         return 0
     print(f"config    {config.source}: ok")
-    print(f"model     {config.model.factory}: {n_params:,} parameters")
-    for name, (ref, params, layers) in students.items():
-        print(f"candidate {name} ({ref}): {params:,} parameters, {layers} layers searched")
+    print(f"model     {config.model.factory}: {found.parameters:,} parameters")
+    for name, student in found.students.items():
+        print(
+            f"candidate {name} ({student.factory}): {student.parameters:,} parameters, "
+            f"{student.layers} layers searched"
+        )
     print(f"data      {config.task.data}: {len(task.data)} batches")
-    print(f"metric    {config.task.metric} of the original model: {metric:.6f}")
+    print(f"metric    {config.task.metric} of the original model: {found.metric:.6f}")
     print(
         f"space     {config.space.name}: {len(space.layers)} layers, "
         f"{len(space.distributions)} searched knobs"
     )
-    print(f"budgets   smallest model the space allows: {floor:,} bytes")
+    print(f"budgets   smallest model the space allows: {found.smallest_bytes:,} bytes")
     print(f"runtime   {task.runtime} ({task.runtime_reason})")
     proposed = f" ({share:.0%} of sampled trials: knapsack proposals)" if share else ""
-    print(f"study     {config.name} in {config.storage_shown}, sampled by {sampler}{proposed}")
-    print(f"compute   {executor} executor, workers: {config.compute.workers}{evaluators}")
+    print(
+        f"study     {config.name} in {config.storage_shown}, sampled by {found.sampler}{proposed}"
+    )
+    capacity = f" ({found.capacity})" if found.capacity else ""
+    print(f"compute   {found.executor} executor, workers: {config.compute.workers}{capacity}")
     print()
-    print(coverage_table(rows))
+    print(coverage_table(found.coverage))
     print(f"\nknobs reach {covered:,} of {total:,} parameters ({covered / max(total, 1):.0%})")
-    for warning in warnings:
+    for warning in found.warnings:
         print(f"warning: {warning}")
     return 0
-
-
-def _evaluators(config: StudyConfig, executor: str) -> str:
-    """What the executor can start here, said beside ``compute.workers``; a count past it is
-    refused (Ray would refuse it when the search starts). A local Ray starts one evaluator
-    per CPU (per GPU share on CUDA); a cluster's size is known only once joined."""
-    workers = config.compute.workers
-    if executor == "inprocess":
-        return "" if workers in (0, 1) else " (the in-process executor evaluates one at a time)"
-    if executor != "ray" or config.compute.ray_address or os.environ.get("RAY_ADDRESS"):
-        return " (as many as the cluster has room for, once joined)"
-    if config.budgets.device.startswith("cuda"):
-        import torch
-
-        per = config.compute.gpus_per_worker
-        can, unit = int(torch.cuda.device_count() / per), f"GPU share of {per:g}"
-    else:
-        can, unit = os.cpu_count() or 1, "CPU"
-    if isinstance(workers, int) and workers > can:
-        raise UserError(
-            f"compute.workers: {workers:,} evaluators cannot start here: a local Ray starts "
-            f"one per {unit}, {can} in all; ask for at most {can}, or 'auto', or join a "
-            "larger cluster (compute.ray_address)."
-        )
-    return f" (a local Ray: at most {can}, one per {unit})"
 
 
 def _doctor(args: argparse.Namespace) -> int:
