@@ -275,20 +275,14 @@ def _config(args: argparse.Namespace) -> StudyConfig:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from autosqueeze.budgets import check_reachable, explain_empty_front
+    from autosqueeze.budgets import explain_empty_front
     from autosqueeze.search import run_search
-    from autosqueeze.space import study_space
     from autosqueeze.tables import front_table, summary
-    from autosqueeze.task import load_task
-    from autosqueeze.user_code import check_imports
 
     config = _config(args)
     # with --json, stdout holds the JSON alone (Ray reports a dead worker on stdout)
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        check_imports(config)  # a module that exits while imported must not pass for a search
-        task = load_task(config)
-        check_reachable(config, task, study_space(task))
-        result = run_search(config, progress=not args.no_progress, task=task)
+        result = run_search(config, progress=not args.no_progress)
     name = config.metric_name
     interrupted = (
         f"Interrupted after {result.ran} trial(s); the study is kept in "
@@ -329,33 +323,17 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _sensitivity(args: argparse.Namespace) -> int:
-    import optuna
-
-    from autosqueeze.executors import create_executor
-    from autosqueeze.search import pin_runtime, sensitivity_table
-    from autosqueeze.space import build_space
-    from autosqueeze.study import open_study
+    from autosqueeze.search import run_sensitivity
     from autosqueeze.tables import sensitivity_text
-    from autosqueeze.task import load_task
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = _config(args)
-    study = open_study(config, create=True)
-    task = pin_runtime(study, load_task(config))
-    space = build_space(task.model, config.space, task.target)
     # Ray reports a dead worker on stdout; what this command prints there is the table alone
     with contextlib.redirect_stdout(sys.stderr):
-        executor = create_executor(config, task)
-        try:
-            table = sensitivity_table(
-                study, config, space, executor, task=task, progress=not args.no_progress
-            )
-        finally:
-            executor.close()
+        done = run_sensitivity(config, progress=not args.no_progress)
     if args.json:
-        print(json.dumps(table.report(space), indent=2))
+        print(json.dumps(done.table.report(done.space), indent=2))
     else:
-        print(sensitivity_text(table, space, config.metric_name))
+        print(sensitivity_text(done.table, done.space, config.metric_name))
     return 0
 
 
