@@ -387,74 +387,45 @@ def _trial(config: StudyConfig, number: int) -> tuple[TrialRecord, Plan]:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from autosqueeze.evaluator import Evaluator
+    from autosqueeze.export import NotTraced, export_plan
 
     config = _config(args)
     record, plan = _trial(config, args.trial)
     task = _study_task(config)
-    evaluator = Evaluator(task)
-    try:
-        if args.format != "artifact":
-            return _export_as(
-                args.format, task, evaluator.artifact(plan), record, plan, args.output
-            )
-        size = evaluator.build(plan, args.output)
-    except OSError as exc:
-        raise UserError(f"-o/--output: cannot write {args.output}: {exc.strerror or exc}") from None
-    finally:
-        evaluator.close()
-    print(f"Wrote {args.output} ({size:,} bytes) from trial {record.number} ({record.state}).")
-    if record.measurements and record.measurements.size_bytes != size:
-        print(f"warning: the search measured {record.measurements.size_bytes:,} bytes for it.")
-    return 0
-
-
-def _export_as(
-    form: str, task: Task, artifact: bytes, record: TrialRecord, plan: Plan, output: Path
-) -> int:
-    """``export --format pt2|onnx``: the trial's artifact loaded as the search measured it
-    (for ONNX: as torch's own layers, its integers kept aside), then traced and written."""
-
-    from autosqueeze.artifact import load_artifact, stored_integers
-    from autosqueeze.export import export_onnx, export_program
-
-    if not output.parent.is_dir():
+    form, output = args.format, args.output
+    if form != "artifact" and not output.parent.is_dir():
         raise UserError(f"-o/--output: cannot write {output}: {output.parent} is not a folder")
     if form == "onnx":
         _require("onnx", "onnxruntime", "onnxscript", why="--format onnx")
-    model = task.skeleton(plan.base)
-    tracer = "torch.export" if form == "pt2" else "torch.onnx"
     try:
-        if form == "pt2":
-            model = load_artifact(artifact, model, task.target)
-            notes = export_program(model, plan, task.example_input, output)
-        else:
-            model = load_artifact(artifact, model, task.target, execution_form=False)
-            integers = stored_integers(artifact)
-            notes = export_onnx(
-                model, plan, integers, task.example_input, output, task.calibration_inputs
-            )
-    except ValueError as exc:
-        raise UserError(f"--format {form}: trial {record.number}: {exc}") from None
-    except OSError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the tracer's own refusal of the model's code
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        done = export_plan(task, plan, output, form)
+    except NotTraced as exc:
+        if isinstance(exc.cause, ValueError):
+            raise UserError(f"--format {form}: trial {record.number}: {exc.cause}") from None
+        said = str(exc.cause).strip()
+        first = said.splitlines()[0] if said else ""
         raise UserError(
-            f"--format {form}: {tracer} cannot trace trial {record.number}'s model: "
-            f"{type(exc).__name__}: {first[:300]}; ship its artifact (--format artifact)"
+            f"--format {form}: {exc.tracer} cannot trace trial {record.number}'s model: "
+            f"{type(exc.cause).__name__}: {first[:300]}; ship its artifact (--format artifact)"
         ) from None
-    size = output.stat().st_size
+    except OSError as exc:
+        raise UserError(f"-o/--output: cannot write {output}: {exc.strerror or exc}") from None
+    if form == "artifact":
+        size = done.size_bytes
+        print(f"Wrote {output} ({size:,} bytes) from trial {record.number} ({record.state}).")
+        if record.measurements and record.measurements.size_bytes != size:
+            print(f"warning: the search measured {record.measurements.size_bytes:,} bytes for it.")
+        return 0
     how = (
         "torch.export.load(path).module()"
         if form == "pt2"
         else "onnxruntime.InferenceSession(path)"
     )
     print(
-        f"Wrote {output} ({size:,} bytes; the artifact: {len(artifact):,}) from trial "
-        f"{record.number} ({record.state}). Load it with {how}."
+        f"Wrote {output} ({done.size_bytes:,} bytes; the artifact: {done.artifact_bytes:,}) "
+        f"from trial {record.number} ({record.state}). Load it with {how}."
     )
-    for note in notes:
+    for note in done.notes:
         print(f"  {note}")
     return 0
 
