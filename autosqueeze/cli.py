@@ -488,24 +488,26 @@ def _require(*modules: str, why: str) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from autosqueeze.evaluator import Evaluator
+    from autosqueeze.evaluator import evaluate_file
     from autosqueeze.records import reference
     from autosqueeze.study_view import open_existing
 
     config = _config(args)
     if not args.artifact.is_file():
         raise UserError(f"--artifact: {args.artifact} {file_problem(args.artifact)}.")
-    evaluator = Evaluator(_study_task(config))
+    task = _study_task(config)
+    study = open_existing(config)
     try:
-        got = evaluator.measure_artifact(args.artifact, trust_pickle=args.trust_pickle)
+        done = evaluate_file(
+            task,
+            args.artifact,
+            reference=reference(study) if study else None,
+            trust_pickle=args.trust_pickle,
+        )
     except (ValueError, OSError) as exc:
         raise UserError(f"--artifact: {args.artifact} cannot be loaded: {exc}") from None
-    finally:
-        evaluator.close()
-    study = open_existing(config)
-    ref = reference(study) if study else None
-    at_study = got.at_reference(ref.latency_ms).latency_ms if ref and ref.latency_ms else None
-    stored, packed = _coded_sizes(args.artifact, evaluator.task.runtime)
+    got, at_study = done.measurements, done.study_latency_ms
+    stored, packed = done.stored_bytes, done.packed_bytes
     if args.json:
         sizes = {"stored_bytes": stored, "packed_bytes": packed}
         print(json.dumps({**got.to_dict(), "study_latency_ms": at_study, **sizes}))
@@ -537,17 +539,6 @@ def _evaluate(args: argparse.Namespace) -> int:
             "front's latency_ms)"
         )
     return 0
-
-
-def _coded_sizes(artifact: Path, runtime: str) -> tuple[int | None, int | None]:
-    """The artifact's safetensors file's bytes before deflate, and the artifact's bytes
-    with no tensor entropy-coded (deflated alike); None for a shipped ``.pt2`` or ``.onnx``
-    file, or where the size is an ONNX export's (``Task.runtime``)."""
-    if artifact.suffix in (".pt2", ".onnx") or runtime != "torch":
-        return None, None
-    from autosqueeze.artifact import bit_packed_bytes, stored_bytes
-
-    return len(stored_bytes(artifact)), len(bit_packed_bytes(artifact))
 
 
 def _validate(args: argparse.Namespace) -> int:
