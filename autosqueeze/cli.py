@@ -621,45 +621,33 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from optuna.trial import TrialState
-
-    from autosqueeze.journal import diagnose, repair
+    from autosqueeze.records import trial_states
+    from autosqueeze.storage import check_journal
     from autosqueeze.study import open_study
 
     config = _config(args)
-    path = Path(config.storage)
-    if "://" not in config.storage:
-        if not path.is_file():
-            raise UserError(f"search.storage: {path} {file_problem(path)}.")
-        try:
-            found, backup = repair(path) if args.repair else (diagnose(path), None)
-        except OSError as exc:
-            why = exc.strerror or exc
-            raise UserError(f"search.storage: cannot repair {path}: {why}") from None
-        print(f"{path}: {found.records} records")
+    checked = check_journal(config, repair=args.repair)
+    if checked is not None:
+        found = checked.found
+        print(f"{found.path}: {found.records} records")
         for skipped in found.skipped:
             kept = " (the whole record after it is kept)" if skipped.recovered else ""
             print(f"  line {skipped.line}: {skipped.why}{kept}: {skipped.excerpt!r}")
         if found.torn_tail:
             print("  last line: cut short (a writer killed mid-append; never acknowledged)")
-        if backup is not None:
-            print(f"Repaired: moved the bad lines out; the original is kept as {backup}.")
+        if checked.backup is not None:
+            print(f"Repaired: moved the bad lines out; the original is kept as {checked.backup}.")
         elif not found.healthy:
             print(
                 "Commands skip these lines. To move them out: autosqueeze doctor CONFIG "
                 "--repair (the original is kept as a backup)."
             )
-    study = open_study(config, create=False)
-    trials = study.get_trials(deepcopy=False)
-    counts = {state.name.lower(): 0 for state in TrialState}
-    for trial in trials:
-        counts[trial.state.name.lower()] += 1
+    counts = trial_states(open_study(config, create=False))
     shown = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
-    print(f"study {config.name!r}: {len(trials)} trials ({shown or 'none yet'})")
+    print(f"study {config.name!r}: {sum(counts.values())} trials ({shown or 'none yet'})")
     if counts["running"]:
         print("  running trials of a driver that is gone are queued again by the next search.")
-    healthy = "://" in config.storage or args.repair or found.healthy
-    return 0 if healthy else 1
+    return 0 if checked is None or checked.healthy else 1
 
 
 def _dashboard(args: argparse.Namespace) -> int:
