@@ -11,8 +11,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
-import os
 import signal
 import sys
 import threading
@@ -20,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autosqueeze.config import StudyConfig, check_storage_writable, file_problem, load_config
+from autosqueeze.config import StudyConfig, file_problem, load_config
 from autosqueeze.errors import Terminated, UserError, terminate
 
 if TYPE_CHECKING:  # the commands import what they use, so --help starts fast
@@ -277,20 +275,14 @@ def _config(args: argparse.Namespace) -> StudyConfig:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from autosqueeze.budgets import check_reachable, explain_empty_front
+    from autosqueeze.budgets import explain_empty_front
     from autosqueeze.search import run_search
-    from autosqueeze.space import study_space
     from autosqueeze.tables import front_table, summary
-    from autosqueeze.task import load_task
-    from autosqueeze.user_code import check_imports
 
     config = _config(args)
     # with --json, stdout holds the JSON alone (Ray reports a dead worker on stdout)
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        check_imports(config)  # a module that exits while imported must not pass for a search
-        task = load_task(config)
-        check_reachable(config, task, study_space(task))
-        result = run_search(config, progress=not args.no_progress, task=task)
+        result = run_search(config, progress=not args.no_progress)
     name = config.metric_name
     interrupted = (
         f"Interrupted after {result.ran} trial(s); the study is kept in "
@@ -331,33 +323,17 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _sensitivity(args: argparse.Namespace) -> int:
-    import optuna
-
-    from autosqueeze.executors import create_executor
-    from autosqueeze.search import pin_runtime, sensitivity_table
-    from autosqueeze.space import build_space
-    from autosqueeze.study import open_study
+    from autosqueeze.search import run_sensitivity
     from autosqueeze.tables import sensitivity_text
-    from autosqueeze.task import load_task
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = _config(args)
-    study = open_study(config, create=True)
-    task = pin_runtime(study, load_task(config))
-    space = build_space(task.model, config.space, task.target)
     # Ray reports a dead worker on stdout; what this command prints there is the table alone
     with contextlib.redirect_stdout(sys.stderr):
-        executor = create_executor(config, task)
-        try:
-            table = sensitivity_table(
-                study, config, space, executor, task=task, progress=not args.no_progress
-            )
-        finally:
-            executor.close()
+        done = run_sensitivity(config, progress=not args.no_progress)
     if args.json:
-        print(json.dumps(table.report(space), indent=2))
+        print(json.dumps(done.table.report(done.space), indent=2))
     else:
-        print(sensitivity_text(table, space, config.metric_name))
+        print(sensitivity_text(done.table, done.space, config.metric_name))
     return 0
 
 
@@ -411,74 +387,45 @@ def _trial(config: StudyConfig, number: int) -> tuple[TrialRecord, Plan]:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from autosqueeze.evaluator import Evaluator
+    from autosqueeze.export import NotTraced, export_plan
 
     config = _config(args)
     record, plan = _trial(config, args.trial)
     task = _study_task(config)
-    evaluator = Evaluator(task)
-    try:
-        if args.format != "artifact":
-            return _export_as(
-                args.format, task, evaluator.artifact(plan), record, plan, args.output
-            )
-        size = evaluator.build(plan, args.output)
-    except OSError as exc:
-        raise UserError(f"-o/--output: cannot write {args.output}: {exc.strerror or exc}") from None
-    finally:
-        evaluator.close()
-    print(f"Wrote {args.output} ({size:,} bytes) from trial {record.number} ({record.state}).")
-    if record.measurements and record.measurements.size_bytes != size:
-        print(f"warning: the search measured {record.measurements.size_bytes:,} bytes for it.")
-    return 0
-
-
-def _export_as(
-    form: str, task: Task, artifact: bytes, record: TrialRecord, plan: Plan, output: Path
-) -> int:
-    """``export --format pt2|onnx``: the trial's artifact loaded as the search measured it
-    (for ONNX: as torch's own layers, its integers kept aside), then traced and written."""
-
-    from autosqueeze.artifact import load_artifact, stored_integers
-    from autosqueeze.export import export_onnx, export_program
-
-    if not output.parent.is_dir():
+    form, output = args.format, args.output
+    if form != "artifact" and not output.parent.is_dir():
         raise UserError(f"-o/--output: cannot write {output}: {output.parent} is not a folder")
     if form == "onnx":
         _require("onnx", "onnxruntime", "onnxscript", why="--format onnx")
-    model = task.skeleton(plan.base)
-    tracer = "torch.export" if form == "pt2" else "torch.onnx"
     try:
-        if form == "pt2":
-            model = load_artifact(artifact, model, task.target)
-            notes = export_program(model, plan, task.example_input, output)
-        else:
-            model = load_artifact(artifact, model, task.target, execution_form=False)
-            integers = stored_integers(artifact)
-            notes = export_onnx(
-                model, plan, integers, task.example_input, output, task.calibration_inputs
-            )
-    except ValueError as exc:
-        raise UserError(f"--format {form}: trial {record.number}: {exc}") from None
-    except OSError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the tracer's own refusal of the model's code
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        done = export_plan(task, plan, output, form)
+    except NotTraced as exc:
+        if isinstance(exc.cause, ValueError):
+            raise UserError(f"--format {form}: trial {record.number}: {exc.cause}") from None
+        said = str(exc.cause).strip()
+        first = said.splitlines()[0] if said else ""
         raise UserError(
-            f"--format {form}: {tracer} cannot trace trial {record.number}'s model: "
-            f"{type(exc).__name__}: {first[:300]}; ship its artifact (--format artifact)"
+            f"--format {form}: {exc.tracer} cannot trace trial {record.number}'s model: "
+            f"{type(exc.cause).__name__}: {first[:300]}; ship its artifact (--format artifact)"
         ) from None
-    size = output.stat().st_size
+    except OSError as exc:
+        raise UserError(f"-o/--output: cannot write {output}: {exc.strerror or exc}") from None
+    if form == "artifact":
+        size = done.size_bytes
+        print(f"Wrote {output} ({size:,} bytes) from trial {record.number} ({record.state}).")
+        if record.measurements and record.measurements.size_bytes != size:
+            print(f"warning: the search measured {record.measurements.size_bytes:,} bytes for it.")
+        return 0
     how = (
         "torch.export.load(path).module()"
         if form == "pt2"
         else "onnxruntime.InferenceSession(path)"
     )
     print(
-        f"Wrote {output} ({size:,} bytes; the artifact: {len(artifact):,}) from trial "
-        f"{record.number} ({record.state}). Load it with {how}."
+        f"Wrote {output} ({done.size_bytes:,} bytes; the artifact: {done.artifact_bytes:,}) "
+        f"from trial {record.number} ({record.state}). Load it with {how}."
     )
-    for note in notes:
+    for note in done.notes:
         print(f"  {note}")
     return 0
 
@@ -541,24 +488,26 @@ def _require(*modules: str, why: str) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from autosqueeze.evaluator import Evaluator
+    from autosqueeze.evaluator import evaluate_file
     from autosqueeze.records import reference
     from autosqueeze.study_view import open_existing
 
     config = _config(args)
     if not args.artifact.is_file():
         raise UserError(f"--artifact: {args.artifact} {file_problem(args.artifact)}.")
-    evaluator = Evaluator(_study_task(config))
+    task = _study_task(config)
+    study = open_existing(config)
     try:
-        got = evaluator.measure_artifact(args.artifact, trust_pickle=args.trust_pickle)
+        done = evaluate_file(
+            task,
+            args.artifact,
+            reference=reference(study) if study else None,
+            trust_pickle=args.trust_pickle,
+        )
     except (ValueError, OSError) as exc:
         raise UserError(f"--artifact: {args.artifact} cannot be loaded: {exc}") from None
-    finally:
-        evaluator.close()
-    study = open_existing(config)
-    ref = reference(study) if study else None
-    at_study = got.at_reference(ref.latency_ms).latency_ms if ref and ref.latency_ms else None
-    stored, packed = _coded_sizes(args.artifact, evaluator.task.runtime)
+    got, at_study = done.measurements, done.study_latency_ms
+    stored, packed = done.stored_bytes, done.packed_bytes
     if args.json:
         sizes = {"stored_bytes": stored, "packed_bytes": packed}
         print(json.dumps({**got.to_dict(), "study_latency_ms": at_study, **sizes}))
@@ -592,184 +541,113 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _coded_sizes(artifact: Path, runtime: str) -> tuple[int | None, int | None]:
-    """The artifact's safetensors file's bytes before deflate, and the artifact's bytes
-    with no tensor entropy-coded (deflated alike); None for a shipped ``.pt2`` or ``.onnx``
-    file, or where the size is an ONNX export's (``Task.runtime``)."""
-    if artifact.suffix in (".pt2", ".onnx") or runtime != "torch":
-        return None, None
-    from autosqueeze.artifact import bit_packed_bytes, stored_bytes
-
-    return len(stored_bytes(artifact)), len(bit_packed_bytes(artifact))
-
-
 def _validate(args: argparse.Namespace) -> int:
-    from autosqueeze.budgets import check_reachable
-    from autosqueeze.executors import executor_name
-    from autosqueeze.search import knob_warnings
-    from autosqueeze.space import coverage, study_space
-    from autosqueeze.storage import check_storage
-    from autosqueeze.study import sampler_of
     from autosqueeze.tables import coverage_table
-    from autosqueeze.task import degenerate_warnings, load_task
-    from autosqueeze.user_code import check_imports
+    from autosqueeze.validation import validate
 
     config = _config(args)
     # with --json, stdout holds the JSON alone (a model factory may print)
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        check_storage(config)
-        check_storage_writable(config)
-        executor = executor_name(config)
-        evaluators = _evaluators(config, executor)
-        check_imports(config)  # a module that exits while imported must not pass for "ok"
-        sampler = type(sampler_of(config)).__name__
-        task = load_task(config)
-        metric = task.evaluate_metric(task.model)
-        if not isinstance(metric, (int, float)) or not math.isfinite(metric):
-            raise UserError(
-                f"task.metric: returned {metric!r} for the original model, not a finite number."
-            )
-        space = study_space(task)
-        floor = check_reachable(config, task, space)
-        n_params = sum(p.numel() for p in task.model.parameters())
-        students = {  # name -> (factory, parameters, layers searched)
-            name: (
-                config.model.candidates[name],
-                sum(p.numel() for p in task.skeleton(name).parameters()),
-                len(student.layers),
-            )
-            for name, student in space.students.items()
-        }
-        share = config.sensitivity.knapsack_share if config.sensitivity.enabled else 0.0
-        rows = coverage(task.model, space)
-        total = sum(r.parameters for r in rows)
-        covered = sum(r.parameters for r in rows if r.knobs)
-        warnings = knob_warnings(space, task)
-        if covered < 0.9 * total:
-            warnings.append(
-                f"the space reaches only {covered / max(total, 1):.0%} of the parameters: the "
-                "rest stays fp32 whatever the search does (see the table for why)"
-            )
-        warnings += degenerate_warnings(task, metric)
+        found = validate(config)
+    task, space = found.task, found.space
+    covered, total = found.parameters_reached, found.parameters_total
+    share = found.knapsack_share
     if args.json:
-        found = {
-            "config": str(config.source),
-            "model": {
-                "factory": config.model.factory,
-                "parameters": n_params,
-                "candidates": students,
-            },
-            "data": {"source": config.task.data, "batches": len(task.data)},
-            "metric": {"name": config.task.metric, "original": metric},
-            "space": {
-                "file": str(config.space),
-                "layers": len(space.layers),
-                "searched_knobs": len(space.distributions),
-            },
-            "smallest_bytes": floor,
-            "runtime": {"runtime": task.runtime, "why": task.runtime_reason},
-            "study": {
-                "name": config.name,
-                "storage": config.storage_shown,
-                "sampler": sampler,
-                "knapsack_share": share,
-                "executor": executor,
-            },
-            "coverage": [dataclasses.asdict(r) for r in rows],
-            "parameters_reached": covered,
-            "parameters": total,
-            "warnings": warnings,
-        }
-        print(json.dumps(found, indent=2, default=str))
+        print(
+            json.dumps(
+                {
+                    "config": str(config.source),
+                    "model": {
+                        "factory": config.model.factory,
+                        "parameters": found.parameters,
+                        "candidates": {
+                            name: (s.factory, s.parameters, s.layers)
+                            for name, s in found.students.items()
+                        },
+                    },
+                    "data": {"source": config.task.data, "batches": len(task.data)},
+                    "metric": {"name": config.task.metric, "original": found.metric},
+                    "space": {
+                        "file": str(config.space),
+                        "layers": len(space.layers),
+                        "searched_knobs": len(space.distributions),
+                    },
+                    "smallest_bytes": found.smallest_bytes,
+                    "runtime": {"runtime": task.runtime, "why": task.runtime_reason},
+                    "study": {
+                        "name": config.name,
+                        "storage": config.storage_shown,
+                        "sampler": found.sampler,
+                        "knapsack_share": share,
+                        "executor": found.executor,
+                    },
+                    "coverage": [dataclasses.asdict(r) for r in found.coverage],
+                    "parameters_reached": covered,
+                    "parameters": total,
+                    "warnings": found.warnings,
+                },
+                indent=2,
+                default=str,
+            )
+        )
         return 0
     print(f"config    {config.source}: ok")
-    print(f"model     {config.model.factory}: {n_params:,} parameters")
-    for name, (ref, params, layers) in students.items():
-        print(f"candidate {name} ({ref}): {params:,} parameters, {layers} layers searched")
+    print(f"model     {config.model.factory}: {found.parameters:,} parameters")
+    for name, student in found.students.items():
+        print(
+            f"candidate {name} ({student.factory}): {student.parameters:,} parameters, "
+            f"{student.layers} layers searched"
+        )
     print(f"data      {config.task.data}: {len(task.data)} batches")
-    print(f"metric    {config.task.metric} of the original model: {metric:.6f}")
+    print(f"metric    {config.task.metric} of the original model: {found.metric:.6f}")
     print(
         f"space     {config.space.name}: {len(space.layers)} layers, "
         f"{len(space.distributions)} searched knobs"
     )
-    print(f"budgets   smallest model the space allows: {floor:,} bytes")
+    print(f"budgets   smallest model the space allows: {found.smallest_bytes:,} bytes")
     print(f"runtime   {task.runtime} ({task.runtime_reason})")
     proposed = f" ({share:.0%} of sampled trials: knapsack proposals)" if share else ""
-    print(f"study     {config.name} in {config.storage_shown}, sampled by {sampler}{proposed}")
-    print(f"compute   {executor} executor, workers: {config.compute.workers}{evaluators}")
+    print(
+        f"study     {config.name} in {config.storage_shown}, sampled by {found.sampler}{proposed}"
+    )
+    capacity = f" ({found.capacity})" if found.capacity else ""
+    print(f"compute   {found.executor} executor, workers: {config.compute.workers}{capacity}")
     print()
-    print(coverage_table(rows))
+    print(coverage_table(found.coverage))
     print(f"\nknobs reach {covered:,} of {total:,} parameters ({covered / max(total, 1):.0%})")
-    for warning in warnings:
+    for warning in found.warnings:
         print(f"warning: {warning}")
     return 0
 
 
-def _evaluators(config: StudyConfig, executor: str) -> str:
-    """What the executor can start here, said beside ``compute.workers``; a count past it is
-    refused (Ray would refuse it when the search starts). A local Ray starts one evaluator
-    per CPU (per GPU share on CUDA); a cluster's size is known only once joined."""
-    workers = config.compute.workers
-    if executor == "inprocess":
-        return "" if workers in (0, 1) else " (the in-process executor evaluates one at a time)"
-    if executor != "ray" or config.compute.ray_address or os.environ.get("RAY_ADDRESS"):
-        return " (as many as the cluster has room for, once joined)"
-    if config.budgets.device.startswith("cuda"):
-        import torch
-
-        per = config.compute.gpus_per_worker
-        can, unit = int(torch.cuda.device_count() / per), f"GPU share of {per:g}"
-    else:
-        can, unit = os.cpu_count() or 1, "CPU"
-    if isinstance(workers, int) and workers > can:
-        raise UserError(
-            f"compute.workers: {workers:,} evaluators cannot start here: a local Ray starts "
-            f"one per {unit}, {can} in all; ask for at most {can}, or 'auto', or join a "
-            "larger cluster (compute.ray_address)."
-        )
-    return f" (a local Ray: at most {can}, one per {unit})"
-
-
 def _doctor(args: argparse.Namespace) -> int:
-    from optuna.trial import TrialState
-
-    from autosqueeze.journal import diagnose, repair
+    from autosqueeze.records import trial_states
+    from autosqueeze.storage import check_journal
     from autosqueeze.study import open_study
 
     config = _config(args)
-    path = Path(config.storage)
-    if "://" not in config.storage:
-        if not path.is_file():
-            raise UserError(f"search.storage: {path} {file_problem(path)}.")
-        try:
-            found, backup = repair(path) if args.repair else (diagnose(path), None)
-        except OSError as exc:
-            why = exc.strerror or exc
-            raise UserError(f"search.storage: cannot repair {path}: {why}") from None
-        print(f"{path}: {found.records} records")
+    checked = check_journal(config, repair=args.repair)
+    if checked is not None:
+        found = checked.found
+        print(f"{found.path}: {found.records} records")
         for skipped in found.skipped:
             kept = " (the whole record after it is kept)" if skipped.recovered else ""
             print(f"  line {skipped.line}: {skipped.why}{kept}: {skipped.excerpt!r}")
         if found.torn_tail:
             print("  last line: cut short (a writer killed mid-append; never acknowledged)")
-        if backup is not None:
-            print(f"Repaired: moved the bad lines out; the original is kept as {backup}.")
+        if checked.backup is not None:
+            print(f"Repaired: moved the bad lines out; the original is kept as {checked.backup}.")
         elif not found.healthy:
             print(
                 "Commands skip these lines. To move them out: autosqueeze doctor CONFIG "
                 "--repair (the original is kept as a backup)."
             )
-    study = open_study(config, create=False)
-    trials = study.get_trials(deepcopy=False)
-    counts = {state.name.lower(): 0 for state in TrialState}
-    for trial in trials:
-        counts[trial.state.name.lower()] += 1
+    counts = trial_states(open_study(config, create=False))
     shown = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
-    print(f"study {config.name!r}: {len(trials)} trials ({shown or 'none yet'})")
+    print(f"study {config.name!r}: {sum(counts.values())} trials ({shown or 'none yet'})")
     if counts["running"]:
         print("  running trials of a driver that is gone are queued again by the next search.")
-    healthy = "://" in config.storage or args.repair or found.healthy
-    return 0 if healthy else 1
+    return 0 if checked is None or checked.healthy else 1
 
 
 def _dashboard(args: argparse.Namespace) -> int:

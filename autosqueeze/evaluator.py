@@ -12,7 +12,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,11 @@ from torch import nn
 
 from autosqueeze.artifact import (
     artifact_bytes,
+    bit_packed_bytes,
     load_artifact,
     read_plan,
     save_artifact,
+    stored_bytes,
     stored_integers,
 )
 from autosqueeze.device_lock import DeviceLock, Held
@@ -423,6 +425,43 @@ class Evaluator:
         if self._scratch is not None:
             self._scratch.cleanup()
             self._scratch, self._original_onnx = None, None
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """A file measured by ``evaluate_file``."""
+
+    measurements: Measurements
+    # the speedup applied to the study's robust latency of the original, as the search
+    # stores latency (comparable with the front's latency_ms); None without a reference
+    study_latency_ms: float | None
+    # an artifact measured as torch runs it: its safetensors file before deflate, and its
+    # bytes with no tensor entropy-coded (what coding saved); None for other files
+    stored_bytes: int | None
+    packed_bytes: int | None
+
+
+def evaluate_file(
+    task: Task, path: Path, *, reference: Measurements | None = None, trust_pickle: bool = False
+) -> Evaluated:
+    """Measure an artifact, an ONNX file or (with ``trust_pickle``) a ``.pt2`` program as a
+    trial is measured: ``autosqueeze evaluate``'s procedure. With the study's ``reference``
+    (``records.reference``), the latency is also given as the study would store it, since a
+    timing beside the original is what compares across runs and machines' moods."""
+    evaluator = Evaluator(task)
+    try:
+        got = evaluator.measure_artifact(path, trust_pickle=trust_pickle)
+    finally:
+        evaluator.close()
+    at_study = (
+        got.at_reference(reference.latency_ms).latency_ms
+        if reference and reference.latency_ms
+        else None
+    )
+    stored = packed = None
+    if path.suffix not in (".pt2", ".onnx") and evaluator.task.runtime == "torch":
+        stored, packed = len(stored_bytes(path)), len(bit_packed_bytes(path))
+    return Evaluated(got, at_study, stored, packed)
 
 
 class _Alone(nn.Module):

@@ -81,6 +81,15 @@ def records(study: optuna.Study) -> list[TrialRecord]:
     return [TrialRecord.of(t, ref_ms) for t in trials]
 
 
+def trial_states(study: optuna.Study) -> dict[str, int]:
+    """How many of ``study``'s trials are in each state (``complete``, ``running``, ...;
+    every state, 0 where none)."""
+    counts = {state.name.lower(): 0 for state in TrialState}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name.lower()] += 1
+    return counts
+
+
 def reference(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> Measurements | None:
     """The uncompressed model's measurements, its latency the robust median of every timing
     of it beside a trial (``trials``: the study's, read again when not given)."""

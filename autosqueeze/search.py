@@ -23,6 +23,7 @@ import optuna
 import torch
 from tqdm import tqdm
 
+from autosqueeze.budgets import check_reachable
 from autosqueeze.config import StudyConfig
 from autosqueeze.device_lock import DeviceLock
 from autosqueeze.drivers import (
@@ -56,7 +57,7 @@ from autosqueeze.sensitivity import (
     refined_levels,
     shaped_space,
 )
-from autosqueeze.space import BASE, SearchSpace, study_space
+from autosqueeze.space import BASE, SearchSpace, build_space, study_space
 from autosqueeze.study import (
     BASELINE,
     BASELINES_QUEUED,
@@ -75,6 +76,7 @@ from autosqueeze.study import (
 from autosqueeze.task import Task, load_task
 from autosqueeze.techniques import TECHNIQUES
 from autosqueeze.timing_cache import Timings, user_cached
+from autosqueeze.user_code import check_imports
 
 
 @dataclass
@@ -93,10 +95,21 @@ class SearchResult:
 
 
 def run_search(
-    config: StudyConfig, *, progress: bool = True, task: Task | None = None
+    config: StudyConfig, *, progress: bool = True, task: Task | None = None, check: bool = True
 ) -> SearchResult:
+    """Run ``config``'s search, or resume it, and write its front: ``autosqueeze search``.
+
+    With ``check`` (as the command does), a config that cannot give a front is refused
+    before the study is created: a module that ends the process while imported (tried in a
+    child Python; not where ``task`` is given, its modules imported already), or budgets that
+    the space's most compressed plan misses (``budgets.check_reachable``).
+    """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if check and task is None:
+        check_imports(config)  # a module that exits while imported must not pass for a search
     task = task or load_task(config)
+    if check:
+        check_reachable(config, task, study_space(task))
     study = open_study(config, create=True)
     task = pin_runtime(study, task)
     space = study_space(task)
@@ -162,6 +175,29 @@ def run_search(
         searched,
         terminated=stop == signal.SIGTERM,
     )
+
+
+@dataclass(frozen=True)
+class SensitivityResult:
+    table: SensitivityTable
+    space: SearchSpace  # the original model's, whose layers the table covers
+    task: Task  # in the study's runtime
+
+
+def run_sensitivity(config: StudyConfig, *, progress: bool = True) -> SensitivityResult:
+    """Measure the sensitivity probes the study lacks (all of them the first time; none once
+    a run finished the pass) and store them in the study, creating it where it is new, so
+    the search that follows reuses them: ``autosqueeze sensitivity``'s procedure."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(config, create=True)
+    task = pin_runtime(study, load_task(config))
+    space = build_space(task.model, config.space, task.target)
+    executor = create_executor(config, task)
+    try:
+        table = sensitivity_table(study, config, space, executor, task=task, progress=progress)
+    finally:
+        executor.close()
+    return SensitivityResult(table, space, task)
 
 
 def pin_runtime(study: optuna.Study, task: Task) -> Task:

@@ -1,17 +1,27 @@
 """Where a study lives: a journal file (the default) or a database URL, opened for a
-command that writes or one that only reads, and checked without opening for ``validate``."""
+command that writes or one that only reads, checked without opening for ``validate``, and
+its journal file checked line by line (and repaired) for ``doctor``."""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 from optuna.storages import JournalStorage
 
-from autosqueeze.config import StudyConfig, masked
+from autosqueeze.config import StudyConfig, file_problem, masked
 from autosqueeze.errors import UserError
-from autosqueeze.journal import JournalReader, JournalWriter, check_is_journal, skipped_warning
+from autosqueeze.journal import (
+    Diagnosis,
+    JournalReader,
+    JournalWriter,
+    check_is_journal,
+    diagnose,
+    skipped_warning,
+)
+from autosqueeze.journal import repair as repair_journal
 
 
 def open_storage(config: StudyConfig, *, writable: bool = True) -> optuna.storages.BaseStorage:
@@ -96,6 +106,35 @@ def check_storage(config: StudyConfig) -> None:
         return
     path = Path(target)
     check_is_journal(path)
+
+
+@dataclass(frozen=True)
+class JournalCheck:
+    found: Diagnosis  # the journal as it was read, before any repair
+    backup: Path | None  # the whole original, kept beside it where a repair moved lines out
+
+    @property
+    def healthy(self) -> bool:
+        """Nothing left that Optuna skips: nothing found, or moved out."""
+        return self.found.healthy or self.backup is not None
+
+
+def check_journal(config: StudyConfig, *, repair: bool = False) -> JournalCheck | None:
+    """Read the study's journal file for lines Optuna cannot replay (a foreign line, a
+    record cut by a killed writer), and with ``repair`` move them out (safe while a search
+    runs: it holds the writers' lock): ``autosqueeze doctor``'s first half, since commands
+    only skip such lines. None where the study lives in a database."""
+    if "://" in config.storage:
+        return None
+    path = Path(config.storage)
+    if not path.is_file():
+        raise UserError(f"search.storage: {path} {file_problem(path)}.")
+    try:
+        found, backup = repair_journal(path) if repair else (diagnose(path), None)
+    except OSError as exc:
+        why = exc.strerror or exc
+        raise UserError(f"search.storage: cannot repair {path}: {why}") from None
+    return JournalCheck(found, backup)
 
 
 def _missing(config: StudyConfig, path: Path) -> str:

@@ -217,3 +217,28 @@ def test_a_program_for_batches_of_one_is_measured_on_larger_batches(tmp_path):
     assert (shipped(seven) - want).abs().max() < 1e-4
     with torch.no_grad():
         assert (shipped(one) - model(one)).abs().max() < 1e-4
+
+
+def test_export_plan_writes_the_artifact_and_a_program_of_it_or_says_why_not(tmp_path):
+    """``export_plan``, ``autosqueeze export`` called from Python: the program is traced from
+    the artifact loaded back, so it computes what the artifact's model does."""
+    from autosqueeze.config import load_config
+    from autosqueeze.export import NotTraced, export_plan
+    from autosqueeze.task import load_task
+
+    task = load_task(load_config(write_yaml(tmp_path / "s.yaml", study_config(tmp_path))))
+    plan = Plan({"features.2": LayerPlan(bits=4, prune_channels=0.5)})
+    artifact = export_plan(task, plan, tmp_path / "m.safetensors")
+    assert artifact.size_bytes == artifact.artifact_bytes == len(artifact.path.read_bytes())
+    program = export_plan(task, plan, tmp_path / "m.pt2", "pt2")
+    assert program.artifact_bytes == artifact.size_bytes
+    assert program.size_bytes == (tmp_path / "m.pt2").stat().st_size
+    x = example_input()
+    loaded = load_artifact(artifact.path, pretrained_cnn(), task.target)
+    assert torch.allclose(torch.export.load(program.path).module()(x), loaded(x))
+
+    untraceable = Plan({"classifier.1": LayerPlan(bits=8, kernel="int8_dynamic")})
+    with pytest.raises(NotTraced) as refused:
+        export_plan(task, untraceable, tmp_path / "k.pt2", "pt2")
+    assert isinstance(refused.value.cause, ValueError) and refused.value.tracer == "torch.export"
+    assert not (tmp_path / "k.pt2").exists()

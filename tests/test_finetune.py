@@ -166,3 +166,24 @@ def test_recovery_labels_need_calibration_pairs(tmp_path, capsys):
     path = write_yaml(tmp_path / "s.yaml", config)
     assert main(["validate", str(path)]) == 2
     assert "recovery.labels" in capsys.readouterr().err
+
+
+def test_finetune_from_python_writes_the_trained_file_and_measures_it(tmp_path):
+    """``finetune``, the command's procedure, called on a task and a plan: no study needed."""
+    from autosqueeze import UserError, finetune, load_config, load_task
+
+    calibration = {"calibration": "autosqueeze.examples.digits:calibration"}
+    config = study_config(tmp_path, task=calibration)
+    task = load_task(load_config(write_yaml(tmp_path / "study.yaml", config)))
+    plan = Plan({"classifier.1": LayerPlan(bits=3, prune=0.7)})
+    output = tmp_path / "tuned.safetensors"
+    done = finetune(task, plan, output, steps=30, lr=1e-3)
+    assert done.steps == 30 and done.lr == 1e-3  # no early stop: min_gain 0
+    assert done.after.size_bytes == output.stat().st_size
+    loaded = load_artifact(output, digits.pretrained_cnn(), Target())
+    assert done.after.metric == task.evaluate_metric(loaded)  # measured from the file
+
+    bare = load_task(load_config(write_yaml(tmp_path / "bare.yaml", study_config(tmp_path))))
+    with pytest.raises(UserError, match="task.calibration"):
+        finetune(bare, plan, tmp_path / "none.safetensors", steps=30)
+    assert not (tmp_path / "none.safetensors").exists()

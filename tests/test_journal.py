@@ -235,3 +235,32 @@ def test_no_append_is_lost_with_readers_and_a_repair_beside_the_writer(tmp_path)
     assert numbers == list(range(total))
     assert diagnose(path).healthy
     assert len(list(tmp_path.glob("study.log.bak-*"))) == 3, outputs
+
+
+def test_check_journal_finds_then_moves_out_foreign_lines_and_counts_the_trials(
+    tmp_path, make_config
+):
+    from autosqueeze.config import load_config
+    from autosqueeze.records import trial_states
+    from autosqueeze.storage import check_journal
+    from autosqueeze.study import open_study
+
+    journal = tmp_path / "study.log"
+    _journal(journal)
+    with journal.open("ab") as f:
+        f.write(FOREIGN[0])
+    config = load_config(make_config(search={"storage": str(journal)}))
+
+    checked = check_journal(config)
+    assert checked is not None and not checked.healthy and checked.backup is None
+    assert [s.line for s in checked.found.skipped] == [checked.found.records + 1]
+    repaired = check_journal(config, repair=True)
+    assert repaired is not None and repaired.healthy and repaired.backup is not None
+    assert repaired.backup.read_bytes().endswith(FOREIGN[0])
+    again = check_journal(config)
+    assert again is not None and again.healthy and again.found.skipped == []
+
+    counts = trial_states(open_study(config, create=False))
+    assert (counts["complete"], counts["fail"], counts["running"]) == (5, 1, 0)
+    database = config.with_overrides(storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert check_journal(database) is None  # a database has no journal to check

@@ -526,3 +526,19 @@ def test_a_probe_key_parses_back_to_its_probe(probe):
 @pytest.mark.parametrize("key", [BASE, "bits=4", "features.0.bits", "features.0.bits=four"])
 def test_a_key_that_names_no_probe_parses_to_none(key):
     assert Probe.of(key) is None
+
+
+def test_run_sensitivity_stores_its_table_in_the_study_and_reads_it_back(tmp_path):
+    """``run_sensitivity``, ``autosqueeze sensitivity`` called from Python."""
+    from autosqueeze.search import run_sensitivity
+
+    rule = {"types": ["Linear"], "names": ["*"], "knobs": {"bits": [3, 8]}}
+    space = write_yaml(tmp_path / "space.yaml", {"rules": [rule]})
+    data = study_config(tmp_path, space=str(space), objectives=["metric", "size_bytes"])
+    config = load_config(write_yaml(tmp_path / "s.yaml", data))
+    first = run_sensitivity(config, progress=False)
+    assert set(first.space.layers) == {"classifier.1", "classifier.3"}
+    stored = open_study(config, create=False).user_attrs[SENSITIVITY]
+    assert stored == first.table.to_dict()
+    again = run_sensitivity(config, progress=False)  # nothing left to measure
+    assert again.table.to_dict() == stored

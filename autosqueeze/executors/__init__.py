@@ -8,6 +8,7 @@ imported only when used (Ray is a heavy import): ``create_executor(config, task)
 from __future__ import annotations
 
 import importlib
+import os
 import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterator
@@ -138,10 +139,44 @@ def executor_name(config: StudyConfig) -> str:
     return name
 
 
+def evaluator_capacity(config: StudyConfig, executor: str) -> str:
+    """What ``executor`` can start here, to say beside ``compute.workers`` ("" where the count
+    says it all); a count past it is refused now, as Ray would refuse it when the search
+    starts. A local Ray starts one evaluator per CPU (per GPU share on CUDA); a cluster's size
+    is known only once joined."""
+    workers = config.compute.workers
+    if executor == "inprocess":
+        return "" if workers in (0, 1) else "the in-process executor evaluates one at a time"
+    if executor != "ray" or config.compute.ray_address or os.environ.get("RAY_ADDRESS"):
+        return "as many as the cluster has room for, once joined"
+    if config.budgets.device.startswith("cuda"):
+        import torch
+
+        per = config.compute.gpus_per_worker
+        can, unit = int(torch.cuda.device_count() / per), f"GPU share of {per:g}"
+    else:
+        can, unit = os.cpu_count() or 1, "CPU"
+    if isinstance(workers, int) and workers > can:
+        raise UserError(
+            f"compute.workers: {workers:,} evaluators cannot start here: a local Ray starts "
+            f"one per {unit}, {can} in all; ask for at most {can}, or 'auto', or join a "
+            "larger cluster (compute.ray_address)."
+        )
+    return f"a local Ray: at most {can}, one per {unit}"
+
+
 def create_executor(config: StudyConfig, task: Task) -> Executor:
     """The executor ``executor_name`` picks, from the ``EXECUTORS`` registry."""
     module, _, cls = EXECUTORS[executor_name(config)].partition(":")
     return getattr(importlib.import_module(module), cls).create(config, task)
 
 
-__all__ = ["EXECUTORS", "Executor", "Outcome", "create_executor", "evaluate_now", "executor_name"]
+__all__ = [
+    "EXECUTORS",
+    "Executor",
+    "Outcome",
+    "create_executor",
+    "evaluate_now",
+    "evaluator_capacity",
+    "executor_name",
+]
