@@ -8,13 +8,13 @@ from autosqueeze.artifact import load_artifact, read_plan, save_artifact
 from autosqueeze.config import StudyConfig, load_config
 from autosqueeze.errors import TrialError, UserError
 from autosqueeze.evaluator import Evaluated, Evaluator, evaluate_file
-from autosqueeze.export import Exported, export_plan
 from autosqueeze.finetune import Finetuned, finetune
 from autosqueeze.kernels import KERNELS
 from autosqueeze.measure import Measurements, measure_latency, measure_memory
 from autosqueeze.plan import LayerPlan, Plan
 from autosqueeze.recovery import Recovery
 from autosqueeze.search import SearchResult, SensitivityResult, run_search, run_sensitivity
+from autosqueeze.shipping import Exported, export_plan
 from autosqueeze.space import SearchSpace, build_space
 from autosqueeze.task import Task, load_task
 from autosqueeze.techniques import CompressedModel, Target, compress

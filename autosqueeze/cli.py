@@ -387,7 +387,7 @@ def _trial(config: StudyConfig, number: int) -> tuple[TrialRecord, Plan]:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from autosqueeze.export import NotTraced, export_plan
+    from autosqueeze.shipping import NotTraced, export_plan
 
     config = _config(args)
     record, plan = _trial(config, args.trial)

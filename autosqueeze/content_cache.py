@@ -9,8 +9,10 @@ by layer name or plan), a cached result is exactly the fresh one, whatever came 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from pathlib import Path
 from typing import Generic, TypeVar
 
 import torch
@@ -55,3 +57,12 @@ class ContentCache(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def cache_dir() -> Path:
+    """Where the user's caches live: ``$AUTOSQUEEZE_CACHE_DIR``, ``$XDG_CACHE_HOME``/autosqueeze
+    or ``~/.cache/autosqueeze``."""
+    if os.environ.get("AUTOSQUEEZE_CACHE_DIR"):
+        return Path(os.environ["AUTOSQUEEZE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "autosqueeze"

@@ -60,3 +60,21 @@ def map_leaves(fn: Callable[[Any], Any], value: Any) -> Any:
 
 
 __all__ = ["leaves", "map_leaves", "map_tensors", "tensors"]
+
+
+def samples_in(inputs: Any) -> int:
+    """How many samples a batch holds: the first dimension of its first tensor that has
+    one (1 if none has)."""
+    return next((int(t.shape[0]) for t in tensors(inputs) if t.dim()), 1)
+
+
+def batch_of(inputs: Any, size: int) -> Any:
+    """The first ``size`` samples of a batch along dim 0 (repeated when the batch is smaller)."""
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0 or t.shape[0] == 0:
+            return t
+        repeats = -(-size // t.shape[0])
+        return t.repeat(repeats, *([1] * (t.dim() - 1)))[:size].contiguous()
+
+    return map_tensors(cut, inputs)

@@ -12,17 +12,34 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-if TYPE_CHECKING:  # the config imports this module, not the other way round
+if TYPE_CHECKING:
     from torch import nn
 
-    from autosqueeze.config import Budgets
-    from autosqueeze.measure import Measurements
-    from autosqueeze.task import Task
+    # The config imports this module, and the measurements and the task come later in the
+    # import order (docs/architecture.md): so this module names none of their types. It reads
+    # the config's budgets by field name, and the task only passes through ``measure``.
+    Budgets = Any  # config.Budgets
+    Task = Any  # task.Task
 
 
-def _ratio(field: str) -> Callable[[Measurements, Measurements], float]:
+class Measured(Protocol):
+    """What an objective reads of a trial's measurements (``measure.Measurements`` is one)."""
+
+    @property
+    def metric(self) -> float: ...
+    @property
+    def size_bytes(self) -> int: ...
+    @property
+    def latency_ms(self) -> float | None: ...
+    @property
+    def memory_mb(self) -> float | None: ...
+    @property
+    def relative_latency(self) -> float | None: ...
+
+
+def _ratio(field: str) -> Callable[[Measured, Measured], float]:
     return lambda got, ref: (getattr(got, field) or 0.0) / (getattr(ref, field) or 1.0)
 
 
@@ -40,14 +57,14 @@ class Objective:
     optuna_name: str | None  # its name for optuna-dashboard (None: the metric's own)
     hv_bound: float  # the hypervolume's reference, as a cost relative to the original
     log_axis: bool  # plotted on a log scale
-    study_value: Callable[[Measurements], float]  # what Optuna is told
-    cost: Callable[[Measurements, Measurements], float]  # (got, original) -> relative cost
+    study_value: Callable[[Measured], float]  # what Optuna is told
+    cost: Callable[[Measured, Measured], float]  # (got, original) -> relative cost
     # how a loaded model is measured for it, for an objective the evaluator does not
     # measure itself (metric, bytes, latency and memory are taken together): the value is
     # kept in ``Measurements.extra``, taken for studies that optimize or budget it
     measure: Callable[[nn.Module, Task], float] | None = None
 
-    def measured(self, got: Measurements) -> float | None:
+    def measured(self, got: Measured) -> float | None:
         value = getattr(got, self.name)
         return None if value is None else float(value)
 
@@ -65,7 +82,7 @@ class Objective:
             return None if original is None else original - bound
         return bound * self.budget_scale
 
-    def slack(self, budgets: Budgets, ref: Measurements, got: Measurements) -> float | None:
+    def slack(self, budgets: Budgets, ref: Measured, got: Measured) -> float | None:
         """How far ``got`` is past the budget, in budget units (<= 0: within; Optuna's
         convention). None: no budget, or not measured (a trial that stopped early)."""
         limit, value = self.limit(budgets, self.measured(ref)), self.measured(got)
@@ -74,9 +91,7 @@ class Objective:
         past = value - limit if self.direction == "minimize" else limit - value
         return past / self.budget_scale
 
-    def describe(
-        self, metric_name: str, budgets: Budgets, ref: Measurements | None
-    ) -> dict[str, Any]:
+    def describe(self, metric_name: str, budgets: Budgets, ref: Measured | None) -> dict[str, Any]:
         """What a page needs to draw it: its label (the metric's own name for the metric),
         the scale to display units, a log axis or not, and where its budget puts a line (in
         display units; None without one)."""

@@ -41,8 +41,8 @@ import torch
 
 from autosqueeze.kernels import OrtInt4
 from autosqueeze.metrics import call_arguments
+from autosqueeze.nested import samples_in
 from autosqueeze.quiet import STDERR, STDOUT, silenced
-from autosqueeze.task import samples_in
 
 CALIBRATION_BATCHES = 8
 """Batches of ``task.calibration`` (or of the task's data) that calibrate static int8

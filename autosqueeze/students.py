@@ -24,15 +24,14 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from autosqueeze.content_cache import content_key
+from autosqueeze.content_cache import cache_dir, content_key
 from autosqueeze.errors import UserError
 from autosqueeze.metrics import call_model
 from autosqueeze.nested import tensors
 from autosqueeze.recovery import Recovery, floating_tensors
-from autosqueeze.timing_cache import cache_dir
 from autosqueeze.user_code import call_user, describe, load_callable
 
-FOLDER = "students"  # under the user's cache (``timing_cache.cache_dir``)
+FOLDER = "students"  # under the user's cache (``content_cache.cache_dir``)
 FORMAT = b"autosqueeze-student-1"  # in every key: a change to distillation invalidates them
 
 

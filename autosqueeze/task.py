@@ -17,7 +17,7 @@ from torch import nn
 from autosqueeze.config import StudyConfig, file_problem
 from autosqueeze.errors import UserError
 from autosqueeze.metrics import Metric, call_model, pooled, resolve_metric, to_device
-from autosqueeze.nested import map_tensors, tensors
+from autosqueeze.nested import batch_of, samples_in, tensors
 from autosqueeze.recovery import Recovery
 from autosqueeze.students import build, distilled, load_factories
 from autosqueeze.techniques import Target
@@ -287,24 +287,6 @@ def _first_samples(inputs: Any, target: Any, held: int, wanted: int) -> tuple[An
     if not all(t.dim() and t.shape[0] == held for t in tensors(inputs) + tensors(target)):
         return inputs, target
     return batch_of(inputs, wanted), batch_of(target, wanted) if target is not None else None
-
-
-def samples_in(inputs: Any) -> int:
-    """How many samples a batch holds: the first dimension of its first tensor that has
-    one (1 if none has)."""
-    return next((int(t.shape[0]) for t in tensors(inputs) if t.dim()), 1)
-
-
-def batch_of(inputs: Any, size: int) -> Any:
-    """The first ``size`` samples of a batch along dim 0 (repeated when the batch is smaller)."""
-
-    def cut(t: torch.Tensor) -> torch.Tensor:
-        if t.dim() == 0 or t.shape[0] == 0:
-            return t
-        repeats = -(-size // t.shape[0])
-        return t.repeat(repeats, *([1] * (t.dim() - 1)))[:size].contiguous()
-
-    return map_tensors(cut, inputs)
 
 
 def _device(name: str) -> torch.device:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from autosqueeze.content_cache import cache_dir
 from autosqueeze.measure import ProbeResult, usable_cpus
 from autosqueeze.metrics import call_model
 from autosqueeze.nested import leaves
@@ -46,15 +47,6 @@ FORMAT = 1
 FILE = "layer-timings.json"
 MAX_ENTRIES = 100_000
 """A file holding more is not read (a few hundred per model is usual)."""
-
-
-def cache_dir() -> Path:
-    """Where the user's caches live: ``$AUTOSQUEEZE_CACHE_DIR``, ``$XDG_CACHE_HOME``/autosqueeze
-    or ``~/.cache/autosqueeze``."""
-    if os.environ.get("AUTOSQUEEZE_CACHE_DIR"):
-        return Path(os.environ["AUTOSQUEEZE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "autosqueeze"
 
 
 def device_signature(device: torch.device, threads: int | None, runtime: str = "torch") -> str:

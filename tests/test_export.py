@@ -223,7 +223,7 @@ def test_export_plan_writes_the_artifact_and_a_program_of_it_or_says_why_not(tmp
     """``export_plan``, ``autosqueeze export`` called from Python: the program is traced from
     the artifact loaded back, so it computes what the artifact's model does."""
     from autosqueeze.config import load_config
-    from autosqueeze.export import NotTraced, export_plan
+    from autosqueeze.shipping import NotTraced, export_plan
     from autosqueeze.task import load_task
 
     task = load_task(load_config(write_yaml(tmp_path / "s.yaml", study_config(tmp_path))))

@@ -11,9 +11,8 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from autosqueeze.measure import _held_bytes
 from autosqueeze.metrics import call_model, to_device
-from autosqueeze.nested import leaves, map_tensors, tensors
+from autosqueeze.nested import batch_of, leaves, map_tensors, samples_in, tensors
 from autosqueeze.recovery import floating_tensors
-from autosqueeze.task import batch_of, samples_in
 
 Pair = namedtuple("Pair", "image mask")
 

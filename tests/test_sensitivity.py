@@ -18,6 +18,7 @@ from autosqueeze.examples.residual import ResidualCNN
 from autosqueeze.examples.residual import example_input as residual_input
 from autosqueeze.executors.inprocess import InProcessExecutor
 from autosqueeze.measure import Limits
+from autosqueeze.nested import samples_in
 from autosqueeze.plan import LayerPlan, Plan
 from autosqueeze.probe import BASE, Probe
 from autosqueeze.search import BASELINE, KNAPSACK, run_search, sensitivity_table
@@ -35,7 +36,7 @@ from autosqueeze.sensitivity import (
 )
 from autosqueeze.space import build_space
 from autosqueeze.study import SENSITIVITY, open_study
-from autosqueeze.task import load_task, samples_in
+from autosqueeze.task import load_task
 from autosqueeze.techniques import TECHNIQUES, Target, applied, compress
 
 
