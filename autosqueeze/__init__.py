@@ -4,21 +4,26 @@ The flow runs one way: config -> space -> plan -> compressed model -> artifact -
 measurements -> study -> front -> reports.
 """
 
-from autosqueeze.artifact import load_artifact, read_plan, save_artifact
-from autosqueeze.config import StudyConfig, load_config
-from autosqueeze.errors import TrialError, UserError
-from autosqueeze.evaluator import Evaluated, Evaluator, evaluate_file
-from autosqueeze.finetune import Finetuned, finetune
-from autosqueeze.kernels import KERNELS
-from autosqueeze.measure import Measurements, measure_latency, measure_memory
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.recovery import Recovery
-from autosqueeze.search import SearchResult, SensitivityResult, run_search, run_sensitivity
-from autosqueeze.shipping import Exported, export_plan
-from autosqueeze.space import SearchSpace, build_space
-from autosqueeze.task import Task, load_task
-from autosqueeze.techniques import CompressedModel, Target, compress
-from autosqueeze.validation import Validation, validate
+from autosqueeze.artifacts.artifact import load_artifact, read_plan, save_artifact
+from autosqueeze.common.errors import TrialError, UserError
+from autosqueeze.compression.kernels import KERNELS
+from autosqueeze.compression.recovery import Recovery
+from autosqueeze.compression.techniques import CompressedModel, Target, compress
+from autosqueeze.measuring.evaluator import Evaluated, Evaluator, evaluate_file
+from autosqueeze.measuring.measure import Measurements, measure_latency, measure_memory
+from autosqueeze.plans.plan import LayerPlan, Plan
+from autosqueeze.problem.task import Task, load_task
+from autosqueeze.results.finetune import Finetuned, finetune
+from autosqueeze.results.shipping import Exported, export_plan
+from autosqueeze.searching.search import (
+    SearchResult,
+    SensitivityResult,
+    run_search,
+    run_sensitivity,
+)
+from autosqueeze.searching.validation import Validation, validate
+from autosqueeze.searchspace.space import SearchSpace, build_space
+from autosqueeze.settings.config import StudyConfig, load_config
 
 __version__ = "0.1.0"
 

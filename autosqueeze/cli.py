@@ -18,14 +18,14 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autosqueeze.config import StudyConfig, file_problem, load_config
-from autosqueeze.errors import Terminated, UserError, terminate
+from autosqueeze.common.errors import Terminated, UserError, terminate
+from autosqueeze.settings.config import StudyConfig, file_problem, load_config
 
 if TYPE_CHECKING:  # the commands import what they use, so --help starts fast
-    from autosqueeze.front import Front
-    from autosqueeze.plan import Plan
-    from autosqueeze.records import TrialRecord
-    from autosqueeze.task import Task
+    from autosqueeze.plans.plan import Plan
+    from autosqueeze.problem.task import Task
+    from autosqueeze.results.front import Front
+    from autosqueeze.studies.records import TrialRecord
 
 EPILOG = """\
 examples:
@@ -275,9 +275,9 @@ def _config(args: argparse.Namespace) -> StudyConfig:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from autosqueeze.budgets import explain_empty_front
-    from autosqueeze.search import run_search
-    from autosqueeze.tables import front_table, summary
+    from autosqueeze.searching.budgets import explain_empty_front
+    from autosqueeze.searching.search import run_search
+    from autosqueeze.views.tables import front_table, summary
 
     config = _config(args)
     # with --json, stdout holds the JSON alone (Ray reports a dead worker on stdout)
@@ -323,8 +323,8 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _sensitivity(args: argparse.Namespace) -> int:
-    from autosqueeze.search import run_sensitivity
-    from autosqueeze.tables import sensitivity_text
+    from autosqueeze.searching.search import run_sensitivity
+    from autosqueeze.views.tables import sensitivity_text
 
     config = _config(args)
     # Ray reports a dead worker on stdout; what this command prints there is the table alone
@@ -338,9 +338,9 @@ def _sensitivity(args: argparse.Namespace) -> int:
 
 
 def _front(args: argparse.Namespace) -> int:
-    from autosqueeze.front import compute_front
-    from autosqueeze.study import open_study
-    from autosqueeze.tables import front_table
+    from autosqueeze.results.front import compute_front
+    from autosqueeze.studies.study import open_study
+    from autosqueeze.views.tables import front_table
 
     config = _config(args)
     front = compute_front(open_study(config, create=False), config.objectives)
@@ -365,9 +365,9 @@ def _front_json(config: StudyConfig, front: Front) -> dict[str, Any]:
 def _study_task(config: StudyConfig) -> Task:
     """The study's task, measuring in the runtime its study was measured in where one exists
     (``runtime: auto`` decides afresh otherwise); the study is only read."""
-    from autosqueeze.search import in_study_runtime
-    from autosqueeze.study_view import open_existing
-    from autosqueeze.task import load_task
+    from autosqueeze.problem.task import load_task
+    from autosqueeze.searching.search import in_study_runtime
+    from autosqueeze.views.study_view import open_existing
 
     task = load_task(config)
     study = open_existing(config)
@@ -376,8 +376,8 @@ def _study_task(config: StudyConfig) -> Task:
 
 def _trial(config: StudyConfig, number: int) -> tuple[TrialRecord, Plan]:
     """The study's trial ``number``, which must hold a plan, and its plan."""
-    from autosqueeze.records import records
-    from autosqueeze.study import open_study
+    from autosqueeze.studies.records import records
+    from autosqueeze.studies.study import open_study
 
     study = open_study(config, create=False)
     found = [(r, r.plan) for r in records(study) if r.number == number and r.plan is not None]
@@ -387,7 +387,7 @@ def _trial(config: StudyConfig, number: int) -> tuple[TrialRecord, Plan]:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from autosqueeze.shipping import NotTraced, export_plan
+    from autosqueeze.results.shipping import NotTraced, export_plan
 
     config = _config(args)
     record, plan = _trial(config, args.trial)
@@ -431,9 +431,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from autosqueeze.finetune import finetune
-    from autosqueeze.records import reference
-    from autosqueeze.study_view import open_existing
+    from autosqueeze.results.finetune import finetune
+    from autosqueeze.studies.records import reference
+    from autosqueeze.views.study_view import open_existing
 
     config = _config(args)
     if args.steps < 1:
@@ -488,9 +488,9 @@ def _require(*modules: str, why: str) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from autosqueeze.evaluator import evaluate_file
-    from autosqueeze.records import reference
-    from autosqueeze.study_view import open_existing
+    from autosqueeze.measuring.evaluator import evaluate_file
+    from autosqueeze.studies.records import reference
+    from autosqueeze.views.study_view import open_existing
 
     config = _config(args)
     if not args.artifact.is_file():
@@ -542,8 +542,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from autosqueeze.tables import coverage_table
-    from autosqueeze.validation import validate
+    from autosqueeze.searching.validation import validate
+    from autosqueeze.views.tables import coverage_table
 
     config = _config(args)
     # with --json, stdout holds the JSON alone (a model factory may print)
@@ -621,9 +621,9 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from autosqueeze.records import trial_states
-    from autosqueeze.storage import check_journal
-    from autosqueeze.study import open_study
+    from autosqueeze.studies.records import trial_states
+    from autosqueeze.studies.storage import check_journal
+    from autosqueeze.studies.study import open_study
 
     config = _config(args)
     checked = check_journal(config, repair=args.repair)
@@ -651,14 +651,14 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from autosqueeze.dashboard import serve
+    from autosqueeze.views.dashboard import serve
 
     serve(_config(args), args.config, args.host, args.port, remote=args.allow_remote)
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from autosqueeze.dashboard import write_report
+    from autosqueeze.views.dashboard import write_report
 
     config = _config(args)
     try:

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import optuna
 
-from autosqueeze.config import load_config
-from autosqueeze.space import build_space
-from autosqueeze.study import PLAN, REFERENCE, constraints, objective_values, open_study
-from autosqueeze.study_view import StudyReader
-from autosqueeze.task import load_task
+from autosqueeze.problem.task import load_task
+from autosqueeze.searchspace.space import build_space
+from autosqueeze.settings.config import load_config
+from autosqueeze.studies.study import PLAN, REFERENCE, constraints, objective_values, open_study
+from autosqueeze.views.study_view import StudyReader
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,13 +75,13 @@ def main() -> None:
 
 
 def load_reference(study: optuna.Study):
-    from autosqueeze.records import reference
+    from autosqueeze.studies.records import reference
 
     return reference(study)
 
 
 def add_trial(study, config, space, ref, rng: random.Random) -> None:
-    from autosqueeze.measure import Measurements
+    from autosqueeze.measuring.measure import Measurements
 
     trial = study.ask(space.distributions)
     plan = space.plan(trial.params)

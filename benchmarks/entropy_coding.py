@@ -21,13 +21,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autosqueeze.artifact import artifact_bytes, bit_packed_bytes, load_artifact, stored_bytes
-from autosqueeze.codecs import quantize
-from autosqueeze.config import load_config
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.space import build_space
-from autosqueeze.task import load_task
-from autosqueeze.techniques import compress
+from autosqueeze.artifacts.artifact import (
+    artifact_bytes,
+    bit_packed_bytes,
+    load_artifact,
+    stored_bytes,
+)
+from autosqueeze.compression.codecs import quantize
+from autosqueeze.compression.techniques import compress
+from autosqueeze.plans.plan import LayerPlan, Plan
+from autosqueeze.problem.task import load_task
+from autosqueeze.searchspace.space import build_space
+from autosqueeze.settings.config import load_config
 
 warnings.filterwarnings("ignore")
 CONFIG = Path(__file__).resolve().parent.parent / "studies" / "minilm.yaml"

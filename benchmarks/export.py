@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autosqueeze.artifact import artifact_bytes, load_artifact, read_plan, stored_integers
-from autosqueeze.export import OnnxModel, export_onnx, export_program
-from autosqueeze.measure import measure_latency_beside
-from autosqueeze.metrics import embed, fidelity
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.techniques import Target, compress
+from autosqueeze.artifacts.artifact import artifact_bytes, load_artifact, read_plan, stored_integers
+from autosqueeze.artifacts.export import OnnxModel, export_onnx, export_program
+from autosqueeze.compression.techniques import Target, compress
+from autosqueeze.measuring.measure import measure_latency_beside
+from autosqueeze.plans.plan import LayerPlan, Plan
+from autosqueeze.usercode.metrics import embed, fidelity
 
 warnings.filterwarnings("ignore")
 CPU = torch.device("cpu")

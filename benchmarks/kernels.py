@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from autosqueeze.kernels import KERNELS
-from autosqueeze.measure import measure_latency
+from autosqueeze.compression.kernels import KERNELS
+from autosqueeze.measuring.measure import measure_latency
 
 warnings.filterwarnings("ignore")
 LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)

@@ -48,9 +48,9 @@ def main() -> None:
 def row(path: Path, args: argparse.Namespace) -> str:
     import optuna
 
-    from autosqueeze.config import load_config
-    from autosqueeze.records import records
-    from autosqueeze.search import run_search
+    from autosqueeze.searching.search import run_search
+    from autosqueeze.settings.config import load_config
+    from autosqueeze.studies.records import records
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory() as folder:

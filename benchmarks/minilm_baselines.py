@@ -29,15 +29,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from autosqueeze.artifact import load_artifact
-from autosqueeze.config import load_config
-from autosqueeze.evaluator import Evaluator
-from autosqueeze.front import compute_front
-from autosqueeze.measure import measure_latency
-from autosqueeze.plan import Plan
-from autosqueeze.space import build_space
-from autosqueeze.study import open_study
-from autosqueeze.task import Task, load_task
+from autosqueeze.artifacts.artifact import load_artifact
+from autosqueeze.measuring.evaluator import Evaluator
+from autosqueeze.measuring.measure import measure_latency
+from autosqueeze.plans.plan import Plan
+from autosqueeze.problem.task import Task, load_task
+from autosqueeze.results.front import compute_front
+from autosqueeze.searchspace.space import build_space
+from autosqueeze.settings.config import load_config
+from autosqueeze.studies.study import open_study
 
 CONFIG = Path(__file__).resolve().parent.parent / "studies" / "minilm.yaml"
 

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from autosqueeze.config import load_config
-from autosqueeze.export import OnnxModel
-from autosqueeze.metrics import call_model
-from autosqueeze.search import run_search
+from autosqueeze.artifacts.export import OnnxModel
+from autosqueeze.searching.search import run_search
+from autosqueeze.settings.config import load_config
+from autosqueeze.usercode.metrics import call_model
 
 warnings.filterwarnings("ignore")
 
@@ -113,7 +113,7 @@ def _table(result, config, rounds: int) -> str:
 def _write_originals(result, reference: Path, own: Path) -> None:
     """The original as the study's reference (``torch.onnx.export``'s defaults) and as the
     search exports a trial's artifact (unoptimized, each weight under its own name)."""
-    from autosqueeze.evaluator import Evaluator
+    from autosqueeze.measuring.evaluator import Evaluator
 
     evaluator = Evaluator(result.task)
     try:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 from torch import nn
 
-from autosqueeze.config import load_config
-from autosqueeze.plan import Plan
-from autosqueeze.task import load_task
-from autosqueeze.techniques import Target, compress
-from autosqueeze.techniques.prune import CRITERIA
+from autosqueeze.compression.techniques import Target, compress
+from autosqueeze.compression.techniques.prune import CRITERIA
+from autosqueeze.plans.plan import Plan
+from autosqueeze.problem.task import load_task
+from autosqueeze.settings.config import load_config
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 

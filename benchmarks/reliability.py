@@ -58,8 +58,8 @@ def autosqueeze(*args: object, timeout: float = 300, **env: str) -> tuple[int, s
 
 
 def _finished(config: Path) -> set[int]:
-    from autosqueeze.config import load_config
-    from autosqueeze.study import open_study
+    from autosqueeze.settings.config import load_config
+    from autosqueeze.studies.study import open_study
 
     try:
         study = open_study(load_config(config), create=False)
@@ -128,8 +128,8 @@ def kill_cycles(folder: Path, cycles: int, rng: random.Random) -> dict[str, int]
         lost += len(finished - now)
         finished |= now
     code, _, err = autosqueeze("search", config, "--workers", 0, "--no-progress", timeout=1800)
-    from autosqueeze.config import load_config
-    from autosqueeze.study import open_study
+    from autosqueeze.settings.config import load_config
+    from autosqueeze.studies.study import open_study
 
     trials = open_study(load_config(config), create=False).trials
     lost += len(finished - {t.number for t in trials if t.state.is_finished()})
@@ -150,11 +150,11 @@ def kill_cycles(folder: Path, cycles: int, rng: random.Random) -> dict[str, int]
 def hostile_artifacts(folder: Path, random_count: int, rng: random.Random) -> dict[str, int]:
     from test_hostile_artifacts import _variants
 
-    from autosqueeze.artifact import save_artifact, stored_bytes
+    from autosqueeze.artifacts.artifact import save_artifact, stored_bytes
     from autosqueeze.cli import main
+    from autosqueeze.compression.techniques import compress
     from autosqueeze.examples.digits import pretrained_cnn
-    from autosqueeze.plan import Plan
-    from autosqueeze.techniques import compress
+    from autosqueeze.plans.plan import Plan
 
     model = pretrained_cnn()
     names = [n for n, m in model.named_modules() if type(m).__name__ in ("Conv2d", "Linear")]
@@ -272,7 +272,7 @@ def hostile_configs(folder: Path) -> dict[str, int]:
 def journal_appends(folder: Path, total: int = 3000) -> dict[str, int]:
     from test_journal import READER, REPAIRER, WRITER
 
-    from autosqueeze.journal import JournalReader
+    from autosqueeze.studies.journal import JournalReader
 
     path = folder / "study.log"
     path.touch()

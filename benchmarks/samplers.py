@@ -1,6 +1,6 @@
 """Compare autosqueeze's Optuna samplers on the built-in ``studies/digits-cnn.yaml`` study.
 
-For every sampler in ``autosqueeze.samplers.SAMPLERS`` and every seed, this runs a fresh
+For every sampler in ``autosqueeze.studies.samplers.SAMPLERS`` and every seed, this runs a fresh
 search (a new SQLite study in a temporary folder; the task is loaded once and reused) and
 measures, over the run's feasible trials (complete and within every budget):
 
@@ -32,13 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from autosqueeze.config import StudyConfig, load_config
-from autosqueeze.front import hypervolume
-from autosqueeze.measure import Measurements
-from autosqueeze.records import records, reference
-from autosqueeze.samplers import SAMPLERS
-from autosqueeze.search import run_search
-from autosqueeze.task import Task, load_task
+from autosqueeze.measuring.measure import Measurements
+from autosqueeze.problem.task import Task, load_task
+from autosqueeze.results.front import hypervolume
+from autosqueeze.searching.search import run_search
+from autosqueeze.settings.config import StudyConfig, load_config
+from autosqueeze.studies.records import records, reference
+from autosqueeze.studies.samplers import SAMPLERS
 
 CONFIG = Path(__file__).resolve().parent.parent / "studies" / "digits-cnn.yaml"
 MAX_DROP = 0.01

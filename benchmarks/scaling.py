@@ -22,14 +22,14 @@ from pathlib import Path
 
 import optuna
 
-from autosqueeze.config import load_config
-from autosqueeze.drivers import DRIVER, finished_count, taken_count
-from autosqueeze.measure import Measurements
-from autosqueeze.samplers import create_sampler
-from autosqueeze.search import run_search
-from autosqueeze.space import build_space
-from autosqueeze.study import PLAN, constraints, objective_values, open_study
-from autosqueeze.task import load_task
+from autosqueeze.measuring.measure import Measurements
+from autosqueeze.problem.task import load_task
+from autosqueeze.searching.search import run_search
+from autosqueeze.searchspace.space import build_space
+from autosqueeze.settings.config import load_config
+from autosqueeze.studies.drivers import DRIVER, finished_count, taken_count
+from autosqueeze.studies.samplers import create_sampler
+from autosqueeze.studies.study import PLAN, constraints, objective_values, open_study
 
 CONFIG = Path(__file__).resolve().parent.parent / "studies" / "digits-cnn.yaml"
 

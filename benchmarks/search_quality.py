@@ -14,7 +14,7 @@ fresh study in a temporary folder, on the config's executor (Ray, one evaluator 
 
 Columns, per (model, trials, mode):
 - hypervolume of the feasible trials in (metric drop, size / original, latency / original)
-  from (max_metric_drop, 1, 1.5) (``autosqueeze.front``), larger is better;
+  from (max_metric_drop, 1, 1.5) (``autosqueeze.results.front``), larger is better;
 - smallest and fastest model within every budget (bytes on disk; latency / original);
 - best uniform plan within budget (the smallest of the uniform baselines and warm starts
   that any run measured) and the knapsack plans alone (the default's knapsack trials);
@@ -82,8 +82,8 @@ def measure(
 ) -> list:
     import optuna
 
-    from autosqueeze.config import load_config
-    from autosqueeze.task import load_task
+    from autosqueeze.problem.task import load_task
+    from autosqueeze.settings.config import load_config
 
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -125,15 +125,15 @@ def _configured(base, overrides, trials, folder, workers, seed=None):
 
 
 def _search(config, task):
-    from autosqueeze.search import run_search
+    from autosqueeze.searching.search import run_search
 
     return run_search(config, progress=False, task=task)
 
 
 def _summary(config, mode, trials, result, seconds) -> dict:
-    from autosqueeze.front import hypervolume, normalized, reference_point
-    from autosqueeze.records import records
-    from autosqueeze.search import BASELINE, KNAPSACK
+    from autosqueeze.results.front import hypervolume, normalized, reference_point
+    from autosqueeze.searching.search import BASELINE, KNAPSACK
+    from autosqueeze.studies.records import records
 
     ref = result.front.reference
     objectives = config.objectives

@@ -31,15 +31,15 @@ def main() -> None:
 
 
 def shares(path: Path, number: int | None) -> tuple[int, list[tuple[str, int]]]:
-    from autosqueeze.artifact import artifact_bytes, bit_packed_bytes, stored_bytes
-    from autosqueeze.config import load_config
-    from autosqueeze.evaluator import Evaluator
-    from autosqueeze.front import compute_front
-    from autosqueeze.plan import Plan
-    from autosqueeze.records import records
-    from autosqueeze.study import open_study
-    from autosqueeze.task import load_task
-    from autosqueeze.techniques import TECHNIQUES, compress
+    from autosqueeze.artifacts.artifact import artifact_bytes, bit_packed_bytes, stored_bytes
+    from autosqueeze.compression.techniques import TECHNIQUES, compress
+    from autosqueeze.measuring.evaluator import Evaluator
+    from autosqueeze.plans.plan import Plan
+    from autosqueeze.problem.task import load_task
+    from autosqueeze.results.front import compute_front
+    from autosqueeze.settings.config import load_config
+    from autosqueeze.studies.records import records
+    from autosqueeze.studies.study import open_study
 
     config = load_config(path)
     study = open_study(config, create=False)

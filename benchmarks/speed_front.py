@@ -20,11 +20,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from autosqueeze.artifact import load_artifact
-from autosqueeze.config import load_config
-from autosqueeze.evaluator import Evaluator
-from autosqueeze.measure import measure_latency_beside
-from autosqueeze.search import run_search
+from autosqueeze.artifacts.artifact import load_artifact
+from autosqueeze.measuring.evaluator import Evaluator
+from autosqueeze.measuring.measure import measure_latency_beside
+from autosqueeze.searching.search import run_search
+from autosqueeze.settings.config import load_config
 
 warnings.filterwarnings("ignore")
 

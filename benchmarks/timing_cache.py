@@ -40,12 +40,12 @@ def main() -> None:
 def measure(path: Path) -> list[dict]:
     import optuna
 
-    from autosqueeze.config import load_config
-    from autosqueeze.executors import create_executor
-    from autosqueeze.search import sensitivity_table
-    from autosqueeze.space import build_space
-    from autosqueeze.study import open_study
-    from autosqueeze.task import load_task
+    from autosqueeze.problem.task import load_task
+    from autosqueeze.searching.executors import create_executor
+    from autosqueeze.searching.search import sensitivity_table
+    from autosqueeze.searchspace.space import build_space
+    from autosqueeze.settings.config import load_config
+    from autosqueeze.studies.study import open_study
 
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -73,7 +73,7 @@ if "--warm-cache" not in sys.argv:  # cold compile times: inductor's caches star
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from autosqueeze.metrics import call_arguments, pooled, primary_output  # noqa: E402
+from autosqueeze.usercode.metrics import call_arguments, pooled, primary_output  # noqa: E402
 
 warnings.filterwarnings("ignore")
 torch._dynamo.config.cache_size_limit = 64  # several compiled forms share one forward
@@ -237,7 +237,7 @@ def attempt(form: Form, build: Callable[[], Callable[[Any], nn.Module]]) -> Form
 
 
 def autosqueeze_int8(model: nn.Module) -> nn.Module:
-    from autosqueeze.kernels import KERNELS
+    from autosqueeze.compression.kernels import KERNELS
 
     kernel = KERNELS["int8_dynamic"]
     model = copy.deepcopy(model)

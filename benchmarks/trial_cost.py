@@ -61,11 +61,11 @@ def main() -> None:
 def measure(path: Path, count: int) -> dict:
     import optuna
 
-    from autosqueeze.config import load_config
-    from autosqueeze.evaluator import Evaluator
-    from autosqueeze.measure import Limits
-    from autosqueeze.space import build_space
-    from autosqueeze.task import load_task
+    from autosqueeze.measuring.evaluator import Evaluator
+    from autosqueeze.measuring.measure import Limits
+    from autosqueeze.problem.task import load_task
+    from autosqueeze.searchspace.space import build_space
+    from autosqueeze.settings.config import load_config
 
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autosqueeze.codecs import TensorCodec, decode, encode
-from autosqueeze.config import load_config
-from autosqueeze.task import load_task
+from autosqueeze.compression.codecs import TensorCodec, decode, encode
+from autosqueeze.problem.task import load_task
+from autosqueeze.settings.config import load_config
 
 CONFIG = Path(__file__).resolve().parent.parent / "studies" / "minilm.yaml"
 FORMS = {

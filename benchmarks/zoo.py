@@ -80,8 +80,8 @@ def _row(name: str, space: str, trials: int, workers: int, runtime: str) -> str:
         start = time.monotonic()
         _autosqueeze("search", config, "--no-progress")
         seconds = time.monotonic() - start
-        from autosqueeze.config import load_config
-        from autosqueeze.study import open_study
+        from autosqueeze.settings.config import load_config
+        from autosqueeze.studies.study import open_study
 
         study = open_study(load_config(config), create=False)
         failed = sum(t.state.name == "FAIL" for t in study.trials)

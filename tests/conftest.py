@@ -69,14 +69,14 @@ def make_config(tmp_path: Path):
 
 
 SLOW_METRIC = (
-    "import time\nfrom autosqueeze.metrics import accuracy\n"
+    "import time\nfrom autosqueeze.usercode.metrics import accuracy\n"
     "def metric(model, data, device):\n"
     "    time.sleep(0.4)\n    return accuracy(model, data, device)\n"
 )
 
 
 GATED_METRIC = (
-    "import os, time\nfrom pathlib import Path\nfrom autosqueeze.metrics import accuracy\n"
+    "import os, time\nfrom pathlib import Path\nfrom autosqueeze.usercode.metrics import accuracy\n"
     "GATE = Path(__file__).resolve().with_suffix('.gate')\n"
     "def metric(model, data, device):\n"
     "    GATE.mkdir(exist_ok=True)\n"

@@ -9,12 +9,17 @@ import yaml
 from conftest import DEFAULT_SPACE, study_config, write_yaml
 from torch import nn
 
-from autosqueeze.anatomy import anatomy
-from autosqueeze.artifact import artifact_bytes, artifact_size, load_artifact, stored_bytes
+from autosqueeze.artifacts.artifact import (
+    artifact_bytes,
+    artifact_size,
+    load_artifact,
+    stored_bytes,
+)
 from autosqueeze.cli import main
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.space import build_space, coverage
-from autosqueeze.techniques import Target, applied, compress
+from autosqueeze.compression.techniques import Target, applied, compress
+from autosqueeze.plans.plan import LayerPlan, Plan
+from autosqueeze.searchspace.anatomy import anatomy
+from autosqueeze.searchspace.space import build_space, coverage
 
 SPACE = {
     "rules": [
@@ -174,7 +179,7 @@ def test_a_failing_analysis_withholds_its_knob_and_validate_says_why(tmp_path, c
 def test_an_analysis_that_runs_on_is_stopped():
     import pytest
 
-    from autosqueeze.time_limit import time_limit
+    from autosqueeze.common.time_limit import time_limit
 
     with pytest.raises(TimeoutError, match="took over 0.2 s"), time_limit(0.2):
         while True:  # as Torch-Pruning's grouping ran on a tiny LLaMA

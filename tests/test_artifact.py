@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load as load_tensors
 
-from autosqueeze.artifact import (
+from autosqueeze.artifacts.artifact import (
     _DEFLATED,
     artifact_bytes,
     bit_packed_bytes,
@@ -16,10 +16,10 @@ from autosqueeze.artifact import (
     shipped,
     stored_bytes,
 )
-from autosqueeze.codecs import decode, encode
+from autosqueeze.compression.codecs import decode, encode
+from autosqueeze.compression.techniques import Target, compress
 from autosqueeze.examples.digits import DigitsCNN, example_input, pretrained_cnn
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.techniques import Target, compress
+from autosqueeze.plans.plan import LayerPlan, Plan
 
 PLAN = Plan(
     {
@@ -109,7 +109,7 @@ def test_artifact_that_does_not_fit_the_model_is_rejected(tmp_path):
 
 
 def test_reused_encodings_give_the_bytes_a_fresh_encoding_gives_and_follow_the_weights():
-    from autosqueeze import artifact
+    from autosqueeze.artifacts import artifact
 
     model = pretrained_cnn()
     artifact._ENCODINGS.clear()
@@ -255,7 +255,7 @@ class _Versioned(torch.nn.Module):
 def test_a_module_that_reads_its_version_loads_from_an_artifact_and_a_checkpoint(tmp_path):
     from safetensors.torch import save_file
 
-    from autosqueeze.task import _load_checkpoint
+    from autosqueeze.problem.task import _load_checkpoint
 
     model = _Versioned().eval()
     plan = Plan({"body.0": LayerPlan(bits=4), "body.2": LayerPlan(bits=8)})

@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load as load_tensors
 
-from autosqueeze.artifact import load_artifact, save_artifact, stored_bytes
+from autosqueeze.artifacts.artifact import load_artifact, save_artifact, stored_bytes
+from autosqueeze.compression.recovery import Recovery
+from autosqueeze.compression.techniques import Target, compress
 from autosqueeze.examples import residual
 from autosqueeze.examples.digits import example_input, loaders, pretrained_cnn
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.recovery import Recovery
-from autosqueeze.space import build_space
-from autosqueeze.techniques import Target, compress
+from autosqueeze.plans.plan import LayerPlan, Plan
+from autosqueeze.searchspace.space import build_space
 
 DEFAULT_SPACE = Path(__file__).parents[1] / "search_spaces" / "default.yaml"
 TARGET = Target("cpu", example_input())
@@ -96,7 +96,7 @@ def test_residual_blocks_and_batchnorm_shrink_together(tmp_path):
 
 def test_recovery_wins_back_accuracy_lost_to_pruning():
     from autosqueeze.examples.digits import calibration
-    from autosqueeze.metrics import accuracy
+    from autosqueeze.usercode.metrics import accuracy
 
     plan = Plan({name: LayerPlan(prune_channels=0.5) for name in ("features.0", "features.5")})
     plan.layers["features.2"] = LayerPlan(prune_channels=0.375)
@@ -198,8 +198,8 @@ def test_recovery_never_leaves_a_plan_further_from_the_original_than_it_found_it
     """A barely changed model and a learning rate far too large: training makes it worse,
     so recovery keeps the weights it started from (judged on held-out calibration batches,
     never trained on: a quarter of them, at most 4; one batch is both)."""
+    from autosqueeze.compression.recovery import _split
     from autosqueeze.examples.digits import calibration
-    from autosqueeze.recovery import _split
 
     inputs = calibration()
     held, trained = _split(len(inputs))

@@ -12,8 +12,8 @@ import optuna
 import pytest
 
 from autosqueeze.cli import main
-from autosqueeze.config import load_config
-from autosqueeze.study import open_study
+from autosqueeze.settings.config import load_config
+from autosqueeze.studies.study import open_study
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -44,8 +44,8 @@ def test_a_front_that_would_not_reproduce_is_not_written(searched, tmp_path):
     """A rebuilt file of another size than the one measured (the study measured by another
     version of autosqueeze or of the model) is the user's to resolve, named, and nothing is
     left half written."""
-    from autosqueeze.errors import UserError
-    from autosqueeze.front import compute_front, write_front
+    from autosqueeze.common.errors import UserError
+    from autosqueeze.results.front import compute_front, write_front
 
     config = load_config(searched)
     front = compute_front(load(searched), config.objectives)
@@ -202,7 +202,7 @@ def test_same_seed_same_plans_when_objectives_are_deterministic(tmp_path, capsys
 def test_a_nan_metric_fails_only_that_trial(tmp_path, make_config, capsys):
     (tmp_path / "nan_metric.py").write_text(
         "import torch\n"
-        "from autosqueeze.metrics import accuracy\n"
+        "from autosqueeze.usercode.metrics import accuracy\n"
         "def metric(model, data, device):\n"
         "    if isinstance(model.classifier[1], torch.nn.Sequential):  # factorized\n"
         "        return float('nan')\n"
@@ -375,7 +375,7 @@ def test_one_driver_acts_on_trials_finished_by_several(tmp_path):
     import os
     import time
 
-    from autosqueeze.drivers import DRIVER, DRIVER_ID, finished_last
+    from autosqueeze.studies.drivers import DRIVER, DRIVER_ID, finished_last
 
     study = optuna.create_study()
     other = f"{DRIVER_ID.split(':')[0]}:{os.getpid()}:another"  # alive: this very process
@@ -430,7 +430,7 @@ def test_a_second_signal_while_a_search_winds_down_exits_at_once(second):
     shutting down): the next signal ends the process there and then, 128 + its number."""
     winding_down = (
         "import os, signal, time\n"
-        "from autosqueeze.search import _exit_on_another_signal\n"
+        "from autosqueeze.searching.search import _exit_on_another_signal\n"
         "_exit_on_another_signal()\n"
         f"os.kill(os.getpid(), signal.{second})\n"
         "time.sleep(600)\n"

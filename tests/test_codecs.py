@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from autosqueeze.codecs import (
+from autosqueeze.compression.codecs import (
     KNOWN_FORMATS,
     SUPPORTED_BITS,
     Format,
@@ -118,7 +118,7 @@ def test_unsupported_bits_are_rejected():
 def test_packing_keeps_the_bit_plane_layout_of_earlier_artifacts(bits):
     import numpy as np
 
-    from autosqueeze.codecs import _pack, _unpack
+    from autosqueeze.compression.codecs import _pack, _unpack
 
     for count in (1, 3, 8, 9, 1001):
         values = torch.randint(0, 2**bits, (count,), generator=torch.Generator().manual_seed(count))
@@ -178,7 +178,7 @@ def test_shared_values_decode_bit_for_bit_and_their_sizes_are_exact(bits, pruned
     """Weight sharing: the decoded tensor is exactly the codebook at the stored levels; a
     pruned zero stays zero; packed bytes are exactly what the size model computes (coded
     ones only where fewer); decoding and encoding again changes nothing."""
-    from autosqueeze.codecs import shared_values
+    from autosqueeze.compression.codecs import shared_values
 
     torch.manual_seed(bits)
     weight = torch.randn(40, 72) * 0.2
@@ -242,7 +242,7 @@ def test_a_forged_codebook_is_refused(change, message):
 def test_a_codebook_per_group_of_rows_decodes_bit_for_bit_and_its_size_is_exact(rows, pruned):
     """``cluster_rows``: each group of rows indexes its own codebook (the last group may be
     short); a pruned zero is level 0 of every one and stays zero; packed bytes exact."""
-    from autosqueeze.codecs import shared_values
+    from autosqueeze.compression.codecs import shared_values
 
     torch.manual_seed(rows)
     weight = torch.randn(40, 72) * torch.linspace(0.05, 1.0, 40)[:, None]  # rows differ

@@ -167,8 +167,8 @@ def test_budgets_no_model_can_meet_are_refused_before_searching(make_config, cap
 def test_a_memory_budget_is_a_constraint_and_memory_an_objective(make_config, capsys):
     """The fp32 digits CNN peaks at ~0.85 MB; 0.5 MB admits only models whose weights and
     activations really take less at run time."""
-    from autosqueeze.config import load_config
-    from autosqueeze.study import open_study
+    from autosqueeze.settings.config import load_config
+    from autosqueeze.studies.study import open_study
 
     config = make_config(
         objectives=["metric", "memory_mb"],
@@ -208,8 +208,8 @@ def test_export_of_an_unknown_trial(tmp_path, capsys):
 
 
 def test_a_storage_password_is_never_shown(make_config, capsys):
-    from autosqueeze.config import load_config
-    from autosqueeze.study_view import study_view
+    from autosqueeze.settings.config import load_config
+    from autosqueeze.views.study_view import study_view
 
     url = "postgresql://alice:s3cretPW@127.0.0.1:9/studies?sslpassword=alsoSecret"
     config = make_config(search={"storage": url})
@@ -280,8 +280,8 @@ def test_hostile_config_values_are_named_errors(tmp_path, capsys, override, fiel
 
 
 def test_every_built_in_metric_has_its_range():
-    from autosqueeze.config import METRIC_RANGES
-    from autosqueeze.metrics import METRICS, REFERENCE_METRICS
+    from autosqueeze.settings.config import METRIC_RANGES
+    from autosqueeze.usercode.metrics import METRICS, REFERENCE_METRICS
 
     assert set(METRIC_RANGES) == {*METRICS, *REFERENCE_METRICS}
 
@@ -324,8 +324,8 @@ def test_a_device_or_a_fifo_given_as_a_file_is_not_said_missing(tmp_path, make_c
 
 
 def test_the_executor_is_chosen_through_its_registry(tmp_path):
-    from autosqueeze.config import load_config
-    from autosqueeze.executors import EXECUTORS, executor_name
+    from autosqueeze.searching.executors import EXECUTORS, executor_name
+    from autosqueeze.settings.config import load_config
 
     def chosen(**compute):
         config = study_config(tmp_path, compute=compute)

@@ -16,16 +16,16 @@ import pytest
 import torch
 from conftest import REPO, study_config, write_yaml
 
-from autosqueeze.artifact import artifact_bytes, load_artifact, save_artifact
+from autosqueeze.artifacts.artifact import artifact_bytes, load_artifact, save_artifact
 from autosqueeze.cli import main
-from autosqueeze.config import load_config
-from autosqueeze.kernels import kernel_for
-from autosqueeze.measure import measure_latency_beside, measure_memory
-from autosqueeze.metrics import to_device
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.records import records
-from autosqueeze.study import SENSITIVITY, open_study
-from autosqueeze.techniques import Target, compress
+from autosqueeze.compression.kernels import kernel_for
+from autosqueeze.compression.techniques import Target, compress
+from autosqueeze.measuring.measure import measure_latency_beside, measure_memory
+from autosqueeze.plans.plan import LayerPlan, Plan
+from autosqueeze.settings.config import load_config
+from autosqueeze.studies.records import records
+from autosqueeze.studies.study import SENSITIVITY, open_study
+from autosqueeze.usercode.metrics import to_device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

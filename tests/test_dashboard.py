@@ -18,10 +18,10 @@ import pytest
 from conftest import REPO, SLOW_METRIC, study_config, write_yaml
 
 from autosqueeze.cli import main
-from autosqueeze.config import load_config
-from autosqueeze.dashboard.server import make_server
-from autosqueeze.study import open_study
-from autosqueeze.techniques import TECHNIQUES
+from autosqueeze.compression.techniques import TECHNIQUES
+from autosqueeze.settings.config import load_config
+from autosqueeze.studies.study import open_study
+from autosqueeze.views.dashboard.server import make_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -239,7 +239,7 @@ def test_browser_renders_one_point_per_trial_and_click_shows_the_plan(searched):
 
 
 def test_a_cached_view_equals_a_fresh_one_as_the_study_grows(tmp_path, capsys):
-    from autosqueeze.study_view import StudyReader, study_view
+    from autosqueeze.views.study_view import StudyReader, study_view
 
     path = write_yaml(tmp_path / "s.yaml", study_config(tmp_path, search={"trials": 6}))
     assert main(["search", str(path), "--no-progress"]) == 0

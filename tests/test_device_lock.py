@@ -7,7 +7,7 @@ import multiprocessing
 
 import torch
 
-from autosqueeze.device_lock import DeviceLock
+from autosqueeze.measuring.device_lock import DeviceLock
 
 
 def hold_shared(folder, holding, release, released) -> None:

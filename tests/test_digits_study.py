@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import REPO
 
-from autosqueeze.config import load_config
-from autosqueeze.search import run_search
+from autosqueeze.searching.search import run_search
+from autosqueeze.settings.config import load_config
 
 
 @pytest.mark.slow

@@ -6,9 +6,9 @@ import pytest
 from conftest import study_config, write_yaml
 
 from autosqueeze import Evaluator, LayerPlan, Measurements, Plan, evaluate_file, load_artifact
-from autosqueeze.config import load_config
 from autosqueeze.examples.digits import pretrained_cnn
-from autosqueeze.task import load_task
+from autosqueeze.problem.task import load_task
+from autosqueeze.settings.config import load_config
 
 
 def test_evaluate_file_measures_the_file_and_gives_its_latency_as_the_study_stores_it(tmp_path):

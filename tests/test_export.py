@@ -15,12 +15,12 @@ import torch
 from conftest import study_config, write_yaml
 from torch import nn
 
-from autosqueeze.artifact import artifact_bytes, load_artifact
+from autosqueeze.artifacts.artifact import artifact_bytes, load_artifact
+from autosqueeze.artifacts.export import export_program
 from autosqueeze.cli import main
+from autosqueeze.compression.techniques import Target, compress
 from autosqueeze.examples.digits import example_input, pretrained_cnn
-from autosqueeze.export import export_program
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.techniques import Target, compress
+from autosqueeze.plans.plan import LayerPlan, Plan
 
 PLANS = {
     "fp32": {"classifier.1": LayerPlan(bits=6)},
@@ -197,7 +197,7 @@ class _EncoderOnPatches(nn.Module):
 def test_a_program_for_batches_of_one_is_measured_on_larger_batches(tmp_path):
     """The program keeps the example's batch of 1 (and says so); loaded by ``evaluate``, it is
     fed a batch of 7 one sample at a time and answers what the model does on the 7."""
-    from autosqueeze.export import OnnxModel, export_onnx, load_program
+    from autosqueeze.artifacts.export import OnnxModel, export_onnx, load_program
 
     model = _EncoderOnPatches().eval()
     one, seven = torch.randn(1, 3, 32, 32), torch.randn(7, 3, 32, 32)
@@ -222,9 +222,9 @@ def test_a_program_for_batches_of_one_is_measured_on_larger_batches(tmp_path):
 def test_export_plan_writes_the_artifact_and_a_program_of_it_or_says_why_not(tmp_path):
     """``export_plan``, ``autosqueeze export`` called from Python: the program is traced from
     the artifact loaded back, so it computes what the artifact's model does."""
-    from autosqueeze.config import load_config
-    from autosqueeze.shipping import NotTraced, export_plan
-    from autosqueeze.task import load_task
+    from autosqueeze.problem.task import load_task
+    from autosqueeze.results.shipping import NotTraced, export_plan
+    from autosqueeze.settings.config import load_config
 
     task = load_task(load_config(write_yaml(tmp_path / "s.yaml", study_config(tmp_path))))
     plan = Plan({"features.2": LayerPlan(bits=4, prune_channels=0.5)})

@@ -16,12 +16,12 @@ import pytest
 import torch
 from conftest import study_config, write_yaml
 
-from autosqueeze.artifact import artifact_bytes, load_artifact, stored_integers
+from autosqueeze.artifacts.artifact import artifact_bytes, load_artifact, stored_integers
+from autosqueeze.artifacts.export import export_onnx
 from autosqueeze.cli import main
+from autosqueeze.compression.techniques import Target, compress
 from autosqueeze.examples.digits import example_input, loaders, pretrained_cnn
-from autosqueeze.export import export_onnx
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.techniques import Target, compress
+from autosqueeze.plans.plan import LayerPlan, Plan
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -133,7 +133,7 @@ def test_a_head_pruned_transformers_model_exports_with_keyword_inputs(tmp_path):
     table = "embeddings.word_embeddings.weight::q"  # its rows gathered as int8, then scaled
     readers = [node.op_type for node in graph.node if table in node.input]
     assert readers == ["Gather"]
-    from autosqueeze.export import OnnxModel
+    from autosqueeze.artifacts.export import OnnxModel
 
     runs = OnnxModel(tmp_path / "bert.onnx")
     for part in ({k: v[:2] for k, v in batch.items()}, {k: v[:3, :7] for k, v in batch.items()}):
@@ -206,10 +206,10 @@ def test_a_study_shipping_to_onnx_runtime_is_measured_there(tmp_path, capsys):
     files, whose metric and bytes ``evaluate`` reproduces."""
     import csv
 
-    from autosqueeze.config import load_config
-    from autosqueeze.records import records
-    from autosqueeze.study import open_study
-    from autosqueeze.study_view import study_view
+    from autosqueeze.settings.config import load_config
+    from autosqueeze.studies.records import records
+    from autosqueeze.studies.study import open_study
+    from autosqueeze.views.study_view import study_view
 
     config = write_yaml(
         tmp_path / "study.yaml",
@@ -270,8 +270,8 @@ def test_what_onnx_runtime_cannot_measure_is_refused_at_load(
 def test_the_residual_cnn_with_batchnorm_exports_to_both_formats(tmp_path):
     """A ResNet with BatchNorm and residual adds, channel-pruned and quantized: the ONNX file
     and the program both compute what the artifact does."""
+    from autosqueeze.artifacts.export import OnnxModel, export_program
     from autosqueeze.examples import residual
-    from autosqueeze.export import OnnxModel, export_program
 
     x = residual.example_input()
     plan = Plan(
@@ -302,7 +302,7 @@ def test_every_kernel_on_a_transformers_bert_exports_to_both_formats(tmp_path):
     """Each kernel the search offers on CPU, on a BERT from transformers' classes: the ONNX
     file computes the decoded weights' outputs; the program computes the deployed model's,
     and only ``int8_dynamic`` is refused there, by layer and kernel."""
-    from autosqueeze.export import OnnxModel, export_program
+    from autosqueeze.artifacts.export import OnnxModel, export_program
 
     model = _bert()
     batch = {"input_ids": torch.randint(0, 256, (3, 10))}

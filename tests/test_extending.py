@@ -15,15 +15,15 @@ import yaml
 from conftest import DEFAULT_SPACE, REPO, study_config, write_yaml
 from torch import nn
 
-from autosqueeze.artifact import artifact_bytes, load_artifact
+from autosqueeze.artifacts.artifact import artifact_bytes, load_artifact
 from autosqueeze.cli import main
-from autosqueeze.config import load_config
-from autosqueeze.kernels import KERNELS, CastLayer
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.records import records
-from autosqueeze.study import SENSITIVITY, open_study
-from autosqueeze.task import load_task
-from autosqueeze.techniques import TECHNIQUES, compress
+from autosqueeze.compression.kernels import KERNELS, CastLayer
+from autosqueeze.compression.techniques import TECHNIQUES, compress
+from autosqueeze.plans.plan import LayerPlan, Plan
+from autosqueeze.problem.task import load_task
+from autosqueeze.settings.config import load_config
+from autosqueeze.studies.records import records
+from autosqueeze.studies.study import SENSITIVITY, open_study
 
 EXAMPLE = REPO / "docs" / "examples" / "fp16_cpu_kernel.py"
 TECHNIQUE_EXAMPLE = REPO / "docs" / "examples" / "weight_sharing.py"

@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import study_config, write_yaml
 
-from autosqueeze.artifact import artifact_bytes, load_artifact, stored_integers
+from autosqueeze.artifacts.artifact import artifact_bytes, load_artifact, stored_integers
 from autosqueeze.cli import main
+from autosqueeze.compression.recovery import Recovery
+from autosqueeze.compression.techniques import Target, compress
 from autosqueeze.examples import digits
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.recovery import Recovery
-from autosqueeze.techniques import Target, compress
+from autosqueeze.plans.plan import LayerPlan, Plan
 
 
 def _accuracy(model: torch.nn.Module) -> float:
@@ -137,7 +137,7 @@ def test_a_search_can_train_every_plan_on_its_grid(tmp_path, capsys):
 def test_labels_add_their_cross_entropy_where_the_outputs_are_class_logits():
     """A student equal to its teacher has nothing to learn from the teacher's outputs: it
     moves only when the calibration's labels (here, not the teacher's answers) are used."""
-    from autosqueeze.recovery import Recovery
+    from autosqueeze.compression.recovery import Recovery
 
     teacher = digits.pretrained_cnn().eval()
     images = digits.calibration()[:6]
@@ -170,7 +170,8 @@ def test_recovery_labels_need_calibration_pairs(tmp_path, capsys):
 
 def test_finetune_from_python_writes_the_trained_file_and_measures_it(tmp_path):
     """``finetune``, the command's procedure, called on a task and a plan: no study needed."""
-    from autosqueeze import UserError, finetune, load_config, load_task
+    from autosqueeze import UserError, load_config, load_task
+    from autosqueeze.results import finetune
 
     calibration = {"calibration": "autosqueeze.examples.digits:calibration"}
     config = study_config(tmp_path, task=calibration)

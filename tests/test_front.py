@@ -6,11 +6,11 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from autosqueeze.front import compute_front, front_of, hypervolume, pareto
-from autosqueeze.measure import Measurements
-from autosqueeze.objectives import OBJECTIVES
-from autosqueeze.records import TrialRecord, records
-from autosqueeze.study import REFERENCE
+from autosqueeze.measuring.measure import Measurements
+from autosqueeze.results.front import compute_front, front_of, hypervolume, pareto
+from autosqueeze.settings.objectives import OBJECTIVES
+from autosqueeze.studies.records import TrialRecord, records
+from autosqueeze.studies.study import REFERENCE
 
 
 def record(number: int, metric: float, size: int, latency: float) -> TrialRecord:
@@ -76,9 +76,9 @@ def test_one_call_baselines_read_from_a_storage_skip_what_is_not_measurements(tm
     have edited: an entry without numbers is left out, not a crash in the front table."""
     import optuna
 
-    from autosqueeze.measure import Measurements
-    from autosqueeze.records import one_call_baselines
-    from autosqueeze.study import ONE_CALL
+    from autosqueeze.measuring.measure import Measurements
+    from autosqueeze.studies.records import one_call_baselines
+    from autosqueeze.studies.study import ONE_CALL
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     good = Measurements(0.9, 1000, 2.0, speedup=1.5).to_dict()

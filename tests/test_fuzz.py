@@ -14,12 +14,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from autosqueeze.artifact import load_artifact, save_artifact, stored_bytes
-from autosqueeze.config import load_config
-from autosqueeze.errors import UserError
+from autosqueeze.artifacts.artifact import load_artifact, save_artifact, stored_bytes
+from autosqueeze.common.errors import UserError
+from autosqueeze.compression.techniques import Target, check_plan, compress
 from autosqueeze.examples.digits import pretrained_cnn
-from autosqueeze.plan import Plan
-from autosqueeze.techniques import Target, check_plan, compress
+from autosqueeze.plans.plan import Plan
+from autosqueeze.settings.config import load_config
 
 FUZZ = settings(
     max_examples=120,

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from autosqueeze.artifact import load_artifact, save_artifact
-from autosqueeze.metrics import call_model
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.techniques import TECHNIQUES, Site, Target, compress
+from autosqueeze.artifacts.artifact import load_artifact, save_artifact
+from autosqueeze.compression.techniques import TECHNIQUES, Site, Target, compress
+from autosqueeze.plans.plan import LayerPlan, Plan
+from autosqueeze.usercode.metrics import call_model
 
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent / "zoo"))

@@ -18,7 +18,7 @@ from conftest import study_config, write_yaml
 from safetensors.torch import load as load_tensors
 from torch import nn
 
-from autosqueeze.artifact import (
+from autosqueeze.artifacts.artifact import (
     _DEFLATED,
     MAX_FIELD_BYTES,
     MAX_HEADER_BYTES,
@@ -28,9 +28,9 @@ from autosqueeze.artifact import (
     stored_bytes,
 )
 from autosqueeze.cli import main
+from autosqueeze.compression.techniques import compress
 from autosqueeze.examples.digits import pretrained_cnn
-from autosqueeze.plan import Plan
-from autosqueeze.techniques import compress
+from autosqueeze.plans.plan import Plan
 
 
 @pytest.fixture(scope="module")
@@ -193,10 +193,10 @@ def test_every_forged_or_corrupt_artifact_exits_2_naming_the_file(tmp_path, arti
 def test_an_artifact_whose_digest_key_is_renamed_is_refused(tmp_path):
     """Found by the fuzz test: one flipped bit turned "sha256" into "rha256", and an
     artifact without its digest used to load unchecked."""
-    from autosqueeze.artifact import load_artifact, save_artifact
+    from autosqueeze.artifacts.artifact import load_artifact, save_artifact
+    from autosqueeze.compression.techniques import compress
     from autosqueeze.examples.digits import pretrained_cnn
-    from autosqueeze.plan import Plan
-    from autosqueeze.techniques import compress
+    from autosqueeze.plans.plan import Plan
 
     path = tmp_path / "m.safetensors"
     save_artifact(compress(pretrained_cnn(), Plan.uniform(["classifier.1"], bits=4)), path)
@@ -209,7 +209,7 @@ def test_an_artifact_whose_digest_key_is_renamed_is_refused(tmp_path):
 
 def test_an_artifact_of_the_first_format_still_loads(tmp_path, artifact):
     """Format 1 digested the tensors alone; a front saved by it must still load."""
-    from autosqueeze.artifact import load_artifact
+    from autosqueeze.artifacts.artifact import load_artifact
 
     n = struct.unpack("<Q", artifact[:8])[0]
     header = json.loads(artifact[8 : 8 + n])
@@ -227,7 +227,7 @@ def test_an_artifact_of_the_first_format_still_loads(tmp_path, artifact):
 
 
 def test_metadata_is_bounded_before_it_is_parsed_and_each_refusal_names_its_limit(artifact):
-    from autosqueeze.artifact import load_artifact, read_plan
+    from autosqueeze.artifacts.artifact import load_artifact, read_plan
 
     variants = _variants(artifact)
     nesting = f"deep; the limit is {MAX_NESTING}"
@@ -268,7 +268,7 @@ class _Decoder(nn.Module):
 
 
 def test_the_limits_leave_room_for_a_model_of_200_layers():
-    from autosqueeze.artifact import artifact_bytes, load_artifact
+    from autosqueeze.artifacts.artifact import artifact_bytes, load_artifact
 
     model = _Decoder()
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]

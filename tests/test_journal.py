@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from optuna.storages import JournalStorage
 
 from autosqueeze.cli import main
-from autosqueeze.journal import JournalReader, JournalWriter, diagnose, repair
+from autosqueeze.studies.journal import JournalReader, JournalWriter, diagnose, repair
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -174,7 +174,7 @@ def test_a_foreign_line_that_would_delete_the_study_is_skipped(tmp_path_factory,
 
 WRITER = """
 import json, sys
-from autosqueeze.journal import JournalWriter
+from autosqueeze.studies.journal import JournalWriter
 import glob, time
 w = JournalWriter(sys.argv[1])
 while len(glob.glob(sys.argv[1] + ".ready-*")) < 3:  # readers and repairer started
@@ -185,7 +185,7 @@ for i in range(int(sys.argv[2])):
 """
 READER = """
 import sys, os
-from autosqueeze.journal import JournalReader
+from autosqueeze.studies.journal import JournalReader
 path, total = sys.argv[1], int(sys.argv[2])
 kept = JournalReader(path)  # one reader kept open (its offsets cached), fresh ones beside it
 open(f"{path}.ready-{os.getpid()}", "w").close()
@@ -201,7 +201,7 @@ print(reads)
 REPAIRER = """
 import sys, time
 from pathlib import Path
-from autosqueeze.journal import JournalWriter, repair
+from autosqueeze.studies.journal import JournalWriter, repair
 path = Path(sys.argv[1])
 w = JournalWriter(str(path))
 open(f"{path}.ready-repairer", "w").close()
@@ -240,10 +240,10 @@ def test_no_append_is_lost_with_readers_and_a_repair_beside_the_writer(tmp_path)
 def test_check_journal_finds_then_moves_out_foreign_lines_and_counts_the_trials(
     tmp_path, make_config
 ):
-    from autosqueeze.config import load_config
-    from autosqueeze.records import trial_states
-    from autosqueeze.storage import check_journal
-    from autosqueeze.study import open_study
+    from autosqueeze.settings.config import load_config
+    from autosqueeze.studies.records import trial_states
+    from autosqueeze.studies.storage import check_journal
+    from autosqueeze.studies.study import open_study
 
     journal = tmp_path / "study.log"
     _journal(journal)

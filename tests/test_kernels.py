@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from autosqueeze.artifact import artifact_bytes, load_artifact, read_plan, save_artifact
+from autosqueeze.artifacts.artifact import artifact_bytes, load_artifact, read_plan, save_artifact
+from autosqueeze.compression.kernels import KERNELS, kernel_for
+from autosqueeze.compression.techniques import Target, compress
 from autosqueeze.examples.digits import example_input, loaders, pretrained_cnn
-from autosqueeze.kernels import KERNELS, kernel_for
-from autosqueeze.measure import measure_memory
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.space import build_space
-from autosqueeze.techniques import Target, compress
+from autosqueeze.measuring.measure import measure_memory
+from autosqueeze.plans.plan import LayerPlan, Plan
+from autosqueeze.searchspace.space import build_space
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]

@@ -11,20 +11,20 @@ import pytest
 import torch
 from conftest import study_config, write_yaml
 
-from autosqueeze.artifact import artifact_bytes, load_artifact, save_artifact
+from autosqueeze.artifacts.artifact import artifact_bytes, load_artifact, save_artifact
 from autosqueeze.cli import main
-from autosqueeze.config import load_config
+from autosqueeze.compression.techniques import Target, compress
 from autosqueeze.examples.digits import DigitsCNN, example_input, pretrained_cnn
-from autosqueeze.measure import (
+from autosqueeze.measuring.measure import (
     Measurements,
     measure_latency_beside,
     robust_latency,
     usable_cpus,
 )
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.records import records, reference, reference_timings
-from autosqueeze.study import open_study
-from autosqueeze.techniques import Target, compress
+from autosqueeze.plans.plan import LayerPlan, Plan
+from autosqueeze.settings.config import load_config
+from autosqueeze.studies.records import records, reference, reference_timings
+from autosqueeze.studies.study import open_study
 
 CPU = torch.device("cpu")
 
@@ -143,7 +143,7 @@ def test_output_from_below_python_is_silenced_and_python_output_before_it_kept(c
     import os
     import sys
 
-    from autosqueeze.quiet import STDERR, STDOUT, silenced
+    from autosqueeze.common.quiet import STDERR, STDOUT, silenced
 
     print("before", flush=False)
     with silenced(STDOUT), silenced(STDERR):

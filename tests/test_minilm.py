@@ -12,10 +12,10 @@ import pytest
 from conftest import REPO
 
 from autosqueeze.cli import main
-from autosqueeze.config import load_config
-from autosqueeze.records import records
-from autosqueeze.records import reference as study_reference
-from autosqueeze.study import open_study
+from autosqueeze.settings.config import load_config
+from autosqueeze.studies.records import records
+from autosqueeze.studies.records import reference as study_reference
+from autosqueeze.studies.study import open_study
 
 pytestmark = [pytest.mark.minilm, pytest.mark.slow]
 

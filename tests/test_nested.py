@@ -9,10 +9,10 @@ import torch
 from transformers import BatchEncoding
 from transformers.modeling_outputs import BaseModelOutput
 
-from autosqueeze.measure import _held_bytes
-from autosqueeze.metrics import call_model, to_device
-from autosqueeze.nested import batch_of, leaves, map_tensors, samples_in, tensors
-from autosqueeze.recovery import floating_tensors
+from autosqueeze.common.nested import batch_of, leaves, map_tensors, samples_in, tensors
+from autosqueeze.compression.recovery import floating_tensors
+from autosqueeze.measuring.measure import _held_bytes
+from autosqueeze.usercode.metrics import call_model, to_device
 
 Pair = namedtuple("Pair", "image mask")
 

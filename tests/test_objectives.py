@@ -12,14 +12,14 @@ import pytest
 from conftest import study_config, write_yaml
 
 from autosqueeze.cli import main
-from autosqueeze.config import Budgets, StudyConfig, load_config
 from autosqueeze.examples.digits import pretrained_cnn
-from autosqueeze.front import normalized, reference_point
-from autosqueeze.measure import Measurements
-from autosqueeze.objectives import OBJECTIVES, Objective
-from autosqueeze.records import records, reference
-from autosqueeze.study import constraints, objective_values, open_study
-from autosqueeze.study_view import study_view
+from autosqueeze.measuring.measure import Measurements
+from autosqueeze.results.front import normalized, reference_point
+from autosqueeze.settings.config import Budgets, StudyConfig, load_config
+from autosqueeze.settings.objectives import OBJECTIVES, Objective
+from autosqueeze.studies.records import records, reference
+from autosqueeze.studies.study import constraints, objective_values, open_study
+from autosqueeze.views.study_view import study_view
 
 CHROMIUM = "/usr/bin/chromium"
 

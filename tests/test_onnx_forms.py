@@ -14,16 +14,16 @@ import pytest
 import torch
 from torch import nn
 
-from autosqueeze.artifact import artifact_bytes, load_artifact, stored_integers
+from autosqueeze.artifacts.artifact import artifact_bytes, load_artifact, stored_integers
+from autosqueeze.compression.techniques import Target, compress
 from autosqueeze.examples.digits import calibration, example_input, pretrained_cnn
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.techniques import Target, compress
+from autosqueeze.plans.plan import LayerPlan, Plan
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from autosqueeze.export import OnnxModel, export_onnx  # noqa: E402 - after the skips
-from autosqueeze.onnx_forms import DISABLE_QDQ, one_call  # noqa: E402
+from autosqueeze.artifacts.export import OnnxModel, export_onnx  # noqa: E402 - after the skips
+from autosqueeze.artifacts.onnx_forms import DISABLE_QDQ, one_call  # noqa: E402
 
 DIGITS_LAYERS = ["features.0", "features.2", "features.5", "classifier.1", "classifier.3"]
 
@@ -252,7 +252,7 @@ def test_onnx_runtime_kernels_are_offered_only_where_the_model_ships_there():
     """The same space file: under the torch runtime the ``ort_*`` kernels are left out, under
     onnxruntime torch's own (int8_dynamic, bf16, ...) are, and each layer gets the ONNX
     Runtime forms its type takes (static int8 on a conv, dynamic on a Linear only)."""
-    from autosqueeze.space import build_space, load_space_file
+    from autosqueeze.searchspace.space import build_space, load_space_file
 
     spec = load_space_file(Path(__file__).parents[1] / "search_spaces" / "default.yaml")
     model, x = pretrained_cnn().eval(), example_input()
@@ -285,7 +285,7 @@ def test_onnx_runtime_kernels_are_offered_only_where_the_model_ships_there():
 def test_the_size_model_prices_a_layer_as_its_onnx_file_stores_it(tmp_path, values):
     """What the knapsack of a study shipping to ONNX Runtime believes a layer's plan saves
     (``onnx_layer_bytes``) is what the ONNX file saves, within 3% of the layer's bytes."""
-    from autosqueeze.size_model import onnx_layer_bytes
+    from autosqueeze.compression.size_model import onnx_layer_bytes
 
     model, x = pretrained_cnn().eval(), example_input()
     name = "classifier.1"  # 1024 -> 128: most of the model's bytes
@@ -305,9 +305,9 @@ def test_the_original_is_timed_as_torch_onnx_export_writes_it(tmp_path):
     folds them too (``onnx_forms.fold_batch_norms``)."""
     from conftest import study_config, write_yaml
 
-    from autosqueeze.config import load_config
-    from autosqueeze.evaluator import Evaluator
-    from autosqueeze.task import load_task
+    from autosqueeze.measuring.evaluator import Evaluator
+    from autosqueeze.problem.task import load_task
+    from autosqueeze.settings.config import load_config
 
     config = study_config(
         tmp_path,

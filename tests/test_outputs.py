@@ -9,7 +9,7 @@ import torch
 from conftest import DEFAULT_SPACE, write_yaml
 
 from autosqueeze.cli import main
-from autosqueeze.metrics import primary_output
+from autosqueeze.usercode.metrics import primary_output
 
 MODULE = '''
 import torch

@@ -1,7 +1,7 @@
 import pytest
 
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.techniques import check_plan
+from autosqueeze.compression.techniques import check_plan
+from autosqueeze.plans.plan import LayerPlan, Plan
 
 
 def test_plan_json_round_trip():

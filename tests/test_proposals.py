@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 from conftest import study_config, write_yaml
 
-from autosqueeze.config import load_config
-from autosqueeze.plan import Plan
-from autosqueeze.proposals import BELOW, PROPOSED, Knapsack
-from autosqueeze.search import BASELINE, KNAPSACK, run_search
-from autosqueeze.sensitivity import SensitivityTable
+from autosqueeze.plans.plan import Plan
+from autosqueeze.searching.proposals import BELOW, PROPOSED, Knapsack
+from autosqueeze.searching.search import BASELINE, KNAPSACK, run_search
+from autosqueeze.searching.sensitivity import SensitivityTable
+from autosqueeze.settings.config import load_config
 
 
 def _knapsack(**kw):

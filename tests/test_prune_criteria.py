@@ -13,11 +13,11 @@ import torch
 import yaml
 from torch import nn
 
-from autosqueeze.artifact import load_artifact, read_plan, save_artifact
-from autosqueeze.errors import UserError
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.space import build_space
-from autosqueeze.techniques import Target, compress
+from autosqueeze.artifacts.artifact import load_artifact, read_plan, save_artifact
+from autosqueeze.common.errors import UserError
+from autosqueeze.compression.techniques import Target, compress
+from autosqueeze.plans.plan import LayerPlan, Plan
+from autosqueeze.searchspace.space import build_space
 
 WEIGHT = torch.tensor([[1.0, 0.6, 0.2, 0.9], [0.5, 0.4, 3.0, 0.1]])
 # input feature 0 is quiet (norm 0.01 x 2 rows), the others loud

@@ -11,14 +11,14 @@ import yaml
 from conftest import study_config, write_yaml
 
 from autosqueeze.cli import main
-from autosqueeze.config import load_config
-from autosqueeze.study import open_study
+from autosqueeze.settings.config import load_config
+from autosqueeze.studies.study import open_study
 
 pytestmark = pytest.mark.slow  # Ray clusters started and stopped: python -m pytest -m slow
 
 FAULTY_METRIC = """
 import math, os, signal, time
-from autosqueeze.metrics import accuracy
+from autosqueeze.usercode.metrics import accuracy
 
 def metric(model, data, device):
     zeros = float((model.classifier[1].weight == 0).float().mean())

@@ -12,11 +12,11 @@ import torch
 from conftest import study_config, write_yaml
 
 from autosqueeze.cli import main
-from autosqueeze.config import load_config
-from autosqueeze.errors import UserError
-from autosqueeze.search import in_study_runtime, pin_runtime
-from autosqueeze.study import RUNTIME, open_study
-from autosqueeze.task import load_task
+from autosqueeze.common.errors import UserError
+from autosqueeze.problem.task import load_task
+from autosqueeze.searching.search import in_study_runtime, pin_runtime
+from autosqueeze.settings.config import load_config
+from autosqueeze.studies.study import RUNTIME, open_study
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -117,8 +117,8 @@ def test_a_study_that_ships_to_onnx_runtime_times_its_layers_there(tmp_path):
     a probe changes is exported alone, as a trial's file is (its int8 kernels in the file),
     and timed beside the original layer alone, also in ONNX Runtime; the whole model's time
     is the original's ONNX file's."""
-    from autosqueeze.evaluator import Evaluator
-    from autosqueeze.plan import LayerPlan, Plan
+    from autosqueeze.measuring.evaluator import Evaluator
+    from autosqueeze.plans.plan import LayerPlan, Plan
 
     task = load_task(load_config(_config(tmp_path)))
     assert task.runtime == "onnxruntime"

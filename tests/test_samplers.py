@@ -8,8 +8,8 @@ import pytest
 from conftest import study_config, write_yaml
 
 from autosqueeze.cli import main
-from autosqueeze.errors import UserError
-from autosqueeze.samplers import create_sampler
+from autosqueeze.common.errors import UserError
+from autosqueeze.studies.samplers import create_sampler
 
 
 def test_built_ins_take_options_and_the_user_may_bring_one(tmp_path):

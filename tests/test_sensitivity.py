@@ -10,19 +10,25 @@ import torch
 from conftest import DEFAULT_SPACE, REPO, study_config, write_yaml
 from tiny_bert import build as tiny_bert
 
-from autosqueeze.artifact import artifact_bytes, artifact_size, load_artifact, stored_bytes
-from autosqueeze.config import load_config
-from autosqueeze.evaluator import Evaluator
+from autosqueeze.artifacts.artifact import (
+    artifact_bytes,
+    artifact_size,
+    load_artifact,
+    stored_bytes,
+)
+from autosqueeze.common.nested import samples_in
+from autosqueeze.compression.techniques import TECHNIQUES, Target, applied, compress
 from autosqueeze.examples.digits import DigitsCNN, example_input, pretrained_cnn
 from autosqueeze.examples.residual import ResidualCNN
 from autosqueeze.examples.residual import example_input as residual_input
-from autosqueeze.executors.inprocess import InProcessExecutor
-from autosqueeze.measure import Limits
-from autosqueeze.nested import samples_in
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.probe import BASE, Probe
-from autosqueeze.search import BASELINE, KNAPSACK, run_search, sensitivity_table
-from autosqueeze.sensitivity import (
+from autosqueeze.measuring.evaluator import Evaluator
+from autosqueeze.measuring.measure import Limits
+from autosqueeze.plans.plan import LayerPlan, Plan
+from autosqueeze.problem.task import load_task
+from autosqueeze.searching.executors.inprocess import InProcessExecutor
+from autosqueeze.searching.probe import BASE, Probe
+from autosqueeze.searching.search import BASELINE, KNAPSACK, run_search, sensitivity_table
+from autosqueeze.searching.sensitivity import (
     CHAIN_STOP,
     SPEED_FIRST,
     SensitivityTable,
@@ -34,10 +40,9 @@ from autosqueeze.sensitivity import (
     refined_levels,
     shaped_space,
 )
-from autosqueeze.space import build_space
-from autosqueeze.study import SENSITIVITY, open_study
-from autosqueeze.task import load_task
-from autosqueeze.techniques import TECHNIQUES, Target, applied, compress
+from autosqueeze.searchspace.space import build_space
+from autosqueeze.settings.config import load_config
+from autosqueeze.studies.study import SENSITIVITY, open_study
 
 
 def random_plans(model, space_file, target, count, seed=0):
@@ -483,7 +488,7 @@ def test_the_values_the_queued_plans_use_stay_in_the_shaped_space():
 def test_separation_probed_untrained_stays_in_the_shaped_space_where_recovery_follows(tmp_path):
     """A separated conv scores near chance as fitted and close to the original once
     distilled: with calibration data the search keeps the value its warm start uses."""
-    from autosqueeze.search import RECOVERED_VALUES
+    from autosqueeze.searching.search import RECOVERED_VALUES
 
     space_file = tmp_path / "space.yaml"
     space_file.write_text(
@@ -531,7 +536,7 @@ def test_a_key_that_names_no_probe_parses_to_none(key):
 
 def test_run_sensitivity_stores_its_table_in_the_study_and_reads_it_back(tmp_path):
     """``run_sensitivity``, ``autosqueeze sensitivity`` called from Python."""
-    from autosqueeze.search import run_sensitivity
+    from autosqueeze.searching.search import run_sensitivity
 
     rule = {"types": ["Linear"], "names": ["*"], "knobs": {"bits": [3, 8]}}
     space = write_yaml(tmp_path / "space.yaml", {"rules": [rule]})

@@ -7,11 +7,11 @@ import itertools
 import numpy as np
 import torch
 
-from autosqueeze.codecs import encode, huffman_bits
+from autosqueeze.compression.codecs import encode, huffman_bits
+from autosqueeze.compression.size_model import layer_bytes, stored_weights
+from autosqueeze.compression.techniques import compress
 from autosqueeze.examples.digits import pretrained_cnn
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.size_model import layer_bytes, stored_weights
-from autosqueeze.techniques import compress
+from autosqueeze.plans.plan import LayerPlan, Plan
 
 
 def test_layer_bytes_are_the_encoded_bytes_of_the_layers_weights():

@@ -6,10 +6,10 @@ import yaml
 from conftest import DEFAULT_SPACE
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-from autosqueeze.errors import UserError
+from autosqueeze.common.errors import UserError
 from autosqueeze.examples.digits import pretrained_cnn
-from autosqueeze.plan import LayerPlan
-from autosqueeze.space import build_space, load_space_file
+from autosqueeze.plans.plan import LayerPlan
+from autosqueeze.searchspace.space import build_space, load_space_file
 
 LAYERS = ["features.0", "features.2", "features.5", "classifier.1", "classifier.3"]
 
@@ -41,8 +41,8 @@ def test_validate_says_why_a_depthwise_or_grouped_conv_gets_fewer_knobs():
     import torch
     from torch import nn
 
-    from autosqueeze.space import coverage
-    from autosqueeze.techniques import Target
+    from autosqueeze.compression.techniques import Target
+    from autosqueeze.searchspace.space import coverage
 
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -171,9 +171,9 @@ class _Upsampler(torch.nn.Module):
 
 
 def test_transposed_convolutions_get_knobs_and_bare_parameters_a_reason():
-    from autosqueeze.artifact import artifact_bytes, load_artifact
-    from autosqueeze.space import coverage
-    from autosqueeze.techniques import Target, compress
+    from autosqueeze.artifacts.artifact import artifact_bytes, load_artifact
+    from autosqueeze.compression.techniques import Target, compress
+    from autosqueeze.searchspace.space import coverage
 
     torch.manual_seed(0)
     model, x = _Upsampler().eval(), torch.randn(2, 4, 3, 3)

@@ -1,5 +1,5 @@
 """``model.candidates``: smaller students distilled from the original, cached, and searched as
-a choice of base model (autosqueeze.students)."""
+a choice of base model (autosqueeze.problem.students)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ import torch
 from conftest import DEFAULT_SPACE, study_config, write_yaml
 from optuna.distributions import CategoricalDistribution
 
-from autosqueeze.config import load_config
-from autosqueeze.errors import UserError
-from autosqueeze.evaluator import Evaluator
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.recovery import Recovery
-from autosqueeze.search import BASELINE, run_search
-from autosqueeze.space import BASE, ORIGINAL, study_space
-from autosqueeze.students import build, distilled
-from autosqueeze.study import open_study
-from autosqueeze.tables import front_table
-from autosqueeze.task import load_task
+from autosqueeze.common.errors import UserError
+from autosqueeze.compression.recovery import Recovery
+from autosqueeze.measuring.evaluator import Evaluator
+from autosqueeze.plans.plan import LayerPlan, Plan
+from autosqueeze.problem.students import build, distilled
+from autosqueeze.problem.task import load_task
+from autosqueeze.searching.search import BASELINE, run_search
+from autosqueeze.searchspace.space import BASE, ORIGINAL, study_space
+from autosqueeze.settings.config import load_config
+from autosqueeze.studies.study import open_study
+from autosqueeze.views.tables import front_table
 
 SHALLOW = "autosqueeze.examples.residual:shallow"
 
@@ -215,7 +215,7 @@ def test_knapsack_proposals_draw_the_base_and_learn_from_the_originals_trials(tm
     not feed the fit of levels (the table prices the original's layers)."""
     import numpy as np
 
-    from autosqueeze.proposals import Knapsack
+    from autosqueeze.searching.proposals import Knapsack
 
     overrides = {
         "sensitivity": {"enabled": True, "candidates": 2, "speed_candidates": 0, "refine": 0},

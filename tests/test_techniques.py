@@ -5,11 +5,11 @@ import torch
 from optuna.distributions import CategoricalDistribution
 from torch import nn
 
-from autosqueeze.errors import UserError
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.techniques import TECHNIQUES, Site, Target, applied, compress, rebuild
-from autosqueeze.techniques.factorize import helps, rank_for
-from autosqueeze.techniques.prune import prune_by_magnitude
+from autosqueeze.common.errors import UserError
+from autosqueeze.compression.techniques import TECHNIQUES, Site, Target, applied, compress, rebuild
+from autosqueeze.compression.techniques.factorize import helps, rank_for
+from autosqueeze.compression.techniques.prune import prune_by_magnitude
+from autosqueeze.plans.plan import LayerPlan, Plan
 
 
 def test_techniques_apply_in_the_documented_order():
@@ -85,9 +85,9 @@ def test_a_grouped_conv_is_factorized_group_by_group():
 def test_a_hugging_face_conv1d_is_factorized_as_the_linear_it_is(tmp_path):
     """GPT-2's projections: Conv1D(nf=out, nx=in) stores its weight (in, out)."""
     pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
-    from autosqueeze.artifact import load_artifact, save_artifact
-    from autosqueeze.codecs import TensorCodec, encode
-    from autosqueeze.size_model import layer_bytes, stored_weights
+    from autosqueeze.artifacts.artifact import load_artifact, save_artifact
+    from autosqueeze.compression.codecs import TensorCodec, encode
+    from autosqueeze.compression.size_model import layer_bytes, stored_weights
 
     torch.manual_seed(0)
     layer = pytorch_utils.Conv1D(128, 32)  # 32 -> 128
@@ -134,7 +134,7 @@ def test_magnitude_pruning_breaks_ties_by_position_as_a_stable_sort_would():
 
 
 def test_factorizing_again_reuses_the_decomposition_and_gives_the_same_weights():
-    from autosqueeze.techniques import factorize
+    from autosqueeze.compression.techniques import factorize
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 8))
@@ -179,7 +179,7 @@ def test_cluster_stores_a_layer_as_shared_values_and_replaces_its_bits(tmp_path)
     """Deep Compression's order: pruned, then shared (the pruned zeros keep a value of
     their own), then coded; the loaded layer holds at most 2**cluster distinct values, and
     the layer's ``bits`` no longer say how it is stored."""
-    from autosqueeze.artifact import load_artifact, save_artifact
+    from autosqueeze.artifacts.artifact import load_artifact, save_artifact
     from autosqueeze.examples.digits import pretrained_cnn
 
     plan = Plan({"classifier.1": LayerPlan(bits=8, prune=0.6, cluster=3)})
@@ -201,9 +201,9 @@ def test_a_rules_cluster_rows_gives_each_group_of_rows_a_codebook_in_the_file(tm
     values (more than that across the layer)."""
     import yaml
 
-    from autosqueeze.artifact import load_artifact, read_plan, save_artifact
+    from autosqueeze.artifacts.artifact import load_artifact, read_plan, save_artifact
     from autosqueeze.examples.digits import pretrained_cnn
-    from autosqueeze.space import build_space
+    from autosqueeze.searchspace.space import build_space
 
     rule = {"types": ["Linear"], "names": ["classifier.1"], "knobs": {"cluster": [0, 2]}}
     path = tmp_path / "space.yaml"
@@ -267,7 +267,7 @@ def test_separable_is_offered_only_where_it_saves_parameters():
 
 
 def test_a_factorized_layer_is_separated_in_its_kxk_half_and_loads_back(tmp_path):
-    from autosqueeze.artifact import load_artifact, save_artifact
+    from autosqueeze.artifacts.artifact import load_artifact, save_artifact
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 3))
@@ -298,8 +298,8 @@ def test_a_factorized_layer_is_separated_in_its_kxk_half_and_loads_back(tmp_path
 def test_a_kernel_runs_the_parts_of_a_separated_conv_it_can_and_leaves_the_rest():
     """int8_dynamic runs plain convs only: the pointwise half takes it, the depthwise half
     (a grouped conv) runs as it is (found by a residual-CNN search: it raised in int_mm)."""
-    from autosqueeze.artifact import artifact_bytes, load_artifact
-    from autosqueeze.kernels import Int8DynamicConv2d
+    from autosqueeze.artifacts.artifact import artifact_bytes, load_artifact
+    from autosqueeze.compression.kernels import Int8DynamicConv2d
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1))

@@ -12,15 +12,15 @@ from tiny_bert import build as tiny_bert
 from tiny_bert import data as tiny_data
 from torch import nn
 
-from autosqueeze.config import load_config
-from autosqueeze.executors.inprocess import InProcessExecutor
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.search import sensitivity_table
-from autosqueeze.sensitivity import SensitivityTable, probes_of
-from autosqueeze.space import build_space
-from autosqueeze.study import open_study
-from autosqueeze.task import load_task
-from autosqueeze.timing_cache import FILE, TimingCache, probe_signatures
+from autosqueeze.measuring.timing_cache import FILE, TimingCache, probe_signatures
+from autosqueeze.plans.plan import LayerPlan, Plan
+from autosqueeze.problem.task import load_task
+from autosqueeze.searching.executors.inprocess import InProcessExecutor
+from autosqueeze.searching.search import sensitivity_table
+from autosqueeze.searching.sensitivity import SensitivityTable, probes_of
+from autosqueeze.searchspace.space import build_space
+from autosqueeze.settings.config import load_config
+from autosqueeze.studies.study import open_study
 
 DEVICE = "cpu|test"
 

@@ -11,14 +11,14 @@ import yaml
 from conftest import study_config, write_yaml
 from tiny_bert import build, data
 
-from autosqueeze.artifact import load_artifact, save_artifact
+from autosqueeze.artifacts.artifact import load_artifact, save_artifact
 from autosqueeze.cli import main
-from autosqueeze.config import load_config
-from autosqueeze.metrics import embed, fidelity, neighbour_overlap
-from autosqueeze.plan import LayerPlan, Plan
-from autosqueeze.space import build_space
-from autosqueeze.study import open_study
-from autosqueeze.techniques import compress
+from autosqueeze.compression.techniques import compress
+from autosqueeze.plans.plan import LayerPlan, Plan
+from autosqueeze.searchspace.space import build_space
+from autosqueeze.settings.config import load_config
+from autosqueeze.studies.study import open_study
+from autosqueeze.usercode.metrics import embed, fidelity, neighbour_overlap
 
 SPACE = {
     "rules": [
@@ -136,7 +136,7 @@ def test_a_bert_style_model_prunes_ffn_neurons_and_runs_kernels(tmp_path):
     the (single-head) attention projections, never on layers tied to the hidden size (the
     outputs); the kernels convert its Linears and Embeddings; the artifact reloads into the
     same pruned, converted model."""
-    from autosqueeze.techniques import Target
+    from autosqueeze.compression.techniques import Target
 
     model = build()
     example = data(samples=1, batch=1)[0][0]

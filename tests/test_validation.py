@@ -6,8 +6,8 @@ import pytest
 from conftest import study_config, write_yaml
 
 from autosqueeze import UserError, validate
-from autosqueeze.config import load_config
-from autosqueeze.executors import evaluator_capacity
+from autosqueeze.searching.executors import evaluator_capacity
+from autosqueeze.settings.config import load_config
 
 
 def test_validate_finds_the_model_data_space_and_smallest_model_and_writes_nothing(tmp_path):

@@ -120,7 +120,7 @@ def fit(build: Callable[[], M], *, epochs: int, lr: float, seed: int = 0) -> M:
 if __name__ == "__main__":  # pragma: no cover - maintenance entry point
     from safetensors.torch import save_file
 
-    from autosqueeze.metrics import accuracy
+    from autosqueeze.usercode.metrics import accuracy
 
     trained = train()
     save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, WEIGHTS)

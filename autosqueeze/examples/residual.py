@@ -79,7 +79,7 @@ __all__ = ["ResidualCNN", "example_input", "loaders", "pretrained", "shallow", "
 if __name__ == "__main__":  # pragma: no cover - maintenance entry point
     from safetensors.torch import save_file
 
-    from autosqueeze.metrics import accuracy
+    from autosqueeze.usercode.metrics import accuracy
 
     trained = train()
     save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, WEIGHTS)

@@ -4,8 +4,8 @@ it, and ``tests/test_extending.py`` runs it."""
 
 import torch
 
+from autosqueeze.compression.kernels import Cast, register
 from autosqueeze.examples.digits import pretrained_cnn
-from autosqueeze.kernels import Cast, register
 
 
 @register

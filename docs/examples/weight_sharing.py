@@ -11,10 +11,15 @@ from typing import Any
 
 import torch
 
+from autosqueeze.compression.techniques import register
+from autosqueeze.compression.techniques.base import (
+    CompressedModel,
+    Technique,
+    matrices,
+    weighted_parts,
+)
 from autosqueeze.examples.digits import pretrained_cnn
-from autosqueeze.plan import LayerPlan
-from autosqueeze.techniques import register
-from autosqueeze.techniques.base import CompressedModel, Technique, matrices, weighted_parts
+from autosqueeze.plans.plan import LayerPlan
 
 
 def share_values(weight: torch.Tensor, count: int, rounds: int = 25) -> None:

@@ -26,8 +26,8 @@ import pytest
 from conftest import REPO, write_yaml
 
 from autosqueeze.cli import main
-from autosqueeze.config import load_config
-from autosqueeze.study import open_study
+from autosqueeze.settings.config import load_config
+from autosqueeze.studies.study import open_study
 
 pytest.importorskip("transformers")
 HERE = Path(__file__).parent
