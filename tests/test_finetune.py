@@ -170,8 +170,7 @@ def test_recovery_labels_need_calibration_pairs(tmp_path, capsys):
 
 def test_finetune_from_python_writes_the_trained_file_and_measures_it(tmp_path):
     """``finetune``, the command's procedure, called on a task and a plan: no study needed."""
-    from autosqueeze import UserError, load_config, load_task
-    from autosqueeze.results import finetune
+    from autosqueeze import UserError, finetune, load_config, load_task
 
     calibration = {"calibration": "autosqueeze.examples.digits:calibration"}
     config = study_config(tmp_path, task=calibration)

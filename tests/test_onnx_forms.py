@@ -264,7 +264,12 @@ def test_onnx_runtime_kernels_are_offered_only_where_the_model_ships_there():
         return set(dist.choices) if dist is not None else set()
 
     assert not {k for k in kernels(torch_space, "classifier.1") if k.startswith("ort_")}
-    assert kernels(ort_space, "classifier.1") == {"fp32", "ort_int8_dynamic", "ort_int8_static"}
+    assert kernels(ort_space, "classifier.1") == {
+        "fp32",
+        "ort_int8_dynamic",
+        "ort_int8_static",
+        "ort_int4",
+    }
     assert kernels(ort_space, "features.0") == {"fp32", "ort_int8_static"}
 
 
