@@ -89,6 +89,11 @@ shape arithmetic the fusions need (an attention's scale from its head size), too
 turn a stored integer weight back into floats."""
 
 
+FUSED_FROM = frozenset({"Softmax", "LayerNormalization", "Gelu", "Erf"})
+"""Operators the fusions rewrite around (attention's softmax, the norms, GELU): a graph with
+none of them has nothing to fuse."""
+
+
 def fuse_for_ort(proto: Any) -> tuple[Any, dict[str, int]]:
     """``proto`` with its constants folded (``FOLD_LIMIT``) and onnxscript's ONNX Runtime
     fusions applied, and the fused operators it gained, by name (empty: nothing fused, and
@@ -100,6 +105,8 @@ def fuse_for_ort(proto: Any) -> tuple[Any, dict[str, int]]:
     from onnxscript import optimizer
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
+    if not FUSED_FROM & {node.op_type for node in _all_nodes(proto.graph)}:
+        return proto, {}  # nothing the fusions start from (a CNN): spare every trial the pass
     with _quiet():
         folded = optimizer.optimize(
             proto, input_size_limit=FOLD_LIMIT, output_size_limit=FOLD_LIMIT
