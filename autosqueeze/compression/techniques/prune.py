@@ -33,13 +33,11 @@ from autosqueeze.compression.techniques.base import (
     matrices,
     weighted_parts,
 )
+from autosqueeze.compression.techniques.calibration import input_hessians, over_calibration
 from autosqueeze.plans.knob_facts import PRUNE_BY
 from autosqueeze.plans.plan import LayerPlan
-from autosqueeze.usercode.metrics import call_model, to_device
 
 CRITERIA = PRUNE_BY.choices  # a space rule's prune_by
-NORM_BATCHES = 8
-"""Calibration batches the input norms are taken over (Wanda used 128 sequences)."""
 
 
 def prune_by_magnitude(weight: torch.Tensor, ratio: float) -> None:
@@ -85,7 +83,11 @@ class Prune(Technique):
             )
         parts = weighted_parts(compressed.module, name)
         linear = {n for n, p in parts if isinstance(p, nn.Linear) or is_conv1d(p)}
-        hessians = _input_hessians(compressed, linear) if criterion == "hessian" else {}
+        hessians = (
+            input_hessians(compressed, linear, _hessian_layers(compressed), _WHY)
+            if criterion == "hessian"
+            else {}
+        )
         norms = _input_norms(compressed) if criterion in ("activation", "hessian") else {}
         for part_name, part in parts:
             for key, matrix in matrices(part).items():
@@ -199,6 +201,7 @@ def _per_weight(layer: nn.Module, norms: torch.Tensor) -> torch.Tensor:
 
 
 _NORMED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_WHY = "prune_by activation or hessian"
 
 
 def _input_norms(compressed: CompressedModel) -> dict[str, torch.Tensor]:
@@ -215,25 +218,9 @@ def _input_norms(compressed: CompressedModel) -> dict[str, torch.Tensor]:
 
         module = compressed.module
         names = {n for n, m in module.named_modules() if isinstance(m, _NORMED) or is_conv1d(m)}
-        sums = _over_calibration(compressed, names, squares)
+        sums = over_calibration(compressed, names, squares, _WHY)
         compressed.scratch["input_norms"] = {n: s.sqrt() for n, s in sums.items()}
     return compressed.scratch["input_norms"]
-
-
-def _input_hessians(compressed: CompressedModel, names: set[str]) -> dict[str, torch.Tensor]:
-    """X^T X of the inputs of the Linear layers ``names`` over the calibration batches (one
-    pass for every layer of the plan that asks: the plan's layers are pruned in turn)."""
-    wanted = compressed.scratch.setdefault("hessian_layers", set())
-    found = compressed.scratch.setdefault("input_hessians", {})
-    if names - found.keys():
-        wanted |= _hessian_layers(compressed) | names
-
-        def gram(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            flat = x.reshape(-1, x.shape[-1]).double()
-            return flat.T @ flat
-
-        found.update(_over_calibration(compressed, wanted - found.keys(), gram))
-    return {n: found[n] for n in names if n in found}
 
 
 def _hessian_layers(compressed: CompressedModel) -> set[str]:
@@ -245,41 +232,3 @@ def _hessian_layers(compressed: CompressedModel) -> set[str]:
         for part_name, part in weighted_parts(compressed.module, name)
         if isinstance(part, nn.Linear) or is_conv1d(part)
     }
-
-
-def _over_calibration(
-    compressed: CompressedModel,
-    names: set[str],
-    statistic: Any,
-) -> dict[str, torch.Tensor]:
-    """``statistic(layer, input)`` summed over the calibration batches, per layer named."""
-    target = compressed.target
-    batches = (target.calibration or [])[:NORM_BATCHES]
-    if not batches and target.example_input is not None:
-        batches = [target.example_input]
-    if not batches:
-        raise ValueError(
-            "prune_by activation or hessian needs task.calibration or an example input"
-        )
-    module = compressed.module
-    sums: dict[str, torch.Tensor] = {}
-
-    def record(name: str, layer: nn.Module, args: tuple[Any, ...]) -> None:
-        found = statistic(layer, args[0].detach().float())
-        sums[name] = sums[name] + found if name in sums else found
-
-    hooks = [
-        module.get_submodule(name).register_forward_pre_hook(
-            lambda m, args, name=name: record(name, m, args)
-        )
-        for name in sorted(names)
-    ]
-    device = next(module.parameters()).device
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                call_model(module, to_device(batch, device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return sums
