@@ -17,14 +17,21 @@ BATCHES = 8
 """Calibration batches a statistic is taken over (Wanda used 128 sequences, GPTQ 128)."""
 
 Statistic = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def over_calibration(
-    compressed: CompressedModel, names: set[str], statistic: Statistic, why: str
+    compressed: CompressedModel,
+    names: set[str],
+    statistic: Statistic,
+    why: str,
+    combine: Combine = torch.add,
 ) -> dict[str, torch.Tensor]:
-    """``statistic(layer, input)`` summed over the calibration batches (else the example
-    input), per layer named, on the model as it is now. ``why`` names what needs them, for the
-    message when there is nothing to calibrate on."""
+    """``statistic(layer, input)`` over the calibration batches (else the example input),
+    per layer named, on the model as it is now: summed, or joined batch by batch with
+    ``combine`` (``torch.maximum`` for a range: squares add up over batches, a largest value
+    does not). ``why`` names what needs them, for the message when there is nothing to
+    calibrate on."""
     target = compressed.target
     batches = list(target.calibration or [])[:BATCHES]
     if not batches and target.example_input is not None:
@@ -38,7 +45,7 @@ def over_calibration(
         first = args[0]
         assert isinstance(first, torch.Tensor)
         found = statistic(layer, first.detach().float())
-        sums[name] = sums[name] + found if name in sums else found
+        sums[name] = combine(sums[name], found) if name in sums else found
 
     hooks = [
         module.get_submodule(name).register_forward_pre_hook(
