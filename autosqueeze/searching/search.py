@@ -259,17 +259,30 @@ def _distil_students(task: Task, progress: bool) -> list[str]:
 def knob_warnings(space: SearchSpace, task: Task) -> list[str]:
     """Knobs the space offers that cannot work as configured: structural ones (channel
     pruning, factorization) without ``task.calibration`` get no recovery training, and on
-    the residual CNN that left them at 0.49-0.70 accuracy against 0.99."""
+    the residual CNN that left them at 0.49-0.70 accuracy against 0.99; calibrated ones
+    (``Technique.calibrated``: smoothing) judge the inputs by the example input alone, and
+    on MiniLM smoothing from one sentence lost fidelity where 8 batches gained it."""
+    if task.calibration:
+        return []
     offered = {knob for layer in space.layers.values() for knob in layer.searched}
     structural = sorted(k for k in offered if TECHNIQUES[k].structural)
-    if not structural or task.calibration:
-        return []
-    return [
-        f"the space offers {' and '.join(structural)} but task.calibration is not set: "
-        "without calibration batches there is no recovery training after them, so most of "
-        "their values break the model (the sensitivity pass then leaves those out). Add "
-        "task.calibration: 'module:callable' returning unlabeled input batches."
-    ]
+    calibrated = sorted(k for k in offered if TECHNIQUES[k].calibrated)
+    found = []
+    if structural:
+        found.append(
+            f"the space offers {' and '.join(structural)} but task.calibration is not set: "
+            "without calibration batches there is no recovery training after them, so most of "
+            "their values break the model (the sensitivity pass then leaves those out). Add "
+            "task.calibration: 'module:callable' returning unlabeled input batches."
+        )
+    if calibrated:
+        found.append(
+            f"the space offers {' and '.join(calibrated)} but task.calibration is not set: "
+            "its input statistics then come from the example input alone, too few inputs to "
+            "judge them by. Add task.calibration: 'module:callable' returning unlabeled input "
+            "batches."
+        )
+    return found
 
 
 def sensitivity_table(

@@ -74,6 +74,10 @@ class Technique(ABC):
     # or channels removed, a lower rank): the sensitivity pass probes the weakest first
     # and skips the rest once one breaks the layer far past the budget
     harm_grows_with_strength: ClassVar[bool] = False
+    # computes its change from the inputs' statistics over ``task.calibration``, else from
+    # the example input alone, too few to trust: ``validate`` and ``search`` warn when the
+    # space offers it without calibration batches
+    calibrated: ClassVar[bool] = False
 
     # what a list of this knob's values holds, for a knob searched only as a choice (a
     # range of values is refused); "": a range is fine
