@@ -19,6 +19,7 @@ def test_techniques_apply_in_the_documented_order():
         "rank",
         "separable",
         "prune",
+        "smooth",
         "bits",
         "cluster",
         "kernel",

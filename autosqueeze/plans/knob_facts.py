@@ -73,6 +73,8 @@ KNOBS: dict[str, Knob] = {
         Knob("separable", "separable:Separable", 0, WHOLE),
         # fraction of weights zeroed, chosen by prune_by
         Knob("prune", "prune:Prune", 0.0, FRACTION, sized=True, settings=(PRUNE_BY,)),
+        # SmoothQuant's migration strength: input outliers moved into the weights; 0 = off
+        Knob("smooth", "smooth:Smooth", 0.0, FRACTION),
         # stored weight precision: 2-8 (integer, symmetric), 16 (fp16), 32 (fp32)
         Knob("bits", "quantize:Quantize", 32, WHOLE, sized=True, settings=(GROUP_SIZE,)),
         # 2**cluster shared values (k-means codebook) instead of bits; 0 = off
