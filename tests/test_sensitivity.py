@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import DEFAULT_SPACE, REPO, study_config, write_yaml
 from tiny_bert import build as tiny_bert
+from tiny_bert import data as tiny_bert_data
 
 from autosqueeze.artifacts.artifact import (
     artifact_bytes,
@@ -56,7 +57,8 @@ def random_plans(model, space_file, target, count, seed=0):
     [
         (pretrained_cnn, example_input(), DEFAULT_SPACE),
         (ResidualCNN, residual_input(), DEFAULT_SPACE),  # BatchNorm: an int64 counter too
-        (tiny_bert, None, REPO / "search_spaces" / "bert.yaml"),
+        # an input to take smoothing's ranges from (bert.yaml offers smooth)
+        (tiny_bert, tiny_bert_data()[0][0], REPO / "search_spaces" / "bert.yaml"),
     ],
 )
 def test_the_predicted_artifact_size_is_the_artifacts_length(make, example, space_file):
