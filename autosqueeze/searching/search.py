@@ -440,6 +440,7 @@ WARM_STARTS: dict[str, dict[str, Any]] = {
     "separable": {"bits": 8, "separable": 1},
     "ort-int8-static": {"bits": 8, "kernel": "ort_int8_static"},
     "ort-int8-dynamic": {"bits": 8, "kernel": "ort_int8_dynamic"},
+    "ort-int8-dynamic-smoothed": {"bits": 8, "kernel": "ort_int8_dynamic", "smooth": 0.9},
 }
 """Queued next when there is no sensitivity pass, as the nearest plans the space offers (a
 knob or kernel a layer is not offered stays as it is): anchors along the size and speed axes
@@ -460,11 +461,13 @@ separation (the size model does not price its shapes), so those anchors stay (on
 CNN at 24 trials, the fastest model within budget was 0.73x the original's latency with
 the channel anchors and 0.95x without). A space that does not offer separation makes the
 ``separable`` start the int8 baseline, which is queued once."""
-ORT_STARTS = ("ort-int8-static", "ort-int8-dynamic")
+ORT_STARTS = ("ort-int8-static", "ort-int8-dynamic", "ort-int8-dynamic-smoothed")
 """Queued after the baselines in every study that ships to ONNX Runtime: its int8 kernels
 on every layer they fit (int8 stored where a layer has none), what its one-call quantizers
-do, as plans the search then improves on; queued whatever the latency model says, since the
-sensitivity pass times layers in torch."""
+do, as plans the search then improves on; queued whatever the latency model says. The
+smoothed one is queued where the space offers ``smooth`` and the study has calibration
+batches (on MiniLM, alpha 0.9 takes every Linear on ONNX Runtime's int8 from fidelity
+0.9928 to 0.9974; from the example input alone it loses)."""
 RECOVERED_STARTS = ("channels-0.5", "channels-0.625", "separable")
 RECOVERED_VALUES = {(k, v) for name in RECOVERED_STARTS for k, v in WARM_STARTS[name].items()}
 """Kept in the shaped space where recovery training follows the structural change: a probe
@@ -499,7 +502,8 @@ def _enqueue_baselines(
             queue(params, {BASELINE: name})
     if space.runtime == "onnxruntime":  # the nearest the space has, like a start
         for name in ORT_STARTS:
-            queue(space.nearest_params(**WARM_STARTS[name]), {BASELINE: name})
+            if _calibrated_enough(name, config):
+                queue(space.nearest_params(**WARM_STARTS[name]), {BASELINE: name})
     for student in space.students:  # each student as distilled, and at int8
         for start, choices in STUDENT_STARTS.items():
             params = space.nearest_params(**choices) | {BASE: student}
@@ -519,8 +523,15 @@ def _enqueue_baselines(
                 _queue_candidate(space, candidate, queue)
             starts = RECOVERED_STARTS
     for name in starts if config.search.warm_starts else ():  # the nearest the space has
-        queue(space.nearest_params(**WARM_STARTS[name]), {BASELINE: name})
+        if _calibrated_enough(name, config):
+            queue(space.nearest_params(**WARM_STARTS[name]), {BASELINE: name})
     return notes
+
+
+def _calibrated_enough(start: str, config: StudyConfig) -> bool:
+    """Whether a warm start can be queued: one that smooths needs calibration batches (its
+    input ranges from the example input alone cost MiniLM fidelity at every alpha)."""
+    return "smooth" not in WARM_STARTS[start] or config.task.calibration is not None
 
 
 def _queue_for_students(space: SearchSpace, candidates: list[Candidate], queue: Callable) -> None:
