@@ -65,8 +65,8 @@ def main() -> None:
         for alpha in args.alphas:
             start = time.monotonic()
             plan = every_linear(model, "int8_dynamic", alpha)
-            data = artifact_bytes(compress(model, plan, target))
-            loaded = load_artifact(data, copy.deepcopy(model), target)
+            artifact = artifact_bytes(compress(model, plan, target))
+            loaded = load_artifact(artifact, copy.deepcopy(model), target)
             in_torch = metric(loaded, data, cpu)
             in_ort = "-"
             if not args.no_onnx:
@@ -77,7 +77,7 @@ def main() -> None:
                 export_onnx(decoded, plan, stored_integers(stored), example, path)
                 in_ort = f"{metric(OnnxModel(path), data, cpu):.4f}"
             seconds = time.monotonic() - start
-            print(f"| {alpha} | {in_torch:.4f} | {in_ort} | {len(data):,} | {seconds:.0f} |")
+            print(f"| {alpha} | {in_torch:.4f} | {in_ort} | {len(artifact):,} | {seconds:.0f} |")
 
 
 if __name__ == "__main__":
