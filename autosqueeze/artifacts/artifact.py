@@ -217,15 +217,12 @@ def _contents(compressed: CompressedModel) -> tuple[dict[str, torch.Tensor], dic
     state, ties = shared_keys(compressed.module)
     used: set[int] = set()
     for key, value in state.items():
-        codec = compressed.codecs.get(key) or next(
-            (
-                compressed.codecs[a]
-                for a, owner in ties.items()
-                if owner == key and a in compressed.codecs
-            ),
-            TensorCodec(),
-        )
-        encoded = _encode(value, codec)
+        named = _codec_key(compressed, key, ties)
+        if named is None:
+            encoded = _encode(value, TensorCodec())
+        else:
+            codec = compressed.codecs[named]
+            encoded = compressed.chosen_encoding(named, value, codec) or _encode(value, codec)
         encodings[key] = encoded.meta
         for part, tensor in encoded.parts.items():
             # equal weights (layers deep-copied from one, as nn.TransformerEncoder makes
@@ -241,6 +238,14 @@ def _contents(compressed: CompressedModel) -> tuple[dict[str, torch.Tensor], dic
     if ties:
         metadata["ties"] = json.dumps(ties, sort_keys=True, separators=(",", ":"))
     return tensors, metadata
+
+
+def _codec_key(compressed: CompressedModel, key: str, ties: dict[str, str]) -> str | None:
+    """The key ``key``'s codec is recorded under: its own, or that of a tensor tied to it
+    (None: stored as it is)."""
+    if key in compressed.codecs:
+        return key
+    return next((a for a, owner in ties.items() if owner == key and a in compressed.codecs), None)
 
 
 def shared_keys(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

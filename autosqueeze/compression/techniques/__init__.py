@@ -167,12 +167,13 @@ def _restore(layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _round_trip(compressed: CompressedModel) -> CompressedModel:
-    """Weights replaced by what their codecs store, then layers in their execution form."""
+    """Weights replaced by what their codecs store (the integers a rounding chose, where it
+    chose them), then layers in their execution form."""
     module = compressed.module
     with torch.no_grad():
         for key, codec in compressed.codecs.items():
             weight = module.get_parameter(key)
-            stored = encode(weight, codec)
+            stored = compressed.chosen_encoding(key, weight, codec) or encode(weight, codec)
             weight.copy_(decode(stored.parts, stored.meta))
     deploy(module.eval(), compressed.plan)
     return compressed
