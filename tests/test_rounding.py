@@ -24,7 +24,7 @@ from autosqueeze.artifacts.artifact import (
     stored_integers,
 )
 from autosqueeze.common.errors import UserError
-from autosqueeze.compression.codecs import dequantize, quantize
+from autosqueeze.compression.codecs import dequantize, encode_quantized, quantize
 from autosqueeze.compression.size_model import layer_bytes, stored_weights
 from autosqueeze.compression.techniques import Target, applied, compress
 from autosqueeze.compression.techniques.calibration import unfolded
@@ -227,9 +227,9 @@ def test_the_size_model_prices_a_gptq_layer_as_rounded_to_nearest():
             model, Plan({name: LayerPlan(bits=bits, group_size=group, round_by="gptq")}), target
         )
         weight = compressed.module.get_parameter(f"{name}.weight")
-        codec = compressed.codecs[f"{name}.weight"]
-        stored = compressed.chosen_encoding(f"{name}.weight", weight, codec)
-        assert stored is not None
+        chosen = compressed.chosen(f"{name}.weight", weight, compressed.codecs[f"{name}.weight"])
+        assert chosen is not None
+        stored = encode_quantized(chosen.q, chosen.scale, chosen.codec)
         predicted = layer_bytes(layer, stored_weights(layer, bits, group))
         assert abs(predicted - stored.nbytes) <= 0.08 * stored.nbytes, (name, bits, group)
 

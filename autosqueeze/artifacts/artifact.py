@@ -42,11 +42,13 @@ from autosqueeze.compression.codecs import (
     check_encoding,
     decode,
     encode,
+    encode_quantized,
     integers,
 )
 from autosqueeze.compression.techniques import (
     TECHNIQUES,
     CompressedModel,
+    Rounded,
     Target,
     check_plan,
     deploy,
@@ -222,7 +224,8 @@ def _contents(compressed: CompressedModel) -> tuple[dict[str, torch.Tensor], dic
             encoded = _encode(value, TensorCodec())
         else:
             codec = compressed.codecs[named]
-            encoded = compressed.chosen_encoding(named, value, codec) or _encode(value, codec)
+            chosen = compressed.chosen(named, value, codec)
+            encoded = _encode(value, codec) if chosen is None else _encode_chosen(chosen)
         encodings[key] = encoded.meta
         for part, tensor in encoded.parts.items():
             # equal weights (layers deep-copied from one, as nn.TransformerEncoder makes
@@ -290,6 +293,12 @@ def _encode(tensor: torch.Tensor, codec: TensorCodec) -> Encoded:
     if codec.bits in FLOAT_BITS or not tensor.is_floating_point():
         return encode(tensor, codec)
     return _ENCODINGS.get((content_key(tensor), codec), lambda: encode(tensor, codec))
+
+
+def _encode_chosen(chosen: Rounded) -> Encoded:
+    """``encode_quantized`` of the integers a rounding chose, reused as ``_encode`` reuses."""
+    key = (content_key(chosen.q), content_key(chosen.scale), chosen.codec)
+    return _ENCODINGS.get(key, lambda: encode_quantized(chosen.q, chosen.scale, chosen.codec))
 
 
 def save_artifact(compressed: CompressedModel | bytes, path: str | Path) -> int:

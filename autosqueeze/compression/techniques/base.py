@@ -10,7 +10,7 @@ import torch
 from optuna.distributions import BaseDistribution
 from torch import nn
 
-from autosqueeze.compression.codecs import Encoded, TensorCodec, dequantize, encode_quantized
+from autosqueeze.compression.codecs import TensorCodec, dequantize
 from autosqueeze.plans.knob_facts import KNOBS
 from autosqueeze.plans.knobs import KnobValues, Range, flat_values, to_distribution
 from autosqueeze.plans.plan import LayerPlan, Plan
@@ -62,18 +62,16 @@ class CompressedModel:
     rounded: dict[str, Rounded] = field(default_factory=dict)  # state-dict key -> integers
     scratch: dict[str, Any] = field(default_factory=dict)  # per-technique state while applying
 
-    def chosen_encoding(self, key: str, weight: torch.Tensor, codec: TensorCodec) -> Encoded | None:
-        """The stored form of the integers ``rounded`` holds for ``key``, while ``codec`` is
-        still theirs and ``weight`` still holds what they decode to; None otherwise, and the
-        codec rounds ``weight`` itself (weight sharing replaced the codec, or recovery on the
-        grid trained the weight on)."""
-        chosen = self.rounded.get(key)
-        if chosen is None or chosen.codec != codec:
+    def chosen(self, key: str, weight: torch.Tensor, codec: TensorCodec) -> Rounded | None:
+        """The integers ``rounded`` holds for ``key``, while ``codec`` is still theirs and
+        ``weight`` still holds what they decode to; None otherwise, and the codec rounds
+        ``weight`` itself (weight sharing replaced the codec, or recovery on the grid trained
+        the weight on)."""
+        found = self.rounded.get(key)
+        if found is None or found.codec != codec:
             return None
-        decoded = dequantize(chosen.q, chosen.scale, codec.group_size).to(weight.dtype)
-        if not torch.equal(decoded, weight.detach().cpu()):
-            return None
-        return encode_quantized(chosen.q, chosen.scale, codec)
+        decoded = dequantize(found.q, found.scale, codec.group_size).to(weight.dtype)
+        return found if torch.equal(decoded, weight.detach().cpu()) else None
 
 
 class Technique(ABC):
