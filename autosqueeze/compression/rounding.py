@@ -61,10 +61,11 @@ def round_layer(
 
     Kept by the content of the weight and the Hessian (``_ROUNDED``): a search rounds the same
     layers of the same model trial after trial, and rounding is most of what a trial with
-    kept Hessians spends compressing (7 s for every Linear of MiniLM, one thread)."""
+    kept Hessians spends compressing (8 s for every encoder Linear of MiniLM, one thread)."""
     weight = cast(torch.Tensor, layer.weight)
     groups = int(getattr(layer, "groups", 1))
-    key = (content_key(weight), content_key(hessian), bits, group_size, is_conv1d(layer), groups)
+    form = (bits, group_size, is_conv1d(layer), groups, str(weight.device))  # a GPU's differ
+    key = (content_key(weight), content_key(hessian), *form)
     q, scale = _ROUNDED.get(key, lambda: _round_layer(layer, hessian, bits, group_size))
     with torch.no_grad():
         weight.copy_(dequantize(q, scale, group_size).to(weight))
