@@ -42,11 +42,13 @@ from autosqueeze.compression.codecs import (
     check_encoding,
     decode,
     encode,
+    encode_quantized,
     integers,
 )
 from autosqueeze.compression.techniques import (
     TECHNIQUES,
     CompressedModel,
+    Rounded,
     Target,
     check_plan,
     deploy,
@@ -217,15 +219,13 @@ def _contents(compressed: CompressedModel) -> tuple[dict[str, torch.Tensor], dic
     state, ties = shared_keys(compressed.module)
     used: set[int] = set()
     for key, value in state.items():
-        codec = compressed.codecs.get(key) or next(
-            (
-                compressed.codecs[a]
-                for a, owner in ties.items()
-                if owner == key and a in compressed.codecs
-            ),
-            TensorCodec(),
-        )
-        encoded = _encode(value, codec)
+        named = _codec_key(compressed, key, ties)
+        if named is None:
+            encoded = _encode(value, TensorCodec())
+        else:
+            codec = compressed.codecs[named]
+            chosen = compressed.chosen(named, value, codec)
+            encoded = _encode(value, codec) if chosen is None else _encode_chosen(chosen)
         encodings[key] = encoded.meta
         for part, tensor in encoded.parts.items():
             # equal weights (layers deep-copied from one, as nn.TransformerEncoder makes
@@ -241,6 +241,14 @@ def _contents(compressed: CompressedModel) -> tuple[dict[str, torch.Tensor], dic
     if ties:
         metadata["ties"] = json.dumps(ties, sort_keys=True, separators=(",", ":"))
     return tensors, metadata
+
+
+def _codec_key(compressed: CompressedModel, key: str, ties: dict[str, str]) -> str | None:
+    """The key ``key``'s codec is recorded under: its own, or that of a tensor tied to it
+    (None: stored as it is)."""
+    if key in compressed.codecs:
+        return key
+    return next((a for a, owner in ties.items() if owner == key and a in compressed.codecs), None)
 
 
 def shared_keys(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -285,6 +293,12 @@ def _encode(tensor: torch.Tensor, codec: TensorCodec) -> Encoded:
     if codec.bits in FLOAT_BITS or not tensor.is_floating_point():
         return encode(tensor, codec)
     return _ENCODINGS.get((content_key(tensor), codec), lambda: encode(tensor, codec))
+
+
+def _encode_chosen(chosen: Rounded) -> Encoded:
+    """``encode_quantized`` of the integers a rounding chose, reused as ``_encode`` reuses."""
+    key = (content_key(chosen.q), content_key(chosen.scale), chosen.codec)
+    return _ENCODINGS.get(key, lambda: encode_quantized(chosen.q, chosen.scale, chosen.codec))
 
 
 def save_artifact(compressed: CompressedModel | bytes, path: str | Path) -> int:

@@ -42,14 +42,23 @@ class ContentCache(Generic[T]):
             self._items.move_to_end(key)
             return self._items[key][0]
         value = compute()
+        self.put(key, value)
+        return value
+
+    def put(self, key: Hashable, value: T) -> None:
+        """Keep ``value`` under ``key`` (not at all when it alone is over ``max_bytes``)."""
         size = self._size_of(value)
+        if key in self._items:
+            self._bytes -= self._items.pop(key)[1]
         if size <= self.max_bytes:
             self._items[key] = (value, size)
             self._bytes += size
             while self._bytes > self.max_bytes:
                 _, (_, dropped) = self._items.popitem(last=False)
                 self._bytes -= dropped
-        return value
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
 
     def clear(self) -> None:
         self._items.clear()

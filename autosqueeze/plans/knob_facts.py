@@ -58,6 +58,9 @@ class Knob:
 # SparseGPT's saliency, or 2 of every 4
 PRUNE_BY = Setting("prune_by", "magnitude", NAME, ("magnitude", "activation", "hessian", "2:4"))
 GROUP_SIZE = Setting("group_size", None, COUNT)  # weights per quantization scale; None: per row
+# how integer weights are rounded: each to its nearest level, or by GPTQ (each input's rounding
+# error moved onto the inputs not yet rounded, weighed by the calibration inputs' X^T X)
+ROUND_BY = Setting("round_by", "nearest", NAME, ("nearest", "gptq"))
 CLUSTER_ROWS = Setting("cluster_rows", None, COUNT)  # rows per codebook; None: one per matrix
 
 KNOBS: dict[str, Knob] = {
@@ -76,7 +79,7 @@ KNOBS: dict[str, Knob] = {
         # SmoothQuant's migration strength: input outliers moved into the weights; 0 = off
         Knob("smooth", "smooth:Smooth", 0.0, FRACTION),
         # stored weight precision: 2-8 (integer, symmetric), 16 (fp16), 32 (fp32)
-        Knob("bits", "quantize:Quantize", 32, WHOLE, sized=True, settings=(GROUP_SIZE,)),
+        Knob("bits", "quantize:Quantize", 32, WHOLE, sized=True, settings=(GROUP_SIZE, ROUND_BY)),
         # 2**cluster shared values (k-means codebook) instead of bits; 0 = off
         Knob("cluster", "cluster:Cluster", 0, WHOLE, sized=True, settings=(CLUSTER_ROWS,)),
         # execution form once loaded (autosqueeze.compression.kernels)

@@ -22,6 +22,7 @@ from autosqueeze.compression.codecs import decode, encode
 from autosqueeze.compression.recovery import Recovery
 from autosqueeze.compression.techniques.base import (
     CompressedModel,
+    Rounded,
     Site,
     Target,
     Technique,
@@ -167,11 +168,14 @@ def _restore(layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _round_trip(compressed: CompressedModel) -> CompressedModel:
-    """Weights replaced by what their codecs store, then layers in their execution form."""
+    """Weights replaced by what their codecs store, then layers in their execution form. A
+    weight whose integers a rounding chose holds what they decode to already."""
     module = compressed.module
     with torch.no_grad():
         for key, codec in compressed.codecs.items():
             weight = module.get_parameter(key)
+            if compressed.chosen(key, weight, codec) is not None:
+                continue
             stored = encode(weight, codec)
             weight.copy_(decode(stored.parts, stored.meta))
     deploy(module.eval(), compressed.plan)
@@ -251,6 +255,7 @@ def _check_layers(model: nn.Module, plan: Plan) -> None:
 __all__ = [
     "TECHNIQUES",
     "CompressedModel",
+    "Rounded",
     "Site",
     "Target",
     "Technique",

@@ -6,10 +6,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from optuna.distributions import BaseDistribution
 from torch import nn
 
-from autosqueeze.compression.codecs import TensorCodec
+from autosqueeze.compression.codecs import TensorCodec, dequantize
 from autosqueeze.plans.knob_facts import KNOBS
 from autosqueeze.plans.knobs import KnobValues, Range, flat_values, to_distribution
 from autosqueeze.plans.plan import LayerPlan, Plan
@@ -39,6 +40,17 @@ class Site:
     target: Target
 
 
+@dataclass(frozen=True)
+class Rounded:
+    """The integers and fp16 scales a rounding other than the codec's own chose for a weight
+    (GPTQ), under ``codec``: quantizing the weight they decode to again may choose other
+    scales, so they are stored as they are."""
+
+    codec: TensorCodec
+    q: torch.Tensor  # int8-held, the weight's shape
+    scale: torch.Tensor  # fp16, (rows, groups)
+
+
 @dataclass
 class CompressedModel:
     """A plan applied: the changed module, and how each of its weights is to be stored."""
@@ -47,7 +59,19 @@ class CompressedModel:
     plan: Plan
     target: Target = field(default_factory=Target)
     codecs: dict[str, TensorCodec] = field(default_factory=dict)  # state-dict key -> storage
+    rounded: dict[str, Rounded] = field(default_factory=dict)  # state-dict key -> integers
     scratch: dict[str, Any] = field(default_factory=dict)  # per-technique state while applying
+
+    def chosen(self, key: str, weight: torch.Tensor, codec: TensorCodec) -> Rounded | None:
+        """The integers ``rounded`` holds for ``key``, while ``codec`` is still theirs and
+        ``weight`` still holds what they decode to; None otherwise, and the codec rounds
+        ``weight`` itself (weight sharing replaced the codec, or recovery on the grid trained
+        the weight on)."""
+        found = self.rounded.get(key)
+        if found is None or found.codec != codec:
+            return None
+        decoded = dequantize(found.q, found.scale, codec.group_size).to(weight.dtype)
+        return found if torch.equal(decoded, weight.detach().cpu()) else None
 
 
 class Technique(ABC):

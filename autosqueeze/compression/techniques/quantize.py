@@ -1,21 +1,33 @@
 """Weight quantization: each weight of a layer is stored at the plan's bit-width.
 
-Applying it only records a TensorCodec per weight; the artifact writer quantizes and packs,
-and the model evaluated is the one loaded back from those packed bytes.
+Applying it records a TensorCodec per weight; the artifact writer quantizes and packs, and
+the model evaluated is the one loaded back from those packed bytes. With ``round_by: gptq``
+(integers only) the layer's weight is rounded here instead, by GPTQ on its calibration
+inputs' Hessian (``compression.rounding``), and the integers and scales it chose are what the
+artifact stores (``CompressedModel.rounded``). GPTQ runs after pruning, so it keeps the pruned
+zeros and moves their error onto the weights left. Weights GPTQ does not round (an
+embedding's, ``in_proj_weight``, a 3-D or transposed convolution's, a layer that never ran on
+the calibration inputs) round to nearest.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from autosqueeze.compression.codecs import SUPPORTED_BITS, TensorCodec
+from autosqueeze.compression.codecs import INT_BITS, SUPPORTED_BITS, TensorCodec
+from autosqueeze.compression.rounding import round_layer, rounds
 from autosqueeze.compression.techniques.base import (
     CompressedModel,
+    Rounded,
     Technique,
     matrices,
     weighted_parts,
 )
+from autosqueeze.compression.techniques.calibration import input_hessians
+from autosqueeze.plans.knob_facts import ROUND_BY
 from autosqueeze.plans.plan import LayerPlan
+
+_WHY = "round_by gptq"
 
 
 class Quantize(Technique):
@@ -31,7 +43,40 @@ class Quantize(Technique):
         return 1.0 - int(value) / 32  # bits saved per weight
 
     def apply(self, compressed: CompressedModel, name: str, layer_plan: LayerPlan) -> None:
+        ROUND_BY.check(layer_plan.round_by)
         codec = TensorCodec(int(layer_plan.bits), layer_plan.group_size)
-        for part_name, part in weighted_parts(compressed.module, name):
+        parts = weighted_parts(compressed.module, name)
+        hessians = {}
+        if _by_gptq(layer_plan):
+            wanted = {n for n, p in parts if rounds(p)}
+            hessians = input_hessians(
+                compressed, wanted, _gptq_layers(compressed), _WHY, taken="rounding"
+            )
+        for part_name, part in parts:
             for matrix in matrices(part):
-                compressed.codecs[f"{part_name}.{matrix}"] = codec
+                key = f"{part_name}.{matrix}"
+                compressed.codecs[key] = codec
+                if matrix == "weight" and part_name in hessians:
+                    q, scale = round_layer(part, hessians[part_name], codec.bits, codec.group_size)
+                    compressed.rounded[key] = Rounded(codec, q, scale)
+
+
+def _by_gptq(layer_plan: LayerPlan) -> bool:
+    """GPTQ rounds integers only, and not where weight sharing replaces them (``cluster``)."""
+    return (
+        layer_plan.round_by == "gptq"
+        and int(layer_plan.bits) in INT_BITS
+        and not layer_plan.cluster
+    )
+
+
+def _gptq_layers(compressed: CompressedModel) -> set[str]:
+    """The parts GPTQ rounds, of every layer the plan rounds by it: their Hessians come from
+    one pass, on the model as it is when quantization starts."""
+    return {
+        part_name
+        for name, lp in compressed.plan.layers.items()
+        if _by_gptq(lp)
+        for part_name, part in weighted_parts(compressed.module, name)
+        if rounds(part)
+    }

@@ -1,0 +1,158 @@
+"""GPTQ (Frantar et al. 2022): integer rounding that compensates each input's rounding error.
+
+Round-to-nearest rounds every weight alone. GPTQ rounds a layer's weight matrix W (outputs x
+inputs) one input column at a time and moves each column's rounding error, times the inverse
+Hessian's row, onto the columns not yet rounded, so that X W^T on the calibration inputs X
+moves least (H = X^T X, the Optimal Brain Quantizer's update made cheap). As in the paper:
+columns in blocks of 128 with lazy batch updates (a block's errors reach the columns after it
+in one product), H damped by 1% of its mean diagonal, H^-1 through its upper Cholesky factor,
+inputs that never fire on the calibration data given H_jj = 1 and weight 0.
+
+The grid is the codec's (``codecs.quantize``): symmetric integers with one fp16 scale per
+output row, or per ``group_size`` inputs of a row. A group's scale is chosen by the codec's
+own clipped-scale search on the group's weights as they are when GPTQ reaches its first
+column (the paper's choice without "static groups": the scale then fits the weights the
+earlier columns' errors moved). Whole-row scales are chosen on the row before any column is
+rounded. Re-quantizing the rounded weight with ``quantize`` may pick other scales, so the
+integers and scales chosen here are what the artifact stores (``CompressedModel.rounded``).
+
+Weights already exactly zero (pruned first) stay zero: their column's error is that of
+rounding to 0, moved on like any other (SparseGPT's mask kept while quantizing).
+
+Which weights this applies to is ``rounds``': Linear, Hugging Face's Conv1D (stored
+transposed: its scales are per input, grouped along the outputs, so each column's scales
+are chosen when GPTQ reaches it) and 1-D and 2-D convolutions, seen as (out, in/groups x
+kernel) matrices, one conv group at a time, whose Hessian is that of the unfolded inputs
+(``techniques.calibration``). Anything else rounds to nearest: an embedding (its input is an
+index, there is no X^T X), a 3-D or transposed convolution, nn.MultiheadAttention's
+``in_proj_weight`` (not a layer's ``weight``).
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+from torch import nn
+
+from autosqueeze.common.content_cache import ContentCache, content_key
+from autosqueeze.compression.codecs import dequantize, quantize
+from autosqueeze.compression.kernels import is_conv1d
+
+BLOCK = 128
+"""Columns rounded before their errors reach the columns after them (lazy batch updates)."""
+DAMPING = 0.01
+"""Added to H's diagonal, times its mean: keeps H invertible (the paper's 1%)."""
+CONVS = (nn.Conv1d, nn.Conv2d)  # those whose inputs ``torch.nn.functional.unfold`` takes
+
+
+def rounds(layer: nn.Module) -> bool:
+    """Whether GPTQ rounds ``layer``'s ``weight`` (others round to nearest)."""
+    return isinstance(layer, (nn.Linear, *CONVS)) or is_conv1d(layer)
+
+
+def round_layer(
+    layer: nn.Module, hessian: torch.Tensor, bits: int, group_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ on ``layer.weight`` (``rounds(layer)``) with its inputs' Hessian (a convolution's:
+    one per conv group, stacked): the integers (int8-held, the weight's shape) and fp16 scales
+    (rows, groups) the codec stores, on the CPU, shared (read only). The weight is set, in
+    place, to what they decode to.
+
+    Kept by the content of the weight and the Hessian (``_ROUNDED``): a search rounds the same
+    layers of the same model trial after trial, and rounding is most of what a trial with
+    kept Hessians spends compressing (8 s for every encoder Linear of MiniLM, one thread)."""
+    weight = cast(torch.Tensor, layer.weight)
+    groups = int(getattr(layer, "groups", 1))
+    form = (bits, group_size, is_conv1d(layer), groups, str(weight.device))  # a GPU's differ
+    key = (content_key(weight), content_key(hessian), *form)
+    q, scale = _ROUNDED.get(key, lambda: _round_layer(layer, hessian, bits, group_size))
+    with torch.no_grad():
+        weight.copy_(dequantize(q, scale, group_size).to(weight))
+    return q, scale
+
+
+_ROUNDED: ContentCache[tuple[torch.Tensor, torch.Tensor]] = ContentCache(
+    1 << 30, lambda found: found[0].numel() + 2 * found[1].numel()
+)
+
+
+def _round_layer(
+    layer: nn.Module, hessian: torch.Tensor, bits: int, group_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = cast(torch.Tensor, layer.weight).detach()
+    if is_conv1d(layer):  # stored (in, out): a Linear's weight transposed
+        return round_matrix(weight.t(), hessian, bits, group_size, transposed=True)
+    groups = int(getattr(layer, "groups", 1))
+    rows = weight.reshape(weight.shape[0], -1)
+    hessians = hessian.reshape(groups, *hessian.shape[-2:])
+    found = [
+        round_matrix(block, h, bits, group_size)
+        for block, h in zip(rows.chunk(groups), hessians, strict=True)
+    ]
+    return torch.cat([f[0] for f in found]).reshape(weight.shape), torch.cat([f[1] for f in found])
+
+
+def round_matrix(
+    matrix: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    *,
+    transposed: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ on ``matrix`` (outputs x inputs) with H = X^T X of its inputs: the integers and
+    fp16 scales of the weight as the codec stores it, ``matrix`` itself or (``transposed``:
+    Conv1D) its transpose, so the scales are per row of that (and per ``group_size``
+    values of a row)."""
+    w = matrix.detach().double().clone()
+    rows, cols = w.shape
+    keep_zero = matrix.detach() == 0  # pruned: stays zero
+    h = hessian.to(w.device).double().clone()
+    dead = torch.diagonal(h) == 0  # inputs that never fire: their weights matter for nothing
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += DAMPING * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype, device=h.device)
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    qmax = 2 ** (bits - 1) - 1
+    q = torch.zeros(rows, cols, dtype=torch.int8, device=w.device)
+    stored_rows, width = (cols, rows) if transposed else (rows, cols)
+    group = group_size if group_size and group_size < width else None
+    scales = torch.empty(
+        stored_rows, -(-width // (group or width)), dtype=torch.float16, device=w.device
+    )
+    if transposed:  # a column's scales: those of its stored row, chosen when it is reached
+        block_size = BLOCK
+    else:  # whole groups per block, so a group's columns have all earlier errors
+        block_size = group * max(1, BLOCK // group) if group else BLOCK
+        if group is None:  # one scale per row, chosen on the row as it is
+            scales[:, 0] = quantize(w.masked_fill(keep_zero, 0).float(), bits, None)[1][:, 0]
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        block, hinv = w[:, start:end].clone(), inverse[start:end, start:end]
+        errors = torch.zeros_like(block)
+        for i in range(end - start):
+            column, zero = block[:, i], keep_zero[:, start + i]
+            if transposed:
+                found = quantize(column.masked_fill(zero, 0).float()[None, :], bits, group)[1]
+                scales[start + i] = found[0]
+                scale = found[0].repeat_interleave(group or rows)[:rows]
+            else:
+                if group and (start + i) % group == 0:  # a group starts: its scales, as now
+                    zeros = keep_zero[:, start + i : start + i + group]
+                    seg = block[:, i : i + group].masked_fill(zeros, 0)
+                    scales[:, (start + i) // group] = quantize(seg.float(), bits, None)[1][:, 0]
+                scale = scales[:, (start + i) // group if group else 0]
+            levels = torch.round(column.float() / scale.float()).clamp(-qmax, qmax)
+            levels = levels.masked_fill(zero, 0)
+            rounded = (levels * scale.float()).double()
+            error = (column - rounded) / hinv[i, i]
+            block[:, i:] -= error[:, None] * hinv[i, i:][None, :]
+            block[:, i] = rounded
+            errors[:, i] = error
+            q[:, start + i] = levels.to(torch.int8)
+        w[:, start:end] = block
+        w[:, end:] -= errors @ inverse[start:end, end:]
+    if transposed:
+        return q.t().contiguous().cpu(), scales.cpu()
+    return q.cpu(), scales.cpu()
