@@ -223,8 +223,11 @@ def test_a_stored_table_that_is_not_ours_is_measured_again_not_believed(stored):
     assert table.base is None and not table.drops and not table.failed
 
 
-def measured_table(tmp_path):
-    """The digits test study's sensitivity table, measured in-process."""
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """The digits test study's sensitivity table, measured in-process once for the tests
+    that read it."""
+    tmp_path = tmp_path_factory.mktemp("measured")
     config = load_config(write_yaml(tmp_path / "s.yaml", study_config(tmp_path)))
     task = load_task(config)
     space = build_space(task.model, config.space, task.target)
@@ -233,8 +236,8 @@ def measured_table(tmp_path):
     return task, space, study, table
 
 
-def test_knapsack_plans_keep_within_their_predicted_distortion_and_trade_it_for_bytes(tmp_path):
-    task, space, _, table = measured_table(tmp_path)
+def test_knapsack_plans_keep_within_their_predicted_distortion_and_trade_it_for_bytes(measured):
+    task, space, _, table = measured
     levels = ladder(table, 6)  # without a budget: from the top down
     assert levels == sorted(levels, reverse=True) and len(levels) == 6
     centred = ladder(table, 5, 0.02)  # from the budget's estimate outwards, safer side first
@@ -256,8 +259,8 @@ def test_knapsack_plans_keep_within_their_predicted_distortion_and_trade_it_for_
     )
 
 
-def test_the_pass_times_the_layers_whose_execution_form_a_probe_changes(tmp_path):
-    _, space, study, table = measured_table(tmp_path)
+def test_the_pass_times_the_layers_whose_execution_form_a_probe_changes(measured):
+    _, space, study, table = measured
     # a kernel or a rank changes how the layer runs; bits and pruning change what it stores;
     # channel pruning reshapes the neighbours (a copy of the model, not timed)
     timed = {
@@ -352,19 +355,31 @@ def test_values_that_alone_break_the_model_leave_the_space():
         assert layer.searched["rank"] == space.layers[layer.name].searched["rank"]
 
 
-def test_a_short_search_uses_the_table_and_tries_the_knapsack_plans_first(tmp_path):
+def test_a_short_search_uses_the_table_tries_the_knapsack_plans_first_and_resumes(tmp_path):
+    """A 4-trial study holds the baselines and the first knapsack plans; resumed to 12 trials
+    it reuses its table and queues the plans its first run had no room for."""
     config = load_config(
-        write_yaml(tmp_path / "s.yaml", study_config(tmp_path, search={"trials": 12}))
+        write_yaml(tmp_path / "s.yaml", study_config(tmp_path, search={"trials": 4}))
     )
-    result = run_search(config, progress=False)
+    first = run_search(config, progress=False)
+    before = [t for t in first.study.trials if t.user_attrs.get(BASELINE)]
+    assert len(first.study.trials) == len(before) == 4  # the baselines, then knapsack plans
+    result = run_search(config.with_overrides(trials=12), progress=False)
     assert result.sensitivity is not None and result.sensitivity.base is not None
-    assert any("sensitivity:" in note for note in result.notes)
+    assert result.sensitivity.drops == first.sensitivity.drops  # the table, kept
+    assert result.sensitivity.seconds == pytest.approx(first.sensitivity.seconds, abs=0.01)
+    assert any("sensitivity:" in note for note in first.notes)
     stored = result.study.user_attrs[SENSITIVITY]
     assert stored["drops"] == result.sensitivity.drops
-    knapsack = [t for t in result.study.trials if t.user_attrs.get(BASELINE) == KNAPSACK]
-    assert len(knapsack) >= 3
+    queued = [t for t in result.study.trials if t.user_attrs.get(BASELINE)]
+    knapsack = [t for t in queued if t.user_attrs[BASELINE] == KNAPSACK]
+    assert len(knapsack) >= 3 and len(knapsack) > sum(
+        t.user_attrs[BASELINE] == KNAPSACK for t in before
+    )
     assert knapsack[0].number == 2  # right after the two baselines
     assert all(t.user_attrs["predicted_distortion"] > 0 for t in knapsack)
+    plans = [t.user_attrs["plan"] for t in queued]
+    assert len(plans) == len(set(plans))  # none of the first run's plans twice
     # the pass timed the layers: the plans carry the latency model's prediction, and the
     # speed-first plans take the kernel warm starts' place
     assert all(0 < t.user_attrs["predicted_latency"] for t in knapsack)
@@ -376,26 +391,6 @@ def test_a_short_search_uses_the_table_and_tries_the_knapsack_plans_first(tmp_pa
             assert result.searched.distributions[name]._contains(
                 result.searched.distributions[name].to_internal_repr(value)
             )
-    resumed = run_search(config.with_overrides(trials=13), progress=False)
-    assert resumed.sensitivity.drops == result.sensitivity.drops
-    assert resumed.sensitivity.seconds == pytest.approx(result.sensitivity.seconds, abs=0.01)
-
-
-def test_a_study_resumed_with_more_trials_queues_the_plans_its_first_run_had_no_room_for(
-    tmp_path,
-):
-    config = load_config(
-        write_yaml(tmp_path / "s.yaml", study_config(tmp_path, search={"trials": 4}))
-    )
-    first = run_search(config, progress=False)
-    before = [t for t in first.study.trials if t.user_attrs.get(BASELINE)]
-    assert len(first.study.trials) == len(before) == 4  # the baselines, then knapsack plans
-    more = run_search(config.with_overrides(trials=12), progress=False)
-    queued = [t for t in more.study.trials if t.user_attrs.get(BASELINE)]
-    knapsack = [t for t in queued if t.user_attrs[BASELINE] == KNAPSACK]
-    assert len(knapsack) > sum(t.user_attrs[BASELINE] == KNAPSACK for t in before)
-    plans = [t.user_attrs["plan"] for t in queued]
-    assert len(plans) == len(set(plans))  # none of the first run's plans twice
 
 
 def test_a_trial_clearly_past_the_budget_stops_on_its_first_samples_with_a_reason(tmp_path):
