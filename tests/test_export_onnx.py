@@ -146,7 +146,7 @@ def test_a_head_pruned_transformers_model_exports_with_keyword_inputs(tmp_path):
 
 def test_export_onnx_and_evaluate_it_from_the_cli(tmp_path, capsys):
     config = write_yaml(tmp_path / "study.yaml", study_config(tmp_path, search={"trials": 3}))
-    assert main(["search", str(config), "--no-progress"]) == 0
+    assert main(["search", str(config), "--no-progress", "--no-sensitivity"]) == 0
     capsys.readouterr()
     out_path = tmp_path / "model.onnx"
     assert (

@@ -71,7 +71,7 @@ def test_the_artifact_bytes_are_the_file_and_load_alike(tmp_path):
 
 def test_a_trial_past_a_budget_stops_before_latency_with_its_reason(make_config, capsys):
     config = make_config(search={"trials": 6})  # max_size_mb 0.4: the fp32 original is 0.75
-    assert main(["search", str(config), "--no-progress"]) == 0
+    assert main(["search", str(config), "--no-progress", "--no-sensitivity"]) == 0
     capsys.readouterr()
     study = open_study(load_config(config), create=False)
     by_number = {r.number: r for r in records(study)}
