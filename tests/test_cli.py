@@ -356,7 +356,8 @@ def test_two_drivers_share_one_study_without_failing_each_other(tmp_path, make_c
 
     (tmp_path / "slow_metric2.py").write_text(SLOW_METRIC)
     config = make_config(task={"metric": "slow_metric2:metric"}, search={"trials": 10})
-    command = [sys.executable, "-m", "autosqueeze", "search", str(config), "--no-progress"]
+    search = ["search", str(config), "--no-progress", "--no-sensitivity"]  # trials are shared
+    command = [sys.executable, "-m", "autosqueeze", *search]
     drivers = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)
     ]
