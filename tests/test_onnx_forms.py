@@ -195,6 +195,52 @@ def test_a_batch_norm_that_would_negate_stored_integers_is_left_as_it_is(tmp_pat
         )
 
 
+def test_muls_of_one_tensor_by_equal_constants_merge_into_one(tmp_path):
+    """x times equal constants (an initializer on either side, a Constant node) becomes one
+    Mul that every reader shares; a different constant, or another tensor, keeps its own; the
+    file computes what it did."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from autosqueeze.artifacts.onnx_forms import merge_scalings
+
+    factor = np.array([1.0, 2.0, 0.5, 4.0], dtype=np.float32)
+    initializers = [
+        numpy_helper.from_array(factor, "a"),
+        numpy_helper.from_array(factor.copy(), "b"),
+        numpy_helper.from_array(factor * 2, "c"),
+    ]
+    nodes = [
+        helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(factor)),
+        helper.make_node("Mul", ["x", "a"], ["xa"]),
+        helper.make_node("Mul", ["b", "x"], ["xb"]),  # the constant first
+        helper.make_node("Mul", ["x", "k"], ["xk"]),
+        helper.make_node("Mul", ["x", "c"], ["xc"]),  # another constant
+        helper.make_node("Mul", ["y", "a"], ["ya"]),  # another tensor
+        helper.make_node("Sum", ["xa", "xb", "xk", "xc", "ya"], ["out"]),
+    ]
+    vector = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4]) for n in "xy"]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        vector,
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4])],
+        initializers,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    before = tmp_path / "before.onnx"
+    onnx.save(proto, before)
+    assert merge_scalings(proto) == 2
+    assert [n.op_type for n in proto.graph.node].count("Mul") == 3
+    assert {i.name for i in proto.graph.initializer} == {"a", "c"}
+    assert list(proto.graph.node[-1].input) == ["xa", "xa", "xa", "xc", "ya"]
+    onnx.checker.check_model(proto)
+    onnx.save(proto, tmp_path / "after.onnx")
+    x, y = torch.randn(2, 4), torch.randn(2, 4)
+    want = OnnxModel(before)(x, y)
+    assert torch.equal(OnnxModel(tmp_path / "after.onnx")(x, y), want)
+
+
 def test_dynamic_int8_on_a_transformers_bert(tmp_path):
     """transformers' BertModel: a Linear exported as Transpose and MatMul gets its weight
     folded, so ONNX Runtime's quantizer takes it; only the layers the plan names change."""

@@ -44,6 +44,7 @@ from autosqueeze.artifacts.onnx_forms import (
     STORED_SUFFIX,
     fold_batch_norms,
     fuse_for_ort,
+    merge_scalings,
     quantize_layers,
     session_entries,
 )
@@ -179,6 +180,7 @@ def export_onnx(
     in_ort = _in_ort_kernels(model, plan)
     missing = _store_integers(proto, {k: v for k, v in integers.items() if k not in in_ort})
     folded = fold_batch_norms(proto)
+    merge_scalings(proto)  # before the quantizers: one quantized input where they share one
     _without_trace_notes(proto)
     onnx.checker.check_model(proto)
     partial = path.with_name(f".{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.onnx")

@@ -248,6 +248,71 @@ def fold_batch_norms(proto: Any) -> int:
     return folded
 
 
+def merge_scalings(proto: Any) -> int:
+    """Merge, in place, the Muls that multiply one tensor by equal constants (an initializer or
+    a Constant node, same type, shape and values) into the first of them: what reads a
+    merged Mul's output reads the kept one's. Smoothed layers that read one tensor share
+    their factors (an attention's query, key and value: ``smooth``), each exported as its own
+    Mul; left apart, ONNX Runtime's dynamic quantizer quantizes each product on its own, a
+    DynamicQuantizeLinear per layer where one serves the three. Returns the count merged."""
+    graph = proto.graph
+    initializers = {init.name: init for init in graph.initializer}
+    constants = {node.output[0]: node for node in graph.node if node.op_type == "Constant"}
+    outputs = {out.name for out in graph.output}
+    kept: dict[tuple[Any, ...], str] = {}
+    renamed: dict[str, str] = {}
+    merged = []
+    for node in graph.node:  # in order: a Mul's data input is renamed before it is keyed
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+        if node.op_type != "Mul" or len(node.input) != 2 or node.output[0] in outputs:
+            continue
+        for data in (0, 1):
+            value = _constant_value(node.input[1 - data], initializers, constants)
+            if value is not None:
+                break
+        else:
+            continue
+        key = (node.input[data], value.dtype.str, value.shape, value.tobytes())
+        if key in kept:
+            renamed[node.output[0]] = kept[key]
+            merged.append(node)
+        else:
+            kept[key] = node.output[0]
+    if not merged:
+        return 0
+    for node in merged:
+        graph.node.remove(node)
+    for node in _all_nodes(graph):  # a subgraph may read an outer name
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+    for info in [info for info in graph.value_info if info.name in renamed]:
+        graph.value_info.remove(info)
+    _drop_unused(graph)
+    return len(merged)
+
+
+SCALING_LIMIT = 1 << 16
+"""The most values a constant ``merge_scalings`` compares may hold: a model's width, not a
+weight."""
+
+
+def _constant_value(name: str, initializers: dict[str, Any], constants: dict[str, Any]) -> Any:
+    """The array an initializer or a Constant node's ``value`` holds (``SCALING_LIMIT`` values
+    at most), else None."""
+    from onnx import numpy_helper
+
+    if name in initializers:
+        init = initializers[name]
+        small = math.prod(init.dims) <= SCALING_LIMIT
+        return numpy_helper.to_array(init) if small else None
+    node = constants.get(name)
+    value = next((a.t for a in node.attribute if a.name == "value"), None) if node else None
+    if value is None or math.prod(value.dims) > SCALING_LIMIT:
+        return None
+    return numpy_helper.to_array(value)
+
+
 def _zero_fill(name: str, producer: dict[str, Any]) -> bool:
     """Whether ``name`` is the exporter's zero bias: a Constant zero, cast and expanded."""
     from onnx import numpy_helper
@@ -519,6 +584,7 @@ __all__ = [
     "feeds",
     "fold_batch_norms",
     "fuse_for_ort",
+    "merge_scalings",
     "quantize_layers",
     "session_entries",
 ]
