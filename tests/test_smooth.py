@@ -123,33 +123,88 @@ def test_a_plan_without_smoothing_is_read_as_off_and_a_forged_exponent_is_refuse
         fresh.load_state_dict(state)
 
 
+def _bert_and_batch() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """transformers' BertModel (two layers, width 64) and a batch of token ids."""
+    sys.path.insert(0, str(Path(__file__).parent / "zoo"))
+    from zoo_models import build_bert
+
+    ids = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(0))
+    return build_bert(), {"input_ids": ids}
+
+
+def test_layers_reading_one_input_share_their_factors():
+    """An attention's query, key and value read one tensor: smoothed at one alpha, they share
+    one set of exponents, balanced against the largest of their weights' column ranges
+    (SmoothQuant's own choice for them); a layer smoothed at another alpha keeps its own;
+    the smoothed model computes exactly what the original did."""
+    pytest.importorskip("transformers")
+    model, batch = _bert_and_batch()
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    plan = Plan({n: LayerPlan(smooth=0.5) for n in linears})
+    smoothed = compress(model, plan, Target("cpu", batch)).module
+    attention = model.encoder.layer[1].attention.self
+    parts = ("query", "key", "value")
+    shifts = [getattr(smoothed.encoder.layer[1].attention.self, p)[0].shift for p in parts]
+    assert all(torch.equal(shifts[0], shift) for shift in shifts[1:])
+    seen = []
+    hook = attention.query.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(**batch)
+    hook.remove()
+    input_range = seen[0].abs().flatten(0, 1).amax(0)
+    ranges = [getattr(attention, p).weight.abs().amax(0) for p in parts]
+    shared = smoothing_shifts(input_range, torch.stack(ranges).amax(0), 0.5)
+    assert torch.equal(shifts[0], shared) and shared.abs().max() > 0
+    assert not torch.equal(smoothing_shifts(input_range, ranges[0], 0.5), shared)  # not its own
+    output = smoothed.encoder.layer[1].attention.output.dense[0].shift
+    assert not torch.equal(output, shared)  # another input: its own factors
+    with torch.no_grad():
+        assert torch.equal(smoothed(**batch).last_hidden_state, model(**batch).last_hidden_state)
+
+    value = "encoder.layer.1.attention.self.value"
+    apart = compress(
+        model, Plan({**plan.layers, value: LayerPlan(smooth=0.75)}), Target("cpu", batch)
+    )
+    attention = apart.module.encoder.layer[1].attention.self
+    assert torch.equal(attention.query[0].shift, shared)  # query and key still share
+    assert torch.equal(attention.key[0].shift, shared)
+    assert torch.equal(
+        attention.value[0].shift, smoothing_shifts(input_range, ranges[2], 0.75)
+    )  # its own alpha, its own weight
+
+
 def test_the_onnx_file_carries_smoothing_into_onnx_runtimes_integer_kernels(tmp_path):
+    """Every Linear of a BERT smoothed on ``ort_int8_dynamic``: MatMulInteger on each, the
+    attention still fused, and query, key and value scaled by one Mul whose product ONNX
+    Runtime quantizes once, as many DynamicQuantizeLinear as the file without smoothing."""
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from autosqueeze.artifacts.export import OnnxModel, export_onnx
 
-    sys.path.insert(0, str(Path(__file__).parent / "zoo"))
-    from zoo_models import build_bert
-
-    model = build_bert()
-    ids = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids}
+    model, batch = _bert_and_batch()
     target = Target("cpu", batch)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "pooler" not in n]
-    plan = Plan({n: LayerPlan(bits=8, smooth=0.5, kernel="ort_int8_dynamic") for n in names})
-    data = artifact_bytes(compress(model, plan, target))
-    decoded = load_artifact(data, copy.deepcopy(model), target, execution_form=False)
-    path = tmp_path / "bert.onnx"
-    notes = export_onnx(decoded, plan, stored_integers(data), batch, path)
-    assert f"{len(names)} weights run ONNX Runtime's integer kernels" in notes[1]
-    assert any("MultiHeadAttention" in note for note in notes)  # still fused
-    ops = [node.op_type for node in onnx.load(path).graph.node]
-    assert ops.count("MatMulInteger") == len(names)
-    with torch.no_grad():
-        want = decoded(**batch).last_hidden_state
-    have = OnnxModel(path)(**batch)
-    cosine = torch.nn.functional.cosine_similarity(have.flatten(), want.flatten(), dim=0)
-    assert cosine > 0.999
+    ops = {}
+    for smooth in (0.0, 0.5):
+        plan = Plan({n: LayerPlan(bits=8, smooth=smooth, kernel="ort_int8_dynamic") for n in names})
+        data = artifact_bytes(compress(model, plan, target))
+        decoded = load_artifact(data, copy.deepcopy(model), target, execution_form=False)
+        path = tmp_path / f"bert{smooth}.onnx"
+        notes = export_onnx(decoded, plan, stored_integers(data), batch, path)
+        assert f"{len(names)} weights run ONNX Runtime's integer kernels" in notes[1]
+        assert any("MultiHeadAttention" in note for note in notes)  # still fused
+        ops[smooth] = [node.op_type for node in onnx.load(path).graph.node]
+        assert ops[smooth].count("MatMulInteger") == len(names)
+        with torch.no_grad():
+            want = decoded(**batch).last_hidden_state
+        have = OnnxModel(path)(**batch)
+        cosine = torch.nn.functional.cosine_similarity(have.flatten(), want.flatten(), dim=0)
+        assert cosine > 0.999
+    layers = len(model.encoder.layer)
+    for op in ("DynamicQuantizeLinear", "MultiHeadAttention"):
+        assert ops[0.5].count(op) == ops[0.0].count(op), op
+    # a Mul per input smoothed: query, key and value's one, the attention's output, the MLP's two
+    assert ops[0.5].count("Mul") - ops[0.0].count("Mul") == 4 * layers
 
 
 class TiedLM(nn.Module):

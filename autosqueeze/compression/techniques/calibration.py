@@ -21,6 +21,7 @@ compressions, a global flag of the model's code): nothing in autosqueeze does th
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -48,20 +49,31 @@ def over_calibration(
     combine: Combine = torch.add,
     *,
     calls: list[list[str]] | None = None,
+    readers: dict[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``statistic(layer, input)`` over the calibration batches (else the example input),
     per layer named, on the model as it is now: summed, or joined batch by batch with
     ``combine`` (``torch.maximum`` for a range: squares add up over batches, a largest value
     does not). ``why`` names what needs them, for the message when there is nothing to
     calibrate on. With ``calls``, a list per batch is appended to it, of the name of every
-    module whose forward starts, in order."""
+    module whose forward starts, in order. With ``readers``, each layer named that ran is
+    mapped to the first of them (in the order they ran) whose first call read the very same
+    input tensor as its own first call (the same object: an attention's query, key and value
+    reading one norm's output), itself where none did."""
     batches = _batches(compressed, why)
     module = compressed.module
     sums: dict[str, torch.Tensor] = {}
+    read: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}  # id -> (tensor, first reader)
 
     def record(name: str, layer: nn.Module, args: tuple[object, ...]) -> None:
         first = args[0]
         assert isinstance(first, torch.Tensor)
+        if readers is not None and name not in sums:  # its first call, in the first batch
+            # a weak reference: an id is reused once its tensor is freed, an object is not
+            known = read.get(id(first))
+            if known is None or known[0]() is not first:
+                known = read[id(first)] = (weakref.ref(first), name)
+            readers[name] = known[1]
         found = statistic(layer, first.detach().float())
         sums[name] = combine(sums[name], found) if name in sums else found
 

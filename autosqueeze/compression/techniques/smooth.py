@@ -4,11 +4,15 @@ input's few outlier channels shrink and int8 activations (one scale per tensor: 
 ``int8_dynamic`` and ``ort_int8_dynamic`` kernels) keep more of the rest.
 
 Per input channel j, with the migration strength alpha (the knob): s_j = max|X_j|^alpha /
-max|W_:,j|^(1 - alpha), max|X_j| over the calibration batches (else the example input). Each
-factor is rounded to a power of two, so dividing and multiplying by it are exact in any float
-format: the smoothed layer computes bit for bit what the original did (but for an exponent
-pushed under the smallest normal number), and its factors are stored as one int8 exponent
-per input channel. 0 is off, not the formula's alpha 0 (which would move every weight's range
+max|W_:,j|^(1 - alpha), max|X_j| over the calibration batches (else the example input). Layers
+that read the same input tensor and are smoothed with the same alpha (an attention's query,
+key and value) share one set of factors, max|W_:,j| then the largest over their weights, as
+SmoothQuant does: the ONNX file then scales their input once (``onnx_forms.merge_scalings``),
+and ONNX Runtime quantizes it once for the three, not once per layer. Each factor is rounded
+to a power of two, so dividing and multiplying by it are exact in any float format: the
+smoothed layer computes bit for bit what the original did (but for an exponent pushed under
+the smallest normal number), and its factors are stored as one int8 exponent per input
+channel. 0 is off, not the formula's alpha 0 (which would move every weight's range
 into the activations).
 
 The factors cannot always be folded into what feeds the layer: in a post-norm encoder (BERT,
@@ -89,11 +93,7 @@ class Smooth(Technique):
         layer = as_linear(compressed.module.get_submodule(name))
         first = _first_linear(layer)
         weight = first.weight.detach()
-        shift = smoothing_shifts(
-            _input_ranges(compressed)[name].to(weight.device),
-            weight.abs().amax(0).float(),
-            float(layer_plan.smooth),
-        )
+        shift = _shifts(compressed, name).to(weight.device, copy=True)  # shared: not tied
         with torch.no_grad():
             first.weight.mul_(torch.exp2(shift.float()).to(weight.dtype))
         compressed.module.set_submodule(name, nn.Sequential(InputScale(shift), layer))
@@ -126,17 +126,52 @@ def _first_linear(layer: nn.Module) -> nn.Linear:
     return next(m for m in layer.modules() if isinstance(m, nn.Linear))
 
 
-def _input_ranges(compressed: CompressedModel) -> dict[str, torch.Tensor]:
+def _shifts(compressed: CompressedModel, name: str) -> torch.Tensor:
+    """Layer ``name``'s exponents: shared with every layer that reads the same input tensor
+    and is smoothed with the same alpha (an attention's query, key and value), the weight
+    range each channel is balanced against being the largest over the group's weights, as
+    SmoothQuant does for query, key and value. Computed for the whole group when the first of
+    it is smoothed (the others' weights still as they were), kept for the rest."""
+    found: dict[str, torch.Tensor] = compressed.scratch.setdefault("smoothing_shifts", {})
+    if name not in found:
+        ranges, readers = _input_ranges(compressed)
+        layers = compressed.plan.layers
+        alpha = float(layers[name].smooth)
+        group = [name]
+        if name in readers:
+            group = [
+                n for n in readers if readers[n] == readers[name] and layers[n].smooth == alpha
+            ]
+        weight_range = torch.stack([_weight_range(compressed, n) for n in group]).amax(0)
+        input_range = torch.stack([ranges[n] for n in group]).amax(0)
+        shift = smoothing_shifts(input_range.to(weight_range.device), weight_range, alpha)
+        found.update(dict.fromkeys(group, shift))
+    return found[name]
+
+
+def _weight_range(compressed: CompressedModel, name: str) -> torch.Tensor:
+    """max |W_:,j| per input channel of layer ``name``'s first Linear, in float32."""
+    layer = _first_linear(as_linear(compressed.module.get_submodule(name)))
+    return layer.weight.detach().abs().amax(0).float()
+
+
+def _input_ranges(
+    compressed: CompressedModel,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """max |x_j| per input channel of every layer the plan smooths, over the calibration
-    batches: taken in one pass, before any of them is smoothed, and kept for the rest of
-    this compression (smoothing one layer leaves every layer's inputs as they were)."""
+    batches, and which of them read one input tensor (``over_calibration``'s ``readers``):
+    taken in one pass, before any of them is smoothed, and kept for the rest of this
+    compression (smoothing one layer leaves every layer's inputs as they were)."""
     if "input_ranges" not in compressed.scratch:
         names = {n for n, lp in compressed.plan.layers.items() if lp.smooth}
 
         def largest(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
             return x.abs().reshape(-1, x.shape[-1]).amax(0)
 
-        found = over_calibration(compressed, names, largest, "smooth", torch.maximum)
-        compressed.scratch["input_ranges"] = found
-    ranges: dict[str, torch.Tensor] = compressed.scratch["input_ranges"]
+        readers: dict[str, str] = {}
+        found = over_calibration(
+            compressed, names, largest, "smooth", torch.maximum, readers=readers
+        )
+        compressed.scratch["input_ranges"] = found, readers
+    ranges: tuple[dict[str, torch.Tensor], dict[str, str]] = compressed.scratch["input_ranges"]
     return ranges
