@@ -14,6 +14,7 @@ import torch
 import yaml
 from conftest import study_config, write_yaml
 from safetensors.torch import load as load_tensors
+from test_anatomy import TiedLM  # a language model whose head is its embedding
 from torch import nn
 
 from autosqueeze import validate
@@ -205,20 +206,6 @@ def test_the_onnx_file_carries_smoothing_into_onnx_runtimes_integer_kernels(tmp_
         assert ops[0.5].count(op) == ops[0.0].count(op), op
     # a Mul per input smoothed: query, key and value's one, the attention's output, the MLP's two
     assert ops[0.5].count("Mul") - ops[0.0].count("Mul") == 4 * layers
-
-
-class TiedLM(nn.Module):
-    """A language model whose output head is its embedding."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(64, 32)
-        self.mix = nn.Linear(32, 32)
-        self.head = nn.Linear(32, 64, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.mix(self.embed(ids))))
 
 
 def test_a_space_offers_it_on_linears_but_not_on_a_tied_one(tmp_path):

@@ -46,6 +46,18 @@ DAMPING = 0.01
 CONVS = (nn.Conv1d, nn.Conv2d)  # those whose inputs ``torch.nn.functional.unfold`` takes
 
 
+def inverse_hessian(hessian: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor of (H + 1% of its mean diagonal)^-1, in float64, as GPTQ
+    and SparseGPT walk it column by column. Inputs that never fire (a zero diagonal) get a
+    unit diagonal, and their weights (``w``'s columns, zeroed in place) matter for nothing."""
+    h = hessian.to(w.device).double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += DAMPING * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
 def rounds(layer: nn.Module) -> bool:
     """Whether GPTQ rounds ``layer``'s ``weight`` (others round to nearest)."""
     return isinstance(layer, (nn.Linear, *CONVS)) or is_conv1d(layer)
@@ -108,12 +120,7 @@ def round_matrix(
     w = matrix.detach().double().clone()
     rows, cols = w.shape
     keep_zero = matrix.detach() == 0  # pruned: stays zero
-    h = hessian.to(w.device).double().clone()
-    dead = torch.diagonal(h) == 0  # inputs that never fire: their weights matter for nothing
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += DAMPING * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype, device=h.device)
-    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    inverse = inverse_hessian(hessian, w)
     qmax = 2 ** (bits - 1) - 1
     q = torch.zeros(rows, cols, dtype=torch.int8, device=w.device)
     stored_rows, width = (cols, rows) if transposed else (rows, cols)

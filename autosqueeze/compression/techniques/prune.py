@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from autosqueeze.compression.kernels import is_conv1d
+from autosqueeze.compression.rounding import inverse_hessian
 from autosqueeze.compression.techniques.base import (
     CompressedModel,
     Technique,
@@ -123,8 +124,6 @@ def prune_two_of_four(weight: torch.Tensor) -> None:
 
 BLOCK = 128
 """Columns SparseGPT chooses a mask for at once (the paper's adaptive mask selection)."""
-DAMPING = 0.01
-"""Added to H's diagonal, times its mean: keeps H invertible (the paper's 1%)."""
 
 
 def prune_by_hessian(layer: nn.Module, hessian: torch.Tensor, ratio: float) -> None:
@@ -138,12 +137,7 @@ def prune_by_hessian(layer: nn.Module, hessian: torch.Tensor, ratio: float) -> N
     total = round(ratio * w.numel())
     if not total:
         return
-    h = hessian.to(w.device).double().clone()
-    dead = torch.diagonal(h) == 0  # inputs that never fire: their weights matter for nothing
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += DAMPING * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype, device=h.device)
-    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    inverse = inverse_hessian(hessian, w)  # GPTQ's, damped alike
     done = 0
     for start in range(0, cols, BLOCK):
         end = min(start + BLOCK, cols)
