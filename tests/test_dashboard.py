@@ -89,16 +89,9 @@ def test_polling_while_a_search_writes_holds_no_lock(tmp_path, storage):
             search={"trials": 6, "output_dir": str(tmp_path / "run"), "storage": url_or_path},
         ),
     )
-    search = subprocess.Popen(  # no pass: its probes would each wait on the slow metric
-        [
-            sys.executable,
-            "-m",
-            "autosqueeze",
-            "search",
-            str(config),
-            "--no-progress",
-            "--no-sensitivity",
-        ],
+    args = ["search", str(config), "--no-progress", "--no-sensitivity"]  # no pass: its probes
+    search = subprocess.Popen(  # would each wait on the slow metric
+        [sys.executable, "-m", "autosqueeze", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
