@@ -146,7 +146,12 @@ def test_pruned_zeros_stay_zero_and_their_error_is_moved_onto_the_weights_left()
         assert bool((weight[zeros] == 0).all()), prune_by
         nearest_plan = Plan({"0": plan.layers["0"].replace(round_by="nearest")})
         nearest = _shipped(model, nearest_plan, target, _linear(seed=9))
-        assert _relative_error(loaded, model, x) < _relative_error(nearest, model, x), prune_by
+        # against what GPTQ rounds (the pruned weights): pruning's own error, 0.10 of the
+        # output here, is not rounding's to move
+        reference = pruned.module
+        assert _relative_error(loaded, reference, x) < _relative_error(nearest, reference, x), (
+            prune_by
+        )
 
 
 def test_the_artifact_stores_the_integers_gptq_chose_and_loads_the_model_measured(tmp_path):

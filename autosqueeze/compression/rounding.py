@@ -9,12 +9,14 @@ in one product), H damped by 1% of its mean diagonal, H^-1 through its upper Cho
 inputs that never fire on the calibration data given H_jj = 1 and weight 0.
 
 The grid is the codec's (``codecs.quantize``): symmetric integers with one fp16 scale per
-output row, or per ``group_size`` inputs of a row. A group's scale is chosen by the codec's
-own clipped-scale search on the group's weights as they are when GPTQ reaches its first
-column (the paper's choice without "static groups": the scale then fits the weights the
-earlier columns' errors moved). Whole-row scales are chosen on the row before any column is
-rounded. Re-quantizing the rounded weight with ``quantize`` may pick other scales, so the
-integers and scales chosen here are what the artifact stores (``CompressedModel.rounded``).
+output row, or per ``group_size`` inputs of a row, each chosen by the codec's own
+clipped-scale search on the weights before any is rounded ("static groups"), so that the
+columns can be rounded in order of falling H_jj ("act order", the reference code's
+``desc_act``): the inputs that carry most energy first, while most columns are left to take
+their errors. On MiniLM, every Linear at 4 bits in groups of 64 (and the word embeddings at
+4 bits): fidelity 0.9876 against 0.9855 for natural order with each group's scale chosen
+when reached. Re-quantizing the rounded weight with ``quantize`` may pick other scales, so
+the integers and scales chosen here are what the artifact stores (``CompressedModel.rounded``).
 
 Weights already exactly zero (pruned first) stay zero: their column's error is that of
 rounding to 0, moved on like any other (SparseGPT's mask kept while quantizing).
@@ -120,36 +122,35 @@ def round_matrix(
     w = matrix.detach().double().clone()
     rows, cols = w.shape
     keep_zero = matrix.detach() == 0  # pruned: stays zero
+    stored_rows, width = (cols, rows) if transposed else (rows, cols)
+    group = group_size if group_size and group_size < width else None
+    if transposed:  # natural order; a column's scales are its stored row's, chosen when reached
+        order = torch.arange(cols, device=w.device)
+        scales = torch.empty(stored_rows, -(-width // (group or width)), dtype=torch.float16)
+        scales = scales.to(w.device)
+    else:  # the module docstring: scales first, then columns by falling H_jj
+        width_of = group or cols
+        parts = zip(w.split(width_of, dim=1), keep_zero.split(width_of, dim=1), strict=True)
+        chosen = [quantize(p.masked_fill(z, 0).float(), bits, None)[1] for p, z in parts]
+        scales = torch.cat(chosen, dim=1)
+        order = torch.argsort(torch.diagonal(hessian).to(w.device), descending=True, stable=True)
+        w, keep_zero = w[:, order], keep_zero[:, order]
+        hessian = hessian.to(w.device)[order][:, order]
     inverse = inverse_hessian(hessian, w)
     qmax = 2 ** (bits - 1) - 1
     q = torch.zeros(rows, cols, dtype=torch.int8, device=w.device)
-    stored_rows, width = (cols, rows) if transposed else (rows, cols)
-    group = group_size if group_size and group_size < width else None
-    scales = torch.empty(
-        stored_rows, -(-width // (group or width)), dtype=torch.float16, device=w.device
-    )
-    if transposed:  # a column's scales: those of its stored row, chosen when it is reached
-        block_size = BLOCK
-    else:  # whole groups per block, so a group's columns have all earlier errors
-        block_size = group * max(1, BLOCK // group) if group else BLOCK
-        if group is None:  # one scale per row, chosen on the row as it is
-            scales[:, 0] = quantize(w.masked_fill(keep_zero, 0).float(), bits, None)[1][:, 0]
-    for start in range(0, cols, block_size):
-        end = min(start + block_size, cols)
+    for start in range(0, cols, BLOCK):
+        end = min(start + BLOCK, cols)
         block, hinv = w[:, start:end].clone(), inverse[start:end, start:end]
         errors = torch.zeros_like(block)
         for i in range(end - start):
-            column, zero = block[:, i], keep_zero[:, start + i]
+            column, zero, j = block[:, i], keep_zero[:, start + i], int(order[start + i])
             if transposed:
                 found = quantize(column.masked_fill(zero, 0).float()[None, :], bits, group)[1]
-                scales[start + i] = found[0]
+                scales[j] = found[0]
                 scale = found[0].repeat_interleave(group or rows)[:rows]
             else:
-                if group and (start + i) % group == 0:  # a group starts: its scales, as now
-                    zeros = keep_zero[:, start + i : start + i + group]
-                    seg = block[:, i : i + group].masked_fill(zeros, 0)
-                    scales[:, (start + i) // group] = quantize(seg.float(), bits, None)[1][:, 0]
-                scale = scales[:, (start + i) // group if group else 0]
+                scale = scales[:, j // group if group else 0]
             levels = torch.round(column.float() / scale.float()).clamp(-qmax, qmax)
             levels = levels.masked_fill(zero, 0)
             rounded = (levels * scale.float()).double()
@@ -157,7 +158,7 @@ def round_matrix(
             block[:, i:] -= error[:, None] * hinv[i, i:][None, :]
             block[:, i] = rounded
             errors[:, i] = error
-            q[:, start + i] = levels.to(torch.int8)
+            q[:, j] = levels.to(torch.int8)
         w[:, start:end] = block
         w[:, end:] -= errors @ inverse[start:end, end:]
     if transposed:
