@@ -57,9 +57,13 @@ def test_a_front_that_would_not_reproduce_is_not_written(searched, tmp_path):
 
 def test_search_writes_the_front_and_prints_the_summary(tmp_path, make_config, capsys):
     config = make_config()
-    code, out, _ = run(capsys, "search", config, "--no-progress")
+    code, out, err = run(capsys, "search", config)  # progress on, to a log (not a terminal)
     assert code == 0
     assert "Smallest model within 0.02 accuracy of the original: trial" in out
+    lines = err.splitlines()  # whole lines a log keeps, the last of each phase at its end
+    assert "\r" not in err
+    assert any(line.startswith("sensitivity: ") and "probe" in line for line in lines)
+    assert any(" 8/8 " in line and "trial" in line for line in lines), err
     run_dir = tmp_path / "run"
     rows = list(csv.DictReader((run_dir / "front.csv").open()))
     assert rows and {"trial", "metric", "size_bytes", "latency_ms", "feasible", "artifact"} <= set(

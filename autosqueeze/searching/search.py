@@ -21,10 +21,10 @@ from typing import Any
 
 import optuna
 import torch
-from tqdm import tqdm
 
 from autosqueeze.artifacts.onnx_forms import ONE_CALL as ONE_CALL_QUANTIZERS
 from autosqueeze.common.errors import Terminated, UserError
+from autosqueeze.common.progress import progress_bar
 from autosqueeze.compression.techniques import TECHNIQUES
 from autosqueeze.measuring.device_lock import DeviceLock
 from autosqueeze.measuring.measure import Limits, Measurements, robust_latency
@@ -243,8 +243,8 @@ def _distil_students(task: Task, progress: bool) -> list[str]:
         return []
     notes: list[str] = []
     steps = task.config.model.distill_steps
-    with tqdm(
-        total=len(task.candidates), unit="student", desc="distil", disable=not progress or None
+    with progress_bar(
+        total=len(task.candidates), unit="student", desc="distil", enabled=progress
     ) as bar:
 
         def done(name: str, cached: bool) -> None:
@@ -300,7 +300,7 @@ def sensitivity_table(
     them (``autosqueeze.measuring.timing_cache``)."""
     stored = study.user_attrs.get(SENSITIVITY)
     table = SensitivityTable.from_dict(stored, config.sensitivity.samples)
-    bar = tqdm(unit="probe", disable=not progress or None, dynamic_ncols=True, desc="sensitivity")
+    bar = progress_bar(unit="probe", desc="sensitivity", enabled=progress)
 
     def advance(done: int, total: int) -> None:
         bar.total = total
@@ -643,13 +643,12 @@ def _loop(
     target = config.search.trials
     deadline = time.monotonic() + config.search.timeout_s if config.search.timeout_s else None
     distributions = space.distributions
-    bar = tqdm(
+    bar = progress_bar(
         total=target,
         initial=min(finished_count(study), target),
         unit="trial",
-        disable=not progress or None,
-        dynamic_ncols=True,
         desc=config.name,
+        enabled=progress,
     )
     stats = _Stats(study)
     bar.set_postfix_str(stats.summary())
