@@ -91,6 +91,40 @@ def test_int4_runs_matmul_nbits_within_its_error(tmp_path):
     assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.9
 
 
+def test_int4_ships_the_artifacts_own_integers(tmp_path):
+    """An ``ort_int4`` layer the artifact stores at 4 bits in blocks MatMulNBits takes
+    (GPTQ's integers here) ships those integers and scales, not ONNX Runtime's quantizer's
+    own rounding: the MatMulNBits weight decodes to the artifact's weight exactly; a layer
+    stored at 8 bits is rounded by the quantizer, as before."""
+    from onnx import numpy_helper
+
+    model, x = pretrained_cnn().eval(), example_input()
+    batches = calibration()
+    plan = Plan(
+        {
+            "classifier.1": LayerPlan.of(bits=4, group_size=32, round_by="gptq", kernel="ort_int4"),
+            "classifier.3": LayerPlan.of(bits=8, kernel="ort_int4"),
+        }
+    )
+    _exported(model, plan, x, tmp_path / "d.onnx", batches)
+    proto = onnx.load(str(tmp_path / "d.onnx"))
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2
+    arrays = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    target = Target("cpu", x, "onnxruntime", batches)
+    data = artifact_bytes(compress(copy.deepcopy(model), plan, target))
+    decoded = load_artifact(data, copy.deepcopy(model), target, execution_form=False)
+    ours = next(n for n in nbits if n.input[1].startswith("classifier.1.weight"))
+    packed = torch.from_numpy(arrays[ours.input[1]]).to(torch.int16)  # (N, blocks, 16)
+    values = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1) - 8
+    scales = torch.from_numpy(arrays[ours.input[2]]).reshape(packed.shape[0], -1)
+    weight = values.float() * scales.repeat_interleave(32, dim=1)
+    width = decoded.classifier[1].weight.shape[1]
+    assert torch.equal(weight[:, :width], decoded.classifier[1].weight.detach())
+    other = next(n for n in nbits if n is not ours)
+    assert not other.input[1].endswith("::nbits")  # the quantizer's (block 32, its rounding)
+
+
 def test_static_int8_is_what_the_one_call_quantizer_makes_of_the_same_layers(tmp_path):
     """Every layer on ``ort_int8_static``: QDQ calibrated on the calibration batches, the
     Relu and pooling between integer layers taken too, so the file holds the operators ONNX

@@ -187,7 +187,7 @@ def export_onnx(
     try:
         onnx.save_model(proto, partial)
         _check_runs_alike(partial, model, example_input)
-        left_fp32 = quantize_layers(partial, in_ort, calibration or [example_input])
+        left_fp32 = quantize_layers(partial, in_ort, calibration or [example_input], integers)
         fused = _fused(partial, example_input)
         options = OnnxModel(partial).entries  # loads: ONNX Runtime takes what it rewrote
         os.replace(partial, path)

@@ -8,7 +8,9 @@ those layers' nodes to ONNX Runtime's own quantizer (``quantize_dynamic``: MatMu
 ``quantize_static``: QDQ, calibrated with MinMax on ``CALIBRATION_BATCHES`` batches of
 ``task.calibration``; ``MatMulNBitsQuantizer``: MatMulNBits), per output channel (int4: per
 block), as the one-call quantizers do to a whole model (``one_call``). The file stores those
-weights as int8 (or int4), whatever bits the artifact stored them at.
+weights as int8 (or int4), whatever bits the artifact stored them at; but an ``ort_int4``
+weight the artifact stores at 4 bits or fewer, in blocks MatMulNBits takes, is written from
+the artifact's own integers and scales (``_nbits_from``), so GPTQ's rounding ships.
 
 Which session options make a file fastest depends on what it holds (``session_entries``):
 with activations quantized (QDQ), ONNX Runtime must keep its QDQ fusion on, or it runs the
@@ -131,16 +133,24 @@ def quantize_layers(
     path: Path,
     weights: dict[str, str],
     calibration: list[Any],
+    integers: dict[str, tuple[torch.Tensor, torch.Tensor, int | None]] | None = None,
 ) -> list[str]:
     """Rewrite the ONNX file at ``path`` in place: the node that multiplies by each weight of
     ``weights`` (initializer name -> ``"int4"``, ``"dynamic"`` or ``"static"``) put in ONNX
     Runtime's integer form by its quantizer. ``calibration``: input batches (a model's positional or
-    keyword inputs) for static ranges. Returns the weights ONNX Runtime left in fp32 (a node its
-    quantizer does not take), for the user's notes."""
+    keyword inputs) for static ranges. An ``"int4"`` weight the artifact stores at 4 bits or
+    fewer in blocks MatMulNBits takes (``integers``: its integers, scales and group size) is
+    written from those integers (``_nbits_from``), not rounded again by ONNX Runtime's
+    quantizer, so what GPTQ chose ships. Returns the weights ONNX Runtime left in fp32 (a
+    node its quantizer does not take), for the user's notes."""
     import onnx
 
     proto = onnx.load(str(path))
     nodes = _weight_nodes(proto, weights)
+    for key, found in (integers or {}).items():
+        if weights.get(key) == "int4" and key in nodes and _nbits_from(proto, nodes[key], *found):
+            del nodes[key]  # the artifact's own integers: not rounded again
+    onnx.save_model(proto, str(path))
     for mode in ("int4", "dynamic", "static"):  # static last: calibration runs the others
         chosen = [node for key, node in nodes.items() if weights[key] == mode]
         if not chosen:
@@ -193,6 +203,60 @@ def _weight_nodes(proto: Any, weights: dict[str, str]) -> dict[str, str]:
         if node is not None and node.op_type in ("MatMul", "Gemm", "Conv"):
             found[key] = node.name
     return found
+
+
+NBITS_BLOCKS = (16, 32, 64, 128, 256)
+"""The block sizes MatMulNBits takes (a power of two, 16 at least)."""
+
+
+def _nbits_from(
+    proto: Any, node_name: str, q: torch.Tensor, scale: torch.Tensor, group_size: int | None
+) -> bool:
+    """Replace the MatMul ``node_name`` (its weight an initializer, inputs x outputs) by
+    ONNX Runtime's ``MatMulNBits`` holding the artifact's own 4-bit integers ``q`` (outputs x
+    inputs, in [-8, 7]) and scales (one per ``group_size`` inputs of an output), with
+    ``accuracy_level`` 4 as ``OrtInt4`` runs it. False, and nothing changed, where it cannot:
+    wider integers, blocks MatMulNBits does not take, or a weight that is not ``q``'s."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    node = next((n for n in graph.node if n.name == node_name), None)
+    if node is None or node.op_type != "MatMul" or group_size not in NBITS_BLOCKS:
+        return False
+    init = next((i for i in graph.initializer if i.name == node.input[1]), None)
+    outputs, inputs = q.shape if q.dim() == 2 else (0, 0)
+    if init is None or list(init.dims) != [inputs, outputs] or not -8 <= int(q.min()) <= 7:
+        return False
+    if int(q.max()) > 7 or scale.shape != (outputs, -(-inputs // group_size)):
+        return False
+    blocks = scale.shape[1]
+    padded = torch.zeros(outputs, blocks * group_size, dtype=torch.int16)
+    padded[:, :inputs] = q.to(torch.int16)
+    nibbles = (padded + 8).to(torch.uint8).reshape(outputs, blocks, group_size // 2, 2)
+    packed = nibbles[..., 0] | (nibbles[..., 1] << 4)  # the first of two in the low nibble
+    name = node.input[1]
+    values = numpy_helper.from_array(packed.numpy(), f"{name}::nbits")
+    scales = numpy_helper.from_array(scale.float().flatten().numpy(), f"{name}::nbits_scale")
+    replaced = helper.make_node(
+        "MatMulNBits",
+        [node.input[0], values.name, scales.name],
+        list(node.output),
+        node.name,
+        domain="com.microsoft",
+        K=inputs,
+        N=outputs,
+        bits=4,
+        block_size=group_size,
+        accuracy_level=4,
+    )
+    index = list(graph.node).index(node)
+    graph.node.remove(node)
+    graph.node.insert(index, replaced)
+    graph.initializer.remove(init)
+    graph.initializer.extend([values, scales])
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return True
 
 
 def fold_batch_norms(proto: Any) -> int:
