@@ -49,6 +49,7 @@ class _LogLines(tqdm):  # type: ignore[misc]
     pass), and the last when it closes."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._closing, self._shown = False, -1
         super().__init__(*args, ascii=True, ncols=100, **kwargs)
         self._stopped = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, daemon=True, name=f"{self.desc}")
@@ -61,12 +62,21 @@ class _LogLines(tqdm):  # type: ignore[misc]
                 self.refresh()
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        if self._closing and self.n == self._shown:
+            return True  # its last line is already there
         line = self.__str__() if msg is None else msg
         self.fp.write(line.strip("\r") + "\n")
         self.fp.flush()
+        self._shown = self.n
         return True
 
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        """The figures beside the count, shown with the next line (not a line of their own:
+        the search sets them after every trial)."""
+        super().set_postfix_str(s, refresh=False)
+
     def close(self) -> None:
+        self._closing = True
         if getattr(self, "_stopped", None) is not None:
             self._stopped.set()
         super().close()
