@@ -408,3 +408,30 @@ def test_the_original_is_timed_as_torch_onnx_export_writes_it(tmp_path):
         evaluator.close()
     assert ops["BatchNormalization"] == own["BatchNormalization"] == 0
     assert ops["Conv"] == own["Conv"] == 10
+
+
+def test_int4_conv1d_weights_are_not_taken_as_a_linears(tmp_path):
+    """GPT-2's Conv1D stores its weight transposed (inputs x outputs): its integers are left
+    to ONNX Runtime's quantizer rather than written as MatMulNBits rows, so a square
+    projection (the attention's output here) is not shipped transposed."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(config).eval()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    names = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    plan = Plan.uniform(names, bits=4, group_size=16, kernel="ort_int4")
+    x = {"input_ids": ids}
+    _exported(model, plan, x, tmp_path / "g.onnx")
+    assert _ops(tmp_path / "g.onnx")["MatMulNBits"] == len(names)
+    target = Target("cpu", x, "onnxruntime")
+    data = artifact_bytes(compress(copy.deepcopy(model), plan, target))
+    decoded = load_artifact(data, copy.deepcopy(model), target, execution_form=False)
+    with torch.no_grad():
+        want = decoded(input_ids=ids).last_hidden_state
+        got = OnnxModel(tmp_path / "g.onnx")(input_ids=ids)  # the first output alone
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
+    assert cosine > 0.99

@@ -187,7 +187,9 @@ def export_onnx(
     try:
         onnx.save_model(proto, partial)
         _check_runs_alike(partial, model, example_input)
-        left_fp32 = quantize_layers(partial, in_ort, calibration or [example_input], integers)
+        linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        kept = {k: v for k, v in integers.items() if k in linear}  # (out, in), as MatMulNBits
+        left_fp32 = quantize_layers(partial, in_ort, calibration or [example_input], kept)
         fused = _fused(partial, example_input)
         options = OnnxModel(partial).entries  # loads: ONNX Runtime takes what it rewrote
         os.replace(partial, path)

@@ -139,7 +139,8 @@ def quantize_layers(
     ``weights`` (initializer name -> ``"int4"``, ``"dynamic"`` or ``"static"``) put in ONNX
     Runtime's integer form by its quantizer. ``calibration``: input batches (a model's positional or
     keyword inputs) for static ranges. An ``"int4"`` weight the artifact stores at 4 bits or
-    fewer in blocks MatMulNBits takes (``integers``: its integers, scales and group size) is
+    fewer in blocks MatMulNBits takes (``integers``: a Linear's integers, outputs x inputs,
+    scales and group size; a Conv1D's are stored transposed) is
     written from those integers (``_nbits_from``), not rounded again by ONNX Runtime's
     quantizer, so what GPTQ chose ships. Returns the weights ONNX Runtime left in fp32 (a
     node its quantizer does not take), for the user's notes."""
