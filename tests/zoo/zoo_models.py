@@ -322,6 +322,35 @@ def build_whisper() -> nn.Module:
     return _seeded(lambda: WhisperEncoder(config))
 
 
+class Recurrent(nn.Module):
+    """torch's recurrent layers as a user stacks them: token embeddings, a two-layer
+    bidirectional LSTM, a GRU over its outputs, a classifier on the last step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 64)
+        self.lstm = nn.LSTM(64, 64, num_layers=2, batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(128, 96, batch_first=True)
+        self.head = nn.Linear(96, 10)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        states, _ = self.lstm(self.embed(input_ids))
+        states, _ = self.gru(states)
+        return self.head(states[:, -1])
+
+
+def build_recurrent() -> nn.Module:
+    return _seeded(Recurrent)
+
+
+def data_recurrent() -> list[tuple[torch.Tensor, None]]:
+    generator = torch.Generator().manual_seed(SEED + 1)
+    return [
+        (torch.randint(0, VOCAB, (BATCH, LENGTH), generator=generator), None)
+        for _ in range(BATCHES)
+    ]
+
+
 data_gpt2 = data_llama = data_bert = data_bert_mlm = data_distilbert = data_t5 = _tokens
 data_bart = _tokens
 
@@ -363,5 +392,6 @@ ZOO: dict[str, str] = {
     "bart": TRANSFORMER,
     "hf_vit": TRANSFORMER,
     "whisper": TRANSFORMER,
+    "recurrent": TRANSFORMER,
 }
 """model name -> the space file (in ``search_spaces/``) a user would pick for it."""
