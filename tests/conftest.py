@@ -148,3 +148,19 @@ def stop_midway(
         gate.mkdir(exist_ok=True)
         (gate / "open").touch()  # for the run that resumes (and evaluators still waiting)
     return proc.returncode, err
+
+
+def tiny_gpt2() -> tuple[Any, Any, Any]:
+    """A one-block GPT-2 (its projections Hugging Face's Conv1D, 32 wide), seeded and without
+    dropout, its config and two 16-token sentences: ``(model, config, ids)``."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(config).eval()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    return model, config, ids

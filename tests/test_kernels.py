@@ -168,14 +168,11 @@ def _copy(module: nn.Module) -> nn.Module:
 def test_gpt2_conv1d_projections_run_the_linear_kernels(tmp_path, kernel_name):
     """Hugging Face's Conv1D (all of GPT-2's projections) is a Linear stored transposed: the
     Linear kernels are offered on it, and its artifact loads into them and scores as measured."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(
-        vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2, resid_pdrop=0.0,
-        embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.GPT2Model(config).eval()
-    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    from conftest import tiny_gpt2
+
+    model, config, ids = tiny_gpt2()  # skips without transformers
+    import transformers
+
     with torch.no_grad():
         expected = model(input_ids=ids).last_hidden_state
     names = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]

@@ -414,14 +414,9 @@ def test_int4_conv1d_weights_are_not_taken_as_a_linears(tmp_path):
     """GPT-2's Conv1D stores its weight transposed (inputs x outputs): its integers are left
     to ONNX Runtime's quantizer rather than written as MatMulNBits rows, so a square
     projection (the attention's output here) is not shipped transposed."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(
-        vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2, resid_pdrop=0.0,
-        embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.GPT2Model(config).eval()
-    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    from conftest import tiny_gpt2
+
+    model, _, ids = tiny_gpt2()
     names = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
     plan = Plan.uniform(names, bits=4, group_size=16, kernel="ort_int4")
     x = {"input_ids": ids}
