@@ -44,6 +44,7 @@ from autosqueeze.artifacts.onnx_forms import (
     STORED_SUFFIX,
     fold_batch_norms,
     fuse_for_ort,
+    int4_packed,
     merge_scalings,
     quantize_layers,
     session_entries,
@@ -357,7 +358,7 @@ def _store_integers(
             f"{key}{STORED_SUFFIX}",
             TensorProto.INT4 if narrow else TensorProto.INT8,
             list(rows.shape),
-            _int4_packed(rows) if narrow else numpy_helper.from_array(rows.numpy()).raw_data,
+            int4_packed(rows) if narrow else numpy_helper.from_array(rows.numpy()).raw_data,
             raw=True,
         )
         per_group = group_size is not None and group_size < width
@@ -433,15 +434,6 @@ def _without_trace_notes(proto: Any) -> None:
     for node in proto.graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
-
-
-def _int4_packed(values: torch.Tensor) -> bytes:
-    """int4 values as ONNX stores them raw: two to a byte, the first in the low nibble (as a
-    list of ints, ONNX writes one varint each: 1.47x the bytes on a 1024 x 128 weight)."""
-    nibbles = (values.flatten().to(torch.int16) & 0x0F).to(torch.uint8)
-    if nibbles.numel() % 2:
-        nibbles = torch.cat([nibbles, nibbles.new_zeros(1)])
-    return (nibbles[0::2] | (nibbles[1::2] << 4)).numpy().tobytes()
 
 
 def _fused(path: Path, example_input: Any) -> str | None:

@@ -126,8 +126,8 @@ def round_matrix(
     group = group_size if group_size and group_size < width else None
     if transposed:  # natural order; a column's scales are its stored row's, chosen when reached
         order = torch.arange(cols, device=w.device)
-        scales = torch.empty(stored_rows, -(-width // (group or width)), dtype=torch.float16)
-        scales = scales.to(w.device)
+        shape = (stored_rows, -(-width // (group or width)))
+        scales = torch.empty(shape, dtype=torch.float16, device=w.device)
     else:  # the module docstring: scales first, then columns by falling H_jj
         width_of = group or cols
         parts = zip(w.split(width_of, dim=1), keep_zero.split(width_of, dim=1), strict=True)
