@@ -26,7 +26,9 @@ def progress_bar(*, desc: str, unit: str, enabled: bool = True, **options: Any) 
     if sys.stderr.isatty():
         return tqdm(desc=desc, unit=unit, dynamic_ncols=True, **options)
     log = _NoBlankWrites(sys.stderr)
-    return _LogLines(desc=desc, unit=unit, file=log, mininterval=LOG_EVERY_S, **options)
+    return _LogLines(  # maxinterval too: tqdm's monitor would refresh every 10 s otherwise
+        desc=desc, unit=unit, file=log, mininterval=LOG_EVERY_S, maxinterval=LOG_EVERY_S, **options
+    )
 
 
 class _NoBlankWrites:
@@ -52,7 +54,7 @@ class _LogLines(tqdm):  # type: ignore[misc]
         self._closing, self._shown = False, -1
         super().__init__(*args, ascii=True, ncols=100, **kwargs)
         self._stopped = threading.Event()
-        self._beat = threading.Thread(target=self._heartbeat, daemon=True, name=f"{self.desc}")
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True, name=self.desc)
         self._beat.start()
 
     def _heartbeat(self) -> None:
