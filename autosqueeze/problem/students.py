@@ -28,6 +28,7 @@ from autosqueeze.common.content_cache import cache_dir, content_key
 from autosqueeze.common.errors import UserError
 from autosqueeze.common.nested import tensors
 from autosqueeze.compression.recovery import Recovery, floating_tensors
+from autosqueeze.problem.plain_weights import fold_parametrizations
 from autosqueeze.usercode.metrics import call_model
 from autosqueeze.usercode.user_code import call_user, describe, load_callable
 
@@ -76,7 +77,7 @@ def build(factory: Callable, field: str, ref: str) -> nn.Module:
     if not isinstance(student, nn.Module):
         kind = type(student).__name__
         raise UserError(f"{field}: {ref!r} returned {kind}, not a torch.nn.Module.")
-    return student.cpu().eval()
+    return fold_parametrizations(student.cpu().eval())
 
 
 def distilled(

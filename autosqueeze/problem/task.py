@@ -18,6 +18,7 @@ from autosqueeze.common.errors import UserError
 from autosqueeze.common.nested import batch_of, samples_in, tensors
 from autosqueeze.compression.recovery import Recovery
 from autosqueeze.compression.techniques import Target
+from autosqueeze.problem.plain_weights import fold_parametrizations
 from autosqueeze.problem.students import build, distilled, load_factories
 from autosqueeze.settings.config import StudyConfig, file_problem
 from autosqueeze.usercode.metrics import Metric, call_model, pooled, resolve_metric, to_device
@@ -306,7 +307,7 @@ def _load_model(config: StudyConfig) -> nn.Module:
         )
     if config.model.checkpoint is not None:
         _load_checkpoint(model, config.model.checkpoint)
-    return model.cpu().eval()
+    return fold_parametrizations(model.cpu().eval())
 
 
 def _load_checkpoint(model: nn.Module, path: Any) -> None:
