@@ -98,11 +98,12 @@ def test_blocks_that_hold_their_own_projections_lose_heads_without_the_graph(nam
     assert not any(TECHNIQUES["prune_heads"].needs_graph(model, n) for n in found)
 
 
-@pytest.mark.parametrize("name", ["t5", "gpt2", "torch_vit", "whisper"])
+@pytest.mark.parametrize("name", ["t5", "gpt2", "torch_vit", "whisper", "phi3"])
 def test_attention_that_cannot_lose_a_head_cleanly_is_not_offered_it(name):
     """T5 and Whisper split into a fixed number of heads (a narrower projection would give
     narrower heads, another function, or not run); GPT-2 fuses its projections into one
-    Conv1D; torch's MultiheadAttention holds them as one tensor. validate says why."""
+    Conv1D, Phi-3 into one Linear (found by structure, without Torch-Pruning's graph); torch's
+    MultiheadAttention holds them as one tensor. validate says why."""
     assert _offered(name)[0] == []
     model = getattr(zoo_models, f"build_{name}")()
     target = Target("cpu", getattr(zoo_models, f"data_{name}")()[0][0])
@@ -115,6 +116,8 @@ def test_attention_that_cannot_lose_a_head_cleanly_is_not_offered_it(name):
         "t5": fixed,
         "whisper": fixed,
         "gpt2": "a fused query-key-value projection: its heads are not cut apart",
+        "phi3": "a fused query-key-value projection (model.layers.0.self_attn.qkv_proj): "
+        "its heads are not cut apart",
     }
     if name in expected:
         assert expected[name] in reasons

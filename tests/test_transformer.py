@@ -186,3 +186,30 @@ def test_a_bert_style_model_prunes_ffn_neurons_and_runs_kernels(tmp_path):
     assert fidelity(embed(model, batches, cpu))(loaded, batches, cpu) > 0.95
     again = load_artifact(artifact, build(), target)
     torch.testing.assert_close(embed(loaded, batches, cpu), embed(again, batches, cpu))
+
+
+def test_a_mixtures_experts_held_as_3d_tensors_are_stored_at_their_bits(tmp_path):
+    """transformers holds a mixture's experts as 3-D tensors of one module (Mixtral's
+    ``gate_up_proj``, ``down_proj``), not as Linears: the transformer space's last rule gives
+    any module's own weight matrices bits and prune, and the file stores them at their bits."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "tests" / "zoo"))
+    import zoo_models
+
+    model = zoo_models.build_mixtral()
+    space = build_space(model, REPO / "search_spaces" / "transformer.yaml")
+    experts = "model.layers.0.mlp.experts"
+    assert set(space.layers[experts].searched) == {"bits", "prune"}
+    fp32 = save_artifact(compress(model, Plan()), tmp_path / "fp32.safetensors")
+    four = Plan({f"model.layers.{i}.mlp.experts": LayerPlan(bits=4) for i in (0, 1)})
+    size = save_artifact(compress(model, four), tmp_path / "experts.safetensors")
+    expert_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if ".experts." in n)
+    assert fp32 - size > 0.8 * expert_bytes  # 4 of 32 bits, plus a scale per 64 weights
+    loaded = load_artifact(tmp_path / "experts.safetensors", zoo_models.build_mixtral())
+    inputs = zoo_models.data_mixtral()[0][0]
+    with torch.inference_mode():
+        want, got = model(**inputs).logits, loaded(**inputs).logits
+    assert torch.nn.functional.cosine_similarity(want.flatten(), got.flatten(), dim=0) > 0.99

@@ -171,8 +171,31 @@ def build_vit() -> nn.Module:
     return model
 
 
+def build_densenet() -> nn.Module:
+    """A DenseNet (densenet121's class): every layer's input the concatenation of all before
+    it in its block, two blocks of three layers at growth 8 instead of four of 6-24 at 32."""
+    tv = _torchvision()
+    return _with_statistics(
+        _seeded(
+            lambda: tv.models.DenseNet(
+                growth_rate=8, block_config=(3, 3), num_init_features=16, bn_size=2, num_classes=10
+            )
+        )
+    )
+
+
+def build_convnext() -> nn.Module:
+    """ConvNeXt's blocks (7x7 depthwise convolution, channels-last LayerNorm, an MLP of
+    Linears, a learned per-channel layer scale) at two stages of one block each."""
+    tv = _torchvision()
+    stage = tv.models.convnext.CNBlockConfig
+    setting = [stage(16, 32, 1), stage(32, None, 1)]
+    return _seeded(lambda: tv.models.ConvNeXt(setting, num_classes=10))
+
+
 data_resnet18 = data_mobilenet_v2 = data_shufflenet = data_vit = _images
 data_mobilenet_v3 = data_efficientnet = data_squeezenet = data_regnet = _images
+data_densenet = data_convnext = _images
 
 
 # --- torch's own layers ------------------------------------------------------------------------
@@ -322,6 +345,96 @@ def build_whisper() -> nn.Module:
     return _seeded(lambda: WhisperEncoder(config))
 
 
+def build_mixtral() -> nn.Module:
+    """A mixture of experts (Mixtral's class): a router picks 2 of 4 experts per token, whose
+    weights transformers holds as 3-D tensors of one module, not as Linears."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    return _seeded(lambda: MixtralForCausalLM(config))
+
+
+def build_mamba() -> nn.Module:
+    """A state-space model (Mamba's class): a selective scan whose projections are Linears,
+    with a depthwise causal convolution and the state matrix as parameters of the mixer."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    config = MambaConfig(
+        vocab_size=VOCAB, hidden_size=64, state_size=8, num_hidden_layers=2, expand=2
+    )
+    return _seeded(lambda: MambaForCausalLM(config))
+
+
+def build_wav2vec2() -> nn.Module:
+    """A speech encoder (wav2vec 2.0's class): a convolutional feature encoder on raw audio,
+    and a positional convolution whose kernel is a weight-norm parametrization."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    config = Wav2Vec2Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        conv_dim=(32, 32, 32),
+        conv_stride=(5, 2, 2),
+        conv_kernel=(10, 3, 3),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        vocab_size=VOCAB,
+    )
+    return _seeded(lambda: Wav2Vec2Model(config))
+
+
+def build_deberta() -> nn.Module:
+    """Relative-position attention (DeBERTa-v2's class): content and position attend to each
+    other through projections of shared relative-position embeddings."""
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    config = DebertaV2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        relative_attention=True,
+        position_buckets=16,
+        max_relative_positions=32,
+        pos_att_type=["p2c", "c2p"],
+    )
+    return _seeded(lambda: DebertaV2Model(config))
+
+
+def build_phi3() -> nn.Module:
+    """Fused projections (Phi-3's class): one Linear makes query, key and value (grouped-query),
+    one makes the MLP's gate and up projections."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return _seeded(lambda: Phi3ForCausalLM(config))
+
+
 class Recurrent(nn.Module):
     """torch's recurrent layers as a user stacks them: token embeddings, a two-layer
     bidirectional LSTM, a GRU over its outputs, a classifier on the last step."""
@@ -352,7 +465,19 @@ def data_recurrent() -> list[tuple[torch.Tensor, None]]:
 
 
 data_gpt2 = data_llama = data_bert = data_bert_mlm = data_distilbert = data_t5 = _tokens
-data_bart = _tokens
+data_bart = data_mixtral = data_deberta = data_phi3 = _tokens
+
+
+def data_mamba() -> list[tuple[torch.Tensor, None]]:
+    return [(batch["input_ids"], None) for batch, _ in _tokens()]
+
+
+def data_wav2vec2() -> list[tuple[dict[str, torch.Tensor], None]]:
+    generator = torch.Generator().manual_seed(SEED + 1)
+    return [
+        ({"input_values": torch.randn(BATCH, 1600, generator=generator)}, None)
+        for _ in range(BATCHES)
+    ]
 
 
 def data_hf_vit() -> list[tuple[dict[str, torch.Tensor], None]]:
@@ -377,6 +502,8 @@ TORCHVISION: dict[str, str] = {
     "squeezenet": CNN,
     "regnet": CNN,
     "vit": TRANSFORMER,
+    "densenet": CNN,
+    "convnext": CNN,
 }
 """torchvision's models: in ``test_zoo.py`` given ``AUTOSQUEEZE_TEST_TORCHVISION`` (a folder
 holding torchvision, out of the environment: the registries here carry only its CUDA build,
@@ -393,5 +520,10 @@ ZOO: dict[str, str] = {
     "hf_vit": TRANSFORMER,
     "whisper": TRANSFORMER,
     "recurrent": TRANSFORMER,
+    "mixtral": TRANSFORMER,
+    "mamba": TRANSFORMER,
+    "wav2vec2": TRANSFORMER,
+    "deberta": TRANSFORMER,
+    "phi3": TRANSFORMER,
 }
 """model name -> the space file (in ``search_spaces/``) a user would pick for it."""

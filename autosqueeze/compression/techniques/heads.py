@@ -63,7 +63,7 @@ class PruneHeads(RemovesFraction):
     def offer(self, site: Site, values: KnobValues) -> BaseDistribution | Any | None:
         if not isinstance(site.layer, nn.Linear) or site.target.example_input is None:
             return None
-        if head_size(site.model, site.name) is None:
+        if head_size(site.model, site.name) is None or fused_projection(site.model, site.name):
             return None
         projections = own_projections(site.model, site.name)
         if projections is not None:
@@ -80,6 +80,8 @@ class PruneHeads(RemovesFraction):
                 return "a fused query-key-value projection: its heads are not cut apart"
         if not isinstance(layer, nn.Linear) or site.target.example_input is None:
             return ""
+        if fused := fused_projection(site.model, site.name):
+            return f"a fused query-key-value projection ({fused}): its heads are not cut apart"
         projections = own_projections(site.model, site.name)
         if projections is None or projections.first != site.name:
             return ""  # not an attention block's first projection, or one left to Torch-Pruning
@@ -167,6 +169,27 @@ class OwnProjections:
     @property
     def names(self) -> tuple[str, str, str, str]:
         return self.query, self.key, self.value, self.output
+
+
+def fused_projection(model: nn.Module, name: str) -> str | None:
+    """The one Linear that makes query, key and value together in the attention block that
+    layer ``name`` belongs to (Phi-3's ``qkv_proj``, GPT-NeoX's and Falcon's
+    ``query_key_value``), found by structure: a block of two Linears, one wider than the
+    other (the output projection) reads. Their layouts differ by family (heads interleaved or
+    not), so their heads are not cut; and Torch-Pruning's graph is not asked (it runs
+    past its limit on rotary embeddings)."""
+    parent = name.rpartition(".")[0]
+    linears = [
+        (f"{parent}.{n}" if parent else n, m)
+        for n, m in model.get_submodule(parent).named_children()
+        if isinstance(m, nn.Linear)
+    ]
+    if len(linears) != 2 or head_size(model, name) is None:
+        return None
+    for (fused, qkv), (_, out) in (linears, linears[::-1]):
+        if width(qkv) > out.in_features and qkv.in_features == width(out):
+            return fused
+    return None
 
 
 def own_projections(model: nn.Module, name: str) -> OwnProjections | None:
@@ -272,8 +295,12 @@ def _block_leaders(site: Site) -> set[str]:
         heads = {
             name: list(range(size))
             for name, layer in model.named_modules()
-            if isinstance(layer, nn.Linear) and (size := head_size(model, name)) is not None
+            if isinstance(layer, nn.Linear)
+            and (size := head_size(model, name)) is not None
+            and not fused_projection(model, name)
         }
+        if not heads:
+            return set()
         found = removable(model, example_input, heads, _same_as_zeroed(example_input))
         leaders: dict[frozenset[int], str] = {}
         for name, key in found.items():
