@@ -116,8 +116,8 @@ def test_attention_that_cannot_lose_a_head_cleanly_is_not_offered_it(name):
         "t5": fixed,
         "whisper": fixed,
         "gpt2": "a fused query-key-value projection: its heads are not cut apart",
-        "phi3": "a fused query-key-value projection (model.layers.0.self_attn.qkv_proj): "
-        "its heads are not cut apart",
+        "phi3": "model.layers.0.self_attn.qkv_proj makes the block's projections in one "
+        "Linear: its heads stay together",
     }
     if name in expected:
         assert expected[name] in reasons

@@ -81,7 +81,7 @@ class PruneHeads(RemovesFraction):
         if not isinstance(layer, nn.Linear) or site.target.example_input is None:
             return ""
         if fused := fused_projection(site.model, site.name):
-            return f"a fused query-key-value projection ({fused}): its heads are not cut apart"
+            return f"{fused} makes the block's projections in one Linear: its heads stay together"
         projections = own_projections(site.model, site.name)
         if projections is None or projections.first != site.name:
             return ""  # not an attention block's first projection, or one left to Torch-Pruning
