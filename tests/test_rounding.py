@@ -137,7 +137,7 @@ def test_a_conv1d_and_strided_convolutions_unfold_as_they_convolve():
 def test_pruned_zeros_stay_zero_and_their_error_is_moved_onto_the_weights_left():
     model, x = _linear(), _correlated(512, 64, seed=6)
     target = Target(calibration=[x])
-    for prune_by in ("magnitude", "hessian"):
+    for prune_by in ("magnitude", "activation"):
         pruned = compress(model, Plan({"0": LayerPlan(prune=0.5, prune_by=prune_by)}), target)
         zeros = pruned.module[0].weight == 0
         plan = Plan({"0": LayerPlan(prune=0.5, prune_by=prune_by, bits=4, round_by="gptq")})
@@ -152,6 +152,27 @@ def test_pruned_zeros_stay_zero_and_their_error_is_moved_onto_the_weights_left()
         assert _relative_error(loaded, reference, x) < _relative_error(nearest, reference, x), (
             prune_by
         )
+
+
+def test_pruning_by_the_hessian_with_gptq_is_one_sweep_sparsegpts_joint_form(tmp_path):
+    """A layer pruned by the Hessian and rounded by GPTQ is pruned inside GPTQ's sweep: its
+    mask is chosen on the way (not SparseGPT's alone, then kept), with the share of zeros
+    asked, and the artifact stores exactly the integers the sweep chose."""
+    model, x = _linear(), _correlated(512, 64, seed=6)
+    target = Target(calibration=[x])
+    joint = LayerPlan(prune=0.5, prune_by="hessian", bits=4, round_by="gptq")
+    compressed = compress(model, Plan({"0": joint}), target)
+    q = compressed.rounded["0.weight"].q
+    assert int((q == 0).sum()) >= q.numel() // 2
+    alone = compress(model, Plan({"0": LayerPlan(prune=0.5, prune_by="hessian")}), target)
+    assert not torch.equal(q == 0, alone.module[0].weight == 0)  # its own mask
+    path = tmp_path / "joint.safetensors"
+    save_artifact(compressed, path)
+    assert torch.equal(stored_integers(path)["0.weight"][0], q)
+    loaded = load_artifact(path, _linear(seed=9), target)
+    nearest = Plan({"0": joint.replace(round_by="nearest")})  # SparseGPT, then nearest
+    shipped = _shipped(model, nearest, target, _linear(seed=9))
+    assert _relative_error(loaded, model, x) < _relative_error(shipped, model, x)
 
 
 def test_the_artifact_stores_the_integers_gptq_chose_and_loads_the_model_measured(tmp_path):

@@ -8,7 +8,9 @@ a loud input. ``prune_by: hessian`` is SparseGPT (Frantar & Alistarh 2023), Opti
 Surgeon made cheap: with H = X^T X of a Linear's inputs, it goes through the columns in
 blocks of 128, zeroes in each block the weights of least w^2 / [H^-1]_jj^2 and moves each
 zeroed weight's error onto the columns not yet visited, so the layer's outputs on the
-calibration inputs change least. Convolutions take the activation criterion instead. The
+calibration inputs change least; where GPTQ also rounds the layer, it prunes in GPTQ's sweep
+instead (SparseGPT's joint form, ``quantize``). Convolutions take the activation criterion
+instead. The
 statistics are taken once per compression, on the model as it is when pruning starts, from
 ``task.calibration`` (else the example input). ``prune_by: "2:4"`` (with ``prune: 0.5``)
 zeroes the smaller 2 of every 4 consecutive weights of a row: the semi-structured pattern
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from autosqueeze.compression.kernels import is_conv1d
-from autosqueeze.compression.rounding import inverse_hessian
+from autosqueeze.compression.rounding import inverse_hessian, least_salient, prunes_as_it_rounds
 from autosqueeze.compression.techniques.base import (
     CompressedModel,
     Technique,
@@ -83,17 +85,27 @@ class Prune(Technique):
                 f"0.5, not {layer_plan.prune}"
             )
         parts = weighted_parts(compressed.module, name)
-        linear = {n for n, p in parts if isinstance(p, nn.Linear) or is_conv1d(p)}
+        linear = {
+            n
+            for n, p in parts
+            if (isinstance(p, nn.Linear) or is_conv1d(p)) and not prunes_as_it_rounds(layer_plan, p)
+        }
         hessians = (
             input_hessians(compressed, linear, _hessian_layers(compressed), _WHY)
             if criterion == "hessian"
             else {}
         )
-        norms = _input_norms(compressed) if criterion in ("activation", "hessian") else {}
+        by_norms = criterion == "activation" or (
+            criterion == "hessian"
+            and any(n not in linear and not prunes_as_it_rounds(layer_plan, p) for n, p in parts)
+        )
+        norms = _input_norms(compressed) if by_norms else {}
         for part_name, part in parts:
             for key, matrix in matrices(part).items():
                 if criterion == TWO_OF_FOUR:
                     prune_two_of_four(matrix.t() if is_conv1d(part) else matrix)
+                elif key == "weight" and prunes_as_it_rounds(layer_plan, part):
+                    continue  # GPTQ prunes it as it rounds (quantize.py)
                 elif key == "weight" and part_name in hessians:
                     prune_by_hessian(part, hessians[part_name], layer_plan.prune)
                 elif key == "weight" and part_name in norms:
@@ -145,10 +157,7 @@ def prune_by_hessian(layer: nn.Module, hessian: torch.Tensor, ratio: float) -> N
         errors = torch.zeros_like(block)
         count = round(total * end / cols) - done  # spread evenly, exactly total in all
         done += count
-        score = block.pow(2) / torch.diagonal(hinv).pow(2)
-        mask = torch.zeros(block.numel(), dtype=torch.bool, device=w.device)
-        mask[torch.argsort(score.flatten(), stable=True)[:count]] = True
-        mask = mask.reshape(block.shape)
+        mask = least_salient(block, hinv, count)
         for i in range(end - start):
             column = block[:, i]
             kept = torch.where(mask[:, i], torch.zeros_like(column), column)
@@ -218,11 +227,11 @@ def _input_norms(compressed: CompressedModel) -> dict[str, torch.Tensor]:
 
 
 def _hessian_layers(compressed: CompressedModel) -> set[str]:
-    """The Linear parts of every layer the plan prunes by the Hessian."""
+    """The Linear parts of every layer the plan prunes by the Hessian before GPTQ."""
     return {
         part_name
         for name, lp in compressed.plan.layers.items()
         if lp.prune_by == "hessian" and lp.prune > 0
         for part_name, part in weighted_parts(compressed.module, name)
-        if isinstance(part, nn.Linear) or is_conv1d(part)
+        if (isinstance(part, nn.Linear) or is_conv1d(part)) and not prunes_as_it_rounds(lp, part)
     }

@@ -7,15 +7,22 @@ inputs' Hessian (``compression.rounding``), and the integers and scales it chose
 artifact stores (``CompressedModel.rounded``). GPTQ runs after pruning, so it keeps the pruned
 zeros and moves their error onto the weights left. Weights GPTQ does not round (an
 embedding's, ``in_proj_weight``, a 3-D or transposed convolution's, a layer that never ran on
-the calibration inputs) round to nearest.
+the calibration inputs) round to nearest. A Linear (or Conv1D) the plan also prunes by the
+Hessian is pruned here, in GPTQ's sweep (SparseGPT's joint form, ``rounding.prunes_as_it_rounds``),
+not by ``prune`` before it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from autosqueeze.compression.codecs import INT_BITS, SUPPORTED_BITS, TensorCodec
-from autosqueeze.compression.rounding import round_layer, rounds
+from autosqueeze.compression.codecs import SUPPORTED_BITS, TensorCodec
+from autosqueeze.compression.rounding import (
+    prunes_as_it_rounds,
+    round_layer,
+    rounds,
+    rounds_by_gptq,
+)
 from autosqueeze.compression.techniques.base import (
     CompressedModel,
     Rounded,
@@ -47,7 +54,7 @@ class Quantize(Technique):
         codec = TensorCodec(int(layer_plan.bits), layer_plan.group_size)
         parts = weighted_parts(compressed.module, name)
         hessians = {}
-        if _by_gptq(layer_plan):
+        if rounds_by_gptq(layer_plan):
             wanted = {n for n, p in parts if rounds(p)}
             hessians = input_hessians(
                 compressed, wanted, _gptq_layers(compressed), _WHY, taken="rounding"
@@ -57,17 +64,10 @@ class Quantize(Technique):
                 key = f"{part_name}.{matrix}"
                 compressed.codecs[key] = codec
                 if matrix == "weight" and part_name in hessians:
-                    q, scale = round_layer(part, hessians[part_name], codec.bits, codec.group_size)
+                    prune = layer_plan.prune if prunes_as_it_rounds(layer_plan, part) else 0.0
+                    hessian = hessians[part_name]
+                    q, scale = round_layer(part, hessian, codec.bits, codec.group_size, prune)
                     compressed.rounded[key] = Rounded(codec, q, scale)
-
-
-def _by_gptq(layer_plan: LayerPlan) -> bool:
-    """GPTQ rounds integers only, and not where weight sharing replaces them (``cluster``)."""
-    return (
-        layer_plan.round_by == "gptq"
-        and int(layer_plan.bits) in INT_BITS
-        and not layer_plan.cluster
-    )
 
 
 def _gptq_layers(compressed: CompressedModel) -> set[str]:
@@ -76,7 +76,7 @@ def _gptq_layers(compressed: CompressedModel) -> set[str]:
     return {
         part_name
         for name, lp in compressed.plan.layers.items()
-        if _by_gptq(lp)
+        if rounds_by_gptq(lp)
         for part_name, part in weighted_parts(compressed.module, name)
         if rounds(part)
     }
