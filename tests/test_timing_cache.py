@@ -53,6 +53,9 @@ class Counted:
         self.asked.append(len(plans))
         return self.executor.timings(plans)
 
+    def layer_probes(self, plans):
+        return self.executor.layer_probes(plans)
+
 
 def _pass(config):
     task = load_task(config)

@@ -37,7 +37,9 @@ from autosqueeze.artifacts.export import (
 from autosqueeze.artifacts.onnx_forms import one_call
 from autosqueeze.common.errors import TrialError
 from autosqueeze.compression.techniques import applied, compress, runs_differently
+from autosqueeze.compression.techniques.base import is_weighted
 from autosqueeze.measuring.device_lock import DeviceLock, Held
+from autosqueeze.measuring.layer_calls import Call, record_calls, relative_error
 from autosqueeze.measuring.measure import (
     Limits,
     Measurements,
@@ -74,6 +76,7 @@ class Evaluator:
         self._first_look: Task | None = None
         self._first_look_base: float | None = None  # the original's metric on them
         self._model_ms: float | None = None  # the original, timed by the first time_probe
+        self._calls: dict[str, list[Call]] | None = None  # the pass by layer's reference
 
     @property
     def first_look(self) -> Task:
@@ -96,6 +99,34 @@ class Evaluator:
             except ValueError as exc:
                 raise TrialError(str(exc)) from exc
             return ProbeResult(metric, distortion(outputs, self._original_outputs))
+
+    def layer_probe(self, plan: Plan) -> ProbeResult:
+        """The pass by layer's probe (``sensitivity.by``): each layer ``plan`` changes run
+        alone on the inputs it took in the original on the first samples, and per layer its
+        outputs' squared error relative to the original's (``layer_calls``): no whole-model
+        run. A plan that reshapes a layer's neighbours (built as a copy) is refused: its
+        harm shows in the whole model only."""
+        with self.lock.shared():
+            base = self._probe_base()
+            if self._calls is None:
+                names = [n for n, m in base.named_modules() if n and is_weighted(m)]
+                inputs = [to_device(x, self.task.device) for x, _ in self.first_look.data]
+                self._calls = record_calls(base, names, inputs)
+            try:
+                with applied(base, plan, self.task.target) as model:
+                    if model is not base:
+                        raise TrialError("it reshapes the layers around it")
+                    errors = {
+                        name: relative_error(model.get_submodule(name), self._calls[name])
+                        for name in plan.layers
+                        if name in self._calls
+                    }
+            except ValueError as exc:
+                raise TrialError(str(exc)) from exc
+            found = {n: e for n, e in errors.items() if e is not None}
+            if not found:
+                raise TrialError("its layers did not run on the first samples")
+            return ProbeResult(layer_errors=found)
 
     def time_probe(self, plan: Plan) -> ProbeResult:
         """The latency model's probe: the layers whose execution form ``plan`` changes (a

@@ -78,13 +78,16 @@ class ProbeResult:
     (None where they cannot be compared), or why it could not be measured. A timing probe
     (``Evaluator.time_probe``) instead gives ``layer_ms``, (original, probed) milliseconds
     of the layers whose execution form it changes, timed side by side on their own inputs,
-    and ``model_ms``, the whole original model's as this evaluator times it."""
+    and ``model_ms``, the whole original model's as this evaluator times it. A probe of
+    the pass by layer (``Evaluator.layer_probe``) gives ``layer_errors``: per layer it
+    changes, its outputs' squared error relative to the original's, run alone."""
 
     metric: float | None = None
     distortion: float | None = None
     error: str | None = None
     layer_ms: tuple[float, float] | None = None
     model_ms: float | None = None
+    layer_errors: dict[str, float] | None = None
 
 
 # the budgets a trial stops on: its metric and size are measured before latency and memory

@@ -315,9 +315,28 @@ def sensitivity_table(
             timings=_timings(config, executor, task) if prices_time(config) else None,
             stop_drop=_stop_drop(config),
             progress=advance,
+            by_layer=executor.layer_probes,
+            by=pass_by(config, task),
+            checks=config.sensitivity.checks,
         )
     finally:
         bar.close()
+
+
+def pass_by(config: StudyConfig, task: Task | None) -> tuple[str, str]:
+    """Which sensitivity pass (``sensitivity.by``), and why: by whole model where probes are
+    forward passes of a small model, by layer past ``sensitivity.by_layer_above`` parameters
+    (decided by size, not by a timing, so that a seeded study repeats itself)."""
+    chosen = config.sensitivity.by
+    if chosen != "auto":
+        return chosen, f"sensitivity.by: {chosen}"
+    if task is None:
+        return "model", "sensitivity.by: auto, and no model at hand to count"
+    count = sum(p.numel() for p in task.model.parameters())
+    limit = config.sensitivity.by_layer_above
+    if count > limit:
+        return "layer", f"{count:,} parameters, past sensitivity.by_layer_above ({limit:,})"
+    return "model", f"{count:,} parameters, within sensitivity.by_layer_above ({limit:,})"
 
 
 def _stop_drop(config: StudyConfig) -> float | None:
@@ -373,6 +392,11 @@ def _shaped(
         f"sensitivity: {len(table.drops)} probes in {table.seconds:.0f} s; the space keeps "
         f"{after:,} of {before:,} values (those alone within {within})"
     )
+    if table.by == "layer":
+        notes.append(
+            f"sensitivity: by layer ({table.why_by}): {len(table.predicted)} probes judged by "
+            f"their layers alone, scaled by {len(table.checks)} whole-model checks"
+        )
     return shaped, notes
 
 

@@ -84,6 +84,14 @@ class SensitivityTable:
     untimed: dict[str, str] = field(default_factory=dict)  # probe key -> why not timed
     # probe key -> why not probed: a weaker value of its knob already broke the layer
     skipped: dict[str, str] = field(default_factory=dict)
+    # the pass by layer (``sensitivity.by``): which pass, and why; per probe (and the base),
+    # the changed layers' own errors, run alone; the whole-model checks that scale them; and
+    # the probes whose drop and distortion are predicted from them, not measured
+    by: str | None = None
+    why_by: str = ""
+    layer_errors: dict[str, dict[str, float]] = field(default_factory=dict)
+    checks: list[str] = field(default_factory=list)
+    predicted: list[str] = field(default_factory=list)
 
     def done(self, key: str) -> bool:
         if key == BASE:
@@ -182,6 +190,11 @@ class SensitivityTable:
             "model_ms": self.model_ms,
             "untimed": self.untimed,
             "skipped": self.skipped,
+            "by": self.by,
+            "why_by": self.why_by,
+            "layer_errors": self.layer_errors,
+            "checks": self.checks,
+            "predicted": self.predicted,
         }
 
     @classmethod
@@ -205,10 +218,11 @@ class SensitivityTable:
         ):
             return cls(samples)
         (drops, distortions, failed), (speeds, layer_ms, untimed) = parts, timings
-        return cls(
+        table = cls(
             samples, base, drops, distortions, failed, seconds, speeds, layer_ms, model_ms,
             untimed, skipped,
         )  # fmt: skip
+        return _by_layer_parts(table, data)
 
     def report(self, space: SearchSpace) -> dict[str, Any]:
         """What ``autosqueeze sensitivity --json`` prints."""
@@ -217,6 +231,8 @@ class SensitivityTable:
             "base": self.base,
             "seconds": round(self.seconds, 3),
             "model_ms": self.model_ms,
+            "by": self.by,
+            "why_by": self.why_by,
             "rows": self.rows(space),
         }
 
@@ -233,9 +249,42 @@ class SensitivityTable:
                 "layer_ms": self.layer_ms.get(p.key),
                 "error": self.failed.get(p.key),
                 "skipped": self.skipped.get(p.key),
+                # by layer: predicted from its layers' error (else measured by whole model)
+                "predicted": p.key in self.predicted,
             }
             for p in probes_of(space)
         ]
+
+
+def _by_layer_parts(table: SensitivityTable, data: dict[str, Any]) -> SensitivityTable:
+    """The pass by layer's parts of a stored table (absent from tables written before it):
+    all of them where they are what this code writes, else none, and the probes they
+    predicted measured again."""
+    by, why, errors = data.get("by"), data.get("why_by", ""), data.get("layer_errors", {})
+    checks, predicted = data.get("checks", []), data.get("predicted", [])
+    fine = (
+        by in (None, "model", "layer")
+        and isinstance(why, str)
+        and isinstance(errors, dict)
+        and all(isinstance(e, dict) for e in errors.values())
+        and all(_number_or_none(v) for e in errors.values() for v in e.values())
+        and all(
+            isinstance(x, list) and all(isinstance(k, str) for k in x) for x in (checks, predicted)
+        )
+    )
+    if fine:
+        table.by, table.why_by, table.layer_errors = by, why, errors
+        table.checks, table.predicted = checks, predicted
+    else:
+        for key in predicted if isinstance(predicted, list) else []:
+            if isinstance(key, str):
+                table.drops.pop(key, None)
+                table.distortions.pop(key, None)
+    return table
+
+
+def _keys(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(k, str) for k in value)
 
 
 def _number_or_none(value: Any) -> bool:
@@ -309,16 +358,23 @@ def probe_plan(space: SearchSpace, probe: Probe | None) -> Plan:
     return space.plan({} if probe is None else {probe.param: probe.value})
 
 
+Probes = Callable[[dict[str, Plan]], Iterator[tuple[str, ProbeResult]]]
+"""An executor's ``probes``, ``layer_probes`` or ``timings``."""
+
+
 def measure_sensitivity(
     space: SearchSpace,
-    run: Callable[[dict[str, Plan]], Iterator[tuple[str, ProbeResult]]],
+    run: Probes,
     table: SensitivityTable,
     save: Callable[[SensitivityTable], None],
     *,
-    timings: Callable[[dict[str, Plan]], Iterator[tuple[str, ProbeResult]]] | None = None,
+    timings: Probes | None = None,
     stop_drop: float | None = None,
     save_every_s: float = 10.0,
     progress: Callable[[int, int], None] | None = None,
+    by_layer: Probes | None = None,
+    by: tuple[str, str] = ("model", ""),
+    checks: int = 8,
 ) -> SensitivityTable:
     """Run the probes ``table`` lacks through ``run`` (an executor's ``probes``), then the
     timings it lacks through ``timings`` (its ``timings``: apart, so that a timing, which
@@ -329,11 +385,19 @@ def measure_sensitivity(
     channels) is probed on each layer weakest value first, in waves across the layers, and
     a layer's stronger values are skipped once one loses more than ``stop_drop``: they
     would only lose more. (A probe that fails says nothing of the next: a crash or a
-    timeout is not a loss.)"""
+    timeout is not a loss.)
+
+    The pass by layer (``by``: which pass, and why; a table keeps the pass it began with):
+    every probe that keeps
+    its layers' neighbours as they are runs through ``by_layer`` (the executor's
+    ``layer_probes``: the changed layers alone, on the inputs they took in the original),
+    then ``checks`` of them run through ``run`` as well, and the others' distortion and
+    metric drop are predicted from their layers' error at the checks' scale
+    (``_predict``). Probes that reshape neighbours (channels, heads) are whole-model ones
+    either way."""
     wanted = {BASE: probe_plan(space, None)} | {
         p.key: probe_plan(space, p) for p in probes_of(space)
     }
-    chains = _chains(space) if stop_drop is not None else [[k] for k in wanted if k != BASE]
     timed_keys = [
         p.key
         for p in probes_of(space)
@@ -341,7 +405,7 @@ def measure_sensitivity(
     ]
     if timings is None:
         timed_keys = []
-    total = len(wanted) + len(timed_keys)
+    local = [p.key for p in probes_of(space) if not technique_for(p.knob).reaches_neighbours]
     results: dict[str, float] = {}
     start = last_save = time.monotonic()
 
@@ -349,8 +413,21 @@ def measure_sensitivity(
         parts = (table.speeds, table.untimed, table.skipped, table.failed)
         return any(key in part for part in parts)
 
+    by_model = list(wanted)  # by layer: the base and the probes that reshape (or fail there)
+    unjudged: dict[str, str] = {}  # probes the pass by layer could not judge: why
+
+    def layer_work() -> list[bool]:
+        if table.by != "layer":
+            return []
+        probed = [k in table.layer_errors or k in unjudged for k in [BASE, *local]]
+        return probed + [k in table.drops or k in table.failed for k in table.checks]
+
+    def total() -> int:
+        return len(by_model) + len(timed_keys) + len(layer_work())
+
     def count_done() -> int:
-        return sum(map(table.done, wanted)) + sum(map(settled, timed_keys))
+        done = sum(map(table.done, by_model)) + sum(map(settled, timed_keys))
+        return done + sum(layer_work())
 
     def record(key: str, got: ProbeResult) -> None:
         if got.error is not None or got.metric is None or not math.isfinite(got.metric):
@@ -364,6 +441,13 @@ def measure_sensitivity(
         if table.base is not None:  # drops are against the base, which is probed first
             table.drops.update({k: table.base - m for k, m in results.items()})
             results.clear()
+
+    def record_layers(key: str, got: ProbeResult) -> None:
+        if got.layer_errors is not None:
+            table.layer_errors[key] = got.layer_errors
+        elif key != BASE:  # a whole-model probe then, with the reshaping ones
+            unjudged[key] = got.error or "no layer errors"
+            table.layer_errors.pop(key, None)
 
     def record_timing(key: str, got: ProbeResult) -> None:
         if got.layer_ms is not None and min(got.layer_ms) > 0:
@@ -379,15 +463,32 @@ def measure_sensitivity(
         for key, got in phase:
             each(key, got)
             if progress:
-                progress(count_done(), total)
+                progress(count_done(), total())
             if time.monotonic() - last_save > save_every_s:
                 table.seconds += time.monotonic() - start
                 start = last_save = time.monotonic()
                 save(table)
 
     try:
-        wave = {BASE: wanted[BASE]} if not table.done(BASE) else {}
-        wave |= _next_wave(chains, table, wanted, stop_drop)
+        first = {BASE: wanted[BASE]} if not table.done(BASE) else {}
+        if table.by is None:  # a table keeps its pass (one from before these: by model)
+            fresh = first and by_layer is not None
+            table.by, table.why_by = by if fresh else ("model", "")
+        if table.by == "layer" and by_layer is not None:
+            step(run(first), record)
+            first = {}
+            by_model = [k for k in wanted if k not in local]
+            lacking = [k for k in [BASE, *local] if k not in table.layer_errors]
+            step(by_layer({k: wanted[k] for k in lacking}), record_layers)
+            by_model += list(unjudged)
+            judged = [k for k in local if k in table.layer_errors]
+            errors = {k: _own_error(space, table, k) for k in judged}
+            table.checks = table.checks or _checks(errors, checks)
+            step(run({k: wanted[k] for k in table.checks if not table.done(k)}), record)
+            _predict(table, errors)
+        chains = _chains(space) if stop_drop is not None else [[k] for k in wanted if k != BASE]
+        chains = [kept for chain in chains if (kept := [k for k in chain if k in by_model])]
+        wave = first | _next_wave(chains, table, wanted, stop_drop)
         while wave:
             step(run(wave), record)
             wave = _next_wave(chains, table, wanted, stop_drop)
@@ -395,7 +496,7 @@ def measure_sensitivity(
         if untimed and timings is not None:
             step(timings(untimed), record_timing)
         if progress:
-            progress(count_done(), total)
+            progress(count_done(), total())
     finally:
         table.seconds += time.monotonic() - start
         for name in ("drops", "distortions", "failed", "skipped", "speeds", "layer_ms", "untimed"):
@@ -403,6 +504,66 @@ def measure_sensitivity(
             setattr(table, name, {k: found[k] for k in wanted if k in found})
         save(table)
     return table
+
+
+def _own_error(space: SearchSpace, table: SensitivityTable, key: str) -> float:
+    """A probe's own error by layer: its group's layers' errors less what the space's fixed
+    choices alone cost each (the base's)."""
+    probe = Probe.of(key)
+    assert probe is not None
+    base = table.layer_errors.get(BASE, {})
+    return sum(
+        max(0.0, error - base.get(name, 0.0))
+        for name, error in table.layer_errors[key].items()
+        if space.layers.get(name) is not None and space.layers[name].prefix == probe.group
+    )
+
+
+def _checks(errors: dict[str, float], count: int) -> list[str]:
+    """The probes checked by whole model: ``count`` spread evenly (in rank) over those with
+    an error, from the median up to the 90th percentile, each group once where it can be:
+    the errors around where a budget falls, not the smallest (which lose nothing measurable)
+    nor the largest (which break the model, where error and loss part ways)."""
+    ranked = sorted((e, k) for k, e in errors.items() if e > 0)
+    if not ranked:
+        return []
+    middle = ranked[len(ranked) // 2 : max(len(ranked) // 2 + 1, len(ranked) * 9 // 10)]
+    picks = np.linspace(0, len(middle) - 1, min(count, len(middle))).round().astype(int)
+    chosen, groups = [], set()
+    for i in picks.tolist():
+        for _, key in middle[i:] + middle[:i]:  # the nearest of a group not yet checked
+            group = _group_of(key)
+            if key not in chosen and group not in groups:
+                chosen.append(key)
+                groups.add(group)
+                break
+    return chosen
+
+
+def _predict(table: SensitivityTable, errors: dict[str, float]) -> None:
+    """Each probe judged by layer and not checked: distortion = its error x the checks'
+    median ratio of distortion to error; drop = that distortion x the checks' drop per
+    distortion (least squares through 0). Layer errors add as the model's distortion does,
+    to first order; a layer whose error grows or shrinks on its way to the outputs more
+    than the checked ones is mispriced by what it differs, which the measured plans then
+    find out."""
+    checked = [
+        k for k in table.checks if k in table.distortions and k in table.drops and k in errors
+    ]
+    ratios = [table.distortions[k] / errors[k] for k in checked if errors[k] > 0]
+    if not ratios:
+        return
+    gain = float(np.median(ratios))
+    squares = sum(table.distortions[k] ** 2 for k in checked)
+    per = sum(table.drops[k] * table.distortions[k] for k in checked) / squares if squares else 0.0
+    predicted = []
+    for key, error in errors.items():
+        if key in table.checks and key in checked:
+            continue
+        table.distortions[key] = gain * error
+        table.drops[key] = per * gain * error
+        predicted.append(key)
+    table.predicted = predicted
 
 
 CHAIN_STOP = 3.0

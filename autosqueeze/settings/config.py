@@ -186,6 +186,25 @@ class SensitivityConfig(_Strict):
         description="a trial whose drop on the first samples passes max_metric_drop times this "
         "stops there (0 < early_stop; large values never stop)",
     )
+    by: Literal["auto", "model", "layer"] = Field(
+        "auto",
+        description="how a probe is judged: model (the whole model on the first samples), "
+        "layer (the changed layers alone on the inputs they took, a few whole-model checks "
+        "scaling their error), auto (layer for models of more than by_layer_above parameters)",
+    )
+    by_layer_above: int = Field(
+        10_000_000,
+        ge=0,
+        description="with by: auto, the parameters above which a model is probed by layer "
+        "(a whole-model probe costs a forward pass; hundreds of them take hours there)",
+    )
+    checks: int = Field(
+        8,
+        ge=2,
+        le=1000,
+        description="the pass by layer's whole-model checks, which scale layer error into the "
+        "model's distortion and metric",
+    )
 
 
 class SearchConfig(_Strict):

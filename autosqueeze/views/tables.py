@@ -111,6 +111,11 @@ def sensitivity_text(table_: SensitivityTable, space: SearchSpace, metric_name: 
         if table_.base is not None
         else "The model could not be judged on its first samples."
     )
+    if table_.by == "layer":
+        head += (
+            f"\nBy layer ({table_.why_by}): a value marked ~ is predicted from its layers' own "
+            f"error, scaled by {len(table_.checks)} whole-model checks; the rest are measured."
+        )
     rows: dict[tuple[str, str], list[str]] = {}
     for row in table_.rows(space):
         if row["skipped"]:
@@ -119,6 +124,7 @@ def sensitivity_text(table_: SensitivityTable, space: SearchSpace, metric_name: 
             cell = "failed"
         else:
             cell = f"{row['drop']:+.4f}/{_short(row['distortion'])}"
+            cell = f"~{cell}" if row["predicted"] else cell
         if row["speed"] is not None:
             cell += f"/x{row['speed']:.2f}"
         rows.setdefault((row["group"], row["knob"]), []).append(f"{row['value']}:{cell}")

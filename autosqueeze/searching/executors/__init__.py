@@ -67,6 +67,10 @@ class Executor(ABC):
         yields (key, result) as they are done, in any order."""
 
     @abstractmethod
+    def layer_probes(self, plans: dict[K, Plan]) -> Iterator[tuple[K, ProbeResult]]:
+        """Each plan's probe by layer (``Evaluator.layer_probe``), as ``probes``."""
+
+    @abstractmethod
     def timings(self, plans: dict[K, Plan]) -> Iterator[tuple[K, ProbeResult]]:
         """Each plan's latency-model probe (``Evaluator.time_probe``), as ``probes``."""
 
@@ -74,8 +78,14 @@ class Executor(ABC):
         pass
 
 
-def probe_safely(evaluator: Evaluator, plan: Plan, timed: bool = False) -> ProbeResult:
-    got = _safely(lambda: evaluator.time_probe(plan) if timed else evaluator.probe(plan))
+PROBES = ("probe", "layer_probe", "time_probe")
+"""The evaluator's probes (its methods, and the Ray actor's): the whole model's, the changed
+layers' alone, the latency model's."""
+
+
+def probe_safely(evaluator: Evaluator, plan: Plan, kind: str = "probe") -> ProbeResult:
+    """One of the evaluator's ``PROBES``; a failure is its result (the reason)."""
+    got = _safely(lambda: getattr(evaluator, kind)(plan))
     return ProbeResult(error=got.error) if isinstance(got, _Failure) else got
 
 

@@ -48,9 +48,13 @@ class InProcessExecutor(Executor):
         for key, plan in plans.items():
             yield key, probe_safely(self.evaluator, plan)
 
+    def layer_probes(self, plans: dict[K, Plan]) -> Iterator[tuple[K, ProbeResult]]:
+        for key, plan in plans.items():
+            yield key, probe_safely(self.evaluator, plan, "layer_probe")
+
     def timings(self, plans: dict[K, Plan]) -> Iterator[tuple[K, ProbeResult]]:
         for key, plan in plans.items():
-            yield key, probe_safely(self.evaluator, plan, timed=True)
+            yield key, probe_safely(self.evaluator, plan, "time_probe")
 
     def close(self) -> None:
         self.evaluator.close()

@@ -29,7 +29,14 @@ from autosqueeze.measuring.evaluator import Evaluator
 from autosqueeze.measuring.measure import Limits, ProbeResult
 from autosqueeze.plans.plan import Plan
 from autosqueeze.problem.task import Task
-from autosqueeze.searching.executors import Executor, K, Outcome, evaluate_safely, probe_safely
+from autosqueeze.searching.executors import (
+    PROBES,
+    Executor,
+    K,
+    Outcome,
+    evaluate_safely,
+    probe_safely,
+)
 from autosqueeze.settings.config import StudyConfig
 from autosqueeze.usercode.user_code import import_user_modules
 
@@ -83,8 +90,11 @@ class EvaluatorActor:
     def probe(self, plan_json: str) -> ProbeResult:
         return probe_safely(self.evaluator, Plan.from_json(plan_json))
 
+    def layer_probe(self, plan_json: str) -> ProbeResult:
+        return probe_safely(self.evaluator, Plan.from_json(plan_json), "layer_probe")
+
     def time_probe(self, plan_json: str) -> ProbeResult:
-        return probe_safely(self.evaluator, Plan.from_json(plan_json), timed=True)
+        return probe_safely(self.evaluator, Plan.from_json(plan_json), "time_probe")
 
     def evaluate(self, key: int, plan_json: str, limits: Limits | None) -> Outcome:
         plan = Plan.from_json(plan_json)
@@ -172,14 +182,17 @@ class RayExecutor(Executor):
         return self._spread("artifact", plans)
 
     def probes(self, plans: dict[K, Plan]) -> Iterator[tuple[K, ProbeResult]]:
-        for key, got in self._spread("probe", plans):
-            yield key, (got if isinstance(got, ProbeResult) else ProbeResult(error=got))
+        return self._probes("probe", plans)
+
+    def layer_probes(self, plans: dict[K, Plan]) -> Iterator[tuple[K, ProbeResult]]:
+        return self._probes("layer_probe", plans)
 
     def timings(self, plans: dict[K, Plan]) -> Iterator[tuple[K, ProbeResult]]:
-        for key, got in self._spread("time_probe", plans):
-            yield key, (got if isinstance(got, ProbeResult) else ProbeResult(error=got))
+        return self._probes("time_probe", plans)
 
-    PROBES = ("probe", "time_probe")  # a probe's failure is its result; an artifact's, an error
+    def _probes(self, method: str, plans: dict[K, Plan]) -> Iterator[tuple[K, ProbeResult]]:
+        for key, got in self._spread(method, plans):
+            yield key, (got if isinstance(got, ProbeResult) else ProbeResult(error=got))
 
     def _spread(self, method: str, plans: dict[K, Plan]) -> Iterator[tuple[K, Any]]:
         """Call an actor method on each plan, spread over the idle evaluators, one plan each
@@ -203,7 +216,7 @@ class RayExecutor(Executor):
                 del running[ref]
                 self._replace(actor)
                 reason = f"timed out after {self._timeout:g} s (search.trial_timeout_s)"
-                if method not in self.PROBES:
+                if method not in PROBES:  # a probe's failure is its result, an artifact's an error
                     raise UserError(f"building an artifact {reason}")
                 yield key, reason
                 continue
@@ -212,7 +225,7 @@ class RayExecutor(Executor):
                 value = self._ray.get(ready[0])
             except self._ray.exceptions.RayActorError as exc:
                 self._replace(actor)
-                if method not in self.PROBES:
+                if method not in PROBES:  # a probe's failure is its result, an artifact's an error
                     raise
                 yield key, f"the evaluator process died: {_reason(exc)}; replaced it"
                 continue
