@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -561,17 +562,67 @@ def _quantize_int4(path: Path, nodes: list[str]) -> None:
 
 
 def _quantize_static(path: Path, nodes: list[str], calibration: list[Any]) -> None:
+    """ONNX Runtime's static quantizer on ``nodes``; where the file it writes does not load in
+    ONNX Runtime (1.32's graph optimizer moves a quantize node through a Slice with the
+    wrong type: Phi-3's fused query-key-value output, sliced), the weight node upstream of
+    the node it names is left out and the rest quantized again (its weight stays fp32 and
+    the user's notes say so)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
-    quantize_static(
-        path,
-        path,
-        calibration_reader(path, calibration),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        nodes_to_quantize=nodes,
-        calibrate_method=CalibrationMethod.MinMax,
-    )
+    original = path.read_bytes()
+    nodes = list(nodes)
+    while True:
+        quantize_static(
+            path,
+            path,
+            calibration_reader(path, calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            nodes_to_quantize=nodes,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+        failing = _unloadable(path)
+        if failing is None:
+            return
+        culprit = _upstream(original, failing, nodes)
+        if culprit is None:
+            raise RuntimeError(f"ONNX Runtime cannot load its static quantizer's file: {failing}")
+        nodes.remove(culprit)
+        path.write_bytes(original)
+
+
+def _unloadable(path: Path) -> str | None:
+    """None where ONNX Runtime loads the file with its default optimizations, else the
+    name of the node it failed on (or its message)."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - whatever the runtime says is the reason
+        found = re.search(r"Node \((\S+)\)", str(exc))
+        return found.group(1) if found else str(exc)
+    return None
+
+
+def _upstream(model: bytes, failing: str, nodes: list[str]) -> str | None:
+    """The node of ``nodes`` nearest upstream of the tensor the quantize node ``failing``
+    was made for (``<tensor>_q``), through any nodes between, in the file before
+    quantization."""
+    import onnx
+
+    proto = onnx.load_model_from_string(model)
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    frontier = [failing.removesuffix("_q")]
+    seen: set[str] = set()
+    while frontier:
+        node = producer.get(frontier.pop(0))
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.name in nodes:
+            return node.name
+        frontier += [tensor for tensor in node.input if tensor]
+    return None
 
 
 ONE_CALL = ("quantize_dynamic", "quantize_static")
