@@ -36,7 +36,7 @@ from autosqueeze.artifacts.export import (
 )
 from autosqueeze.artifacts.onnx_forms import one_call
 from autosqueeze.common.errors import TrialError
-from autosqueeze.compression.techniques import applied, compress, runs_differently
+from autosqueeze.compression.techniques import applied, changes, compress, runs_differently
 from autosqueeze.compression.techniques.base import is_weighted
 from autosqueeze.measuring.device_lock import DeviceLock, Held
 from autosqueeze.measuring.layer_calls import Call, record_calls, relative_error
@@ -116,15 +116,16 @@ class Evaluator:
                 with applied(base, plan, self.task.target) as model:
                     if model is not base:
                         raise TrialError("it reshapes the layers around it")
+                    changed = [n for n, lp in plan.layers.items() if changes(lp)]
                     errors = {
                         name: relative_error(model.get_submodule(name), self._calls[name])
-                        for name in plan.layers
+                        for name in changed
                         if name in self._calls
                     }
             except ValueError as exc:
                 raise TrialError(str(exc)) from exc
             found = {n: e for n, e in errors.items() if e is not None}
-            if not found:
+            if changed and not found:
                 raise TrialError("its layers did not run on the first samples")
             return ProbeResult(layer_errors=found)
 

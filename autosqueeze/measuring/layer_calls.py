@@ -82,9 +82,9 @@ def relative_error(layer: nn.Module, calls: list[Call]) -> float | None:
                 a.shape != b.shape for a, b in zip(got, call.outputs)
             ):
                 return None
-            for a, b in zip(got, call.outputs):
-                error += float(((a.double() - b.double()) ** 2).sum())
-                scale += float((b.double() ** 2).sum())
+            for a, b in zip(got, call.outputs):  # sums in float64, the squares as computed
+                error += float((a.float() - b.float()).pow(2).sum(dtype=torch.float64))
+                scale += float(b.float().pow(2).sum(dtype=torch.float64))
     return error / scale if scale > 0 else None
 
 

@@ -458,9 +458,12 @@ def measure_sensitivity(
         if got.model_ms is not None and got.model_ms > 0:  # a disturbance only slows it
             table.model_ms = min(table.model_ms or math.inf, got.model_ms)
 
+    measured = False  # a table with nothing to measure is read, not written
+
     def step(phase: Iterator[tuple[str, ProbeResult]], each: Callable) -> None:
-        nonlocal start, last_save
+        nonlocal start, last_save, measured
         for key, got in phase:
+            measured = True
             each(key, got)
             if progress:
                 progress(count_done(), total())
@@ -487,7 +490,8 @@ def measure_sensitivity(
             step(run({k: wanted[k] for k in table.checks if not table.done(k)}), record)
             _predict(table, errors)
         chains = _chains(space) if stop_drop is not None else [[k] for k in wanted if k != BASE]
-        chains = [kept for chain in chains if (kept := [k for k in chain if k in by_model])]
+        judged_by_model = set(by_model)
+        chains = [kept for chain in chains if (kept := [k for k in chain if k in judged_by_model])]
         wave = first | _next_wave(chains, table, wanted, stop_drop)
         while wave:
             step(run(wave), record)
@@ -498,11 +502,12 @@ def measure_sensitivity(
         if progress:
             progress(count_done(), total())
     finally:
-        table.seconds += time.monotonic() - start
         for name in ("drops", "distortions", "failed", "skipped", "speeds", "layer_ms", "untimed"):
             found = getattr(table, name)  # in model order, for the reports
             setattr(table, name, {k: found[k] for k in wanted if k in found})
-        save(table)
+        if measured:
+            table.seconds += time.monotonic() - start
+            save(table)
     return table
 
 

@@ -78,6 +78,11 @@ def technique_for(knob: str) -> Technique:
     return TECHNIQUES[knob]
 
 
+def changes(layer_plan: LayerPlan) -> bool:
+    """Whether ``layer_plan`` changes its layer at all (a knob off its identity)."""
+    return any(getattr(layer_plan, t.knob) != t.identity for t in TECHNIQUES.values())
+
+
 def runs_differently(layer_plan: LayerPlan) -> bool:
     """Whether ``layer_plan`` changes how its layer runs (its kernel or shapes), not only
     what it stores: the sensitivity pass times such layers."""
