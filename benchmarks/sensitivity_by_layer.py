@@ -9,7 +9,7 @@ distortion levels around the metric budget: each plan's predicted bytes, the lay
 the two passes' plans differ, and each plan's metric drop measured on the study's whole
 validation data (the model as the plan's artifact loads it).
 
-    python -P benchmarks/sensitivity_by_layer.py [residual-cnn] [minilm] [--runtime torch]
+    python -P benchmarks/sensitivity_by_layer.py [residual-cnn] [minilm] [STUDY.yaml ...]
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def main() -> None:
 
 
 def _compare(name: str, runtime: str) -> None:
-    base = load_config(STUDIES / f"{name}.yaml").with_overrides(runtime=runtime, workers=0)
+    path = Path(name) if name.endswith(".yaml") else STUDIES / f"{name}.yaml"
+    base = load_config(path).with_overrides(runtime=runtime, workers=0)
     results = {}
     for by in ("model", "layer"):
         with tempfile.TemporaryDirectory() as folder:
@@ -60,7 +61,7 @@ def _compare(name: str, runtime: str) -> None:
         for by, (got, _) in results.items()
     }
     print(
-        f"\n{name} ({sum(p.numel() for p in task.model.parameters()):,} parameters, "
+        f"\n{path.stem} ({sum(p.numel() for p in task.model.parameters()):,} parameters, "
         f"{len(whole.table.drops)} probes, metric budget {drop})\n"
     )
     print(

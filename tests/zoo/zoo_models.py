@@ -193,6 +193,16 @@ def build_convnext() -> nn.Module:
     return _seeded(lambda: tv.models.ConvNeXt(setting, num_classes=10))
 
 
+def build_convnext_full() -> nn.Module:
+    """torchvision's convnext_tiny as published (28M parameters), for benchmarks/studies."""
+    tv = _torchvision()
+    return _seeded(lambda: tv.models.convnext_tiny(num_classes=10))
+
+
+def data_convnext_full() -> list[tuple[torch.Tensor, None]]:
+    return _images(96)
+
+
 data_resnet18 = data_mobilenet_v2 = data_shufflenet = data_vit = _images
 data_mobilenet_v3 = data_efficientnet = data_squeezenet = data_regnet = _images
 data_densenet = data_convnext = _images
