@@ -193,7 +193,7 @@ class SensitivityConfig(_Strict):
         "scaling their error), auto (layer for models of more than by_layer_above parameters)",
     )
     by_layer_above: int = Field(
-        10_000_000,
+        50_000_000,
         ge=0,
         description="with by: auto, the parameters above which a model is probed by layer "
         "(a whole-model probe costs a forward pass; hundreds of them take hours there)",
