@@ -563,10 +563,10 @@ def _quantize_int4(path: Path, nodes: list[str]) -> None:
 
 def _quantize_static(path: Path, nodes: list[str], calibration: list[Any]) -> None:
     """ONNX Runtime's static quantizer on ``nodes``; where the file it writes does not load in
-    ONNX Runtime (1.32's graph optimizer moves a quantize node through a Slice with the
-    wrong type: Phi-3's fused query-key-value output, sliced), the weight node upstream of
-    the node it names is left out and the rest quantized again (its weight stays fp32 and
-    the user's notes say so)."""
+    ONNX Runtime (1.32's graph optimizer moves a quantize node through a Slice or an
+    Unsqueeze with the wrong type: Phi-3's sliced fused projection, Mamba), the weight node
+    nearest the node it names is left out and the rest quantized again; with none to blame,
+    all stay fp32 (the user's notes name the weights left fp32)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
     original = path.read_bytes()
@@ -584,11 +584,11 @@ def _quantize_static(path: Path, nodes: list[str], calibration: list[Any]) -> No
         failing = _unloadable(path)
         if failing is None:
             return
-        culprit = _upstream(original, failing, nodes)
-        if culprit is None:
-            raise RuntimeError(f"ONNX Runtime cannot load its static quantizer's file: {failing}")
-        nodes.remove(culprit)
+        culprit = _nearest(original, failing, nodes)
         path.write_bytes(original)
+        if culprit is None:  # none to blame: every layer asked for stays fp32
+            return
+        nodes.remove(culprit)
 
 
 def _unloadable(path: Path) -> str | None:
@@ -604,24 +604,35 @@ def _unloadable(path: Path) -> str | None:
     return None
 
 
-def _upstream(model: bytes, failing: str, nodes: list[str]) -> str | None:
-    """The node of ``nodes`` nearest upstream of the tensor the quantize node ``failing``
-    was made for (``<tensor>_q``), through any nodes between, in the file before
-    quantization."""
+def _nearest(model: bytes, failing: str, nodes: list[str]) -> str | None:
+    """The node of ``nodes`` nearest the tensor the quantize node ``failing`` was made for
+    (``<tensor>_q``), in the file before quantization: upstream through any nodes between,
+    else downstream (a tensor computed from a weight, not from a layer's output)."""
     import onnx
 
-    proto = onnx.load_model_from_string(model)
-    producer = {out: node for node in proto.graph.node for out in node.output}
-    frontier = [failing.removesuffix("_q")]
-    seen: set[str] = set()
+    graph = onnx.load_model_from_string(model).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for tensor in node.input:
+            consumers.setdefault(tensor, []).append(node)
+    start = failing.removesuffix("_q")
+    above = _search(start, lambda t: [producer[t]] if t in producer else [], "input", nodes)
+    return above or _search(start, lambda t: consumers.get(t, []), "output", nodes)
+
+
+def _search(start: str, step: Any, onward: str, wanted: list[str]) -> str | None:
+    """Breadth first from tensor ``start``: ``step(tensor)`` gives the nodes next to it, whose
+    ``onward`` tensors (inputs or outputs) come next; the first node named in ``wanted``."""
+    frontier, seen = [start], set()
     while frontier:
-        node = producer.get(frontier.pop(0))
-        if node is None or node.name in seen:
-            continue
-        seen.add(node.name)
-        if node.name in nodes:
-            return node.name
-        frontier += [tensor for tensor in node.input if tensor]
+        for node in step(frontier.pop(0)):
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            if node.name in wanted:
+                return str(node.name)
+            frontier += [tensor for tensor in getattr(node, onward) if tensor]
     return None
 
 
