@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from autosqueeze.common.nested import map_tensors, tensors
-from autosqueeze.usercode.metrics import call_model
+from autosqueeze.usercode.metrics import call_model, distortion
 
 CAPTURE_BYTES = 8 << 20
 """Inputs and outputs kept per layer: its first calls up to this many bytes (at least one)."""
@@ -72,20 +72,11 @@ def record_calls(
 
 def relative_error(layer: nn.Module, calls: list[Call]) -> float | None:
     """``layer``'s outputs on the recorded calls' inputs, their squared error relative to the
-    recorded outputs (``metrics.distortion``'s measure, of one layer); None where the layer
-    never ran or its outputs do not line up."""
-    error = scale = 0.0
+    recorded outputs (``metrics.distortion``, of one layer); None where the layer never ran
+    or its outputs do not line up."""
     with torch.inference_mode():
-        for call in calls:
-            got = _floating(layer(*call.args, **call.kwargs))
-            if len(got) != len(call.outputs) or any(
-                a.shape != b.shape for a, b in zip(got, call.outputs)
-            ):
-                return None
-            for a, b in zip(got, call.outputs):  # sums in float64, the squares as computed
-                error += float((a.float() - b.float()).pow(2).sum(dtype=torch.float64))
-                scale += float(b.float().pow(2).sum(dtype=torch.float64))
-    return error / scale if scale > 0 else None
+        got = [t for call in calls for t in _floating(layer(*call.args, **call.kwargs))]
+    return distortion(got, [t for call in calls for t in call.outputs])
 
 
 def _floating(output: Any) -> list[torch.Tensor]:

@@ -268,18 +268,16 @@ def _by_layer_parts(table: SensitivityTable, data: dict[str, Any]) -> Sensitivit
         and isinstance(errors, dict)
         and all(isinstance(e, dict) for e in errors.values())
         and all(_number_or_none(v) for e in errors.values() for v in e.values())
-        and all(
-            isinstance(x, list) and all(isinstance(k, str) for k in x) for x in (checks, predicted)
-        )
+        and _keys(checks)
+        and _keys(predicted)
     )
     if fine:
         table.by, table.why_by, table.layer_errors = by, why, errors
         table.checks, table.predicted = checks, predicted
     else:
-        for key in predicted if isinstance(predicted, list) else []:
-            if isinstance(key, str):
-                table.drops.pop(key, None)
-                table.distortions.pop(key, None)
+        for key in predicted if _keys(predicted) else []:
+            table.drops.pop(key, None)
+            table.distortions.pop(key, None)
     return table
 
 
@@ -388,11 +386,10 @@ def measure_sensitivity(
     timeout is not a loss.)
 
     The pass by layer (``by``: which pass, and why; a table keeps the pass it began with):
-    every probe that keeps
-    its layers' neighbours as they are runs through ``by_layer`` (the executor's
-    ``layer_probes``: the changed layers alone, on the inputs they took in the original),
-    then ``checks`` of them run through ``run`` as well, and the others' distortion and
-    metric drop are predicted from their layers' error at the checks' scale
+    every probe that keeps its layers' neighbours as they are runs through ``by_layer``
+    (the executor's ``layer_probes``: the changed layers alone, on the inputs they took in
+    the original), then ``checks`` of them run through ``run`` as well, and the others'
+    distortion and metric drop are predicted from their layers' error at the checks' scale
     (``_predict``). Probes that reshape neighbours (channels, heads) are whole-model ones
     either way."""
     wanted = {BASE: probe_plan(space, None)} | {
@@ -475,7 +472,7 @@ def measure_sensitivity(
     try:
         first = {BASE: wanted[BASE]} if not table.done(BASE) else {}
         if table.by is None:  # a table keeps its pass (one from before these: by model)
-            fresh = first and by_layer is not None
+            fresh = bool(first) and by_layer is not None
             table.by, table.why_by = by if fresh else ("model", "")
         if table.by == "layer" and by_layer is not None:
             step(run(first), record)
@@ -563,7 +560,7 @@ def _predict(table: SensitivityTable, errors: dict[str, float]) -> None:
     per = sum(table.drops[k] * table.distortions[k] for k in checked) / squares if squares else 0.0
     predicted = []
     for key, error in errors.items():
-        if key in table.checks and key in checked:
+        if key in checked:  # measured
             continue
         table.distortions[key] = gain * error
         table.drops[key] = per * gain * error

@@ -149,9 +149,14 @@ def distortion(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float |
     one and then falls off a cliff. None when the calls do not line up."""
     if len(got) != len(expected) or any(a.shape != b.shape for a, b in zip(got, expected)):
         return None
-    error = sum(float(((a.double() - b.double()) ** 2).sum()) for a, b in zip(got, expected))
-    scale = sum(float((b.double() ** 2).sum()) for b in expected)
+    error = sum(_squares(a.float() - b.float()) for a, b in zip(got, expected))
+    scale = sum(_squares(b.float()) for b in expected)
     return error / scale if scale > 0 else None
+
+
+def _squares(t: torch.Tensor) -> float:
+    """The sum of squares, summed in float64 (no float64 copy: a layer's outputs are large)."""
+    return float(t.pow(2).sum(dtype=torch.float64))
 
 
 def embed(

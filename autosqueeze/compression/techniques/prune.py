@@ -85,26 +85,21 @@ class Prune(Technique):
                 f"0.5, not {layer_plan.prune}"
             )
         parts = weighted_parts(compressed.module, name)
-        linear = {
-            n
-            for n, p in parts
-            if (isinstance(p, nn.Linear) or is_conv1d(p)) and not prunes_as_it_rounds(layer_plan, p)
-        }
+        by_gptq = {n for n, p in parts if prunes_as_it_rounds(layer_plan, p)}  # quantize's
+        linear = {n for n, p in parts if isinstance(p, nn.Linear) or is_conv1d(p)} - by_gptq
         hessians = (
             input_hessians(compressed, linear, _hessian_layers(compressed), _WHY)
             if criterion == "hessian"
             else {}
         )
-        by_norms = criterion == "activation" or (
-            criterion == "hessian"
-            and any(n not in linear and not prunes_as_it_rounds(layer_plan, p) for n, p in parts)
-        )
+        rest = {n for n, _ in parts} - linear - by_gptq  # convolutions: by activation
+        by_norms = criterion == "activation" or (criterion == "hessian" and bool(rest))
         norms = _input_norms(compressed) if by_norms else {}
         for part_name, part in parts:
             for key, matrix in matrices(part).items():
                 if criterion == TWO_OF_FOUR:
                     prune_two_of_four(matrix.t() if is_conv1d(part) else matrix)
-                elif key == "weight" and prunes_as_it_rounds(layer_plan, part):
+                elif key == "weight" and part_name in by_gptq:
                     continue  # GPTQ prunes it as it rounds (quantize.py)
                 elif key == "weight" and part_name in hessians:
                     prune_by_hessian(part, hessians[part_name], layer_plan.prune)
